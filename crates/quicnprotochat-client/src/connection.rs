@@ -1,0 +1,668 @@
+//! The connection worker and the `Send` handle in front of it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use quicnprotochat_core::{Identity, IdentityKey};
+use quicnprotochat_proto::capnp;
+use quicnprotochat_proto::capnp_rpc;
+use quicnprotochat_proto::limits::{KEY_LEN, NONCE_LEN};
+use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
+use quicnprotochat_proto::schema::{ErrorCode, error, listener, service, session, subscription};
+use quicnprotochat_proto::transport::{self, ServerAuth};
+use quicnprotochat_proto::{ALPN, WIRE_VERSION, auth};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{ClientError, ServerErrorCode};
+
+/// Client keep-alive: under half the server's 60 s idle timeout.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Pushed messages buffered per subscription before the server is slowed down.
+const SUBSCRIPTION_BUFFER: usize = 1024;
+
+/// Commands queued to the worker before callers wait.
+const COMMAND_QUEUE: usize = 1024;
+
+/// How to reach and authenticate to a server.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// server UDP address
+    pub server_addr: SocketAddr,
+    /// TLS server name (SNI; checked against the certificate with CA roots)
+    pub server_name: String,
+    /// how the server certificate is verified
+    pub server_auth: ServerAuth,
+    /// the deployment's access token
+    pub access_token: Vec<u8>,
+    /// wire version announced (tests override it)
+    pub wire_version: u16,
+    /// ALPN offered (tests override it)
+    pub alpn: Vec<u8>,
+    /// QUIC keep-alive interval
+    pub keep_alive: Duration,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server_addr", &self.server_addr)
+            .field("server_name", &self.server_name)
+            .field("server_auth", &self.server_auth)
+            .field("access_token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// A configuration with protocol defaults.
+    pub fn new(server_addr: SocketAddr, server_auth: ServerAuth, access_token: impl Into<Vec<u8>>) -> Self {
+        Self {
+            server_addr,
+            server_name: "localhost".into(),
+            server_auth,
+            access_token: access_token.into(),
+            wire_version: WIRE_VERSION,
+            alpn: ALPN.to_vec(),
+            keep_alive: DEFAULT_KEEP_ALIVE,
+        }
+    }
+}
+
+/// `Service.health` result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// ready
+    pub ok: bool,
+    /// server software version
+    pub server_version: String,
+    /// server wire version
+    pub wire_version: u16,
+    /// the store answered
+    pub store_reachable: bool,
+}
+
+/// A queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// per-recipient sequence number
+    pub seq: u64,
+    /// sender-chosen id
+    pub message_id: Vec<u8>,
+    /// opaque ciphertext
+    pub payload: Vec<u8>,
+    /// server receive time, Unix ms
+    pub enqueued_at_ms: u64,
+}
+
+/// Result of an enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueResult {
+    /// stored; per-recipient sequence numbers
+    Stored(Vec<u64>),
+    /// this (sender, message id) was already stored
+    Duplicate,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
+
+enum Cmd {
+    Health(Reply<Health>),
+    Challenge(Reply<([u8; NONCE_LEN], [u8; auth::EXPORTER_LEN])>),
+    Authenticate { key: IdentityKey, signature: Vec<u8>, reply: Reply<()> },
+    Register { username: String, reply: Reply<()> },
+    Resolve { username: String, reply: Reply<IdentityKey> },
+    Publish { packages: Vec<Vec<u8>>, reply: Reply<u32> },
+    FetchKeyPackage { identity: IdentityKey, reply: Reply<(Vec<u8>, bool)> },
+    KeyPackageCount(Reply<(u32, bool)>),
+    Enqueue { recipients: Vec<IdentityKey>, message_id: [u8; 16], payload: Vec<u8>, reply: Reply<EnqueueResult> },
+    Fetch { recipient: IdentityKey, from_seq: u64, limit: u32, reply: Reply<Vec<Envelope>> },
+    Ack { recipient: IdentityKey, up_to: u64, reply: Reply<u32> },
+    Subscribe { recipient: IdentityKey, from_seq: u64, events: mpsc::Sender<Envelope>, reply: Reply<u64> },
+    Unsubscribe(u64),
+}
+
+/// A connection to a delivery server.  Cheap to share (`Arc` inside); every
+/// method is a `Send` future.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Cmd>,
+    config: ClientConfig,
+    identity: OnceLock<IdentityKey>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.config.server_addr)
+            .field("identity", &self.inner.identity.get())
+            .finish()
+    }
+}
+
+/// A live push subscription.  Dropping it cancels the subscription.
+pub struct Subscription {
+    rx: mpsc::Receiver<Envelope>,
+    id: u64,
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").field("id", &self.id).finish()
+    }
+}
+
+impl Subscription {
+    /// The next pushed message; `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<Envelope> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.tx.try_send(Cmd::Unsubscribe(self.id));
+    }
+}
+
+impl Client {
+    /// Connects (QUIC + TLS + RPC bootstrap).  Nothing is authenticated yet:
+    /// call [`Client::init_auth`] before any session method.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let worker_config = config.clone();
+        std::thread::Builder::new()
+            .name("quicnprotochat-client".into())
+            .spawn(move || worker_main(worker_config, rx, ready_tx))
+            .map_err(|e| ClientError::Connect { addr: config.server_addr, reason: e.to_string() })?;
+        ready_rx.await.map_err(|_| ClientError::Disconnected)??;
+        Ok(Self { inner: Arc::new(Inner { tx, config, identity: OnceLock::new() }) })
+    }
+
+    /// The authenticated identity, once [`Client::init_auth`] succeeded.
+    pub fn identity(&self) -> Option<IdentityKey> {
+        self.inner.identity.get().copied()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.tx.send(make(reply)).await.map_err(|_| ClientError::Disconnected)?;
+        rx.await.map_err(|_| ClientError::Disconnected)?
+    }
+
+    fn own_identity(&self) -> Result<IdentityKey, ClientError> {
+        self.identity().ok_or(ClientError::NotAuthenticated)
+    }
+
+    /// `Service.health`: needs no authentication.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.call(Cmd::Health).await
+    }
+
+    /// Authenticates `identity`: fetches a nonce, signs the transcript bound
+    /// to this connection, and presents it with the access token.
+    pub async fn init_auth(&self, identity: &Identity) -> Result<(), ClientError> {
+        let (nonce, exporter) = self.call(Cmd::Challenge).await?;
+        let key = identity.public_key();
+        let signature = identity.sign(&auth::transcript(&nonce, &exporter, key.as_bytes()))?;
+        self.call(|reply| Cmd::Authenticate { key, signature, reply }).await?;
+        let _ = self.inner.identity.set(key);
+        Ok(())
+    }
+
+    /// Binds this identity to `username`.
+    pub async fn register(&self, username: &str) -> Result<(), ClientError> {
+        let username = username.to_string();
+        self.call(|reply| Cmd::Register { username, reply }).await
+    }
+
+    /// Looks a username up.
+    pub async fn resolve(&self, username: &str) -> Result<IdentityKey, ClientError> {
+        let username = username.to_string();
+        self.call(|reply| Cmd::Resolve { username, reply }).await
+    }
+
+    /// Publishes TLS-serialized key packages; returns how many were stored.
+    pub async fn publish_key_packages(&self, packages: Vec<Vec<u8>>) -> Result<u32, ClientError> {
+        self.call(|reply| Cmd::Publish { packages, reply }).await
+    }
+
+    /// Claims one key package of `identity`: `(package, is_last_resort)`.
+    pub async fn fetch_key_package(&self, identity: IdentityKey) -> Result<(Vec<u8>, bool), ClientError> {
+        self.call(|reply| Cmd::FetchKeyPackage { identity, reply }).await
+    }
+
+    /// This identity's unexpired one-time packages on the server, and whether
+    /// a last-resort package is there.
+    pub async fn key_package_count(&self) -> Result<(u32, bool), ClientError> {
+        self.call(Cmd::KeyPackageCount).await
+    }
+
+    /// Stores `payload` for every recipient (atomically).
+    pub async fn enqueue(
+        &self,
+        recipients: &[IdentityKey],
+        message_id: [u8; 16],
+        payload: Vec<u8>,
+    ) -> Result<EnqueueResult, ClientError> {
+        let recipients = recipients.to_vec();
+        self.call(|reply| Cmd::Enqueue { recipients, message_id, payload, reply }).await
+    }
+
+    /// Reads this identity's queue from `from_seq`.
+    pub async fn fetch(&self, from_seq: u64, limit: u32) -> Result<Vec<Envelope>, ClientError> {
+        let recipient = self.own_identity()?;
+        self.fetch_queue(recipient, from_seq, limit).await
+    }
+
+    /// Reads the queue of `recipient` (the server refuses any but one's own;
+    /// exposed for tests of exactly that).
+    pub async fn fetch_queue(&self, recipient: IdentityKey, from_seq: u64, limit: u32) -> Result<Vec<Envelope>, ClientError> {
+        self.call(|reply| Cmd::Fetch { recipient, from_seq, limit, reply }).await
+    }
+
+    /// Deletes this identity's messages up to `up_to` (inclusive).
+    pub async fn ack(&self, up_to: u64) -> Result<u32, ClientError> {
+        let recipient = self.own_identity()?;
+        self.ack_queue(recipient, up_to).await
+    }
+
+    /// Acknowledges on the queue of `recipient` (only one's own is allowed).
+    pub async fn ack_queue(&self, recipient: IdentityKey, up_to: u64) -> Result<u32, ClientError> {
+        self.call(|reply| Cmd::Ack { recipient, up_to, reply }).await
+    }
+
+    /// Subscribes to this identity's queue from `from_seq`: the backlog first,
+    /// then new messages as they arrive.
+    pub async fn subscribe(&self, from_seq: u64) -> Result<Subscription, ClientError> {
+        let recipient = self.own_identity()?;
+        self.subscribe_queue(recipient, from_seq).await
+    }
+
+    /// Subscribes to the queue of `recipient` (only one's own is allowed).
+    pub async fn subscribe_queue(&self, recipient: IdentityKey, from_seq: u64) -> Result<Subscription, ClientError> {
+        let (events, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let id = self.call(|reply| Cmd::Subscribe { recipient, from_seq, events, reply }).await?;
+        Ok(Subscription { rx, id, tx: self.inner.tx.clone() })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Worker (single-threaded: Cap'n Proto RPC is !Send)
+
+struct Worker {
+    svc: service::Client,
+    session: RefCell<Option<session::Client>>,
+    token: Vec<u8>,
+    wire_version: u16,
+    conn: quinn::Connection,
+    subs: RefCell<HashMap<u64, subscription::Client>>,
+    next_sub: Cell<u64>,
+}
+
+fn worker_main(config: ClientConfig, rx: mpsc::Receiver<Cmd>, ready: oneshot::Sender<Result<(), ClientError>>) {
+    let addr = config.server_addr;
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(ClientError::Connect { addr, reason: e.to_string() }));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let (endpoint, worker, rpc) = match open(&config).await {
+            Ok(parts) => parts,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let rpc_task = tokio::task::spawn_local(rpc);
+        run_commands(Rc::new(worker), rx).await;
+        rpc_task.abort();
+        endpoint.close(0u32.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    });
+}
+
+/// The client's local address: loopback for a loopback server (tests never
+/// listen on other interfaces), otherwise the unspecified address.
+fn bind_addr(server: SocketAddr) -> SocketAddr {
+    match (server.is_ipv6(), server.ip().is_loopback()) {
+        (false, true) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        (false, false) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        (true, true) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+        (true, false) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+type RpcSystem = capnp_rpc::RpcSystem<Side>;
+
+async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSystem), ClientError> {
+    let addr = config.server_addr;
+    let connect_err = |reason: String| ClientError::Connect { addr, reason };
+    let mut endpoint = quinn::Endpoint::client(bind_addr(addr)).map_err(|e| connect_err(e.to_string()))?;
+    let mut client_config =
+        transport::client_config(&config.server_auth, &config.alpn).map_err(|e| connect_err(e.to_string()))?;
+    let mut transport_config = quinn::TransportConfig::default();
+    transport_config.keep_alive_interval(Some(config.keep_alive));
+    client_config.transport_config(Arc::new(transport_config));
+    endpoint.set_default_client_config(client_config);
+    let conn = endpoint
+        .connect(addr, &config.server_name)
+        .map_err(|e| connect_err(e.to_string()))?
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+    let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
+    let svc: service::Client = rpc.bootstrap(Side::Server);
+    let worker = Worker {
+        svc,
+        session: RefCell::new(None),
+        token: config.access_token.clone(),
+        wire_version: config.wire_version,
+        conn,
+        subs: RefCell::new(HashMap::new()),
+        next_sub: Cell::new(1),
+    };
+    Ok((endpoint, worker, rpc))
+}
+
+async fn run_commands(worker: Rc<Worker>, mut rx: mpsc::Receiver<Cmd>) {
+    while let Some(cmd) = rx.recv().await {
+        if let Cmd::Unsubscribe(id) = cmd {
+            worker.subs.borrow_mut().remove(&id);
+            continue;
+        }
+        // Commands run concurrently, so independent calls pipeline.
+        tokio::task::spawn_local(handle(worker.clone(), cmd));
+    }
+}
+
+fn server_error(e: error::Reader<'_>) -> ClientError {
+    let code = match e.get_code() {
+        Ok(ErrorCode::Unauthenticated) => ServerErrorCode::Unauthenticated,
+        Ok(ErrorCode::Forbidden) => ServerErrorCode::Forbidden,
+        Ok(ErrorCode::InvalidArgument) => ServerErrorCode::InvalidArgument,
+        Ok(ErrorCode::TooLarge) => ServerErrorCode::TooLarge,
+        Ok(ErrorCode::RateLimited) => ServerErrorCode::RateLimited,
+        Ok(ErrorCode::QueueFull) => ServerErrorCode::QueueFull,
+        Ok(ErrorCode::NotFound) => ServerErrorCode::NotFound,
+        Ok(ErrorCode::VersionMismatch) => ServerErrorCode::VersionMismatch,
+        Ok(ErrorCode::Internal) => ServerErrorCode::Internal,
+        Ok(ErrorCode::Conflict) => ServerErrorCode::Conflict,
+        Ok(ErrorCode::StaleEpoch) => ServerErrorCode::StaleEpoch,
+        Ok(ErrorCode::Unspecified) | Err(_) => ServerErrorCode::Unknown,
+    };
+    let message = e
+        .get_message()
+        .ok()
+        .and_then(|m| m.to_string().ok())
+        .unwrap_or_default();
+    let retry_after = match e.get_retry_after_ms() {
+        0 => None,
+        ms => Some(Duration::from_millis(u64::from(ms))),
+    };
+    ClientError::Server { code, message, retry_after }
+}
+
+/// Returns the server's typed error if the result carries one.
+macro_rules! check {
+    ($r:expr) => {
+        if $r.has_error() {
+            return Err(server_error($r.get_error()?));
+        }
+    };
+}
+
+fn key_from(bytes: &[u8]) -> Result<IdentityKey, ClientError> {
+    if bytes.len() != KEY_LEN {
+        return Err(ClientError::InvalidResponse("identity key of the wrong length"));
+    }
+    IdentityKey::from_slice(bytes).map_err(|_| ClientError::InvalidResponse("identity key"))
+}
+
+fn read_envelopes(
+    list: capnp::struct_list::Reader<'_, quicnprotochat_proto::schema::envelope::Owned>,
+) -> Result<Vec<Envelope>, ClientError> {
+    list.iter()
+        .map(|e| {
+            Ok(Envelope {
+                seq: e.get_seq(),
+                message_id: e.get_message_id()?.to_vec(),
+                payload: e.get_payload()?.to_vec(),
+                enqueued_at_ms: e.get_enqueued_at_ms(),
+            })
+        })
+        .collect()
+}
+
+impl Worker {
+    fn session(&self) -> Result<session::Client, ClientError> {
+        self.session.borrow().clone().ok_or(ClientError::NotAuthenticated)
+    }
+}
+
+async fn handle(w: Rc<Worker>, cmd: Cmd) {
+    match cmd {
+        Cmd::Health(reply) => {
+            let _ = reply.send(health(&w).await);
+        }
+        Cmd::Challenge(reply) => {
+            let _ = reply.send(challenge(&w).await);
+        }
+        Cmd::Authenticate { key, signature, reply } => {
+            let _ = reply.send(authenticate(&w, key, signature).await);
+        }
+        Cmd::Register { username, reply } => {
+            let r = async {
+                let mut req = w.session()?.register_request();
+                req.get().set_username(username.as_str());
+                let resp = req.send().promise.await?;
+                check!(resp.get()?);
+                Ok(())
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Resolve { username, reply } => {
+            let r = async {
+                let mut req = w.session()?.resolve_request();
+                req.get().set_username(username.as_str());
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                key_from(r.get_identity_key()?)
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Publish { packages, reply } => {
+            let r = async {
+                let mut req = w.session()?.publish_key_packages_request();
+                let mut list = req.get().init_key_packages(u32::try_from(packages.len()).unwrap_or(u32::MAX));
+                for (i, p) in packages.iter().enumerate() {
+                    list.set(u32::try_from(i).unwrap_or(u32::MAX), p);
+                }
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                Ok(r.get_stored())
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::FetchKeyPackage { identity, reply } => {
+            let r = async {
+                let mut req = w.session()?.fetch_key_package_request();
+                req.get().set_identity_key(identity.as_bytes());
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                Ok((r.get_key_package()?.to_vec(), r.get_last_resort()))
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::KeyPackageCount(reply) => {
+            let r = async {
+                let resp = w.session()?.key_package_count_request().send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                Ok((r.get_count(), r.get_has_last_resort()))
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Enqueue { recipients, message_id, payload, reply } => {
+            let r = async {
+                let mut req = w.session()?.enqueue_request();
+                {
+                    let mut p = req.get();
+                    let mut list = p.reborrow().init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
+                    for (i, r) in recipients.iter().enumerate() {
+                        list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
+                    }
+                    p.set_message_id(&message_id);
+                    p.set_payload(&payload);
+                }
+                drop(payload);
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                if r.get_duplicate() {
+                    return Ok(EnqueueResult::Duplicate);
+                }
+                Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Fetch { recipient, from_seq, limit, reply } => {
+            let r = async {
+                let mut req = w.session()?.fetch_request();
+                {
+                    let mut p = req.get();
+                    p.set_recipient(recipient.as_bytes());
+                    p.set_from_seq(from_seq);
+                    p.set_limit(limit);
+                }
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                read_envelopes(r.get_messages()?)
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Ack { recipient, up_to, reply } => {
+            let r = async {
+                let mut req = w.session()?.ack_request();
+                req.get().set_recipient(recipient.as_bytes());
+                req.get().set_up_to_seq(up_to);
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                Ok(r.get_removed())
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Subscribe { recipient, from_seq, events, reply } => {
+            let r = async {
+                let mut req = w.session()?.subscribe_request();
+                let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events });
+                {
+                    let mut p = req.get();
+                    p.set_recipient(recipient.as_bytes());
+                    p.set_from_seq(from_seq);
+                    p.set_listener(listener);
+                }
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                let sub = r.get_subscription()?;
+                let id = w.next_sub.get();
+                w.next_sub.set(id + 1);
+                w.subs.borrow_mut().insert(id, sub);
+                Ok(id)
+            };
+            let _ = reply.send(r.await);
+        }
+        Cmd::Unsubscribe(id) => {
+            w.subs.borrow_mut().remove(&id);
+        }
+    }
+}
+
+async fn health(w: &Worker) -> Result<Health, ClientError> {
+    let resp = w.svc.health_request().send().promise.await?;
+    let h = resp.get()?.get_health()?;
+    Ok(Health {
+        ok: h.get_ok(),
+        server_version: h.get_server_version()?.to_string().unwrap_or_default(),
+        wire_version: h.get_wire_version(),
+        store_reachable: h.get_store_reachable(),
+    })
+}
+
+async fn challenge(w: &Worker) -> Result<([u8; NONCE_LEN], [u8; auth::EXPORTER_LEN]), ClientError> {
+    let mut req = w.svc.challenge_request();
+    req.get().set_wire_version(w.wire_version);
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    check!(r);
+    let nonce: [u8; NONCE_LEN] = r
+        .get_nonce()?
+        .try_into()
+        .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
+    let mut exporter = [0; auth::EXPORTER_LEN];
+    w.conn
+        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
+        .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
+    Ok((nonce, exporter))
+}
+
+async fn authenticate(w: &Worker, key: IdentityKey, signature: Vec<u8>) -> Result<(), ClientError> {
+    let mut req = w.svc.authenticate_request();
+    {
+        let mut a = req.get().init_request();
+        a.set_wire_version(w.wire_version);
+        a.set_access_token(&w.token);
+        a.set_identity_key(key.as_bytes());
+        a.set_signature(&signature);
+    }
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    check!(r);
+    *w.session.borrow_mut() = Some(r.get_session()?);
+    Ok(())
+}
+
+struct ListenerImpl {
+    events: mpsc::Sender<Envelope>,
+}
+
+impl listener::Server for ListenerImpl {
+    async fn deliver(
+        self: Rc<Self>,
+        params: listener::DeliverParams,
+        _results: listener::DeliverResults,
+    ) -> Result<(), capnp::Error> {
+        let batch = read_envelopes(params.get()?.get_messages()?)
+            .map_err(|e| capnp::Error::failed(e.to_string()))?;
+        for env in batch {
+            // Waiting here is the flow control: the server pushes the next
+            // batch only after this call returns.
+            if self.events.send(env).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}

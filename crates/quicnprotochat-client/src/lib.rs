@@ -1,0 +1,16 @@
+//! quicnprotochat client library.
+//!
+//! [`Client`] connects to a delivery server over QUIC, authenticates an
+//! identity and exposes every server operation as a `Send` future.  The
+//! Cap'n Proto RPC session (which is single-threaded) lives on a worker thread
+//! of its own; the handle talks to it over channels, so a `Client` can be used
+//! from any tokio runtime and shared between tasks.
+
+mod connection;
+mod error;
+#[cfg(feature = "test-harness")]
+pub mod harness;
+
+pub use connection::{Client, ClientConfig, EnqueueResult, Envelope, Health, Subscription};
+pub use error::{ClientError, ServerErrorCode};
+pub use quicnprotochat_proto::transport::ServerAuth;

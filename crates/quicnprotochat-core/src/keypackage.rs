@@ -1,0 +1,147 @@
+//! MLS key packages: building them (client side) and inspecting them
+//! (server side, before storing one in the directory).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::{
+    BasicCredential, Capabilities, CredentialWithKey, ExtensionType, KeyPackage, KeyPackageIn,
+    Lifetime, OpenMlsProvider, ProtocolVersion,
+};
+use openmls_rust_crypto::RustCrypto;
+
+use crate::identity::{Identity, IdentityKey};
+use crate::CIPHERSUITE;
+
+/// Errors of key-package operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyPackageError {
+    /// the bytes are not a TLS-serialized KeyPackage
+    #[error("not a key package: {0}")]
+    Decode(String),
+    /// signature, lifetime, version or extension checks failed
+    #[error("invalid key package: {0}")]
+    Invalid(String),
+    /// the package uses a ciphersuite we do not accept
+    #[error("unsupported ciphersuite")]
+    Ciphersuite,
+    /// the leaf signature key is not a 32-byte Ed25519 key
+    #[error("leaf signature key is not an Ed25519 key")]
+    SignatureKey,
+    /// building a package failed in openmls
+    #[error("building a key package failed: {0}")]
+    Build(String),
+}
+
+/// What the server needs to know about a validated key package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageInfo {
+    /// The leaf signature key: the identity that published it.
+    pub identity: IdentityKey,
+    /// Whether it carries the last_resort extension.
+    pub last_resort: bool,
+    /// End of its lifetime, Unix seconds.
+    pub not_after: u64,
+    /// Its KeyPackageRef (RFC 9420 §5.2), for bookkeeping.
+    pub hash_ref: Vec<u8>,
+}
+
+/// Parses and fully validates a TLS-serialized key package: leaf and package
+/// signatures, protocol version, extensions, lifetime (not expired), and the
+/// ciphersuite.
+pub fn inspect(bytes: &[u8]) -> Result<KeyPackageInfo, KeyPackageError> {
+    let crypto = RustCrypto::default();
+    let kp_in = KeyPackageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| KeyPackageError::Decode(e.to_string()))?;
+    let kp: KeyPackage = kp_in
+        .validate(&crypto, ProtocolVersion::Mls10)
+        .map_err(|e| KeyPackageError::Invalid(e.to_string()))?;
+    if kp.ciphersuite() != CIPHERSUITE {
+        return Err(KeyPackageError::Ciphersuite);
+    }
+    let identity = IdentityKey::from_slice(kp.leaf_node().signature_key().as_slice())
+        .map_err(|_| KeyPackageError::SignatureKey)?;
+    let hash_ref = kp
+        .hash_ref(&crypto)
+        .map_err(|e| KeyPackageError::Invalid(e.to_string()))?
+        .as_slice()
+        .to_vec();
+    Ok(KeyPackageInfo {
+        identity,
+        last_resort: kp.last_resort(),
+        not_after: kp.life_time().not_after(),
+        hash_ref,
+    })
+}
+
+/// Builds a key package for `identity` with `username` as its basic
+/// credential, valid for `lifetime_secs`, and stores its private keys in the
+/// provider's storage.  Returns the TLS-serialized package.
+pub fn build<P: OpenMlsProvider>(
+    provider: &P,
+    identity: &Identity,
+    username: &str,
+    last_resort: bool,
+    lifetime_secs: u64,
+) -> Result<Vec<u8>, KeyPackageError> {
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(username.as_bytes().to_vec()).into(),
+        signature_key: identity.public_key().as_bytes().to_vec().into(),
+    };
+    let mut builder = KeyPackage::builder()
+        .key_package_lifetime(Lifetime::new(lifetime_secs))
+        .leaf_node_capabilities(Capabilities::new(
+            None,
+            None,
+            Some(&[ExtensionType::LastResort]),
+            None,
+            None,
+        ));
+    if last_resort {
+        builder = builder.mark_as_last_resort();
+    }
+    let bundle = builder
+        .build(CIPHERSUITE, provider, identity.key_pair(), credential)
+        .map_err(|e| KeyPackageError::Build(e.to_string()))?;
+    bundle
+        .key_package()
+        .tls_serialize_detached()
+        .map_err(|e| KeyPackageError::Build(e.to_string()))
+}
+
+/// Current Unix time in seconds (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    #[test]
+    fn built_packages_inspect_to_their_identity() {
+        let p = OpenMlsRustCrypto::default();
+        let id = Identity::generate().unwrap();
+        let kp = build(&p, &id, "alice", false, 3600).unwrap();
+        let info = inspect(&kp).unwrap();
+        assert_eq!(info.identity, id.public_key());
+        assert!(!info.last_resort);
+        assert!(info.not_after > unix_now() && info.not_after <= unix_now() + 3600);
+        let lr = inspect(&build(&p, &id, "alice", true, 3600).unwrap()).unwrap();
+        assert!(lr.last_resort);
+    }
+
+    #[test]
+    fn garbage_and_tampered_packages_are_errors() {
+        assert!(matches!(inspect(b"garbage"), Err(KeyPackageError::Decode(_))));
+        assert!(inspect(&[]).is_err());
+        let p = OpenMlsRustCrypto::default();
+        let id = Identity::generate().unwrap();
+        let mut kp = build(&p, &id, "alice", false, 3600).unwrap();
+        let last = kp.len() - 1;
+        kp[last] ^= 1; // flip a signature bit
+        assert!(inspect(&kp).is_err());
+    }
+}

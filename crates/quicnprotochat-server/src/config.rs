@@ -1,0 +1,502 @@
+//! Server configuration in two layers.
+//!
+//! [`Cli`] (flags and `QUICNPROTOCHAT_*` environment variables, through clap)
+//! and [`FileConfig`] (an optional TOML file) are the raw layer; flags and
+//! environment win over the file, the file over the built-in defaults.
+//! [`Config::resolve`] turns them into one validated [`Config`].  Every
+//! default is a named constant with the reason for its value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::store::sqlite::Synchronous;
+
+/// Default listen address: loopback, so a development server is never exposed
+/// by accident.  Operators set `0.0.0.0:4433` (the Docker image does).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+
+/// Default data directory (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = "data";
+
+/// The development access token, accepted only in development mode, where its
+/// use is logged as a warning at start-up.
+pub const DEV_AUTH_TOKEN: &str = "devtoken";
+
+/// Queue depth cap per recipient.  A member of 50 busy groups offline for a
+/// day stays well below it; nothing is ever dropped: past it enqueue fails
+/// with `queueFull`.
+pub const DEFAULT_QUEUE_DEPTH: u64 = 10_000;
+
+/// Most one-time key packages one identity may keep on the server (XMTP and
+/// Wire keep on the order of 100; 1000 leaves room for bursts of invites).
+pub const DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY: u32 = 1_000;
+
+/// Connections overall.  At ~100 KiB per idle connection (quinn buffers,
+/// TLS state, RPC tables) 4096 connections cost about 400 MiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
+
+/// Connections from one IP address: enough for a household or office behind
+/// one NAT, small enough that one host cannot take the whole budget.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+
+/// Time from the QUIC handshake to a successful `authenticate`.  An honest
+/// client needs two round trips; 10 s covers slow mobile links.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// QUIC idle timeout.  Clients send keep-alives every 15 s (quinn's guidance
+/// is to keep alive at less than half the idle timeout).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Deadline for each store operation behind a request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a (sender, message id) pair is remembered to drop retries: one
+/// week, longer than any client's retry horizon.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// QUIC connection-level receive window: bounds what one peer can make us
+/// buffer (quinn's default is unbounded).  4 MiB still fills a 100 Mbit/s,
+/// 300 ms path.
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Server operating mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Development shortcuts allowed, each logged as a warning.
+    #[default]
+    Development,
+    /// No shortcuts: the server refuses to start without real secrets.
+    Production,
+}
+
+/// A token-bucket rate: `per_second` refill, `burst` capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Rate {
+    /// sustained requests per second
+    pub per_second: u32,
+    /// bucket size
+    pub burst: u32,
+}
+
+/// Rate limits.  Defaults are chosen so an honest client never meets them and
+/// one abusive client cannot starve the server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    /// `challenge` + `authenticate` attempts per remote IP (each costs an
+    /// Ed25519 verification, ~70 µs): 5/s, bursts of 20 for NAT'd offices.
+    pub auth_per_ip: Rate,
+    /// enqueues per identity: 100/s sustained, bursts of 500 (a burst of
+    /// messages to a dozen groups).
+    pub enqueue_per_identity: Rate,
+    /// enqueues per remote IP, across identities.
+    pub enqueue_per_ip: Rate,
+    /// key-package fetches per identity: inviting 100 people at once, then
+    /// 10/s (attack case: key-package exhaustion).
+    pub key_package_fetch_per_identity: Rate,
+    /// key-package fetches per remote IP.
+    pub key_package_fetch_per_ip: Rate,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            auth_per_ip: Rate { per_second: 5, burst: 20 },
+            enqueue_per_identity: Rate { per_second: 100, burst: 500 },
+            enqueue_per_ip: Rate { per_second: 1_000, burst: 2_000 },
+            key_package_fetch_per_identity: Rate { per_second: 10, burst: 100 },
+            key_package_fetch_per_ip: Rate { per_second: 50, burst: 200 },
+        }
+    }
+}
+
+/// Limits with operator overrides (`[limits]` in the TOML file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// see [`DEFAULT_QUEUE_DEPTH`]
+    pub queue_depth: u64,
+    /// largest payload, at most the protocol's 5 MiB
+    pub max_payload_bytes: usize,
+    /// see [`DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY`]
+    pub max_key_packages_per_identity: u32,
+    /// see [`DEFAULT_MAX_CONNECTIONS`]
+    pub max_connections: usize,
+    /// see [`DEFAULT_MAX_CONNECTIONS_PER_IP`]
+    pub max_connections_per_ip: usize,
+    /// seconds; see [`DEFAULT_AUTH_TIMEOUT`]
+    pub auth_timeout_secs: u64,
+    /// seconds; see [`DEFAULT_IDLE_TIMEOUT`]
+    pub idle_timeout_secs: u64,
+    /// seconds from a frame's first byte to its last
+    pub frame_timeout_secs: u64,
+    /// seconds; see [`DEFAULT_REQUEST_TIMEOUT`]
+    pub request_timeout_secs: u64,
+    /// seconds; see [`DEFAULT_DEDUP_WINDOW`]
+    pub dedup_window_secs: u64,
+    /// bytes; see [`DEFAULT_CONNECTION_WINDOW`]
+    pub connection_window_bytes: u32,
+    /// token buckets
+    pub rates: RateLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            max_payload_bytes: quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES,
+            max_key_packages_per_identity: DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            auth_timeout_secs: DEFAULT_AUTH_TIMEOUT.as_secs(),
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT.as_secs(),
+            frame_timeout_secs: quicnprotochat_proto::rpc::DEFAULT_FRAME_TIMEOUT.as_secs(),
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT.as_secs(),
+            dedup_window_secs: DEFAULT_DEDUP_WINDOW.as_secs(),
+            connection_window_bytes: DEFAULT_CONNECTION_WINDOW,
+            rates: RateLimits::default(),
+        }
+    }
+}
+
+/// The TOML configuration file.  Unknown keys are an error, so a typo never
+/// silently leaves a default in place.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// operating mode
+    pub mode: Option<Mode>,
+    /// UDP listen address
+    pub listen: Option<SocketAddr>,
+    /// data directory
+    pub data_dir: Option<PathBuf>,
+    /// access token (prefer the environment variable)
+    pub auth_token: Option<String>,
+    /// 64 hex characters; empty disables encryption (development only)
+    pub db_key: Option<String>,
+    /// PEM certificate chain
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key
+    pub key_path: Option<PathBuf>,
+    /// `full` or `normal`
+    pub db_synchronous: Option<Synchronous>,
+    /// limits
+    pub limits: Option<Limits>,
+}
+
+/// quicnprotochat delivery server.
+#[derive(Debug, Parser)]
+#[command(name = "quicnprotochat-server", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server options (also accepted after `serve`).
+    #[command(flatten)]
+    pub options: ServerArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve(ServerArgs),
+    /// Probe a running server's health RPC; exit 0 when it is ready, 1 otherwise.
+    Health(HealthArgs),
+}
+
+/// Flags and environment variables of `serve` (each also settable in the file).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServerArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "QUICNPROTOCHAT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Operating mode: `production` refuses every development shortcut.
+    #[arg(long, env = "QUICNPROTOCHAT_MODE", value_enum, global = true)]
+    pub mode: Option<Mode>,
+    /// UDP address to listen on [default: 127.0.0.1:4433].
+    #[arg(long, env = "QUICNPROTOCHAT_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory: database, development certificate [default: ./data].
+    #[arg(long, env = "QUICNPROTOCHAT_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Access token clients must present. Development mode falls back to a
+    /// well-known development token (with a warning).
+    #[arg(long, env = "QUICNPROTOCHAT_AUTH_TOKEN", hide_env_values = true, global = true)]
+    pub auth_token: Option<String>,
+    /// Database key: 64 hex characters (a raw 256-bit SQLCipher key). Empty
+    /// disables encryption (development only). Development mode without a key
+    /// generates one into the data directory (with a warning).
+    #[arg(long, env = "QUICNPROTOCHAT_DB_KEY", hide_env_values = true, global = true)]
+    pub db_key: Option<String>,
+    /// TLS certificate chain (PEM). Development mode without one generates a
+    /// self-signed certificate into the data directory.
+    #[arg(long, env = "QUICNPROTOCHAT_CERT", global = true)]
+    pub cert_path: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "QUICNPROTOCHAT_KEY", global = true)]
+    pub key_path: Option<PathBuf>,
+}
+
+/// Flags of `health`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// Server address to probe [default: the configured listen address, with
+    /// an unspecified IP replaced by loopback].
+    #[arg(long)]
+    pub addr: Option<SocketAddr>,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 5)]
+    pub timeout_secs: u64,
+}
+
+/// Configuration errors: each names the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// the file could not be read
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// file
+        path: String,
+        /// cause
+        source: std::io::Error,
+    },
+    /// the file is not valid TOML for this schema
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// file
+        path: String,
+        /// parser message (never echoes secret values)
+        message: String,
+    },
+    /// a setting has an invalid value
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        /// setting name
+        setting: &'static str,
+        /// why
+        reason: String,
+    },
+}
+
+/// How the database key was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbKeySetting {
+    /// operator-supplied raw key (hex decoded)
+    Provided(KeyBytes),
+    /// not configured: development mode generates and keeps one in the data dir
+    DevGenerated,
+    /// explicitly empty: encryption off
+    Disabled,
+}
+
+/// 32 key bytes with a redacting `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyBytes(pub [u8; 32]);
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A secret string with a redacting `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The resolved, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// operating mode
+    pub mode: Mode,
+    /// UDP listen address
+    pub listen: SocketAddr,
+    /// data directory
+    pub data_dir: PathBuf,
+    /// access token; `None` means "not configured"
+    pub auth_token: Option<Secret>,
+    /// database key choice
+    pub db_key: DbKeySetting,
+    /// certificate and key paths, when configured
+    pub tls_paths: Option<(PathBuf, PathBuf)>,
+    /// commit durability
+    pub db_synchronous: Synchronous,
+    /// limits
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Development defaults rooted at `data_dir` (used by tests and tools).
+    pub fn development(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            mode: Mode::Development,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            auth_token: None,
+            db_key: DbKeySetting::DevGenerated,
+            tls_paths: None,
+            db_synchronous: Synchronous::Full,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Merges flags/environment over the file over the defaults.
+    pub fn resolve(args: &ServerArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = match args.listen.or(file.listen) {
+            Some(a) => a,
+            None => DEFAULT_LISTEN.parse().map_err(|e: std::net::AddrParseError| {
+                ConfigError::Invalid { setting: "listen", reason: e.to_string() }
+            })?,
+        };
+        let db_key = match args.db_key.clone().or(file.db_key) {
+            None => DbKeySetting::DevGenerated,
+            Some(s) if s.is_empty() => DbKeySetting::Disabled,
+            Some(s) => DbKeySetting::Provided(parse_db_key(&s)?),
+        };
+        let cert = args.cert_path.clone().or(file.cert_path);
+        let key = args.key_path.clone().or(file.key_path);
+        let tls_paths = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    setting: "key_path",
+                    reason: "cert_path is set but key_path is not".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    setting: "cert_path",
+                    reason: "key_path is set but cert_path is not".into(),
+                });
+            }
+        };
+        let limits = file.limits.unwrap_or_default();
+        validate_limits(&limits)?;
+        Ok(Self {
+            mode: args.mode.or(file.mode).unwrap_or_default(),
+            listen,
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            auth_token: args.auth_token.clone().or(file.auth_token).map(Secret),
+            db_key,
+            tls_paths,
+            db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),
+            limits,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        // The message names the key and line; it does not echo values.
+        message: e.message().to_string(),
+    })
+}
+
+/// Parses a 64-hex-character raw key.  The error never contains the value.
+pub fn parse_db_key(s: &str) -> Result<KeyBytes, ConfigError> {
+    let bytes = hex::decode(s.trim()).map_err(|_| ConfigError::Invalid {
+        setting: "db_key",
+        reason: "must be 64 hexadecimal characters (a raw 256-bit key)".into(),
+    })?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| ConfigError::Invalid {
+        setting: "db_key",
+        reason: "must be 64 hexadecimal characters (a raw 256-bit key)".into(),
+    })?;
+    Ok(KeyBytes(arr))
+}
+
+fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
+    let check = |ok: bool, setting: &'static str, reason: &str| {
+        if ok { Ok(()) } else { Err(ConfigError::Invalid { setting, reason: reason.into() }) }
+    };
+    check(l.queue_depth >= 1, "limits.queue_depth", "must be at least 1")?;
+    check(
+        (1..=quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES).contains(&l.max_payload_bytes),
+        "limits.max_payload_bytes",
+        "must be between 1 and 5242880 (the protocol cap)",
+    )?;
+    check(l.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
+    check(l.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
+    check(l.auth_timeout_secs >= 1, "limits.auth_timeout_secs", "must be at least 1")?;
+    check(l.idle_timeout_secs >= 1, "limits.idle_timeout_secs", "must be at least 1")?;
+    check(l.frame_timeout_secs >= 1, "limits.frame_timeout_secs", "must be at least 1")?;
+    check(l.request_timeout_secs >= 1, "limits.request_timeout_secs", "must be at least 1")?;
+    check(
+        l.connection_window_bytes >= 64 * 1024,
+        "limits.connection_window_bytes",
+        "must be at least 65536",
+    )?;
+    for (name, r) in [
+        ("limits.rates.auth_per_ip", l.rates.auth_per_ip),
+        ("limits.rates.enqueue_per_identity", l.rates.enqueue_per_identity),
+        ("limits.rates.enqueue_per_ip", l.rates.enqueue_per_ip),
+        ("limits.rates.key_package_fetch_per_identity", l.rates.key_package_fetch_per_identity),
+        ("limits.rates.key_package_fetch_per_ip", l.rates.key_package_fetch_per_ip),
+    ] {
+        check(r.per_second >= 1 && r.burst >= 1, name, "per_second and burst must be at least 1")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_db_key_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:5000\"\ndb_key = \"\"\n[limits]\nqueue_depth = 7\n",
+        )
+        .unwrap();
+        let args = ServerArgs {
+            config: Some(file.clone()),
+            listen: Some("127.0.0.1:6000".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.db_key, DbKeySetting::Disabled);
+        assert_eq!(c.limits.queue_depth, 7);
+        assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+
+        let bad = ServerArgs { db_key: Some("abcd".into()), ..Default::default() };
+        let err = Config::resolve(&bad).unwrap_err().to_string();
+        assert!(err.contains("db_key") && !err.contains("abcd"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:5000\"\n").unwrap();
+        let args = ServerArgs { config: Some(file), ..Default::default() };
+        assert!(matches!(Config::resolve(&args), Err(ConfigError::Parse { .. })));
+    }
+}

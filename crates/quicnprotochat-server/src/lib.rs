@@ -1,0 +1,20 @@
+//! The quicnprotochat delivery service.
+//!
+//! The server hands out MLS key packages and stores opaque ciphertext in
+//! per-recipient queues.  **Architecture invariant:** it never sees message
+//! plaintext or private keys; everything from the network is
+//! attacker-controlled and gets a typed error, never a panic.
+//!
+//! Entry points: [`server::Server`] (`bind` + `serve`) and [`server::spawn`].
+
+pub mod config;
+pub mod error;
+pub mod health;
+mod ratelimit;
+pub mod server;
+mod service;
+pub mod store;
+
+pub use config::Config;
+pub use error::ServerError;
+pub use server::{Server, ServerHandle, spawn};

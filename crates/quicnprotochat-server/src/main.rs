@@ -1,0 +1,127 @@
+//! `quicnprotochat-server`: run the delivery service, or probe one.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use quicnprotochat_proto::rustls::pki_types::CertificateDer;
+use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
+use quicnprotochat_proto::transport;
+use quicnprotochat_server::config::{Cli, Command, Config, HealthArgs, ServerArgs};
+use quicnprotochat_server::server::DEV_CERT_FILE;
+use quicnprotochat_server::{Server, health};
+
+fn main() -> ExitCode {
+    transport::install_default_provider();
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        None => serve(&cli.options),
+        Some(Command::Serve(args)) => serve(&merge(&cli.options, args)),
+        Some(Command::Health(h)) => health_check(&cli.options, &h),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Flags given after `serve` win over those given before it.
+fn merge(global: &ServerArgs, local: ServerArgs) -> ServerArgs {
+    ServerArgs {
+        config: local.config.or_else(|| global.config.clone()),
+        mode: local.mode.or(global.mode),
+        listen: local.listen.or(global.listen),
+        data_dir: local.data_dir.or_else(|| global.data_dir.clone()),
+        auth_token: local.auth_token.or_else(|| global.auth_token.clone()),
+        db_key: local.db_key.or_else(|| global.db_key.clone()),
+        cert_path: local.cert_path.or_else(|| global.cert_path.clone()),
+        key_path: local.key_path.or_else(|| global.key_path.clone()),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")
+}
+
+fn serve(args: &ServerArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args)?;
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let server = Server::bind(&config)?;
+        server.serve(shutdown_signal()).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn health_check(args: &ServerArgs, h: &HealthArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args)?;
+    let cert_path = match &config.tls_paths {
+        Some((cert, _)) => cert.clone(),
+        None => config.data_dir.join(DEV_CERT_FILE),
+    };
+    let cert = CertificateDer::from_pem_file(&cert_path)
+        .with_context(|| format!("reading the server certificate {}", cert_path.display()))?;
+    let fingerprint = transport::fingerprint(&cert);
+    let addr = h.addr.unwrap_or_else(|| loopback_for(config.listen));
+    let rt = runtime()?;
+    let local = tokio::task::LocalSet::new();
+    let report =
+        local.block_on(&rt, health::probe(addr, fingerprint, Duration::from_secs(h.timeout_secs)));
+    match report {
+        Ok(r) if r.ok => {
+            println!("ok: server {} wire {} store reachable", r.server_version, r.wire_version);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(r) => {
+            println!("unhealthy: server {} store reachable: {}", r.server_version, r.store_reachable);
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            println!("unhealthy: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn loopback_for(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    };
+    SocketAddr::new(ip, listen.port())
+}

@@ -1,0 +1,73 @@
+//! Token-bucket rate limits (GCRA, via `governor`), keyed by identity and by
+//! remote IP address.
+
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use quicnprotochat_core::IdentityKey;
+
+use crate::config::{Rate, RateLimits};
+use crate::error::ApiError;
+
+/// One keyed limiter.
+pub(crate) struct Limiter<K: Hash + Eq + Clone> {
+    inner: DefaultKeyedRateLimiter<K>,
+    clock: DefaultClock,
+}
+
+impl<K: Hash + Eq + Clone> Limiter<K> {
+    fn new(rate: Rate) -> Self {
+        let per_second = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(rate.burst).unwrap_or(NonZeroU32::MIN);
+        Self {
+            inner: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Takes one token for `key`, or says when to retry.
+    pub(crate) fn check(&self, key: &K) -> Result<(), ApiError> {
+        self.inner.check_key(key).map_err(|not_until| ApiError::RateLimited {
+            retry_after: not_until.wait_time_from(self.clock.now()),
+        })
+    }
+
+    /// Forgets keys whose buckets are full again (bounds memory).
+    fn retain_recent(&self) {
+        self.inner.retain_recent();
+        self.inner.shrink_to_fit();
+    }
+}
+
+/// Every limiter of the server.
+pub(crate) struct Limiters {
+    pub(crate) auth_per_ip: Limiter<IpAddr>,
+    pub(crate) enqueue_per_identity: Limiter<IdentityKey>,
+    pub(crate) enqueue_per_ip: Limiter<IpAddr>,
+    pub(crate) kp_fetch_per_identity: Limiter<IdentityKey>,
+    pub(crate) kp_fetch_per_ip: Limiter<IpAddr>,
+}
+
+impl Limiters {
+    pub(crate) fn new(r: &RateLimits) -> Self {
+        Self {
+            auth_per_ip: Limiter::new(r.auth_per_ip),
+            enqueue_per_identity: Limiter::new(r.enqueue_per_identity),
+            enqueue_per_ip: Limiter::new(r.enqueue_per_ip),
+            kp_fetch_per_identity: Limiter::new(r.key_package_fetch_per_identity),
+            kp_fetch_per_ip: Limiter::new(r.key_package_fetch_per_ip),
+        }
+    }
+
+    /// Periodic housekeeping.
+    pub(crate) fn retain_recent(&self) {
+        self.auth_per_ip.retain_recent();
+        self.enqueue_per_identity.retain_recent();
+        self.enqueue_per_ip.retain_recent();
+        self.kp_fetch_per_identity.retain_recent();
+        self.kp_fetch_per_ip.retain_recent();
+    }
+}

@@ -1,0 +1,537 @@
+//! Start-up, the accept loop, and per-connection lifecycle.
+//!
+//! [`Server::bind`] resolves secrets and TLS material, opens the store and
+//! binds the UDP socket; [`Server::serve`] runs until its shutdown future
+//! resolves.  Both run inside a tokio `LocalSet` (Cap'n Proto RPC is
+//! single-threaded); [`spawn`] runs a server on a thread of its own, which is
+//! what tests and embedders use.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicnprotochat_proto::framing::FrameLimits;
+use quicnprotochat_proto::rpc::{Side, rpc_system};
+use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
+use quicnprotochat_proto::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use quicnprotochat_proto::schema::service;
+use quicnprotochat_proto::{capnp_rpc, limits, transport};
+use quinn::{IdleTimeout, VarInt};
+
+use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
+use crate::error::ServerError;
+use crate::ratelimit::Limiters;
+use crate::service::{ConnCtx, Hub, ServiceImpl, Shared};
+use crate::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
+
+/// Development certificate and key, generated into the data directory.
+pub const DEV_CERT_FILE: &str = "dev-cert.pem";
+/// See [`DEV_CERT_FILE`].
+pub const DEV_KEY_FILE: &str = "dev-key.pem";
+/// Development database key, generated into the data directory.
+pub const DEV_DB_KEY_FILE: &str = "dev-db.key";
+
+/// Shortest access token production mode accepts: 32 bytes, i.e. 256 bits
+/// when random.
+pub const MIN_PRODUCTION_TOKEN_LEN: usize = 32;
+
+/// Application close codes (QUIC CONNECTION_CLOSE).
+pub mod close_code {
+    /// normal close
+    pub const NORMAL: u32 = 0;
+    /// not authenticated before the deadline
+    pub const AUTH_TIMEOUT: u32 = 1;
+    /// the RPC stream failed (framing limits, malformed messages)
+    pub const PROTOCOL_ERROR: u32 = 2;
+    /// the server is shutting down
+    pub const SHUTDOWN: u32 = 3;
+}
+
+/// How often expired key packages and idempotency keys are purged, and idle
+/// rate-limiter buckets forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A bound, ready server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Rc<Shared>,
+    fingerprint: [u8; 32],
+    limits_frame: FrameLimits,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("addr", &self.endpoint.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Validates the configuration, prepares secrets and TLS, opens the store
+    /// and binds the socket.  Must run inside a tokio runtime.
+    pub fn bind(config: &Config) -> Result<Self, ServerError> {
+        if config.mode == Mode::Production {
+            check_production(config)?;
+        }
+        create_private_dir(&config.data_dir)?;
+        let token = match &config.auth_token {
+            Some(t) if !t.0.is_empty() => {
+                if t.0 == DEV_AUTH_TOKEN {
+                    tracing::warn!("DEVELOPMENT SHORTCUT: the access token is the public development token");
+                }
+                t.0.clone()
+            }
+            _ => {
+                tracing::warn!(
+                    "DEVELOPMENT SHORTCUT: no access token configured; using the public development token {DEV_AUTH_TOKEN:?}"
+                );
+                DEV_AUTH_TOKEN.to_string()
+            }
+        };
+        let key = match &config.db_key {
+            DbKeySetting::Provided(k) => DbKey::Raw(k.0),
+            DbKeySetting::DevGenerated => {
+                let path = config.data_dir.join(DEV_DB_KEY_FILE);
+                tracing::warn!(
+                    path = %path.display(),
+                    "DEVELOPMENT SHORTCUT: no database key configured; using a generated key stored next to the database"
+                );
+                DbKey::Raw(load_or_create_dev_db_key(&path)?)
+            }
+            DbKeySetting::Disabled => {
+                tracing::warn!("DEVELOPMENT SHORTCUT: db_key is empty: the database is NOT encrypted");
+                DbKey::Unencrypted
+            }
+        };
+        let (chain, private_key) = match &config.tls_paths {
+            Some((cert, key)) => load_tls(cert, key)?,
+            None => {
+                let (chain, key) = load_or_create_dev_cert(&config.data_dir)?;
+                tracing::warn!(
+                    fingerprint = %hex::encode(transport::fingerprint(&chain[0])),
+                    "DEVELOPMENT SHORTCUT: self-signed certificate in the data directory; clients must pin this SHA-256 fingerprint"
+                );
+                (chain, key)
+            }
+        };
+        let leaf = chain.first().ok_or_else(|| ServerError::Tls("empty certificate chain".into()))?;
+        let fingerprint = transport::fingerprint(leaf);
+        let crypto = transport::server_crypto(chain, private_key)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(transport_config(config)?));
+
+        let mut options = SqliteOptions::new(config.data_dir.join(DB_FILE_NAME), key);
+        options.synchronous = config.db_synchronous;
+        let store = SqliteStore::open(options)?;
+
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let token_hash = {
+            let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+            let mut h = [0; 32];
+            h.copy_from_slice(d.as_ref());
+            h
+        };
+        let shared = Rc::new(Shared {
+            store: Arc::new(store),
+            limits: config.limits.clone(),
+            token_hash,
+            limiters: Limiters::new(&config.limits.rates),
+            hub: Hub::default(),
+            rng: ring::rand::SystemRandom::new(),
+        });
+        let limits_frame = FrameLimits {
+            max_frame_bytes: limits::MAX_FRAME_BYTES,
+            frame_timeout: Duration::from_secs(config.limits.frame_timeout_secs),
+        };
+        tracing::info!(
+            addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            mode = ?config.mode,
+            version = quicnprotochat_proto::SOFTWARE_VERSION,
+            "listening"
+        );
+        Ok(Self { endpoint, shared, fingerprint, limits_frame })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr, std::io::Error> {
+        self.endpoint.local_addr()
+    }
+
+    /// SHA-256 fingerprint of the certificate in use.
+    pub fn cert_fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Accepts connections until `shutdown` resolves, then closes every
+    /// connection and waits briefly for them to drain.  Must run in a `LocalSet`.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let table = Rc::new(RefCell::new(ConnTable::default()));
+        let sweeper = tokio::task::spawn_local(sweep_loop(self.shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => self.admit(incoming, &table),
+                    None => break,
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!("shutting down");
+        sweeper.abort();
+        self.endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+    }
+
+    fn admit(&self, incoming: quinn::Incoming, table: &Rc<RefCell<ConnTable>>) {
+        let ip = incoming.remote_address().ip();
+        let limits = &self.shared.limits;
+        let (total, from_ip) = table.borrow().counts(ip);
+        if total >= limits.max_connections || from_ip >= limits.max_connections_per_ip {
+            tracing::debug!(%ip, total, from_ip, "connection refused: over the connection cap");
+            incoming.refuse();
+            return;
+        }
+        // Under load, make unvalidated peers prove their address first
+        // (a stateless retry costs one round trip and defeats spoofed floods).
+        if total >= limits.max_connections / 2 && !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                tracing::debug!(error = %e, "retry failed");
+            }
+            return;
+        }
+        let guard = ConnGuard::new(table.clone(), ip);
+        let shared = self.shared.clone();
+        let frame = self.limits_frame;
+        tokio::task::spawn_local(async move {
+            let _guard = guard;
+            let auth_timeout = Duration::from_secs(shared.limits.auth_timeout_secs);
+            let conn = match tokio::time::timeout(auth_timeout, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::debug!(%ip, error = %e, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%ip, "handshake timed out");
+                    return;
+                }
+            };
+            serve_connection(shared, conn, frame, auth_timeout).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    shared: Rc<Shared>,
+    conn: quinn::Connection,
+    frame: FrameLimits,
+    auth_timeout: Duration,
+) {
+    let ctx = Rc::new(ConnCtx::new(shared, conn.clone()));
+    let session = {
+        let ctx = ctx.clone();
+        let conn = conn.clone();
+        async move {
+            let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+            let bootstrap: service::Client = capnp_rpc::new_client(ServiceImpl { ctx });
+            rpc_system(recv, send, Side::Server, Some(bootstrap.client), frame)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let watchdog = {
+        let ctx = ctx.clone();
+        async move {
+            tokio::time::sleep(auth_timeout).await;
+            if ctx.is_authenticated() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = session => match r {
+            Ok(()) => conn.close(VarInt::from_u32(close_code::NORMAL), b"bye"),
+            Err(e) => {
+                tracing::debug!(ip = %ctx.ip, error = %e, "connection ended with an error");
+                conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), b"protocol error");
+            }
+        },
+        () = watchdog => {
+            tracing::info!(ip = %ctx.ip, "closing connection: not authenticated in time");
+            conn.close(VarInt::from_u32(close_code::AUTH_TIMEOUT), b"authentication timeout");
+        }
+    }
+}
+
+async fn sweep_loop(shared: Rc<Shared>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        shared.limiters.retain_recent();
+        let now_s = quicnprotochat_core::keypackage::unix_now();
+        match shared.store.sweep(now_s, now_s.saturating_mul(1000)).await {
+            Ok(stats) if stats != Default::default() => tracing::info!(?stats, "swept expired entries"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}
+
+/// Live connections, overall and per IP.
+#[derive(Default)]
+struct ConnTable {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl ConnTable {
+    fn counts(&self, ip: IpAddr) -> (usize, usize) {
+        (self.total, self.per_ip.get(&ip).copied().unwrap_or(0))
+    }
+}
+
+/// Counts one connection for its lifetime.
+struct ConnGuard {
+    table: Rc<RefCell<ConnTable>>,
+    ip: IpAddr,
+}
+
+impl ConnGuard {
+    fn new(table: Rc<RefCell<ConnTable>>, ip: IpAddr) -> Self {
+        {
+            let mut t = table.borrow_mut();
+            t.total += 1;
+            *t.per_ip.entry(ip).or_insert(0) += 1;
+        }
+        Self { table, ip }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut t = self.table.borrow_mut();
+        t.total = t.total.saturating_sub(1);
+        if let Some(n) = t.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn transport_config(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
+    let l = &config.limits;
+    let mut t = quinn::TransportConfig::default();
+    // One RPC session per connection on one bidirectional stream.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    let idle = IdleTimeout::try_from(Duration::from_secs(l.idle_timeout_secs))
+        .map_err(|_| ServerError::Tls("limits.idle_timeout_secs is out of range".into()))?;
+    t.max_idle_timeout(Some(idle));
+    t.receive_window(VarInt::from_u32(l.connection_window_bytes));
+    t.stream_receive_window(VarInt::from_u32(l.connection_window_bytes));
+    Ok(t)
+}
+
+fn check_production(config: &Config) -> Result<(), ServerError> {
+    let refuse = |setting: &'static str, reason: &str| {
+        Err(ServerError::Production { setting, reason: reason.to_string() })
+    };
+    match &config.auth_token {
+        None => return refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)"),
+        Some(t) if t.0.is_empty() => return refuse("auth_token", "is empty"),
+        Some(t) if t.0 == DEV_AUTH_TOKEN => return refuse("auth_token", "is the public development token"),
+        Some(t) if t.0.len() < MIN_PRODUCTION_TOKEN_LEN => {
+            return refuse("auth_token", "is shorter than 32 bytes");
+        }
+        Some(_) => {}
+    }
+    match config.db_key {
+        DbKeySetting::Provided(_) => {}
+        DbKeySetting::DevGenerated => return refuse("db_key", "not set (QUICNPROTOCHAT_DB_KEY)"),
+        DbKeySetting::Disabled => return refuse("db_key", "is empty, which would disable encryption"),
+    }
+    if config.tls_paths.is_none() {
+        return refuse("cert_path", "certificate and key paths are required (no self-signed certificates)");
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| {
+        ServerError::File { what: "data directory", path: dir.display().to_string(), source }
+    })
+}
+
+fn write_private_file(path: &Path, what: &'static str, bytes: &[u8]) -> Result<(), ServerError> {
+    let err = |source| ServerError::File { what, path: path.display().to_string(), source };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+fn load_or_create_dev_db_key(path: &Path) -> Result<[u8; 32], ServerError> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path).map_err(|source| ServerError::File {
+            what: "development database key",
+            path: path.display().to_string(),
+            source,
+        })?;
+        return Ok(crate::config::parse_db_key(&text)?.0);
+    }
+    let mut key = [0; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| ServerError::Tls("system RNG failed".into()))?;
+    write_private_file(path, "development database key", hex::encode(key).as_bytes())?;
+    Ok(key)
+}
+
+type TlsMaterial = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn load_tls(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServerError::Tls(format!("cannot read certificate {}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(ServerError::Tls(format!("no certificate in {}", cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServerError::Tls(format!("cannot read private key {}: {e}", key.display())))?;
+    Ok((chain, key))
+}
+
+fn load_or_create_dev_cert(dir: &Path) -> Result<TlsMaterial, ServerError> {
+    let cert_path: PathBuf = dir.join(DEV_CERT_FILE);
+    let key_path: PathBuf = dir.join(DEV_KEY_FILE);
+    if !cert_path.exists() || !key_path.exists() {
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let ck = rcgen::generate_simple_self_signed(names)
+            .map_err(|e| ServerError::Tls(format!("generating a development certificate: {e}")))?;
+        let _ = std::fs::remove_file(&cert_path);
+        let _ = std::fs::remove_file(&key_path);
+        write_private_file(&key_path, "development TLS key", ck.signing_key.serialize_pem().as_bytes())?;
+        write_private_file(&cert_path, "development TLS certificate", ck.cert.pem().as_bytes())?;
+    }
+    load_tls(&cert_path, &key_path)
+}
+
+/// A server running on its own thread (current-thread runtime + `LocalSet`).
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    fingerprint: [u8; 32],
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// SHA-256 fingerprint of the server certificate.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    /// Stops the server and waits for its thread (and the store) to finish.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("server thread panicked");
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Binds and runs a server on a new thread; returns once it is listening.
+pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("quicnprotochat-server".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(ServerError::File {
+                        what: "tokio runtime",
+                        path: String::new(),
+                        source: e,
+                    }));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let server = match Server::bind(&config) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let info = server.local_addr().map(|a| (a, server.cert_fingerprint()));
+                match info {
+                    Ok(info) => {
+                        let _ = ready_tx.send(Ok(info));
+                    }
+                    Err(source) => {
+                        let _ = ready_tx.send(Err(ServerError::Bind { addr: config.listen, source }));
+                        return;
+                    }
+                }
+                server
+                    .serve(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await;
+            });
+        })
+        .map_err(|source| ServerError::File { what: "server thread", path: String::new(), source })?;
+    match ready_rx.recv() {
+        Ok(Ok((addr, fingerprint))) => Ok(ServerHandle {
+            addr,
+            fingerprint,
+            shutdown: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(ServerError::Tls("server thread exited during start-up".into()))
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Durable storage behind the delivery service.
+//!
+//! [`Store`] is what the RPC layer needs: the user directory, the key-package
+//! directory and per-recipient message queues.  [`sqlite::SqliteStore`] is the
+//! embedded default (SQLCipher through rusqlite, one file in the data
+//! directory).
+//!
+//! Every method is asynchronous and returns a boxed `Send` future so the trait
+//! stays object-safe; implementations do their blocking work off the RPC
+//! thread.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use quicnprotochat_core::IdentityKey;
+
+/// A boxed store future.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Storage failures.  None of these is caused by a peer's input; the RPC
+/// layer maps every one of them to `internal` and logs the detail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// the database key does not decrypt the database file
+    #[error("the database key does not open {path}: wrong key, or not a quicnprotochat database")]
+    WrongKey {
+        /// the database file
+        path: String,
+    },
+    /// the SQLite library is not SQLCipher, so encryption would silently be off
+    #[error("SQLCipher is not available in this build; refusing to store data unencrypted")]
+    NoSqlCipher,
+    /// the database was written by a newer server
+    #[error("database schema version {found} is newer than this server's {supported}")]
+    SchemaTooNew {
+        /// version in the file
+        found: i64,
+        /// newest version this build knows
+        supported: i64,
+    },
+    /// an SQLite error
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// an IO error around the database file
+    #[error("database file: {0}")]
+    Io(#[from] std::io::Error),
+    /// the storage thread is gone (shut down or crashed)
+    #[error("the storage worker has stopped")]
+    WorkerGone,
+    /// a transaction committed nothing because the batch commit failed
+    #[error("commit failed: {0}")]
+    Commit(String),
+}
+
+/// Result of registering a username.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// newly registered
+    Registered,
+    /// this exact (username, identity) pair already existed
+    AlreadyRegistered,
+    /// the username belongs to another identity
+    UsernameTaken,
+    /// the identity is registered under another username
+    IdentityTaken,
+}
+
+/// A validated key package ready to be stored.
+#[derive(Debug, Clone)]
+pub struct NewKeyPackage {
+    /// TLS-serialized package
+    pub data: Vec<u8>,
+    /// KeyPackageRef, unique per package
+    pub hash_ref: Vec<u8>,
+    /// carries the last_resort extension
+    pub last_resort: bool,
+    /// end of lifetime, Unix seconds
+    pub not_after: u64,
+}
+
+/// Result of publishing key packages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// stored this many (duplicates of already stored packages are skipped)
+    Stored(u32),
+    /// storing them would exceed the per-identity cap; nothing was stored
+    OverCap {
+        /// packages the identity already has
+        have: u32,
+    },
+}
+
+/// A key package handed out by [`Store::take_key_package`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakenKeyPackage {
+    /// TLS-serialized package
+    pub data: Vec<u8>,
+    /// it is the (retained) last-resort package
+    pub last_resort: bool,
+}
+
+/// An enqueue request, already validated by the RPC layer.
+#[derive(Debug, Clone)]
+pub struct EnqueueRequest {
+    /// distinct recipients
+    pub recipients: Vec<IdentityKey>,
+    /// the sender's message id
+    pub message_id: [u8; 16],
+    /// idempotency key: SHA-256(sender || message id); the sender itself is not stored
+    pub dedup_key: [u8; 32],
+    /// opaque ciphertext
+    pub payload: Vec<u8>,
+    /// server receive time, Unix milliseconds
+    pub now_ms: u64,
+    /// queue depth cap per recipient
+    pub max_depth: u64,
+    /// how long the idempotency key is remembered, milliseconds
+    pub dedup_window_ms: u64,
+}
+
+/// Result of an enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// stored; `seqs[i]` is the sequence number for `recipients[i]`
+    Stored {
+        /// per-recipient sequence numbers
+        seqs: Vec<u64>,
+    },
+    /// the same (sender, message id) was stored before; nothing stored now
+    Duplicate,
+    /// this recipient's queue is full; nothing was stored for anyone
+    QueueFull {
+        /// index into `recipients`
+        index: usize,
+    },
+    /// this recipient is not a registered identity; nothing was stored
+    UnknownRecipient {
+        /// index into `recipients`
+        index: usize,
+    },
+}
+
+/// A queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// per-recipient sequence number
+    pub seq: u64,
+    /// the sender's message id
+    pub message_id: Vec<u8>,
+    /// opaque ciphertext
+    pub payload: Vec<u8>,
+    /// Unix milliseconds
+    pub enqueued_at_ms: u64,
+}
+
+/// What a maintenance sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// expired key packages deleted
+    pub key_packages: u64,
+    /// expired idempotency keys deleted
+    pub dedup_keys: u64,
+}
+
+/// The delivery service's storage.
+pub trait Store: Send + Sync + 'static {
+    /// Probes the store with a trivial query.
+    fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Binds `username` to `identity`.
+    fn register(&self, username: String, identity: IdentityKey) -> StoreFuture<'_, RegisterOutcome>;
+
+    /// Looks a username up.
+    fn resolve(&self, username: String) -> StoreFuture<'_, Option<IdentityKey>>;
+
+    /// Stores validated key packages of `identity`.  A last-resort package
+    /// replaces the previous one; at most `max_per_identity` one-time packages
+    /// are kept.
+    fn publish_key_packages(
+        &self,
+        identity: IdentityKey,
+        packages: Vec<NewKeyPackage>,
+        max_per_identity: u32,
+    ) -> StoreFuture<'_, PublishOutcome>;
+
+    /// Atomically removes and returns one unexpired one-time package of
+    /// `identity`, or else returns its unexpired last-resort package (kept).
+    fn take_key_package(&self, identity: IdentityKey, now_secs: u64) -> StoreFuture<'_, Option<TakenKeyPackage>>;
+
+    /// Unexpired one-time packages of `identity`, and whether it has an
+    /// unexpired last-resort package.
+    fn key_package_count(&self, identity: IdentityKey, now_secs: u64) -> StoreFuture<'_, (u32, bool)>;
+
+    /// Durably stores one payload for every recipient, or for none.
+    fn enqueue(&self, request: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome>;
+
+    /// Messages of `recipient` with `seq >= from_seq`, ascending, at most
+    /// `limit` of them and about `max_bytes` of payload (always at least one).
+    fn fetch(
+        &self,
+        recipient: IdentityKey,
+        from_seq: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> StoreFuture<'_, Vec<QueuedMessage>>;
+
+    /// Deletes the messages of `recipient` with `seq <= up_to`; returns how many.
+    fn ack(&self, recipient: IdentityKey, up_to: u64) -> StoreFuture<'_, u32>;
+
+    /// Deletes expired key packages and idempotency keys.
+    fn sweep(&self, now_secs: u64, now_ms: u64) -> StoreFuture<'_, SweepStats>;
+}

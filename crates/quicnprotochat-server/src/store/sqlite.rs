@@ -1,0 +1,793 @@
+//! The embedded default store: SQLite with SQLCipher, one file.
+//!
+//! # Concurrency design
+//!
+//! Every message is a write, so writes are the throughput path:
+//!
+//! - **One writer thread** owns the only write connection.  It takes a job from
+//!   its queue, then drains whatever else is waiting (up to
+//!   [`SqliteOptions::max_batch`]) and runs the whole batch in one
+//!   `BEGIN IMMEDIATE` transaction, each job inside its own `SAVEPOINT` so a
+//!   failing job rolls back alone.  One `COMMIT` (one fsync with
+//!   `synchronous = FULL`) then makes the whole batch durable, and only after
+//!   it does any caller get its answer: group commit.  A single writer also
+//!   serialises the read-modify-write steps (sequence numbers, handing each key
+//!   package out once) without any lock in our code.
+//! - **Reader threads** (WAL mode lets them read while the writer writes) each
+//!   own a connection and serve fetches, counts and look-ups, picked round
+//!   robin.
+//! - The async side only sends boxed jobs over bounded channels and awaits a
+//!   oneshot reply; nothing blocks the RPC thread, and a full channel applies
+//!   backpressure.
+//!
+//! There is no `Mutex` in this module, so there is no lock to poison.
+//!
+//! # Encryption
+//!
+//! The key is a raw 256-bit key handed to SQLCipher as `x'…'`, which skips
+//! SQLCipher's PBKDF2 passphrase derivation (256 000 iterations, hundreds of
+//! milliseconds per connection open).  The WAL and shared-memory files are
+//! encrypted too.  [`DbKey::Unencrypted`] exists for development only.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use quicnprotochat_core::IdentityKey;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, PublishOutcome, QueuedMessage, RegisterOutcome,
+    Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage,
+};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE_NAME: &str = "quicnprotochat.db";
+
+/// Default number of reader threads: one per core on the 2-core machines we
+/// target, leaving the writer and the RPC thread to share the rest.
+pub const DEFAULT_READERS: usize = 2;
+
+/// Default most jobs per writer transaction.  Large enough that one fsync
+/// covers a burst of enqueues, small enough that a batch commits within a few
+/// milliseconds.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+
+/// Depth of each worker's job queue before callers wait (backpressure).
+const JOB_QUEUE_DEPTH: usize = 4096;
+
+/// How long SQLite waits on a locked database before failing a statement.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, applied in order; `PRAGMA user_version` is the number
+/// applied so far.  Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: users, key packages, queues with shared payloads, idempotency keys.
+    "CREATE TABLE users (
+        username   TEXT PRIMARY KEY,
+        identity   BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE key_packages (
+        id          INTEGER PRIMARY KEY,
+        identity    BLOB NOT NULL,
+        hash_ref    BLOB NOT NULL UNIQUE,
+        data        BLOB NOT NULL,
+        last_resort INTEGER NOT NULL,
+        not_after   INTEGER NOT NULL
+     );
+     CREATE INDEX key_packages_by_identity ON key_packages (identity, last_resort, id);
+     CREATE TABLE payloads (
+        id   INTEGER PRIMARY KEY,
+        refs INTEGER NOT NULL,
+        data BLOB NOT NULL
+     );
+     CREATE TABLE queue_heads (
+        recipient BLOB PRIMARY KEY,
+        next_seq  INTEGER NOT NULL,
+        depth     INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE queue (
+        recipient   BLOB NOT NULL,
+        seq         INTEGER NOT NULL,
+        payload_id  INTEGER NOT NULL,
+        message_id  BLOB NOT NULL,
+        enqueued_at INTEGER NOT NULL,
+        PRIMARY KEY (recipient, seq)
+     ) WITHOUT ROWID;
+     CREATE TABLE dedup (
+        key        BLOB PRIMARY KEY,
+        expires_at INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+];
+
+/// The database key.
+#[derive(Clone)]
+pub enum DbKey {
+    /// A raw 256-bit SQLCipher key.
+    Raw([u8; 32]),
+    /// No encryption at all (development only; refused in production mode).
+    Unencrypted,
+}
+
+impl fmt::Debug for DbKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Raw(_) => f.write_str("DbKey::Raw(<redacted>)"),
+            Self::Unencrypted => f.write_str("DbKey::Unencrypted"),
+        }
+    }
+}
+
+/// SQLite `synchronous` setting for the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit: an acknowledged enqueue survives power loss.
+    Full,
+    /// WAL without fsync on commit: survives a process crash (`kill -9`), not
+    /// an OS crash or power loss.
+    Normal,
+}
+
+/// Options of [`SqliteStore::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// database file
+    pub path: PathBuf,
+    /// encryption key
+    pub key: DbKey,
+    /// durability of commits
+    pub synchronous: Synchronous,
+    /// reader threads (at least 1)
+    pub readers: usize,
+    /// most jobs per writer transaction (at least 1)
+    pub max_batch: usize,
+}
+
+impl SqliteOptions {
+    /// Defaults for a database file at `path`.
+    pub fn new(path: impl Into<PathBuf>, key: DbKey) -> Self {
+        Self {
+            path: path.into(),
+            key,
+            synchronous: Synchronous::Full,
+            readers: DEFAULT_READERS,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+}
+
+/// Called once after the batch's COMMIT with its outcome.
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// A write job: runs inside the batch transaction (or is told it cannot run).
+type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
+/// A read job: runs on a reader connection and replies itself.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// SQLCipher-backed [`Store`].
+pub struct SqliteStore {
+    writer: Option<mpsc::Sender<WriteJob>>,
+    readers: Vec<mpsc::Sender<ReadJob>>,
+    next_reader: AtomicUsize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore").field("readers", &self.readers.len()).finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database, then starts the
+    /// writer and reader threads.  A wrong key is [`StoreError::WrongKey`].
+    pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
+        let writer_conn = open_connection(&options.path, &options.key, options.synchronous)?;
+        migrate(&writer_conn)?;
+        let mut threads = Vec::new();
+        let (wtx, wrx) = mpsc::channel::<WriteJob>(JOB_QUEUE_DEPTH);
+        let max_batch = options.max_batch.max(1);
+        threads.push(
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || writer_loop(writer_conn, wrx, max_batch))?,
+        );
+        let mut readers = Vec::new();
+        for i in 0..options.readers.max(1) {
+            let conn = open_connection(&options.path, &options.key, options.synchronous)?;
+            let (rtx, rrx) = mpsc::channel::<ReadJob>(JOB_QUEUE_DEPTH);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("store-reader-{i}"))
+                    .spawn(move || reader_loop(conn, rrx))?,
+            );
+            readers.push(rtx);
+        }
+        Ok(Self { writer: Some(wtx), readers, next_reader: AtomicUsize::new(0), threads })
+    }
+
+    /// Stops accepting jobs, lets the writer finish its queue, and joins the
+    /// worker threads.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.writer = None;
+        self.readers.clear();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a store worker thread panicked");
+            }
+        }
+    }
+
+    fn write<T, F>(&self, op: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => in_savepoint(conn, op),
+                None => Err(StoreError::Commit("could not begin a transaction".into())),
+            };
+            Box::new(move |commit: Result<(), String>| {
+                let answer = match commit {
+                    Ok(()) => result,
+                    Err(e) => Err(StoreError::Commit(e)),
+                };
+                let _ = tx.send(answer);
+            })
+        });
+        let sender = self.writer.clone();
+        Box::pin(async move {
+            let sender = sender.ok_or(StoreError::WorkerGone)?;
+            sender.send(job).await.map_err(|_| StoreError::WorkerGone)?;
+            rx.await.map_err(|_| StoreError::WorkerGone)?
+        })
+    }
+
+    fn read<T, F>(&self, op: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(op(conn));
+        });
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len().max(1);
+        let sender = self.readers.get(i).cloned();
+        Box::pin(async move {
+            let sender = sender.ok_or(StoreError::WorkerGone)?;
+            sender.send(job).await.map_err(|_| StoreError::WorkerGone)?;
+            rx.await.map_err(|_| StoreError::WorkerGone)?
+        })
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn in_savepoint<T>(
+    conn: &Connection,
+    op: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job")?;
+    let result = op(conn);
+    let end = if result.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+    conn.execute_batch(end)?;
+    result
+}
+
+fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: usize) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        let ready = began.is_ok().then_some(&conn);
+        let replies: Vec<Reply> = batch.drain(..).map(|job| job(ready)).collect();
+        let commit = match began {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "store batch failed to commit");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies {
+            reply(commit.clone());
+        }
+    }
+}
+
+fn reader_loop(conn: Connection, mut jobs: mpsc::Receiver<ReadJob>) {
+    while let Some(job) = jobs.blocking_recv() {
+        job(&conn);
+    }
+}
+
+/// Opens one connection: key first, key check, then pragmas.
+fn open_connection(path: &Path, key: &DbKey, sync: Synchronous) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    if let DbKey::Raw(raw) = key {
+        // SQLCipher prints key failures to stderr by default; we report them ourselves.
+        conn.pragma_update(None, "cipher_log_level", "NONE")?;
+        conn.pragma_update(None, "key", format!("x'{}'", hex::encode(raw)))?;
+    }
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::NotADatabase => {
+            return Err(StoreError::WrongKey { path: path.display().to_string() });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if let DbKey::Raw(_) = key {
+        let version: Option<String> =
+            conn.query_row("PRAGMA cipher_version", [], |r| r.get(0)).optional()?;
+        if version.unwrap_or_default().is_empty() {
+            return Err(StoreError::NoSqlCipher);
+        }
+    }
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+    let sync = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    // Overwrite deleted content (acknowledged messages, consumed key packages).
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if current > supported {
+        return Err(StoreError::SchemaTooNew { found: current, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        let version = i + 1;
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"))
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn identity_from_blob(bytes: Vec<u8>) -> Result<IdentityKey, StoreError> {
+    IdentityKey::from_slice(&bytes).map_err(|_| {
+        StoreError::Sqlite(rusqlite::Error::InvalidColumnType(
+            0,
+            "identity".into(),
+            rusqlite::types::Type::Blob,
+        ))
+    })
+}
+
+impl Store for SqliteStore {
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+            Ok(())
+        })
+    }
+
+    fn register(&self, username: String, identity: IdentityKey) -> StoreFuture<'_, RegisterOutcome> {
+        self.write(move |c| {
+            let owner: Option<Vec<u8>> = c
+                .prepare_cached("SELECT identity FROM users WHERE username = ?1")?
+                .query_row([&username], |r| r.get(0))
+                .optional()?;
+            if let Some(owner) = owner {
+                return Ok(if owner == identity.as_bytes() {
+                    RegisterOutcome::AlreadyRegistered
+                } else {
+                    RegisterOutcome::UsernameTaken
+                });
+            }
+            let taken: Option<String> = c
+                .prepare_cached("SELECT username FROM users WHERE identity = ?1")?
+                .query_row([identity.as_bytes()], |r| r.get(0))
+                .optional()?;
+            if taken.is_some() {
+                return Ok(RegisterOutcome::IdentityTaken);
+            }
+            c.prepare_cached(
+                "INSERT INTO users (username, identity, created_at) VALUES (?1, ?2, unixepoch())",
+            )?
+            .execute(params![username, identity.as_bytes()])?;
+            Ok(RegisterOutcome::Registered)
+        })
+    }
+
+    fn resolve(&self, username: String) -> StoreFuture<'_, Option<IdentityKey>> {
+        self.read(move |c| {
+            let found: Option<Vec<u8>> = c
+                .prepare_cached("SELECT identity FROM users WHERE username = ?1")?
+                .query_row([&username], |r| r.get(0))
+                .optional()?;
+            found.map(identity_from_blob).transpose()
+        })
+    }
+
+    fn publish_key_packages(
+        &self,
+        identity: IdentityKey,
+        packages: Vec<NewKeyPackage>,
+        max_per_identity: u32,
+    ) -> StoreFuture<'_, PublishOutcome> {
+        self.write(move |c| {
+            let have: i64 = c
+                .prepare_cached(
+                    "SELECT count(*) FROM key_packages WHERE identity = ?1 AND last_resort = 0",
+                )?
+                .query_row([identity.as_bytes()], |r| r.get(0))?;
+            let mut exists = c.prepare_cached("SELECT 1 FROM key_packages WHERE hash_ref = ?1")?;
+            let mut fresh_one_time = 0_i64;
+            for p in packages.iter().filter(|p| !p.last_resort) {
+                if !exists.exists([&p.hash_ref])? {
+                    fresh_one_time += 1;
+                }
+            }
+            if have + fresh_one_time > i64::from(max_per_identity) {
+                return Ok(PublishOutcome::OverCap { have: u32::try_from(have).unwrap_or(u32::MAX) });
+            }
+            let mut insert = c.prepare_cached(
+                "INSERT OR IGNORE INTO key_packages (identity, hash_ref, data, last_resort, not_after)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut stored = 0_u32;
+            for p in &packages {
+                if p.last_resort {
+                    c.prepare_cached(
+                        "DELETE FROM key_packages WHERE identity = ?1 AND last_resort = 1",
+                    )?
+                    .execute([identity.as_bytes()])?;
+                }
+                let n = insert.execute(params![
+                    identity.as_bytes(),
+                    p.hash_ref,
+                    p.data,
+                    p.last_resort,
+                    to_i64(p.not_after)
+                ])?;
+                stored += u32::try_from(n).unwrap_or(0);
+            }
+            Ok(PublishOutcome::Stored(stored))
+        })
+    }
+
+    fn take_key_package(
+        &self,
+        identity: IdentityKey,
+        now_secs: u64,
+    ) -> StoreFuture<'_, Option<TakenKeyPackage>> {
+        self.write(move |c| {
+            let one_time: Option<Vec<u8>> = c
+                .prepare_cached(
+                    "DELETE FROM key_packages WHERE id = (
+                        SELECT id FROM key_packages
+                        WHERE identity = ?1 AND last_resort = 0 AND not_after > ?2
+                        ORDER BY id LIMIT 1)
+                     RETURNING data",
+                )?
+                .query_row(params![identity.as_bytes(), to_i64(now_secs)], |r| r.get(0))
+                .optional()?;
+            if let Some(data) = one_time {
+                return Ok(Some(TakenKeyPackage { data, last_resort: false }));
+            }
+            let last_resort: Option<Vec<u8>> = c
+                .prepare_cached(
+                    "SELECT data FROM key_packages
+                     WHERE identity = ?1 AND last_resort = 1 AND not_after > ?2
+                     ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row(params![identity.as_bytes(), to_i64(now_secs)], |r| r.get(0))
+                .optional()?;
+            Ok(last_resort.map(|data| TakenKeyPackage { data, last_resort: true }))
+        })
+    }
+
+    fn key_package_count(&self, identity: IdentityKey, now_secs: u64) -> StoreFuture<'_, (u32, bool)> {
+        self.read(move |c| {
+            let (one_time, last_resort): (i64, i64) = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(last_resort = 0), 0), coalesce(sum(last_resort = 1), 0)
+                     FROM key_packages WHERE identity = ?1 AND not_after > ?2",
+                )?
+                .query_row(params![identity.as_bytes(), to_i64(now_secs)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            Ok((u32::try_from(one_time).unwrap_or(u32::MAX), last_resort > 0))
+        })
+    }
+
+    fn enqueue(&self, req: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome> {
+        self.write(move |c| {
+            let now = to_i64(req.now_ms);
+            let live_duplicate = c
+                .prepare_cached("SELECT 1 FROM dedup WHERE key = ?1 AND expires_at > ?2")?
+                .exists(params![req.dedup_key, now])?;
+            if live_duplicate {
+                return Ok(EnqueueOutcome::Duplicate);
+            }
+            let mut head = c.prepare_cached(
+                "SELECT next_seq, depth FROM queue_heads WHERE recipient = ?1",
+            )?;
+            let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
+            let mut heads = Vec::with_capacity(req.recipients.len());
+            for (index, r) in req.recipients.iter().enumerate() {
+                if !registered.exists([r.as_bytes()])? {
+                    return Ok(EnqueueOutcome::UnknownRecipient { index });
+                }
+                let (next_seq, depth): (i64, i64) = head
+                    .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?
+                    .unwrap_or((1, 0));
+                if to_u64(depth) >= req.max_depth {
+                    return Ok(EnqueueOutcome::QueueFull { index });
+                }
+                heads.push(next_seq);
+            }
+            c.prepare_cached(
+                "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+            )?
+            .execute(params![req.dedup_key, to_i64(req.now_ms.saturating_add(req.dedup_window_ms))])?;
+            let refs = i64::try_from(req.recipients.len()).unwrap_or(i64::MAX);
+            c.prepare_cached("INSERT INTO payloads (refs, data) VALUES (?1, ?2)")?
+                .execute(params![refs, req.payload])?;
+            let payload_id = c.last_insert_rowid();
+            let mut insert = c.prepare_cached(
+                "INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut bump = c.prepare_cached(
+                "INSERT INTO queue_heads (recipient, next_seq, depth) VALUES (?1, ?2 + 1, 1)
+                 ON CONFLICT (recipient) DO UPDATE SET next_seq = ?2 + 1, depth = depth + 1",
+            )?;
+            let mut seqs = Vec::with_capacity(heads.len());
+            for (r, seq) in req.recipients.iter().zip(heads) {
+                insert.execute(params![r.as_bytes(), seq, payload_id, req.message_id, now])?;
+                bump.execute(params![r.as_bytes(), seq])?;
+                seqs.push(to_u64(seq));
+            }
+            Ok(EnqueueOutcome::Stored { seqs })
+        })
+    }
+
+    fn fetch(
+        &self,
+        recipient: IdentityKey,
+        from_seq: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> StoreFuture<'_, Vec<QueuedMessage>> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT q.seq, q.message_id, q.enqueued_at, p.data
+                 FROM queue q JOIN payloads p ON p.id = q.payload_id
+                 WHERE q.recipient = ?1 AND q.seq >= ?2
+                 ORDER BY q.seq LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![recipient.as_bytes(), to_i64(from_seq), limit])?;
+            let mut out = Vec::new();
+            let mut bytes = 0_usize;
+            while let Some(row) = rows.next()? {
+                let payload: Vec<u8> = row.get(3)?;
+                bytes += payload.len();
+                out.push(QueuedMessage {
+                    seq: to_u64(row.get(0)?),
+                    message_id: row.get(1)?,
+                    enqueued_at_ms: to_u64(row.get(2)?),
+                    payload,
+                });
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn ack(&self, recipient: IdentityKey, up_to: u64) -> StoreFuture<'_, u32> {
+        self.write(move |c| {
+            let payload_ids: Vec<i64> = c
+                .prepare_cached(
+                    "DELETE FROM queue WHERE recipient = ?1 AND seq <= ?2 RETURNING payload_id",
+                )?
+                .query_map(params![recipient.as_bytes(), to_i64(up_to)], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if payload_ids.is_empty() {
+                return Ok(0);
+            }
+            let mut release = c.prepare_cached("UPDATE payloads SET refs = refs - 1 WHERE id = ?1")?;
+            let mut drop_unused =
+                c.prepare_cached("DELETE FROM payloads WHERE id = ?1 AND refs <= 0")?;
+            for id in &payload_ids {
+                release.execute([id])?;
+                drop_unused.execute([id])?;
+            }
+            let removed = i64::try_from(payload_ids.len()).unwrap_or(i64::MAX);
+            c.prepare_cached("UPDATE queue_heads SET depth = max(depth - ?2, 0) WHERE recipient = ?1")?
+                .execute(params![recipient.as_bytes(), removed])?;
+            Ok(u32::try_from(removed).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn sweep(&self, now_secs: u64, now_ms: u64) -> StoreFuture<'_, SweepStats> {
+        self.write(move |c| {
+            let key_packages = c
+                .prepare_cached("DELETE FROM key_packages WHERE not_after <= ?1")?
+                .execute([to_i64(now_secs)])?;
+            let dedup_keys = c
+                .prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")?
+                .execute([to_i64(now_ms)])?;
+            Ok(SweepStats {
+                key_packages: u64::try_from(key_packages).unwrap_or(0),
+                dedup_keys: u64::try_from(dedup_keys).unwrap_or(0),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> IdentityKey {
+        IdentityKey([b; 32])
+    }
+
+    fn open(dir: &Path, k: DbKey) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open(SqliteOptions::new(dir.join(DB_FILE_NAME), k))
+    }
+
+    fn enqueue_req(recipients: &[IdentityKey], id: u8, payload: &[u8], depth: u64) -> EnqueueRequest {
+        EnqueueRequest {
+            recipients: recipients.to_vec(),
+            message_id: [id; 16],
+            dedup_key: [id; 32],
+            payload: payload.to_vec(),
+            now_ms: 1_000,
+            max_depth: depth,
+            dedup_window_ms: 60_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn encrypted_file_needs_the_right_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DbKey::Raw([7; 32])).unwrap();
+        s.register("alice".into(), key(1)).await.unwrap();
+        s.close();
+        let raw = std::fs::read(dir.path().join(DB_FILE_NAME)).unwrap();
+        assert!(!raw.starts_with(b"SQLite format 3\0"), "file must be encrypted");
+        assert!(!raw.windows(5).any(|w| w == b"alice"), "plaintext visible in file");
+        match open(dir.path(), DbKey::Raw([8; 32])) {
+            Err(StoreError::WrongKey { .. }) => {}
+            other => panic!("expected WrongKey, got {other:?}"),
+        }
+        let s = open(dir.path(), DbKey::Raw([7; 32])).unwrap();
+        assert_eq!(s.resolve("alice".into()).await.unwrap(), Some(key(1)));
+    }
+
+    async fn register_all(s: &SqliteStore, keys: &[u8]) {
+        for k in keys {
+            s.register(format!("user{k}"), key(*k)).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn queue_sequences_ack_and_shared_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DbKey::Raw([1; 32])).unwrap();
+        register_all(&s, &[1, 2]).await;
+        assert_eq!(
+            s.enqueue(enqueue_req(&[key(1), key(9)], 9, b"x", 10)).await.unwrap(),
+            EnqueueOutcome::UnknownRecipient { index: 1 }
+        );
+        let out = s.enqueue(enqueue_req(&[key(1), key(2)], 1, b"one", 10)).await.unwrap();
+        assert_eq!(out, EnqueueOutcome::Stored { seqs: vec![1, 1] });
+        let out = s.enqueue(enqueue_req(&[key(1)], 2, b"two", 10)).await.unwrap();
+        assert_eq!(out, EnqueueOutcome::Stored { seqs: vec![2] });
+        assert_eq!(s.enqueue(enqueue_req(&[key(1)], 2, b"two", 10)).await.unwrap(), EnqueueOutcome::Duplicate);
+        let got = s.fetch(key(1), 1, 10, 1 << 20).await.unwrap();
+        assert_eq!(got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(), [b"one".as_slice(), b"two"]);
+        assert_eq!(s.ack(key(1), 1).await.unwrap(), 1);
+        // key(2) still holds the shared payload of message 1.
+        assert_eq!(s.fetch(key(2), 0, 10, 1 << 20).await.unwrap()[0].payload, b"one");
+        assert_eq!(s.ack(key(2), 5).await.unwrap(), 1);
+        // Sequence numbers are never reused after acks.
+        let out = s.enqueue(enqueue_req(&[key(2)], 3, b"three", 10)).await.unwrap();
+        assert_eq!(out, EnqueueOutcome::Stored { seqs: vec![2] });
+        let orphans: i64 = {
+            s.read(|c| Ok(c.query_row("SELECT count(*) FROM payloads WHERE refs <= 0", [], |r| r.get(0))?))
+                .await
+                .unwrap()
+        };
+        assert_eq!(orphans, 0);
+    }
+
+    #[tokio::test]
+    async fn full_queue_stores_nothing_for_anyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DbKey::Raw([1; 32])).unwrap();
+        register_all(&s, &[1, 2]).await;
+        s.enqueue(enqueue_req(&[key(2)], 1, b"a", 1)).await.unwrap();
+        let out = s.enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1)).await.unwrap();
+        assert_eq!(out, EnqueueOutcome::QueueFull { index: 1 });
+        assert!(s.fetch(key(1), 0, 10, 1 << 20).await.unwrap().is_empty());
+        // The failed attempt did not burn the idempotency key.
+        s.ack(key(2), 1).await.unwrap();
+        let out = s.enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1)).await.unwrap();
+        assert!(matches!(out, EnqueueOutcome::Stored { .. }));
+    }
+
+    #[tokio::test]
+    async fn concurrent_key_package_takes_hand_each_out_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(open(dir.path(), DbKey::Raw([1; 32])).unwrap());
+        let pkgs: Vec<NewKeyPackage> = (0..50u8)
+            .map(|i| NewKeyPackage { data: vec![i], hash_ref: vec![i], last_resort: false, not_after: 100 })
+            .chain(std::iter::once(NewKeyPackage {
+                data: b"lr".to_vec(),
+                hash_ref: b"lr".to_vec(),
+                last_resort: true,
+                not_after: 100,
+            }))
+            .collect();
+        assert_eq!(s.publish_key_packages(key(1), pkgs, 1000).await.unwrap(), PublishOutcome::Stored(51));
+        let mut tasks = Vec::new();
+        for _ in 0..80 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move { s.take_key_package(key(1), 10).await.unwrap() }));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut last_resort = 0;
+        for t in tasks {
+            let kp = t.await.unwrap().unwrap();
+            if kp.last_resort {
+                last_resort += 1;
+            } else {
+                assert!(seen.insert(kp.data), "a key package was handed out twice");
+            }
+        }
+        assert_eq!(seen.len(), 50);
+        assert_eq!(last_resort, 30);
+        // Expired packages are never served.
+        assert_eq!(s.take_key_package(key(1), 100).await.unwrap(), None);
+    }
+}
