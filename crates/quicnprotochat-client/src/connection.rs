@@ -61,7 +61,11 @@ impl fmt::Debug for ClientConfig {
 
 impl ClientConfig {
     /// A configuration with protocol defaults.
-    pub fn new(server_addr: SocketAddr, server_auth: ServerAuth, access_token: impl Into<Vec<u8>>) -> Self {
+    pub fn new(
+        server_addr: SocketAddr,
+        server_auth: ServerAuth,
+        access_token: impl Into<Vec<u8>>,
+    ) -> Self {
         Self {
             server_addr,
             server_name: "localhost".into(),
@@ -100,6 +104,22 @@ pub struct Envelope {
     pub enqueued_at_ms: u64,
 }
 
+/// A server challenge bound to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthChallenge {
+    /// the server's single-use nonce
+    pub nonce: [u8; NONCE_LEN],
+    /// TLS keying material exported from this connection
+    pub exporter: [u8; auth::EXPORTER_LEN],
+}
+
+impl AuthChallenge {
+    /// The bytes to sign with the identity key.
+    pub fn transcript(&self, key: &IdentityKey) -> Vec<u8> {
+        auth::transcript(&self.nonce, &self.exporter, key.as_bytes())
+    }
+}
+
 /// Result of an enqueue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnqueueResult {
@@ -114,16 +134,51 @@ type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 enum Cmd {
     Health(Reply<Health>),
     Challenge(Reply<([u8; NONCE_LEN], [u8; auth::EXPORTER_LEN])>),
-    Authenticate { key: IdentityKey, signature: Vec<u8>, reply: Reply<()> },
-    Register { username: String, reply: Reply<()> },
-    Resolve { username: String, reply: Reply<IdentityKey> },
-    Publish { packages: Vec<Vec<u8>>, reply: Reply<u32> },
-    FetchKeyPackage { identity: IdentityKey, reply: Reply<(Vec<u8>, bool)> },
+    Authenticate {
+        key: IdentityKey,
+        signature: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Register {
+        username: String,
+        reply: Reply<()>,
+    },
+    Resolve {
+        username: String,
+        reply: Reply<IdentityKey>,
+    },
+    Publish {
+        packages: Vec<Vec<u8>>,
+        reply: Reply<u32>,
+    },
+    FetchKeyPackage {
+        identity: IdentityKey,
+        reply: Reply<(Vec<u8>, bool)>,
+    },
     KeyPackageCount(Reply<(u32, bool)>),
-    Enqueue { recipients: Vec<IdentityKey>, message_id: [u8; 16], payload: Vec<u8>, reply: Reply<EnqueueResult> },
-    Fetch { recipient: IdentityKey, from_seq: u64, limit: u32, reply: Reply<Vec<Envelope>> },
-    Ack { recipient: IdentityKey, up_to: u64, reply: Reply<u32> },
-    Subscribe { recipient: IdentityKey, from_seq: u64, events: mpsc::Sender<Envelope>, reply: Reply<u64> },
+    Enqueue {
+        recipients: Vec<IdentityKey>,
+        message_id: [u8; 16],
+        payload: Vec<u8>,
+        reply: Reply<EnqueueResult>,
+    },
+    Fetch {
+        recipient: IdentityKey,
+        from_seq: u64,
+        limit: u32,
+        reply: Reply<Vec<Envelope>>,
+    },
+    Ack {
+        recipient: IdentityKey,
+        up_to: u64,
+        reply: Reply<u32>,
+    },
+    Subscribe {
+        recipient: IdentityKey,
+        from_seq: u64,
+        events: mpsc::Sender<Envelope>,
+        reply: Reply<u64>,
+    },
     Unsubscribe(u64),
 }
 
@@ -158,7 +213,9 @@ pub struct Subscription {
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription").field("id", &self.id).finish()
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -185,9 +242,18 @@ impl Client {
         std::thread::Builder::new()
             .name("quicnprotochat-client".into())
             .spawn(move || worker_main(worker_config, rx, ready_tx))
-            .map_err(|e| ClientError::Connect { addr: config.server_addr, reason: e.to_string() })?;
+            .map_err(|e| ClientError::Connect {
+                addr: config.server_addr,
+                reason: e.to_string(),
+            })?;
         ready_rx.await.map_err(|_| ClientError::Disconnected)??;
-        Ok(Self { inner: Arc::new(Inner { tx, config, identity: OnceLock::new() }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tx,
+                config,
+                identity: OnceLock::new(),
+            }),
+        })
     }
 
     /// The authenticated identity, once [`Client::init_auth`] succeeded.
@@ -197,7 +263,11 @@ impl Client {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, ClientError> {
         let (reply, rx) = oneshot::channel();
-        self.inner.tx.send(make(reply)).await.map_err(|_| ClientError::Disconnected)?;
+        self.inner
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
         rx.await.map_err(|_| ClientError::Disconnected)?
     }
 
@@ -213,10 +283,32 @@ impl Client {
     /// Authenticates `identity`: fetches a nonce, signs the transcript bound
     /// to this connection, and presents it with the access token.
     pub async fn init_auth(&self, identity: &Identity) -> Result<(), ClientError> {
-        let (nonce, exporter) = self.call(Cmd::Challenge).await?;
+        let challenge = self.auth_challenge().await?;
         let key = identity.public_key();
-        let signature = identity.sign(&auth::transcript(&nonce, &exporter, key.as_bytes()))?;
-        self.call(|reply| Cmd::Authenticate { key, signature, reply }).await?;
+        let signature = identity.sign(&challenge.transcript(&key))?;
+        self.auth_respond(key, signature).await
+    }
+
+    /// First half of [`Client::init_auth`]: a fresh server nonce and this
+    /// connection's TLS exporter value.
+    pub async fn auth_challenge(&self) -> Result<AuthChallenge, ClientError> {
+        let (nonce, exporter) = self.call(Cmd::Challenge).await?;
+        Ok(AuthChallenge { nonce, exporter })
+    }
+
+    /// Second half of [`Client::init_auth`]: presents the token, the identity
+    /// key and its signature over [`AuthChallenge::transcript`].
+    pub async fn auth_respond(
+        &self,
+        key: IdentityKey,
+        signature: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        self.call(|reply| Cmd::Authenticate {
+            key,
+            signature,
+            reply,
+        })
+        .await?;
         let _ = self.inner.identity.set(key);
         Ok(())
     }
@@ -239,8 +331,12 @@ impl Client {
     }
 
     /// Claims one key package of `identity`: `(package, is_last_resort)`.
-    pub async fn fetch_key_package(&self, identity: IdentityKey) -> Result<(Vec<u8>, bool), ClientError> {
-        self.call(|reply| Cmd::FetchKeyPackage { identity, reply }).await
+    pub async fn fetch_key_package(
+        &self,
+        identity: IdentityKey,
+    ) -> Result<(Vec<u8>, bool), ClientError> {
+        self.call(|reply| Cmd::FetchKeyPackage { identity, reply })
+            .await
     }
 
     /// This identity's unexpired one-time packages on the server, and whether
@@ -257,7 +353,13 @@ impl Client {
         payload: Vec<u8>,
     ) -> Result<EnqueueResult, ClientError> {
         let recipients = recipients.to_vec();
-        self.call(|reply| Cmd::Enqueue { recipients, message_id, payload, reply }).await
+        self.call(|reply| Cmd::Enqueue {
+            recipients,
+            message_id,
+            payload,
+            reply,
+        })
+        .await
     }
 
     /// Reads this identity's queue from `from_seq`.
@@ -268,8 +370,19 @@ impl Client {
 
     /// Reads the queue of `recipient` (the server refuses any but one's own;
     /// exposed for tests of exactly that).
-    pub async fn fetch_queue(&self, recipient: IdentityKey, from_seq: u64, limit: u32) -> Result<Vec<Envelope>, ClientError> {
-        self.call(|reply| Cmd::Fetch { recipient, from_seq, limit, reply }).await
+    pub async fn fetch_queue(
+        &self,
+        recipient: IdentityKey,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Envelope>, ClientError> {
+        self.call(|reply| Cmd::Fetch {
+            recipient,
+            from_seq,
+            limit,
+            reply,
+        })
+        .await
     }
 
     /// Deletes this identity's messages up to `up_to` (inclusive).
@@ -280,7 +393,12 @@ impl Client {
 
     /// Acknowledges on the queue of `recipient` (only one's own is allowed).
     pub async fn ack_queue(&self, recipient: IdentityKey, up_to: u64) -> Result<u32, ClientError> {
-        self.call(|reply| Cmd::Ack { recipient, up_to, reply }).await
+        self.call(|reply| Cmd::Ack {
+            recipient,
+            up_to,
+            reply,
+        })
+        .await
     }
 
     /// Subscribes to this identity's queue from `from_seq`: the backlog first,
@@ -291,10 +409,25 @@ impl Client {
     }
 
     /// Subscribes to the queue of `recipient` (only one's own is allowed).
-    pub async fn subscribe_queue(&self, recipient: IdentityKey, from_seq: u64) -> Result<Subscription, ClientError> {
+    pub async fn subscribe_queue(
+        &self,
+        recipient: IdentityKey,
+        from_seq: u64,
+    ) -> Result<Subscription, ClientError> {
         let (events, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let id = self.call(|reply| Cmd::Subscribe { recipient, from_seq, events, reply }).await?;
-        Ok(Subscription { rx, id, tx: self.inner.tx.clone() })
+        let id = self
+            .call(|reply| Cmd::Subscribe {
+                recipient,
+                from_seq,
+                events,
+                reply,
+            })
+            .await?;
+        Ok(Subscription {
+            rx,
+            id,
+            tx: self.inner.tx.clone(),
+        })
     }
 }
 
@@ -311,12 +444,22 @@ struct Worker {
     next_sub: Cell<u64>,
 }
 
-fn worker_main(config: ClientConfig, rx: mpsc::Receiver<Cmd>, ready: oneshot::Sender<Result<(), ClientError>>) {
+fn worker_main(
+    config: ClientConfig,
+    rx: mpsc::Receiver<Cmd>,
+    ready: oneshot::Sender<Result<(), ClientError>>,
+) {
     let addr = config.server_addr;
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = ready.send(Err(ClientError::Connect { addr, reason: e.to_string() }));
+            let _ = ready.send(Err(ClientError::Connect {
+                addr,
+                reason: e.to_string(),
+            }));
             return;
         }
     };
@@ -354,9 +497,10 @@ type RpcSystem = capnp_rpc::RpcSystem<Side>;
 async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSystem), ClientError> {
     let addr = config.server_addr;
     let connect_err = |reason: String| ClientError::Connect { addr, reason };
-    let mut endpoint = quinn::Endpoint::client(bind_addr(addr)).map_err(|e| connect_err(e.to_string()))?;
-    let mut client_config =
-        transport::client_config(&config.server_auth, &config.alpn).map_err(|e| connect_err(e.to_string()))?;
+    let mut endpoint =
+        quinn::Endpoint::client(bind_addr(addr)).map_err(|e| connect_err(e.to_string()))?;
+    let mut client_config = transport::client_config(&config.server_auth, &config.alpn)
+        .map_err(|e| connect_err(e.to_string()))?;
     let mut transport_config = quinn::TransportConfig::default();
     transport_config.keep_alive_interval(Some(config.keep_alive));
     client_config.transport_config(Arc::new(transport_config));
@@ -366,7 +510,10 @@ async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSyst
         .map_err(|e| connect_err(e.to_string()))?
         .await
         .map_err(|e| connect_err(e.to_string()))?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
     let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
     let svc: service::Client = rpc.bootstrap(Side::Server);
     let worker = Worker {
@@ -416,7 +563,11 @@ fn server_error(e: error::Reader<'_>) -> ClientError {
         0 => None,
         ms => Some(Duration::from_millis(u64::from(ms))),
     };
-    ClientError::Server { code, message, retry_after }
+    ClientError::Server {
+        code,
+        message,
+        retry_after,
+    }
 }
 
 /// Returns the server's typed error if the result carries one.
@@ -430,7 +581,9 @@ macro_rules! check {
 
 fn key_from(bytes: &[u8]) -> Result<IdentityKey, ClientError> {
     if bytes.len() != KEY_LEN {
-        return Err(ClientError::InvalidResponse("identity key of the wrong length"));
+        return Err(ClientError::InvalidResponse(
+            "identity key of the wrong length",
+        ));
     }
     IdentityKey::from_slice(bytes).map_err(|_| ClientError::InvalidResponse("identity key"))
 }
@@ -452,7 +605,10 @@ fn read_envelopes(
 
 impl Worker {
     fn session(&self) -> Result<session::Client, ClientError> {
-        self.session.borrow().clone().ok_or(ClientError::NotAuthenticated)
+        self.session
+            .borrow()
+            .clone()
+            .ok_or(ClientError::NotAuthenticated)
     }
 }
 
@@ -464,7 +620,11 @@ async fn handle(w: Rc<Worker>, cmd: Cmd) {
         Cmd::Challenge(reply) => {
             let _ = reply.send(challenge(&w).await);
         }
-        Cmd::Authenticate { key, signature, reply } => {
+        Cmd::Authenticate {
+            key,
+            signature,
+            reply,
+        } => {
             let _ = reply.send(authenticate(&w, key, signature).await);
         }
         Cmd::Register { username, reply } => {
@@ -491,7 +651,9 @@ async fn handle(w: Rc<Worker>, cmd: Cmd) {
         Cmd::Publish { packages, reply } => {
             let r = async {
                 let mut req = w.session()?.publish_key_packages_request();
-                let mut list = req.get().init_key_packages(u32::try_from(packages.len()).unwrap_or(u32::MAX));
+                let mut list = req
+                    .get()
+                    .init_key_packages(u32::try_from(packages.len()).unwrap_or(u32::MAX));
                 for (i, p) in packages.iter().enumerate() {
                     list.set(u32::try_from(i).unwrap_or(u32::MAX), p);
                 }
@@ -515,19 +677,31 @@ async fn handle(w: Rc<Worker>, cmd: Cmd) {
         }
         Cmd::KeyPackageCount(reply) => {
             let r = async {
-                let resp = w.session()?.key_package_count_request().send().promise.await?;
+                let resp = w
+                    .session()?
+                    .key_package_count_request()
+                    .send()
+                    .promise
+                    .await?;
                 let r = resp.get()?;
                 check!(r);
                 Ok((r.get_count(), r.get_has_last_resort()))
             };
             let _ = reply.send(r.await);
         }
-        Cmd::Enqueue { recipients, message_id, payload, reply } => {
+        Cmd::Enqueue {
+            recipients,
+            message_id,
+            payload,
+            reply,
+        } => {
             let r = async {
                 let mut req = w.session()?.enqueue_request();
                 {
                     let mut p = req.get();
-                    let mut list = p.reborrow().init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
+                    let mut list = p
+                        .reborrow()
+                        .init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
                     for (i, r) in recipients.iter().enumerate() {
                         list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
                     }
@@ -545,7 +719,12 @@ async fn handle(w: Rc<Worker>, cmd: Cmd) {
             };
             let _ = reply.send(r.await);
         }
-        Cmd::Fetch { recipient, from_seq, limit, reply } => {
+        Cmd::Fetch {
+            recipient,
+            from_seq,
+            limit,
+            reply,
+        } => {
             let r = async {
                 let mut req = w.session()?.fetch_request();
                 {
@@ -561,7 +740,11 @@ async fn handle(w: Rc<Worker>, cmd: Cmd) {
             };
             let _ = reply.send(r.await);
         }
-        Cmd::Ack { recipient, up_to, reply } => {
+        Cmd::Ack {
+            recipient,
+            up_to,
+            reply,
+        } => {
             let r = async {
                 let mut req = w.session()?.ack_request();
                 req.get().set_recipient(recipient.as_bytes());
@@ -573,7 +756,12 @@ async fn handle(w: Rc<Worker>, cmd: Cmd) {
             };
             let _ = reply.send(r.await);
         }
-        Cmd::Subscribe { recipient, from_seq, events, reply } => {
+        Cmd::Subscribe {
+            recipient,
+            from_seq,
+            events,
+            reply,
+        } => {
             let r = async {
                 let mut req = w.session()?.subscribe_request();
                 let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events });

@@ -11,6 +11,8 @@ mod error;
 #[cfg(feature = "test-harness")]
 pub mod harness;
 
-pub use connection::{Client, ClientConfig, EnqueueResult, Envelope, Health, Subscription};
+pub use connection::{
+    AuthChallenge, Client, ClientConfig, EnqueueResult, Envelope, Health, Subscription,
+};
 pub use error::{ClientError, ServerErrorCode};
 pub use quicnprotochat_proto::transport::ServerAuth;

@@ -40,9 +40,10 @@ pub struct IdentityKey(pub [u8; 32]);
 impl IdentityKey {
     /// Parses a key from bytes of exactly 32.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, IdentityError> {
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| IdentityError::KeyLength { expected: 32, got: bytes.len() })?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| IdentityError::KeyLength {
+            expected: 32,
+            got: bytes.len(),
+        })?;
         Ok(Self(arr))
     }
 
@@ -79,15 +80,17 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("public", &self.public).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
     }
 }
 
 impl Identity {
     /// Generates a fresh identity from the system's CSPRNG.
     pub fn generate() -> Result<Self, IdentityError> {
-        let keys = SignatureKeyPair::new(SignatureScheme::ED25519)
-            .map_err(|_| IdentityError::Generate)?;
+        let keys =
+            SignatureKeyPair::new(SignatureScheme::ED25519).map_err(|_| IdentityError::Generate)?;
         Self::from_key_pair(keys)
     }
 
@@ -132,14 +135,20 @@ mod tests {
     fn debug_does_not_leak_the_private_key() {
         let a = Identity::generate().unwrap();
         let dbg = format!("{a:?}");
-        assert_eq!(dbg, format!("Identity {{ public: {:?}, .. }}", a.public_key()));
+        assert_eq!(
+            dbg,
+            format!("Identity {{ public: {:?}, .. }}", a.public_key())
+        );
     }
 
     #[test]
     fn wrong_key_length_is_an_error() {
         assert!(matches!(
             IdentityKey::from_slice(&[0; 31]),
-            Err(IdentityError::KeyLength { expected: 32, got: 31 })
+            Err(IdentityError::KeyLength {
+                expected: 32,
+                got: 31
+            })
         ));
     }
 }

@@ -10,8 +10,8 @@ use openmls::prelude::{
 };
 use openmls_rust_crypto::RustCrypto;
 
-use crate::identity::{Identity, IdentityKey};
 use crate::CIPHERSUITE;
+use crate::identity::{Identity, IdentityKey};
 
 /// Errors of key-package operations.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +112,10 @@ pub fn build<P: OpenMlsProvider>(
 
 /// Current Unix time in seconds (0 if the clock is before 1970).
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -135,7 +138,10 @@ mod tests {
 
     #[test]
     fn garbage_and_tampered_packages_are_errors() {
-        assert!(matches!(inspect(b"garbage"), Err(KeyPackageError::Decode(_))));
+        assert!(matches!(
+            inspect(b"garbage"),
+            Err(KeyPackageError::Decode(_))
+        ));
         assert!(inspect(&[]).is_err());
         let p = OpenMlsRustCrypto::default();
         let id = Identity::generate().unwrap();

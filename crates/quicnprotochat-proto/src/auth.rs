@@ -31,8 +31,7 @@ pub fn transcript(
     exporter: &[u8; EXPORTER_LEN],
     identity_key: &[u8; KEY_LEN],
 ) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(TRANSCRIPT_LABEL.len() + NONCE_LEN + EXPORTER_LEN + KEY_LEN);
+    let mut out = Vec::with_capacity(TRANSCRIPT_LABEL.len() + NONCE_LEN + EXPORTER_LEN + KEY_LEN);
     out.extend_from_slice(TRANSCRIPT_LABEL);
     out.extend_from_slice(nonce);
     out.extend_from_slice(exporter);

@@ -195,7 +195,10 @@ mod tests {
     use futures::io::AsyncReadExt;
 
     fn limits() -> FrameLimits {
-        FrameLimits { max_frame_bytes: 1024, frame_timeout: Duration::from_secs(5) }
+        FrameLimits {
+            max_frame_bytes: 1024,
+            frame_timeout: Duration::from_secs(5),
+        }
     }
 
     fn frame(segments: &[u32]) -> Vec<u8> {
@@ -239,9 +242,15 @@ mod tests {
     #[tokio::test]
     async fn refuses_bad_segment_counts() {
         let zero = u32::MAX.to_le_bytes().to_vec(); // count - 1 = u32::MAX => 0 segments
-        assert_eq!(read_all(zero, limits()).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            read_all(zero, limits()).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
         let many = (MAX_SEGMENTS).to_le_bytes().to_vec(); // MAX_SEGMENTS + 1 segments
-        assert_eq!(read_all(many, limits()).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            read_all(many, limits()).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,7 +26,10 @@ pub fn reader_options() -> ReaderOptions {
 
 /// Frame limits with the protocol defaults.
 pub fn default_frame_limits() -> FrameLimits {
-    FrameLimits { max_frame_bytes: MAX_FRAME_BYTES, frame_timeout: DEFAULT_FRAME_TIMEOUT }
+    FrameLimits {
+        max_frame_bytes: MAX_FRAME_BYTES,
+        frame_timeout: DEFAULT_FRAME_TIMEOUT,
+    }
 }
 
 /// Builds an RPC system over a QUIC (or any tokio) stream pair.

@@ -70,16 +70,24 @@ pub fn server_crypto(
 }
 
 /// A quinn client configuration for the protocol.
-pub fn client_config(auth: &ServerAuth, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+pub fn client_config(
+    auth: &ServerAuth,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TransportError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut tls = match auth {
         ServerAuth::Pinned(fp) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint: *fp, provider }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                fingerprint: *fp,
+                provider,
+            }))
             .with_no_client_auth(),
-        ServerAuth::Roots(roots) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
+        ServerAuth::Roots(roots) => builder
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
@@ -104,7 +112,10 @@ impl ServerCertVerifier for PinnedCert {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let fp = fingerprint(end_entity);
-        if bool::from(subtle::ConstantTimeEq::ct_eq(&fp[..], &self.fingerprint[..])) {
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            &fp[..],
+            &self.fingerprint[..],
+        )) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -142,6 +153,8 @@ impl ServerCertVerifier for PinnedCert {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

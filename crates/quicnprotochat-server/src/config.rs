@@ -106,11 +106,26 @@ pub struct RateLimits {
 impl Default for RateLimits {
     fn default() -> Self {
         Self {
-            auth_per_ip: Rate { per_second: 5, burst: 20 },
-            enqueue_per_identity: Rate { per_second: 100, burst: 500 },
-            enqueue_per_ip: Rate { per_second: 1_000, burst: 2_000 },
-            key_package_fetch_per_identity: Rate { per_second: 10, burst: 100 },
-            key_package_fetch_per_ip: Rate { per_second: 50, burst: 200 },
+            auth_per_ip: Rate {
+                per_second: 5,
+                burst: 20,
+            },
+            enqueue_per_identity: Rate {
+                per_second: 100,
+                burst: 500,
+            },
+            enqueue_per_ip: Rate {
+                per_second: 1_000,
+                burst: 2_000,
+            },
+            key_package_fetch_per_identity: Rate {
+                per_second: 10,
+                burst: 100,
+            },
+            key_package_fetch_per_ip: Rate {
+                per_second: 50,
+                burst: 200,
+            },
         }
     }
 }
@@ -227,12 +242,22 @@ pub struct ServerArgs {
     pub data_dir: Option<PathBuf>,
     /// Access token clients must present. Development mode falls back to a
     /// well-known development token (with a warning).
-    #[arg(long, env = "QUICNPROTOCHAT_AUTH_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "QUICNPROTOCHAT_AUTH_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     pub auth_token: Option<String>,
     /// Database key: 64 hex characters (a raw 256-bit SQLCipher key). Empty
     /// disables encryption (development only). Development mode without a key
     /// generates one into the data directory (with a warning).
-    #[arg(long, env = "QUICNPROTOCHAT_DB_KEY", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "QUICNPROTOCHAT_DB_KEY",
+        hide_env_values = true,
+        global = true
+    )]
     pub db_key: Option<String>,
     /// TLS certificate chain (PEM). Development mode without one generates a
     /// self-signed certificate into the data directory.
@@ -360,9 +385,12 @@ impl Config {
         };
         let listen = match args.listen.or(file.listen) {
             Some(a) => a,
-            None => DEFAULT_LISTEN.parse().map_err(|e: std::net::AddrParseError| {
-                ConfigError::Invalid { setting: "listen", reason: e.to_string() }
-            })?,
+            None => DEFAULT_LISTEN
+                .parse()
+                .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                    setting: "listen",
+                    reason: e.to_string(),
+                })?,
         };
         let db_key = match args.db_key.clone().or(file.db_key) {
             None => DbKeySetting::DevGenerated,
@@ -407,8 +435,10 @@ impl Config {
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.display().to_string(),
         // The message names the key and line; it does not echo values.
@@ -431,20 +461,55 @@ pub fn parse_db_key(s: &str) -> Result<KeyBytes, ConfigError> {
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     let check = |ok: bool, setting: &'static str, reason: &str| {
-        if ok { Ok(()) } else { Err(ConfigError::Invalid { setting, reason: reason.into() }) }
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                setting,
+                reason: reason.into(),
+            })
+        }
     };
-    check(l.queue_depth >= 1, "limits.queue_depth", "must be at least 1")?;
+    check(
+        l.queue_depth >= 1,
+        "limits.queue_depth",
+        "must be at least 1",
+    )?;
     check(
         (1..=quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES).contains(&l.max_payload_bytes),
         "limits.max_payload_bytes",
         "must be between 1 and 5242880 (the protocol cap)",
     )?;
-    check(l.max_connections >= 1, "limits.max_connections", "must be at least 1")?;
-    check(l.max_connections_per_ip >= 1, "limits.max_connections_per_ip", "must be at least 1")?;
-    check(l.auth_timeout_secs >= 1, "limits.auth_timeout_secs", "must be at least 1")?;
-    check(l.idle_timeout_secs >= 1, "limits.idle_timeout_secs", "must be at least 1")?;
-    check(l.frame_timeout_secs >= 1, "limits.frame_timeout_secs", "must be at least 1")?;
-    check(l.request_timeout_secs >= 1, "limits.request_timeout_secs", "must be at least 1")?;
+    check(
+        l.max_connections >= 1,
+        "limits.max_connections",
+        "must be at least 1",
+    )?;
+    check(
+        l.max_connections_per_ip >= 1,
+        "limits.max_connections_per_ip",
+        "must be at least 1",
+    )?;
+    check(
+        l.auth_timeout_secs >= 1,
+        "limits.auth_timeout_secs",
+        "must be at least 1",
+    )?;
+    check(
+        l.idle_timeout_secs >= 1,
+        "limits.idle_timeout_secs",
+        "must be at least 1",
+    )?;
+    check(
+        l.frame_timeout_secs >= 1,
+        "limits.frame_timeout_secs",
+        "must be at least 1",
+    )?;
+    check(
+        l.request_timeout_secs >= 1,
+        "limits.request_timeout_secs",
+        "must be at least 1",
+    )?;
     check(
         l.connection_window_bytes >= 64 * 1024,
         "limits.connection_window_bytes",
@@ -452,12 +517,25 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     )?;
     for (name, r) in [
         ("limits.rates.auth_per_ip", l.rates.auth_per_ip),
-        ("limits.rates.enqueue_per_identity", l.rates.enqueue_per_identity),
+        (
+            "limits.rates.enqueue_per_identity",
+            l.rates.enqueue_per_identity,
+        ),
         ("limits.rates.enqueue_per_ip", l.rates.enqueue_per_ip),
-        ("limits.rates.key_package_fetch_per_identity", l.rates.key_package_fetch_per_identity),
-        ("limits.rates.key_package_fetch_per_ip", l.rates.key_package_fetch_per_ip),
+        (
+            "limits.rates.key_package_fetch_per_identity",
+            l.rates.key_package_fetch_per_identity,
+        ),
+        (
+            "limits.rates.key_package_fetch_per_ip",
+            l.rates.key_package_fetch_per_ip,
+        ),
     ] {
-        check(r.per_second >= 1 && r.burst >= 1, name, "per_second and burst must be at least 1")?;
+        check(
+            r.per_second >= 1 && r.burst >= 1,
+            name,
+            "per_second and burst must be at least 1",
+        )?;
     }
     Ok(())
 }
@@ -486,7 +564,10 @@ mod tests {
         assert_eq!(c.limits.queue_depth, 7);
         assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
 
-        let bad = ServerArgs { db_key: Some("abcd".into()), ..Default::default() };
+        let bad = ServerArgs {
+            db_key: Some("abcd".into()),
+            ..Default::default()
+        };
         let err = Config::resolve(&bad).unwrap_err().to_string();
         assert!(err.contains("db_key") && !err.contains("abcd"), "{err}");
     }
@@ -496,7 +577,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("server.toml");
         std::fs::write(&file, "lisen = \"127.0.0.1:5000\"\n").unwrap();
-        let args = ServerArgs { config: Some(file), ..Default::default() };
-        assert!(matches!(Config::resolve(&args), Err(ConfigError::Parse { .. })));
+        let args = ServerArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::resolve(&args),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

@@ -20,10 +20,14 @@ pub(crate) enum ApiError {
     Forbidden(&'static str),
     InvalidArgument(String),
     TooLarge(String),
-    RateLimited { retry_after: Duration },
+    RateLimited {
+        retry_after: Duration,
+    },
     QueueFull(String),
     NotFound(&'static str),
-    VersionMismatch { client: u16 },
+    VersionMismatch {
+        client: u16,
+    },
     Conflict(&'static str),
     /// Logged with its detail; the peer sees only "internal error".
     Internal(String),
@@ -47,9 +51,10 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            Self::Unauthenticated(m) | Self::Forbidden(m) | Self::NotFound(m) | Self::Conflict(m) => {
-                (*m).to_string()
-            }
+            Self::Unauthenticated(m)
+            | Self::Forbidden(m)
+            | Self::NotFound(m)
+            | Self::Conflict(m) => (*m).to_string(),
             Self::InvalidArgument(m) | Self::TooLarge(m) | Self::QueueFull(m) => m.clone(),
             Self::RateLimited { .. } => "rate limited".into(),
             Self::VersionMismatch { client } => format!(
@@ -69,7 +74,11 @@ impl ApiError {
         out.set_code(self.code());
         out.set_message(self.message().as_str());
         if let Self::RateLimited { retry_after } = self {
-            out.set_retry_after_ms(u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX).max(1));
+            out.set_retry_after_ms(
+                u32::try_from(retry_after.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            );
         }
     }
 }

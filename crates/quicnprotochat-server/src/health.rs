@@ -5,10 +5,10 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use quicnprotochat_proto::ALPN;
 use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
 use quicnprotochat_proto::schema::service;
 use quicnprotochat_proto::transport::{self, ServerAuth};
-use quicnprotochat_proto::ALPN;
 
 /// What the server reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,11 @@ pub enum ProbeError {
 
 /// Calls `Service.health` at `addr`, pinning the server certificate.  Must run
 /// inside a `LocalSet`.
-pub async fn probe(addr: SocketAddr, fingerprint: [u8; 32], timeout: Duration) -> Result<HealthReport, ProbeError> {
+pub async fn probe(
+    addr: SocketAddr,
+    fingerprint: [u8; 32],
+    timeout: Duration,
+) -> Result<HealthReport, ProbeError> {
     tokio::time::timeout(timeout, probe_inner(addr, fingerprint))
         .await
         .map_err(|_| ProbeError::Timeout(timeout))?
@@ -62,7 +66,10 @@ async fn probe_inner(addr: SocketAddr, fingerprint: [u8; 32]) -> Result<HealthRe
         .map_err(|e| ProbeError::Connect(e.to_string()))?
         .await
         .map_err(|e| ProbeError::Connect(e.to_string()))?;
-    let (send, recv) = conn.open_bi().await.map_err(|e| ProbeError::Connect(e.to_string()))?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ProbeError::Connect(e.to_string()))?;
     let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
     let svc: service::Client = rpc.bootstrap(Side::Server);
     let rpc_task = tokio::task::spawn_local(rpc);

@@ -48,11 +48,19 @@ fn merge(global: &ServerArgs, local: ServerArgs) -> ServerArgs {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn serve(args: &ServerArgs) -> anyhow::Result<ExitCode> {
@@ -99,15 +107,23 @@ fn health_check(args: &ServerArgs, h: &HealthArgs) -> anyhow::Result<ExitCode> {
     let addr = h.addr.unwrap_or_else(|| loopback_for(config.listen));
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
-    let report =
-        local.block_on(&rt, health::probe(addr, fingerprint, Duration::from_secs(h.timeout_secs)));
+    let report = local.block_on(
+        &rt,
+        health::probe(addr, fingerprint, Duration::from_secs(h.timeout_secs)),
+    );
     match report {
         Ok(r) if r.ok => {
-            println!("ok: server {} wire {} store reachable", r.server_version, r.wire_version);
+            println!(
+                "ok: server {} wire {} store reachable",
+                r.server_version, r.wire_version
+            );
             Ok(ExitCode::SUCCESS)
         }
         Ok(r) => {
-            println!("unhealthy: server {} store reachable: {}", r.server_version, r.store_reachable);
+            println!(
+                "unhealthy: server {} store reachable: {}",
+                r.server_version, r.store_reachable
+            );
             Ok(ExitCode::FAILURE)
         }
         Err(e) => {

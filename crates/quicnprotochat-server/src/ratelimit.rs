@@ -30,9 +30,11 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
 
     /// Takes one token for `key`, or says when to retry.
     pub(crate) fn check(&self, key: &K) -> Result<(), ApiError> {
-        self.inner.check_key(key).map_err(|not_until| ApiError::RateLimited {
-            retry_after: not_until.wait_time_from(self.clock.now()),
-        })
+        self.inner
+            .check_key(key)
+            .map_err(|not_until| ApiError::RateLimited {
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            })
     }
 
     /// Forgets keys whose buckets are full again (bounds memory).

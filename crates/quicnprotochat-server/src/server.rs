@@ -68,7 +68,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("addr", &self.endpoint.local_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("addr", &self.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,7 +85,9 @@ impl Server {
         let token = match &config.auth_token {
             Some(t) if !t.0.is_empty() => {
                 if t.0 == DEV_AUTH_TOKEN {
-                    tracing::warn!("DEVELOPMENT SHORTCUT: the access token is the public development token");
+                    tracing::warn!(
+                        "DEVELOPMENT SHORTCUT: the access token is the public development token"
+                    );
                 }
                 t.0.clone()
             }
@@ -105,7 +109,9 @@ impl Server {
                 DbKey::Raw(load_or_create_dev_db_key(&path)?)
             }
             DbKeySetting::Disabled => {
-                tracing::warn!("DEVELOPMENT SHORTCUT: db_key is empty: the database is NOT encrypted");
+                tracing::warn!(
+                    "DEVELOPMENT SHORTCUT: db_key is empty: the database is NOT encrypted"
+                );
                 DbKey::Unencrypted
             }
         };
@@ -120,7 +126,9 @@ impl Server {
                 (chain, key)
             }
         };
-        let leaf = chain.first().ok_or_else(|| ServerError::Tls("empty certificate chain".into()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| ServerError::Tls("empty certificate chain".into()))?;
         let fingerprint = transport::fingerprint(leaf);
         let crypto = transport::server_crypto(chain, private_key)
             .map_err(|e| ServerError::Tls(e.to_string()))?;
@@ -131,8 +139,12 @@ impl Server {
         options.synchronous = config.db_synchronous;
         let store = SqliteStore::open(options)?;
 
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            ServerError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
         let token_hash = {
             let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
             let mut h = [0; 32];
@@ -157,7 +169,12 @@ impl Server {
             version = quicnprotochat_proto::SOFTWARE_VERSION,
             "listening"
         );
-        Ok(Self { endpoint, shared, fingerprint, limits_frame })
+        Ok(Self {
+            endpoint,
+            shared,
+            fingerprint,
+            limits_frame,
+        })
     }
 
     /// The bound UDP address.
@@ -187,7 +204,10 @@ impl Server {
         }
         tracing::info!("shutting down");
         sweeper.abort();
-        self.endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"server shutting down");
+        self.endpoint.close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"server shutting down",
+        );
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
     }
 
@@ -279,7 +299,9 @@ async fn sweep_loop(shared: Rc<Shared>) {
         shared.limiters.retain_recent();
         let now_s = quicnprotochat_core::keypackage::unix_now();
         match shared.store.sweep(now_s, now_s.saturating_mul(1000)).await {
-            Ok(stats) if stats != Default::default() => tracing::info!(?stats, "swept expired entries"),
+            Ok(stats) if stats != Default::default() => {
+                tracing::info!(?stats, "swept expired entries")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweep failed"),
         }
@@ -345,12 +367,17 @@ fn transport_config(config: &Config) -> Result<quinn::TransportConfig, ServerErr
 
 fn check_production(config: &Config) -> Result<(), ServerError> {
     let refuse = |setting: &'static str, reason: &str| {
-        Err(ServerError::Production { setting, reason: reason.to_string() })
+        Err(ServerError::Production {
+            setting,
+            reason: reason.to_string(),
+        })
     };
     match &config.auth_token {
         None => return refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)"),
         Some(t) if t.0.is_empty() => return refuse("auth_token", "is empty"),
-        Some(t) if t.0 == DEV_AUTH_TOKEN => return refuse("auth_token", "is the public development token"),
+        Some(t) if t.0 == DEV_AUTH_TOKEN => {
+            return refuse("auth_token", "is the public development token");
+        }
         Some(t) if t.0.len() < MIN_PRODUCTION_TOKEN_LEN => {
             return refuse("auth_token", "is shorter than 32 bytes");
         }
@@ -359,22 +386,37 @@ fn check_production(config: &Config) -> Result<(), ServerError> {
     match config.db_key {
         DbKeySetting::Provided(_) => {}
         DbKeySetting::DevGenerated => return refuse("db_key", "not set (QUICNPROTOCHAT_DB_KEY)"),
-        DbKeySetting::Disabled => return refuse("db_key", "is empty, which would disable encryption"),
+        DbKeySetting::Disabled => {
+            return refuse("db_key", "is empty, which would disable encryption");
+        }
     }
     if config.tls_paths.is_none() {
-        return refuse("cert_path", "certificate and key paths are required (no self-signed certificates)");
+        return refuse(
+            "cert_path",
+            "certificate and key paths are required (no self-signed certificates)",
+        );
     }
     Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| {
-        ServerError::File { what: "data directory", path: dir.display().to_string(), source }
-    })
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| ServerError::File {
+            what: "data directory",
+            path: dir.display().to_string(),
+            source,
+        })
 }
 
 fn write_private_file(path: &Path, what: &'static str, bytes: &[u8]) -> Result<(), ServerError> {
-    let err = |source| ServerError::File { what, path: path.display().to_string(), source };
+    let err = |source| ServerError::File {
+        what,
+        path: path.display().to_string(),
+        source,
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -397,7 +439,11 @@ fn load_or_create_dev_db_key(path: &Path) -> Result<[u8; 32], ServerError> {
     let mut key = [0; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| ServerError::Tls("system RNG failed".into()))?;
-    write_private_file(path, "development database key", hex::encode(key).as_bytes())?;
+    write_private_file(
+        path,
+        "development database key",
+        hex::encode(key).as_bytes(),
+    )?;
     Ok(key)
 }
 
@@ -406,9 +452,14 @@ type TlsMaterial = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 fn load_tls(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ServerError::Tls(format!("cannot read certificate {}: {e}", cert.display())))?;
+        .map_err(|e| {
+            ServerError::Tls(format!("cannot read certificate {}: {e}", cert.display()))
+        })?;
     if chain.is_empty() {
-        return Err(ServerError::Tls(format!("no certificate in {}", cert.display())));
+        return Err(ServerError::Tls(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| ServerError::Tls(format!("cannot read private key {}: {e}", key.display())))?;
@@ -419,13 +470,25 @@ fn load_or_create_dev_cert(dir: &Path) -> Result<TlsMaterial, ServerError> {
     let cert_path: PathBuf = dir.join(DEV_CERT_FILE);
     let key_path: PathBuf = dir.join(DEV_KEY_FILE);
     if !cert_path.exists() || !key_path.exists() {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
         let ck = rcgen::generate_simple_self_signed(names)
             .map_err(|e| ServerError::Tls(format!("generating a development certificate: {e}")))?;
         let _ = std::fs::remove_file(&cert_path);
         let _ = std::fs::remove_file(&key_path);
-        write_private_file(&key_path, "development TLS key", ck.signing_key.serialize_pem().as_bytes())?;
-        write_private_file(&cert_path, "development TLS certificate", ck.cert.pem().as_bytes())?;
+        write_private_file(
+            &key_path,
+            "development TLS key",
+            ck.signing_key.serialize_pem().as_bytes(),
+        )?;
+        write_private_file(
+            &cert_path,
+            "development TLS certificate",
+            ck.cert.pem().as_bytes(),
+        )?;
     }
     load_tls(&cert_path, &key_path)
 }
@@ -480,7 +543,10 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
     let thread = std::thread::Builder::new()
         .name("quicnprotochat-server".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready_tx.send(Err(ServerError::File {
@@ -506,7 +572,10 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
                         let _ = ready_tx.send(Ok(info));
                     }
                     Err(source) => {
-                        let _ = ready_tx.send(Err(ServerError::Bind { addr: config.listen, source }));
+                        let _ = ready_tx.send(Err(ServerError::Bind {
+                            addr: config.listen,
+                            source,
+                        }));
                         return;
                     }
                 }
@@ -517,7 +586,11 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
                     .await;
             });
         })
-        .map_err(|source| ServerError::File { what: "server thread", path: String::new(), source })?;
+        .map_err(|source| ServerError::File {
+            what: "server thread",
+            path: String::new(),
+            source,
+        })?;
     match ready_rx.recv() {
         Ok(Ok((addr, fingerprint))) => Ok(ServerHandle {
             addr,
@@ -531,7 +604,9 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
         }
         Err(_) => {
             let _ = thread.join();
-            Err(ServerError::Tls("server thread exited during start-up".into()))
+            Err(ServerError::Tls(
+                "server thread exited during start-up".into(),
+            ))
         }
     }
 }

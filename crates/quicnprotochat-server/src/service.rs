@@ -72,7 +72,11 @@ pub(crate) struct Hub {
 
 impl Hub {
     fn watch(&self, key: IdentityKey) -> watch::Receiver<u64> {
-        self.queues.borrow_mut().entry(key).or_insert_with(|| watch::channel(0).0).subscribe()
+        self.queues
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     fn notify(&self, key: &IdentityKey, seq: u64) {
@@ -128,7 +132,10 @@ pub(crate) struct ServiceImpl {
 }
 
 impl ServiceImpl {
-    fn challenge_impl(&self, params: service::ChallengeParams) -> Result<[u8; NONCE_LEN], ApiError> {
+    fn challenge_impl(
+        &self,
+        params: service::ChallengeParams,
+    ) -> Result<[u8; NONCE_LEN], ApiError> {
         self.ctx.shared.limiters.auth_per_ip.check(&self.ctx.ip)?;
         let client = params.get()?.get_wire_version();
         if client != WIRE_VERSION {
@@ -144,10 +151,15 @@ impl ServiceImpl {
         Ok(nonce)
     }
 
-    fn authenticate_impl(&self, params: service::AuthenticateParams) -> Result<IdentityKey, ApiError> {
+    fn authenticate_impl(
+        &self,
+        params: service::AuthenticateParams,
+    ) -> Result<IdentityKey, ApiError> {
         let ctx = &self.ctx;
         if ctx.is_authenticated() {
-            return Err(ApiError::Forbidden("this connection is already authenticated"));
+            return Err(ApiError::Forbidden(
+                "this connection is already authenticated",
+            ));
         }
         ctx.shared.limiters.auth_per_ip.check(&ctx.ip)?;
         let req = params.get()?.get_request()?;
@@ -156,15 +168,22 @@ impl ServiceImpl {
             return Err(ApiError::VersionMismatch { client });
         }
         // The nonce is single-use whatever happens next.
-        let nonce = ctx.nonce.take().ok_or(ApiError::Unauthenticated("no challenge outstanding"))?;
+        let nonce = ctx
+            .nonce
+            .take()
+            .ok_or(ApiError::Unauthenticated("no challenge outstanding"))?;
         let token = req.get_access_token()?;
         let identity = req.get_identity_key()?;
         let signature = req.get_signature()?;
         if identity.len() != KEY_LEN {
-            return Err(ApiError::InvalidArgument(format!("identityKey must be {KEY_LEN} bytes")));
+            return Err(ApiError::InvalidArgument(format!(
+                "identityKey must be {KEY_LEN} bytes"
+            )));
         }
         if signature.len() != SIGNATURE_LEN {
-            return Err(ApiError::InvalidArgument(format!("signature must be {SIGNATURE_LEN} bytes")));
+            return Err(ApiError::InvalidArgument(format!(
+                "signature must be {SIGNATURE_LEN} bytes"
+            )));
         }
         let identity = IdentityKey::from_slice(identity)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
@@ -180,7 +199,9 @@ impl ServiceImpl {
         let proof_ok = identity.verify(&transcript, signature).is_ok();
         if !(token_ok && proof_ok) {
             tracing::info!(ip = %ctx.ip, token_ok, proof_ok, "authentication failed");
-            return Err(ApiError::Unauthenticated("invalid access token or identity proof"));
+            return Err(ApiError::Unauthenticated(
+                "invalid access token or identity proof",
+            ));
         }
         ctx.identity.set(Some(identity));
         tracing::debug!(ip = %ctx.ip, identity = ?identity, "authenticated");
@@ -225,8 +246,10 @@ impl service::Server for ServiceImpl {
     ) -> Result<(), capnp::Error> {
         match self.authenticate_impl(params) {
             Ok(identity) => {
-                let session: session::Client =
-                    capnp_rpc::new_client(SessionImpl { ctx: self.ctx.clone(), identity });
+                let session: session::Client = capnp_rpc::new_client(SessionImpl {
+                    ctx: self.ctx.clone(),
+                    identity,
+                });
                 results.get().set_session(session);
             }
             Err(e) => e.write(results.get().init_error(), "authenticate"),
@@ -279,7 +302,10 @@ fn parse_key(bytes: &[u8], what: &str) -> Result<IdentityKey, ApiError> {
     IdentityKey::from_slice(bytes).map_err(|e| ApiError::InvalidArgument(e.to_string()))
 }
 
-fn write_envelopes(mut list: capnp::struct_list::Builder<'_, envelope::Owned>, msgs: &[QueuedMessage]) {
+fn write_envelopes(
+    mut list: capnp::struct_list::Builder<'_, envelope::Owned>,
+    msgs: &[QueuedMessage],
+) {
     for (i, m) in msgs.iter().enumerate() {
         let mut e = list.reborrow().get(u32::try_from(i).unwrap_or(u32::MAX));
         e.set_seq(m.seq);
@@ -305,12 +331,15 @@ impl SessionImpl {
     async fn register_impl(&self, params: session::RegisterParams) -> Result<(), ApiError> {
         let username = parse_username(params.get()?.get_username()?)?;
         let shared = &self.ctx.shared;
-        match shared.store_call(shared.store.register(username, self.identity)).await? {
+        match shared
+            .store_call(shared.store.register(username, self.identity))
+            .await?
+        {
             RegisterOutcome::Registered | RegisterOutcome::AlreadyRegistered => Ok(()),
             RegisterOutcome::UsernameTaken => Err(ApiError::Conflict("username is taken")),
-            RegisterOutcome::IdentityTaken => {
-                Err(ApiError::Conflict("identity is registered under another username"))
-            }
+            RegisterOutcome::IdentityTaken => Err(ApiError::Conflict(
+                "identity is registered under another username",
+            )),
         }
     }
 
@@ -323,7 +352,10 @@ impl SessionImpl {
             .ok_or(ApiError::NotFound("no such username"))
     }
 
-    async fn publish_impl(&self, params: session::PublishKeyPackagesParams) -> Result<u32, ApiError> {
+    async fn publish_impl(
+        &self,
+        params: session::PublishKeyPackagesParams,
+    ) -> Result<u32, ApiError> {
         let list = params.get()?.get_key_packages()?;
         if list.is_empty() {
             return Err(ApiError::InvalidArgument("no key packages given".into()));
@@ -346,7 +378,9 @@ impl SessionImpl {
         // Signature checks cost ~0.1 ms each: keep them off the RPC thread.
         let inspected = tokio::task::spawn_blocking(move || {
             raw.into_iter()
-                .map(|data| quicnprotochat_core::keypackage::inspect(&data).map(|info| (data, info)))
+                .map(|data| {
+                    quicnprotochat_core::keypackage::inspect(&data).map(|info| (data, info))
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -356,7 +390,9 @@ impl SessionImpl {
         let mut last_resort = 0;
         for (data, info) in inspected {
             if info.identity != self.identity {
-                return Err(ApiError::Forbidden("key packages must carry the caller's identity key"));
+                return Err(ApiError::Forbidden(
+                    "key packages must carry the caller's identity key",
+                ));
             }
             last_resort += usize::from(info.last_resort);
             packages.push(NewKeyPackage {
@@ -367,12 +403,18 @@ impl SessionImpl {
             });
         }
         if last_resort > 1 {
-            return Err(ApiError::InvalidArgument("at most one last-resort key package per call".into()));
+            return Err(ApiError::InvalidArgument(
+                "at most one last-resort key package per call".into(),
+            ));
         }
         let shared = &self.ctx.shared;
         let max = shared.limits.max_key_packages_per_identity;
         match shared
-            .store_call(shared.store.publish_key_packages(self.identity, packages, max))
+            .store_call(
+                shared
+                    .store
+                    .publish_key_packages(self.identity, packages, max),
+            )
             .await?
         {
             PublishOutcome::Stored(n) => Ok(n),
@@ -387,17 +429,25 @@ impl SessionImpl {
         params: session::FetchKeyPackageParams,
     ) -> Result<crate::store::TakenKeyPackage, ApiError> {
         let shared = &self.ctx.shared;
-        shared.limiters.kp_fetch_per_identity.check(&self.identity)?;
+        shared
+            .limiters
+            .kp_fetch_per_identity
+            .check(&self.identity)?;
         shared.limiters.kp_fetch_per_ip.check(&self.ctx.ip)?;
         let target = parse_key(params.get()?.get_identity_key()?, "identityKey")?;
         let now = quicnprotochat_core::keypackage::unix_now();
         shared
             .store_call(shared.store.take_key_package(target, now))
             .await?
-            .ok_or(ApiError::NotFound("no key package available for this identity"))
+            .ok_or(ApiError::NotFound(
+                "no key package available for this identity",
+            ))
     }
 
-    async fn enqueue_impl(&self, params: session::EnqueueParams) -> Result<EnqueueOutcome, ApiError> {
+    async fn enqueue_impl(
+        &self,
+        params: session::EnqueueParams,
+    ) -> Result<EnqueueOutcome, ApiError> {
         let shared = &self.ctx.shared;
         shared.limiters.enqueue_per_identity.check(&self.identity)?;
         shared.limiters.enqueue_per_ip.check(&self.ctx.ip)?;
@@ -407,14 +457,18 @@ impl SessionImpl {
             return Err(ApiError::InvalidArgument("no recipients".into()));
         }
         if list.len() as usize > MAX_RECIPIENTS {
-            return Err(ApiError::TooLarge(format!("at most {MAX_RECIPIENTS} recipients")));
+            return Err(ApiError::TooLarge(format!(
+                "at most {MAX_RECIPIENTS} recipients"
+            )));
         }
         let mut recipients = Vec::with_capacity(list.len() as usize);
         let mut seen = HashSet::with_capacity(list.len() as usize);
         for r in list.iter() {
             let key = parse_key(r?, "recipient key")?;
             if !seen.insert(key) {
-                return Err(ApiError::InvalidArgument("a recipient is listed twice".into()));
+                return Err(ApiError::InvalidArgument(
+                    "a recipient is listed twice".into(),
+                ));
             }
             recipients.push(key);
         }
@@ -458,14 +512,19 @@ impl SessionImpl {
                 )));
             }
             EnqueueOutcome::UnknownRecipient { .. } => {
-                return Err(ApiError::NotFound("a recipient is not a registered identity"));
+                return Err(ApiError::NotFound(
+                    "a recipient is not a registered identity",
+                ));
             }
             EnqueueOutcome::Duplicate => {}
         }
         Ok(outcome)
     }
 
-    async fn fetch_impl(&self, params: session::FetchParams) -> Result<Vec<QueuedMessage>, ApiError> {
+    async fn fetch_impl(
+        &self,
+        params: session::FetchParams,
+    ) -> Result<Vec<QueuedMessage>, ApiError> {
         let p = params.get()?;
         self.own_queue(p.get_recipient()?)?;
         let limit = match p.get_limit() {
@@ -474,7 +533,11 @@ impl SessionImpl {
         };
         let shared = &self.ctx.shared;
         shared
-            .store_call(shared.store.fetch(self.identity, p.get_from_seq(), limit, MAX_FETCH_BYTES))
+            .store_call(
+                shared
+                    .store
+                    .fetch(self.identity, p.get_from_seq(), limit, MAX_FETCH_BYTES),
+            )
             .await
     }
 
@@ -482,10 +545,15 @@ impl SessionImpl {
         let p = params.get()?;
         self.own_queue(p.get_recipient()?)?;
         let shared = &self.ctx.shared;
-        shared.store_call(shared.store.ack(self.identity, p.get_up_to_seq())).await
+        shared
+            .store_call(shared.store.ack(self.identity, p.get_up_to_seq()))
+            .await
     }
 
-    fn subscribe_impl(&self, params: session::SubscribeParams) -> Result<subscription::Client, ApiError> {
+    fn subscribe_impl(
+        &self,
+        params: session::SubscribeParams,
+    ) -> Result<subscription::Client, ApiError> {
         let p = params.get()?;
         self.own_queue(p.get_recipient()?)?;
         let listener = p.get_listener()?;
@@ -506,7 +574,9 @@ impl SessionImpl {
             rx,
             cancel_rx,
         ));
-        Ok(capnp_rpc::new_client(SubscriptionImpl { _cancel: cancel_tx }))
+        Ok(capnp_rpc::new_client(SubscriptionImpl {
+            _cancel: cancel_tx,
+        }))
     }
 }
 
@@ -532,7 +602,11 @@ async fn run_subscription(
         // message committed after the read still wakes us: no lost wake-ups.
         rx.borrow_and_update();
         let batch = match shared
-            .store_call(shared.store.fetch(recipient, next, MAX_FETCH_MESSAGES, MAX_FETCH_BYTES))
+            .store_call(
+                shared
+                    .store
+                    .fetch(recipient, next, MAX_FETCH_MESSAGES, MAX_FETCH_BYTES),
+            )
             .await
         {
             Ok(b) => b,
@@ -560,7 +634,8 @@ async fn run_subscription(
     }
     drop(rx);
     shared.hub.release(&recipient);
-    ctx.subscriptions.set(ctx.subscriptions.get().saturating_sub(1));
+    ctx.subscriptions
+        .set(ctx.subscriptions.get().saturating_sub(1));
 }
 
 impl session::Server for SessionImpl {
@@ -622,7 +697,10 @@ impl session::Server for SessionImpl {
     ) -> Result<(), capnp::Error> {
         let shared = &self.ctx.shared;
         let now = quicnprotochat_core::keypackage::unix_now();
-        match shared.store_call(shared.store.key_package_count(self.identity, now)).await {
+        match shared
+            .store_call(shared.store.key_package_count(self.identity, now))
+            .await
+        {
             Ok((count, last_resort)) => {
                 let mut r = results.get();
                 r.set_count(count);

@@ -171,7 +171,8 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> StoreFuture<'_, ()>;
 
     /// Binds `username` to `identity`.
-    fn register(&self, username: String, identity: IdentityKey) -> StoreFuture<'_, RegisterOutcome>;
+    fn register(&self, username: String, identity: IdentityKey)
+    -> StoreFuture<'_, RegisterOutcome>;
 
     /// Looks a username up.
     fn resolve(&self, username: String) -> StoreFuture<'_, Option<IdentityKey>>;
@@ -188,11 +189,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically removes and returns one unexpired one-time package of
     /// `identity`, or else returns its unexpired last-resort package (kept).
-    fn take_key_package(&self, identity: IdentityKey, now_secs: u64) -> StoreFuture<'_, Option<TakenKeyPackage>>;
+    fn take_key_package(
+        &self,
+        identity: IdentityKey,
+        now_secs: u64,
+    ) -> StoreFuture<'_, Option<TakenKeyPackage>>;
 
     /// Unexpired one-time packages of `identity`, and whether it has an
     /// unexpired last-resort package.
-    fn key_package_count(&self, identity: IdentityKey, now_secs: u64) -> StoreFuture<'_, (u32, bool)>;
+    fn key_package_count(
+        &self,
+        identity: IdentityKey,
+        now_secs: u64,
+    ) -> StoreFuture<'_, (u32, bool)>;
 
     /// Durably stores one payload for every recipient, or for none.
     fn enqueue(&self, request: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome>;

@@ -178,7 +178,9 @@ pub struct SqliteStore {
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore").field("readers", &self.readers.len()).finish_non_exhaustive()
+        f.debug_struct("SqliteStore")
+            .field("readers", &self.readers.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -207,7 +209,12 @@ impl SqliteStore {
             );
             readers.push(rtx);
         }
-        Ok(Self { writer: Some(wtx), readers, next_reader: AtomicUsize::new(0), threads })
+        Ok(Self {
+            writer: Some(wtx),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            threads,
+        })
     }
 
     /// Stops accepting jobs, lets the writer finish its queue, and joins the
@@ -284,7 +291,11 @@ fn in_savepoint<T>(
 ) -> Result<T, StoreError> {
     conn.execute_batch("SAVEPOINT job")?;
     let result = op(conn);
-    let end = if result.is_ok() { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+    let end = if result.is_ok() {
+        "RELEASE job"
+    } else {
+        "ROLLBACK TO job; RELEASE job"
+    };
     conn.execute_batch(end)?;
     result
 }
@@ -335,16 +346,23 @@ fn open_connection(path: &Path, key: &DbKey, sync: Synchronous) -> Result<Connec
         conn.pragma_update(None, "cipher_log_level", "NONE")?;
         conn.pragma_update(None, "key", format!("x'{}'", hex::encode(raw)))?;
     }
-    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)) {
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
         Ok(_) => {}
-        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::NotADatabase => {
-            return Err(StoreError::WrongKey { path: path.display().to_string() });
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::NotADatabase =>
+        {
+            return Err(StoreError::WrongKey {
+                path: path.display().to_string(),
+            });
         }
         Err(e) => return Err(e.into()),
     }
     if let DbKey::Raw(_) = key {
-        let version: Option<String> =
-            conn.query_row("PRAGMA cipher_version", [], |r| r.get(0)).optional()?;
+        let version: Option<String> = conn
+            .query_row("PRAGMA cipher_version", [], |r| r.get(0))
+            .optional()?;
         if version.unwrap_or_default().is_empty() {
             return Err(StoreError::NoSqlCipher);
         }
@@ -365,14 +383,23 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     if current > supported {
-        return Err(StoreError::SchemaTooNew { found: current, supported });
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            supported,
+        });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
         let version = i + 1;
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"))
-            .inspect_err(|_| {
-                let _ = conn.execute_batch("ROLLBACK");
-            })?;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {version}; COMMIT;"
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
         tracing::info!(version, "applied database migration");
     }
     Ok(())
@@ -404,7 +431,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn register(&self, username: String, identity: IdentityKey) -> StoreFuture<'_, RegisterOutcome> {
+    fn register(
+        &self,
+        username: String,
+        identity: IdentityKey,
+    ) -> StoreFuture<'_, RegisterOutcome> {
         self.write(move |c| {
             let owner: Option<Vec<u8>> = c
                 .prepare_cached("SELECT identity FROM users WHERE username = ?1")?
@@ -506,7 +537,10 @@ impl Store for SqliteStore {
                 .query_row(params![identity.as_bytes(), to_i64(now_secs)], |r| r.get(0))
                 .optional()?;
             if let Some(data) = one_time {
-                return Ok(Some(TakenKeyPackage { data, last_resort: false }));
+                return Ok(Some(TakenKeyPackage {
+                    data,
+                    last_resort: false,
+                }));
             }
             let last_resort: Option<Vec<u8>> = c
                 .prepare_cached(
@@ -516,11 +550,18 @@ impl Store for SqliteStore {
                 )?
                 .query_row(params![identity.as_bytes(), to_i64(now_secs)], |r| r.get(0))
                 .optional()?;
-            Ok(last_resort.map(|data| TakenKeyPackage { data, last_resort: true }))
+            Ok(last_resort.map(|data| TakenKeyPackage {
+                data,
+                last_resort: true,
+            }))
         })
     }
 
-    fn key_package_count(&self, identity: IdentityKey, now_secs: u64) -> StoreFuture<'_, (u32, bool)> {
+    fn key_package_count(
+        &self,
+        identity: IdentityKey,
+        now_secs: u64,
+    ) -> StoreFuture<'_, (u32, bool)> {
         self.read(move |c| {
             let (one_time, last_resort): (i64, i64) = c
                 .prepare_cached(
@@ -543,9 +584,8 @@ impl Store for SqliteStore {
             if live_duplicate {
                 return Ok(EnqueueOutcome::Duplicate);
             }
-            let mut head = c.prepare_cached(
-                "SELECT next_seq, depth FROM queue_heads WHERE recipient = ?1",
-            )?;
+            let mut head =
+                c.prepare_cached("SELECT next_seq, depth FROM queue_heads WHERE recipient = ?1")?;
             let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
             let mut heads = Vec::with_capacity(req.recipients.len());
             for (index, r) in req.recipients.iter().enumerate() {
@@ -565,7 +605,10 @@ impl Store for SqliteStore {
                 "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
             )?
-            .execute(params![req.dedup_key, to_i64(req.now_ms.saturating_add(req.dedup_window_ms))])?;
+            .execute(params![
+                req.dedup_key,
+                to_i64(req.now_ms.saturating_add(req.dedup_window_ms))
+            ])?;
             let refs = i64::try_from(req.recipients.len()).unwrap_or(i64::MAX);
             c.prepare_cached("INSERT INTO payloads (refs, data) VALUES (?1, ?2)")?
                 .execute(params![refs, req.payload])?;
@@ -633,7 +676,8 @@ impl Store for SqliteStore {
             if payload_ids.is_empty() {
                 return Ok(0);
             }
-            let mut release = c.prepare_cached("UPDATE payloads SET refs = refs - 1 WHERE id = ?1")?;
+            let mut release =
+                c.prepare_cached("UPDATE payloads SET refs = refs - 1 WHERE id = ?1")?;
             let mut drop_unused =
                 c.prepare_cached("DELETE FROM payloads WHERE id = ?1 AND refs <= 0")?;
             for id in &payload_ids {
@@ -641,8 +685,10 @@ impl Store for SqliteStore {
                 drop_unused.execute([id])?;
             }
             let removed = i64::try_from(payload_ids.len()).unwrap_or(i64::MAX);
-            c.prepare_cached("UPDATE queue_heads SET depth = max(depth - ?2, 0) WHERE recipient = ?1")?
-                .execute(params![recipient.as_bytes(), removed])?;
+            c.prepare_cached(
+                "UPDATE queue_heads SET depth = max(depth - ?2, 0) WHERE recipient = ?1",
+            )?
+            .execute(params![recipient.as_bytes(), removed])?;
             Ok(u32::try_from(removed).unwrap_or(u32::MAX))
         })
     }
@@ -675,7 +721,12 @@ mod tests {
         SqliteStore::open(SqliteOptions::new(dir.join(DB_FILE_NAME), k))
     }
 
-    fn enqueue_req(recipients: &[IdentityKey], id: u8, payload: &[u8], depth: u64) -> EnqueueRequest {
+    fn enqueue_req(
+        recipients: &[IdentityKey],
+        id: u8,
+        payload: &[u8],
+        depth: u64,
+    ) -> EnqueueRequest {
         EnqueueRequest {
             recipients: recipients.to_vec(),
             message_id: [id; 16],
@@ -694,8 +745,14 @@ mod tests {
         s.register("alice".into(), key(1)).await.unwrap();
         s.close();
         let raw = std::fs::read(dir.path().join(DB_FILE_NAME)).unwrap();
-        assert!(!raw.starts_with(b"SQLite format 3\0"), "file must be encrypted");
-        assert!(!raw.windows(5).any(|w| w == b"alice"), "plaintext visible in file");
+        assert!(
+            !raw.starts_with(b"SQLite format 3\0"),
+            "file must be encrypted"
+        );
+        assert!(
+            !raw.windows(5).any(|w| w == b"alice"),
+            "plaintext visible in file"
+        );
         match open(dir.path(), DbKey::Raw([8; 32])) {
             Err(StoreError::WrongKey { .. }) => {}
             other => panic!("expected WrongKey, got {other:?}"),
@@ -716,27 +773,55 @@ mod tests {
         let s = open(dir.path(), DbKey::Raw([1; 32])).unwrap();
         register_all(&s, &[1, 2]).await;
         assert_eq!(
-            s.enqueue(enqueue_req(&[key(1), key(9)], 9, b"x", 10)).await.unwrap(),
+            s.enqueue(enqueue_req(&[key(1), key(9)], 9, b"x", 10))
+                .await
+                .unwrap(),
             EnqueueOutcome::UnknownRecipient { index: 1 }
         );
-        let out = s.enqueue(enqueue_req(&[key(1), key(2)], 1, b"one", 10)).await.unwrap();
+        let out = s
+            .enqueue(enqueue_req(&[key(1), key(2)], 1, b"one", 10))
+            .await
+            .unwrap();
         assert_eq!(out, EnqueueOutcome::Stored { seqs: vec![1, 1] });
-        let out = s.enqueue(enqueue_req(&[key(1)], 2, b"two", 10)).await.unwrap();
+        let out = s
+            .enqueue(enqueue_req(&[key(1)], 2, b"two", 10))
+            .await
+            .unwrap();
         assert_eq!(out, EnqueueOutcome::Stored { seqs: vec![2] });
-        assert_eq!(s.enqueue(enqueue_req(&[key(1)], 2, b"two", 10)).await.unwrap(), EnqueueOutcome::Duplicate);
+        assert_eq!(
+            s.enqueue(enqueue_req(&[key(1)], 2, b"two", 10))
+                .await
+                .unwrap(),
+            EnqueueOutcome::Duplicate
+        );
         let got = s.fetch(key(1), 1, 10, 1 << 20).await.unwrap();
-        assert_eq!(got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(), [b"one".as_slice(), b"two"]);
+        assert_eq!(
+            got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
+            [b"one".as_slice(), b"two"]
+        );
         assert_eq!(s.ack(key(1), 1).await.unwrap(), 1);
         // key(2) still holds the shared payload of message 1.
-        assert_eq!(s.fetch(key(2), 0, 10, 1 << 20).await.unwrap()[0].payload, b"one");
+        assert_eq!(
+            s.fetch(key(2), 0, 10, 1 << 20).await.unwrap()[0].payload,
+            b"one"
+        );
         assert_eq!(s.ack(key(2), 5).await.unwrap(), 1);
         // Sequence numbers are never reused after acks.
-        let out = s.enqueue(enqueue_req(&[key(2)], 3, b"three", 10)).await.unwrap();
+        let out = s
+            .enqueue(enqueue_req(&[key(2)], 3, b"three", 10))
+            .await
+            .unwrap();
         assert_eq!(out, EnqueueOutcome::Stored { seqs: vec![2] });
         let orphans: i64 = {
-            s.read(|c| Ok(c.query_row("SELECT count(*) FROM payloads WHERE refs <= 0", [], |r| r.get(0))?))
-                .await
-                .unwrap()
+            s.read(|c| {
+                Ok(
+                    c.query_row("SELECT count(*) FROM payloads WHERE refs <= 0", [], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .unwrap()
         };
         assert_eq!(orphans, 0);
     }
@@ -747,12 +832,18 @@ mod tests {
         let s = open(dir.path(), DbKey::Raw([1; 32])).unwrap();
         register_all(&s, &[1, 2]).await;
         s.enqueue(enqueue_req(&[key(2)], 1, b"a", 1)).await.unwrap();
-        let out = s.enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1)).await.unwrap();
+        let out = s
+            .enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1))
+            .await
+            .unwrap();
         assert_eq!(out, EnqueueOutcome::QueueFull { index: 1 });
         assert!(s.fetch(key(1), 0, 10, 1 << 20).await.unwrap().is_empty());
         // The failed attempt did not burn the idempotency key.
         s.ack(key(2), 1).await.unwrap();
-        let out = s.enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1)).await.unwrap();
+        let out = s
+            .enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1))
+            .await
+            .unwrap();
         assert!(matches!(out, EnqueueOutcome::Stored { .. }));
     }
 
@@ -761,7 +852,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = std::sync::Arc::new(open(dir.path(), DbKey::Raw([1; 32])).unwrap());
         let pkgs: Vec<NewKeyPackage> = (0..50u8)
-            .map(|i| NewKeyPackage { data: vec![i], hash_ref: vec![i], last_resort: false, not_after: 100 })
+            .map(|i| NewKeyPackage {
+                data: vec![i],
+                hash_ref: vec![i],
+                last_resort: false,
+                not_after: 100,
+            })
             .chain(std::iter::once(NewKeyPackage {
                 data: b"lr".to_vec(),
                 hash_ref: b"lr".to_vec(),
@@ -769,11 +865,16 @@ mod tests {
                 not_after: 100,
             }))
             .collect();
-        assert_eq!(s.publish_key_packages(key(1), pkgs, 1000).await.unwrap(), PublishOutcome::Stored(51));
+        assert_eq!(
+            s.publish_key_packages(key(1), pkgs, 1000).await.unwrap(),
+            PublishOutcome::Stored(51)
+        );
         let mut tasks = Vec::new();
         for _ in 0..80 {
             let s = s.clone();
-            tasks.push(tokio::spawn(async move { s.take_key_package(key(1), 10).await.unwrap() }));
+            tasks.push(tokio::spawn(async move {
+                s.take_key_package(key(1), 10).await.unwrap()
+            }));
         }
         let mut seen = std::collections::HashSet::new();
         let mut last_resort = 0;

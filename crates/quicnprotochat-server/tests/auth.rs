@@ -1,0 +1,271 @@
+//! Authentication: token, proof of possession bound to the connection,
+//! version checks, deadlines and rate limits.
+
+use std::time::Duration;
+
+use quicnprotochat_client::harness::TestServer;
+use quicnprotochat_client::{Client, ClientError, ServerErrorCode};
+use quicnprotochat_core::Identity;
+
+use crate::support::{anonymous, assert_code, assert_still_serving};
+
+#[tokio::test]
+async fn health_needs_no_authentication() {
+    let server = TestServer::start().unwrap();
+    let c = anonymous(&server).await;
+    let h = c.health().await.unwrap();
+    assert!(h.ok);
+    assert!(h.store_reachable);
+    assert_eq!(h.wire_version, quicnprotochat_proto::WIRE_VERSION);
+    assert_eq!(h.server_version, env!("CARGO_PKG_VERSION"));
+}
+
+#[tokio::test]
+async fn session_calls_before_authentication_are_typed_errors() {
+    let server = TestServer::start().unwrap();
+    let c = anonymous(&server).await;
+    assert!(matches!(
+        c.register("alice").await,
+        Err(ClientError::NotAuthenticated)
+    ));
+    assert!(matches!(
+        c.fetch(1, 10).await,
+        Err(ClientError::NotAuthenticated)
+    ));
+    assert!(matches!(
+        c.key_package_count().await,
+        Err(ClientError::NotAuthenticated)
+    ));
+}
+
+#[tokio::test]
+async fn wrong_or_empty_token_is_refused() {
+    let server = TestServer::start().unwrap();
+    for token in [b"wrong-token".to_vec(), Vec::new()] {
+        let mut cfg = server.client_config();
+        cfg.access_token = token;
+        let c = Client::connect(cfg).await.unwrap();
+        let id = Identity::generate().unwrap();
+        assert_code(c.init_auth(&id).await, ServerErrorCode::Unauthenticated);
+        assert!(matches!(
+            c.register("mallory").await,
+            Err(ClientError::NotAuthenticated)
+        ));
+    }
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn forged_identity_proof_is_refused() {
+    let server = TestServer::start().unwrap();
+    let c = anonymous(&server).await;
+    let victim = Identity::generate().unwrap();
+    let attacker = Identity::generate().unwrap();
+    let ch = c.auth_challenge().await.unwrap();
+    // Signed by the attacker, claiming the victim's key.
+    let sig = attacker.sign(&ch.transcript(&victim.public_key())).unwrap();
+    assert_code(
+        c.auth_respond(victim.public_key(), sig).await,
+        ServerErrorCode::Unauthenticated,
+    );
+    // Garbage signature of the right length.
+    let ch = c.auth_challenge().await.unwrap();
+    let _ = ch;
+    assert_code(
+        c.auth_respond(victim.public_key(), vec![0; 64]).await,
+        ServerErrorCode::Unauthenticated,
+    );
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn a_captured_proof_is_useless_on_another_connection_and_single_use_on_its_own() {
+    let server = TestServer::start().unwrap();
+    let id = Identity::generate().unwrap();
+    let key = id.public_key();
+
+    // Connection A authenticates; the attacker captures the signature.
+    let a = anonymous(&server).await;
+    let ch_a = a.auth_challenge().await.unwrap();
+    let captured = id.sign(&ch_a.transcript(&key)).unwrap();
+    a.auth_respond(key, captured.clone()).await.unwrap();
+
+    // Replayed on connection B (fresh nonce, different TLS exporter): refused.
+    let b = anonymous(&server).await;
+    let ch_b = b.auth_challenge().await.unwrap();
+    assert_ne!(
+        ch_a.exporter, ch_b.exporter,
+        "exporters must differ per connection"
+    );
+    assert_code(
+        b.auth_respond(key, captured.clone()).await,
+        ServerErrorCode::Unauthenticated,
+    );
+
+    // On connection C, a proof for the nonce is accepted once only: a failed
+    // attempt consumes the nonce, so the right signature afterwards fails too.
+    let c = anonymous(&server).await;
+    let ch_c = c.auth_challenge().await.unwrap();
+    assert_code(
+        c.auth_respond(key, vec![1; 64]).await,
+        ServerErrorCode::Unauthenticated,
+    );
+    let good = id.sign(&ch_c.transcript(&key)).unwrap();
+    assert_code(
+        c.auth_respond(key, good).await,
+        ServerErrorCode::Unauthenticated,
+    );
+}
+
+#[tokio::test]
+async fn wire_version_mismatch_is_a_typed_error() {
+    let server = TestServer::start().unwrap();
+    let mut cfg = server.client_config();
+    cfg.wire_version = quicnprotochat_proto::WIRE_VERSION + 1;
+    let c = Client::connect(cfg).await.unwrap();
+    let id = Identity::generate().unwrap();
+    match c.init_auth(&id).await {
+        Err(ClientError::Server {
+            code: ServerErrorCode::VersionMismatch,
+            message,
+            ..
+        }) => {
+            assert!(message.contains("wire version"), "{message}");
+        }
+        other => panic!("expected VersionMismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn another_major_version_fails_the_handshake_without_hanging() {
+    let server = TestServer::start().unwrap();
+    let mut cfg = server.client_config();
+    cfg.alpn = b"quicnprotochat/2".to_vec();
+    let r = tokio::time::timeout(Duration::from_secs(5), Client::connect(cfg))
+        .await
+        .expect("no hang");
+    match r {
+        Err(ClientError::Connect { reason, .. }) => {
+            assert!(
+                reason.to_lowercase().contains("alpn") || reason.contains("120"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_authenticates_is_cut_off() {
+    let server = TestServer::start_with(|c| c.limits.auth_timeout_secs = 1).unwrap();
+    let idle = anonymous(&server).await;
+    idle.health().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), idle.health())
+        .await
+        .expect("no hang");
+    assert!(
+        r.is_err(),
+        "unauthenticated connection must be closed, got {r:?}"
+    );
+    // An authenticated client on the same server is unaffected by the deadline.
+    let ok = server.client("alice").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    ok.client.health().await.unwrap();
+}
+
+#[tokio::test]
+async fn authentication_attempts_are_rate_limited_per_address() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.auth_per_ip.per_second = 1;
+        c.limits.rates.auth_per_ip.burst = 4;
+    })
+    .unwrap();
+    let c = anonymous(&server).await;
+    let mut limited = None;
+    for _ in 0..20 {
+        match c.auth_challenge().await {
+            Ok(_) => {}
+            Err(e) => {
+                limited = Some(e);
+                break;
+            }
+        }
+    }
+    match limited {
+        Some(ClientError::Server {
+            code: ServerErrorCode::RateLimited,
+            retry_after,
+            ..
+        }) => {
+            let after = retry_after.expect("retry_after is set");
+            assert!(
+                after > Duration::ZERO && after <= Duration::from_secs(1),
+                "{after:?}"
+            );
+        }
+        other => panic!("expected RateLimited within 20 attempts, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connection_flood_from_one_address_is_capped() {
+    let server = TestServer::start_with(|c| c.limits.max_connections_per_ip = 3).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(anonymous(&server).await);
+    }
+    let extra = tokio::time::timeout(Duration::from_secs(5), server.connect())
+        .await
+        .expect("no hang");
+    assert!(
+        extra.is_err(),
+        "4th connection from one address must be refused"
+    );
+    drop(held);
+    // Slots free up once connections close.
+    let mut ok = None;
+    for _ in 0..50 {
+        if let Ok(c) = server.connect().await {
+            ok = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ok.expect("a connection is accepted again after the others closed")
+        .health()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn usernames_are_unique_and_resolve() {
+    let server = TestServer::start().unwrap();
+    let alice = server.client("alice").await.unwrap();
+    let bob = server.client("bob").await.unwrap();
+    assert_eq!(
+        bob.client.resolve("alice").await.unwrap(),
+        alice.identity.public_key()
+    );
+    // Idempotent for the same pair.
+    alice.client.register("alice").await.unwrap();
+    assert_code(
+        bob.client.register("alice").await,
+        ServerErrorCode::Conflict,
+    );
+    assert_code(
+        alice.client.register("alice2").await,
+        ServerErrorCode::Conflict,
+    );
+    assert_code(
+        bob.client.resolve("nobody").await,
+        ServerErrorCode::NotFound,
+    );
+    for bad in ["", "Alice", "-x", "a b", &"x".repeat(33)] {
+        assert_code(
+            bob.client.resolve(bad).await,
+            ServerErrorCode::InvalidArgument,
+        );
+    }
+}

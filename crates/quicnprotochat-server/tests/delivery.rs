@@ -1,0 +1,373 @@
+//! Queues: enqueue, fetch, ack, push subscriptions, durability.
+
+use std::time::Duration;
+
+use quicnprotochat_client::harness::TestServer;
+use quicnprotochat_client::{EnqueueResult, ServerErrorCode};
+use quicnprotochat_core::Identity;
+use quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES;
+
+use crate::support::{assert_code, assert_still_serving, msg_id, raw_session, trio};
+
+#[tokio::test]
+async fn enqueue_fetch_ack_round_trip_with_fan_out() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let (b, c) = (bob.identity.public_key(), carol.identity.public_key());
+    let r = alice
+        .client
+        .enqueue(&[b, c], msg_id(1), b"ciphertext-1".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r, EnqueueResult::Stored(vec![1, 1]));
+    let r = alice
+        .client
+        .enqueue(&[b], msg_id(2), b"ciphertext-2".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r, EnqueueResult::Stored(vec![2]));
+
+    let got = bob.client.fetch(1, 100).await.unwrap();
+    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(got[0].payload, b"ciphertext-1");
+    assert_eq!(got[0].message_id, msg_id(1));
+    assert_eq!(got[1].payload, b"ciphertext-2");
+    assert!(got[0].enqueued_at_ms > 0);
+    // From a sequence number, with a limit.
+    assert_eq!(bob.client.fetch(2, 100).await.unwrap().len(), 1);
+    assert_eq!(bob.client.fetch(1, 1).await.unwrap().len(), 1);
+
+    assert_eq!(bob.client.ack(1).await.unwrap(), 1);
+    assert_eq!(
+        bob.client
+            .fetch(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        [2]
+    );
+    // Carol's copy is independent of Bob's ack.
+    assert_eq!(
+        carol.client.fetch(0, 100).await.unwrap()[0].payload,
+        b"ciphertext-1"
+    );
+    assert_eq!(bob.client.ack(10).await.unwrap(), 1);
+    assert!(bob.client.fetch(0, 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_retried_enqueue_is_not_stored_twice() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let b = bob.identity.public_key();
+    alice
+        .client
+        .enqueue(&[b], msg_id(7), b"once".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        alice
+            .client
+            .enqueue(&[b], msg_id(7), b"once".to_vec())
+            .await
+            .unwrap(),
+        EnqueueResult::Duplicate
+    );
+    // Even after the recipient acknowledged it.
+    bob.client.ack(1).await.unwrap();
+    assert_eq!(
+        alice
+            .client
+            .enqueue(&[b], msg_id(7), b"once".to_vec())
+            .await
+            .unwrap(),
+        EnqueueResult::Duplicate
+    );
+    assert!(bob.client.fetch(0, 10).await.unwrap().is_empty());
+    // The same id from another sender is a different message.
+    assert!(matches!(
+        carol
+            .client
+            .enqueue(&[b], msg_id(7), b"other".to_vec())
+            .await
+            .unwrap(),
+        EnqueueResult::Stored(_)
+    ));
+}
+
+#[tokio::test]
+async fn only_the_owner_can_fetch_ack_or_subscribe() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, mallory) = trio(&server).await;
+    let b = bob.identity.public_key();
+    alice
+        .client
+        .enqueue(&[b], msg_id(1), b"for bob".to_vec())
+        .await
+        .unwrap();
+    assert_code(
+        mallory.client.fetch_queue(b, 0, 10).await,
+        ServerErrorCode::Forbidden,
+    );
+    assert_code(
+        mallory.client.ack_queue(b, 100).await,
+        ServerErrorCode::Forbidden,
+    );
+    assert_code(
+        mallory.client.subscribe_queue(b, 0).await,
+        ServerErrorCode::Forbidden,
+    );
+    assert_eq!(
+        bob.client.fetch(0, 10).await.unwrap().len(),
+        1,
+        "bob's queue must be unchanged"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_and_drops_nothing() {
+    let server = TestServer::start_with(|c| c.limits.queue_depth = 3).unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let (b, c) = (bob.identity.public_key(), carol.identity.public_key());
+    for i in 0..3 {
+        alice
+            .client
+            .enqueue(&[b], msg_id(i), vec![i as u8 + 1])
+            .await
+            .unwrap();
+    }
+    assert_code(
+        alice
+            .client
+            .enqueue(&[c, b], msg_id(9), b"x".to_vec())
+            .await,
+        ServerErrorCode::QueueFull,
+    );
+    // Atomic: carol did not get it either, and bob's three are intact.
+    assert!(carol.client.fetch(0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        bob.client
+            .fetch(0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.payload[0])
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    bob.client.ack(1).await.unwrap();
+    assert!(matches!(
+        alice
+            .client
+            .enqueue(&[c, b], msg_id(9), b"x".to_vec())
+            .await
+            .unwrap(),
+        EnqueueResult::Stored(_)
+    ));
+}
+
+#[tokio::test]
+async fn payload_cap_and_argument_checks() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, _) = trio(&server).await;
+    let b = bob.identity.public_key();
+    assert_code(
+        alice
+            .client
+            .enqueue(&[b], msg_id(1), vec![0; MAX_PAYLOAD_BYTES + 1])
+            .await,
+        ServerErrorCode::TooLarge,
+    );
+    // Exactly the cap is accepted and delivered intact.
+    let big: Vec<u8> = (0..MAX_PAYLOAD_BYTES).map(|i| (i % 251) as u8).collect();
+    alice
+        .client
+        .enqueue(&[b], msg_id(2), big.clone())
+        .await
+        .unwrap();
+    assert_eq!(bob.client.fetch(0, 10).await.unwrap()[0].payload, big);
+    assert_code(
+        alice.client.enqueue(&[b], msg_id(3), vec![]).await,
+        ServerErrorCode::InvalidArgument,
+    );
+    assert_code(
+        alice.client.enqueue(&[], msg_id(4), b"x".to_vec()).await,
+        ServerErrorCode::InvalidArgument,
+    );
+    assert_code(
+        alice
+            .client
+            .enqueue(&[b, b], msg_id(5), b"x".to_vec())
+            .await,
+        ServerErrorCode::InvalidArgument,
+    );
+    let stranger = Identity::generate().unwrap().public_key();
+    assert_code(
+        alice
+            .client
+            .enqueue(&[stranger], msg_id(6), b"x".to_vec())
+            .await,
+        ServerErrorCode::NotFound,
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn recipient_keys_and_message_ids_of_the_wrong_length_are_refused() {
+    let server = TestServer::start().unwrap();
+    let bob = server.client("bob").await.unwrap();
+    let alice = Identity::generate().unwrap();
+    tokio::task::LocalSet::new()
+        .run_until(async {
+            let raw = raw_session(&server, &alice).await;
+            for (key_len, id_len) in [(31, 16), (33, 16), (0, 16), (32, 15), (32, 0)] {
+                let mut req = raw.session.enqueue_request();
+                {
+                    let mut p = req.get();
+                    let mut list = p.reborrow().init_recipients(1);
+                    let key = if key_len == 32 {
+                        bob.identity.public_key().0.to_vec()
+                    } else {
+                        vec![1; key_len]
+                    };
+                    list.set(0, &key);
+                    p.set_message_id(&vec![0; id_len]);
+                    p.set_payload(b"x");
+                }
+                let resp = req.send().promise.await.unwrap();
+                let r = resp.get().unwrap();
+                assert!(r.has_error(), "{key_len}/{id_len} must be refused");
+                assert_eq!(
+                    r.get_error().unwrap().get_code().unwrap(),
+                    quicnprotochat_proto::schema::ErrorCode::InvalidArgument
+                );
+            }
+            let mut req = raw.session.fetch_request();
+            req.get().set_recipient(&[1; 31]);
+            let resp = req.send().promise.await.unwrap();
+            assert!(resp.get().unwrap().has_error());
+        })
+        .await;
+    assert!(bob.client.fetch(0, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn subscriptions_push_in_order_and_resume_without_gaps() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, _) = trio(&server).await;
+    let b = bob.identity.public_key();
+    alice
+        .client
+        .enqueue(&[b], msg_id(1), b"m1".to_vec())
+        .await
+        .unwrap();
+    let mut sub = bob.client.subscribe(1).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.seq, first.payload.as_slice()), (1, b"m1".as_slice()));
+    for i in 2..=20u64 {
+        alice
+            .client
+            .enqueue(&[b], msg_id(i), format!("m{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    for i in 2..=10u64 {
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.seq, i);
+        assert_eq!(e.payload, format!("m{i}").into_bytes());
+    }
+    // "Disconnect" after seq 10, more arrives while away, then resume from 11.
+    drop(sub);
+    drop(bob.client);
+    for i in 21..=30u64 {
+        alice
+            .client
+            .enqueue(&[b], msg_id(i), format!("m{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let bob2 = server.connect_as(&bob.identity).await.unwrap();
+    let mut sub = bob2.subscribe(11).await.unwrap();
+    for i in 11..=30u64 {
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.seq, i, "gap or reorder after resume");
+    }
+    let more = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(
+        more.is_err(),
+        "no duplicates after the last message, got {more:?}"
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_queued_messages_and_key_packages() {
+    let mut server = TestServer::start().unwrap();
+    let (alice, bob, _) = trio(&server).await;
+    let b = bob.identity.public_key();
+    for i in 1..=5u64 {
+        alice
+            .client
+            .enqueue(&[b], msg_id(i), format!("m{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    let p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let kps: Vec<_> = (0..3)
+        .map(|_| {
+            quicnprotochat_core::keypackage::build(&p, &bob.identity, "bob", false, 3600).unwrap()
+        })
+        .collect();
+    bob.client.publish_key_packages(kps).await.unwrap();
+    drop((alice, bob.client));
+    server.restart().unwrap();
+    let bob2 = server.connect_as(&bob.identity).await.unwrap();
+    let got = bob2.fetch(0, 100).await.unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(got[4].payload, b"m5");
+    assert_eq!(bob2.key_package_count().await.unwrap(), (3, false));
+    assert_eq!(bob2.resolve("alice").await.unwrap().0.len(), 32);
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn enqueue_is_rate_limited_per_identity() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.enqueue_per_identity.per_second = 1;
+        c.limits.rates.enqueue_per_identity.burst = 10;
+    })
+    .unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let b = bob.identity.public_key();
+    let mut stored = 0;
+    let mut limited = false;
+    for i in 0..30 {
+        match alice.client.enqueue(&[b], msg_id(i), b"x".to_vec()).await {
+            Ok(_) => stored += 1,
+            Err(e) => {
+                assert_eq!(e.server_code(), Some(ServerErrorCode::RateLimited));
+                limited = true;
+                break;
+            }
+        }
+    }
+    assert!(limited && (10..30).contains(&stored), "stored {stored}");
+    // Other identities are not affected.
+    carol
+        .client
+        .enqueue(&[b], msg_id(100), b"y".to_vec())
+        .await
+        .unwrap();
+}

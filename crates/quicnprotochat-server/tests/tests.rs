@@ -1,0 +1,15 @@
+//! Integration tests of the delivery server: real QUIC on loopback port 0,
+//! real SQLCipher files in temporary directories.
+
+#[cfg(test)]
+mod attacks;
+#[cfg(test)]
+mod auth;
+#[cfg(test)]
+mod binary;
+#[cfg(test)]
+mod delivery;
+#[cfg(test)]
+mod keypackages;
+#[cfg(test)]
+mod support;
