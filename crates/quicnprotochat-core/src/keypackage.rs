@@ -5,8 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
-    BasicCredential, Capabilities, CredentialWithKey, ExtensionType, KeyPackage, KeyPackageIn,
-    Lifetime, OpenMlsProvider, ProtocolVersion,
+    BasicCredential, CredentialWithKey, KeyPackage, KeyPackageIn, Lifetime, OpenMlsProvider,
+    ProtocolVersion,
 };
 use openmls_rust_crypto::RustCrypto;
 
@@ -91,13 +91,7 @@ pub fn build<P: OpenMlsProvider>(
     };
     let mut builder = KeyPackage::builder()
         .key_package_lifetime(Lifetime::new(lifetime_secs))
-        .leaf_node_capabilities(Capabilities::new(
-            None,
-            None,
-            Some(&[ExtensionType::LastResort]),
-            None,
-            None,
-        ));
+        .leaf_node_capabilities(crate::group::capabilities());
     if last_resort {
         builder = builder.mark_as_last_resort();
     }

@@ -8,11 +8,19 @@
 //! typed error ([`KeyPackageError`], [`IdentityError`]); such input is
 //! attacker-controlled and never panics.
 
+pub mod framing;
+pub mod group;
 pub mod identity;
 pub mod keypackage;
+pub mod message;
+pub mod state;
 
+pub use group::{
+    CommitOutcome, Event, GroupError, GroupSummary, MemberInfo, Outgoing, StoredMessage,
+};
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};
+pub use state::{Profile, ProfileKey, StateError};
 
 /// The ciphersuite quicnprotochat uses by default (RFC 9420 §17.1, the
 /// mandatory-to-implement suite).

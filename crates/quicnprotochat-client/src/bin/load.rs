@@ -55,12 +55,18 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let unlimited = Rate { per_second: 1_000_000, burst: 1_000_000 };
+    let unlimited = Rate {
+        per_second: 1_000_000,
+        burst: 1_000_000,
+    };
     let server = TestServer::start_with(|c| {
         c.limits.rates.enqueue_per_identity = unlimited;
         c.limits.rates.enqueue_per_ip = unlimited;
@@ -85,7 +91,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let received = received.clone();
         let mode = args.receive;
         let ack_every = args.ack_every;
-        recv_tasks.push(tokio::spawn(async move { receive(client, mode, ack_every, received).await }));
+        recv_tasks.push(tokio::spawn(async move {
+            receive(client, mode, ack_every, received).await
+        }));
     }
 
     let started = Instant::now();
@@ -138,7 +146,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drop(senders);
     drop(receivers);
     drop(server);
-    anyhow::ensure!(total_received == total_sent, "lost messages: sent {total_sent}, received {total_received}");
+    anyhow::ensure!(
+        total_received == total_sent,
+        "lost messages: sent {total_sent}, received {total_received}"
+    );
     Ok(())
 }
 
@@ -158,7 +169,10 @@ async fn send_lane(
         id[..8].copy_from_slice(&lane.to_le_bytes());
         id[8..].copy_from_slice(&n.to_le_bytes());
         let t0 = Instant::now();
-        client.enqueue(&[to], id, payload.clone()).await.context("enqueue")?;
+        client
+            .enqueue(&[to], id, payload.clone())
+            .await
+            .context("enqueue")?;
         h.record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX))?;
         sent.fetch_add(1, Ordering::Relaxed);
         n += 1;
@@ -166,7 +180,12 @@ async fn send_lane(
     Ok(h)
 }
 
-async fn receive(client: Client, mode: Receive, ack_every: u64, received: Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn receive(
+    client: Client,
+    mode: Receive,
+    ack_every: u64,
+    received: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
     let mut unacked = 0u64;
     match mode {
         Receive::Push => {

@@ -1,0 +1,929 @@
+//! MLS groups: create, invite, join, send, process, remove, update, leave.
+//!
+//! Every method runs in one SQLite transaction on the profile: MLS state,
+//! history and bookkeeping change together or not at all.  Input from peers
+//! that fails validation is a [`GroupError`] and leaves state untouched.
+//!
+//! Commits follow the delivery service's ordering: an operation that commits
+//! returns a [`CommitOutcome`] while the commit stays *pending*; the caller
+//! sends it and then calls [`Profile::confirm_commit`] (the server accepted
+//! it) or [`Profile::abort_commit`] (the server answered `staleEpoch`: another
+//! member's commit won; process it, then retry).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::{
+    BasicCredential, Capabilities, Credential, Extension, ExtensionType, Extensions, GroupId,
+    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
+    ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, ProtocolVersion, Sender,
+    UnknownExtension,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::CIPHERSUITE;
+use crate::identity::IdentityKey;
+use crate::keypackage::KeyPackageError;
+use crate::message::{AppMessage, Content, MessageError};
+use crate::state::{Profile, Provider, StateError};
+
+/// Private-use extension type (RFC 9420 §17.3, 0xF000-0xFFFF) carrying the
+/// group's display name in the group context, so invitees learn it from the
+/// Welcome (encrypted to them) and the server never does.
+pub const GROUP_META_EXTENSION: u16 = 0xF0A1;
+
+/// Epochs of old keys kept to decrypt application messages that were sent
+/// just before a commit but arrive after it.  Small, to limit how long old
+/// keys live (forward secrecy).
+pub const MAX_PAST_EPOCHS: usize = 3;
+
+/// Longest group name.
+pub const MAX_GROUP_NAME: usize = 64;
+
+/// Errors of group operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// profile storage failed
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// a key package was invalid or could not be built
+    #[error(transparent)]
+    KeyPackage(#[from] KeyPackageError),
+    /// an application message could not be encoded or decoded
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// no local group by that name
+    #[error("no group named {0:?}")]
+    NoSuchGroup(String),
+    /// a local group by that name exists
+    #[error("a group named {0:?} exists already")]
+    GroupExists(String),
+    /// the name is not a valid group name
+    #[error("group names are 1-{MAX_GROUP_NAME} printable characters")]
+    BadName,
+    /// the user is not in the group
+    #[error("{0} is not a member of the group")]
+    NotAMember(String),
+    /// the user is in the group already
+    #[error("{0} is already a member of the group")]
+    AlreadyMember(String),
+    /// a key package did not belong to the expected identity
+    #[error("the key package does not belong to the invitee")]
+    WrongInvitee,
+    /// we were removed from this group
+    #[error("this client is no longer a member of the group")]
+    Inactive,
+    /// a Welcome that is not addressed to this client
+    #[error("the Welcome is not for this client")]
+    WelcomeNotForUs,
+    /// a message for a group this client is not in
+    #[error("message for an unknown group")]
+    UnknownGroup,
+    /// input from a peer failed MLS validation (bad signature, replay, wrong
+    /// epoch, removed sender, garbage)
+    #[error("rejected input: {0}")]
+    Rejected(String),
+    /// an MLS operation of our own failed
+    #[error("MLS operation failed: {0}")]
+    Mls(String),
+}
+
+impl From<rusqlite::Error> for GroupError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::State(StateError::Sqlite(e))
+    }
+}
+
+/// A payload to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// who gets it (never includes this client)
+    pub recipients: Vec<IdentityKey>,
+    /// delivery message id (idempotency key)
+    pub message_id: [u8; 16],
+    /// MLS message bytes
+    pub payload: Vec<u8>,
+}
+
+/// A pending commit and what to send for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// the group's MLS id
+    pub group_id: Vec<u8>,
+    /// the commit for the other members; `None` when there are none (then
+    /// there is no race to lose: confirm it right away)
+    pub commit: Option<Outgoing>,
+    /// the Welcome for new members, to send after the commit is accepted
+    pub welcome: Option<Outgoing>,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// local group name
+    pub group: String,
+    /// sender's username (from the MLS credential)
+    pub sender: String,
+    /// sender's identity key
+    pub sender_key: IdentityKey,
+    /// sender's clock, Unix ms
+    pub sent_at_ms: u64,
+    /// our clock when it arrived, Unix ms
+    pub received_at_ms: u64,
+    /// text (or a placeholder for unsupported content)
+    pub text: String,
+    /// message id (hex)
+    pub message_id: String,
+}
+
+/// Something that happened while processing incoming messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// we joined a group from a Welcome
+    Joined {
+        /// local group name
+        group: String,
+        /// who added us
+        by: String,
+        /// members at join time
+        members: Vec<String>,
+    },
+    /// a new message
+    Message(StoredMessage),
+    /// members were added
+    MembersAdded {
+        /// group
+        group: String,
+        /// committer
+        by: String,
+        /// added usernames
+        members: Vec<String>,
+    },
+    /// members were removed
+    MembersRemoved {
+        /// group
+        group: String,
+        /// committer
+        by: String,
+        /// removed usernames
+        members: Vec<String>,
+    },
+    /// a member refreshed their keys (post-compromise security)
+    KeyUpdated {
+        /// group
+        group: String,
+        /// who
+        by: String,
+    },
+    /// we were removed from a group
+    Removed {
+        /// group
+        group: String,
+        /// committer
+        by: String,
+    },
+    /// proposals arrived (e.g. a member leaving) that a commit must cover;
+    /// call [`Profile::commit_pending`]
+    ProposalsPending {
+        /// group
+        group: String,
+        /// MLS group id
+        group_id: Vec<u8>,
+    },
+}
+
+/// A member as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// username from the credential
+    pub username: String,
+    /// identity key
+    pub key: IdentityKey,
+    /// this client
+    pub is_self: bool,
+}
+
+/// A group as listed to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// local name
+    pub name: String,
+    /// MLS group id
+    pub group_id: Vec<u8>,
+    /// current epoch
+    pub epoch: u64,
+    /// member usernames
+    pub members: Vec<String>,
+}
+
+pub(crate) fn capabilities() -> Capabilities {
+    Capabilities::new(
+        None,
+        None,
+        Some(&[
+            ExtensionType::LastResort,
+            ExtensionType::Unknown(GROUP_META_EXTENSION),
+        ]),
+        None,
+        None,
+    )
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .build()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn random_id() -> Result<[u8; 16], GroupError> {
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| GroupError::Mls("system RNG failed".into()))?;
+    Ok(id)
+}
+
+fn username_of(c: &Credential) -> String {
+    BasicCredential::try_from(c.clone())
+        .ok()
+        .and_then(|b| String::from_utf8(b.identity().to_vec()).ok())
+        .unwrap_or_else(|| "<unknown>".into())
+}
+
+fn valid_group_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_GROUP_NAME && !name.chars().any(char::is_control)
+}
+
+fn mls<E: std::fmt::Display>(e: E) -> GroupError {
+    GroupError::Mls(e.to_string())
+}
+
+fn rejected<E: std::fmt::Display>(e: E) -> GroupError {
+    GroupError::Rejected(e.to_string())
+}
+
+fn load(conn: &Connection, group_id: &[u8]) -> Result<MlsGroup, GroupError> {
+    MlsGroup::load(
+        Provider::new(conn).storage(),
+        &GroupId::from_slice(group_id),
+    )
+    .map_err(|e| GroupError::State(StateError::Storage(e.to_string())))?
+    .ok_or(GroupError::UnknownGroup)
+}
+
+fn group_id_by_name(conn: &Connection, name: &str) -> Result<Vec<u8>, GroupError> {
+    conn.query_row("SELECT group_id FROM groups WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()?
+    .ok_or_else(|| GroupError::NoSuchGroup(name.to_string()))
+}
+
+fn name_by_group_id(conn: &Connection, group_id: &[u8]) -> Result<Option<String>, GroupError> {
+    Ok(conn
+        .query_row(
+            "SELECT name FROM groups WHERE group_id = ?1",
+            [group_id],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+fn member_key(m: &openmls::prelude::Member) -> Option<IdentityKey> {
+    IdentityKey::from_slice(&m.signature_key).ok()
+}
+
+fn others(group: &MlsGroup, me: IdentityKey) -> Vec<IdentityKey> {
+    group
+        .members()
+        .filter_map(|m| member_key(&m))
+        .filter(|k| *k != me)
+        .collect()
+}
+
+fn to_bytes(m: &MlsMessageOut) -> Result<Vec<u8>, GroupError> {
+    m.tls_serialize_detached().map_err(mls)
+}
+
+fn mark_processed(conn: &Connection, message_id: &[u8]) -> Result<(), GroupError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)",
+        params![message_id, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
+    )?;
+    Ok(())
+}
+
+fn insert_message(
+    conn: &Connection,
+    group_id: &[u8],
+    m: &StoredMessage,
+) -> Result<bool, GroupError> {
+    let id = hex::decode(&m.message_id).map_err(rejected)?;
+    let n = conn.execute(
+        "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            group_id,
+            id,
+            m.sender,
+            m.sender_key.as_bytes(),
+            i64::try_from(m.sent_at_ms).unwrap_or(i64::MAX),
+            i64::try_from(m.received_at_ms).unwrap_or(i64::MAX),
+            m.text
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+fn unique_name(conn: &Connection, wanted: &str) -> Result<String, GroupError> {
+    let base = if valid_group_name(wanted) {
+        wanted.to_string()
+    } else {
+        "group".to_string()
+    };
+    let mut name = base.clone();
+    let mut n = 2;
+    while conn
+        .query_row("SELECT 1 FROM groups WHERE name = ?1", [&name], |_| Ok(()))
+        .optional()?
+        .is_some()
+    {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    Ok(name)
+}
+
+fn commit_outcome(
+    group_id: &[u8],
+    recipients: Vec<IdentityKey>,
+    commit: &MlsMessageOut,
+    welcome: Option<(Vec<IdentityKey>, &MlsMessageOut)>,
+) -> Result<CommitOutcome, GroupError> {
+    let commit = if recipients.is_empty() {
+        None
+    } else {
+        Some(Outgoing {
+            recipients,
+            message_id: random_id()?,
+            payload: to_bytes(commit)?,
+        })
+    };
+    let welcome = match welcome {
+        Some((to, w)) => Some(Outgoing {
+            recipients: to,
+            message_id: random_id()?,
+            payload: to_bytes(w)?,
+        }),
+        None => None,
+    };
+    Ok(CommitOutcome {
+        group_id: group_id.to_vec(),
+        commit,
+        welcome,
+    })
+}
+
+impl Profile {
+    /// Creates a group named `name` with this client as its only member.
+    pub fn create_group(&mut self, name: &str) -> Result<Vec<u8>, GroupError> {
+        if !valid_group_name(name) {
+            return Err(GroupError::BadName);
+        }
+        let tx = self.conn.transaction()?;
+        if tx
+            .query_row("SELECT 1 FROM groups WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some()
+        {
+            return Err(GroupError::GroupExists(name.to_string()));
+        }
+        let provider = Provider::new(&tx);
+        let meta = Extension::Unknown(
+            GROUP_META_EXTENSION,
+            UnknownExtension(name.as_bytes().to_vec()),
+        );
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .capabilities(capabilities())
+            .with_group_context_extensions(Extensions::single(meta).map_err(mls)?)
+            .build();
+        let credential = openmls::prelude::CredentialWithKey {
+            credential: BasicCredential::new(self.username.as_bytes().to_vec()).into(),
+            signature_key: self.identity.public_key().as_bytes().to_vec().into(),
+        };
+        let group_id = random_id()?.to_vec();
+        let group = MlsGroup::new_with_group_id(
+            &provider,
+            self.identity.key_pair(),
+            &config,
+            GroupId::from_slice(&group_id),
+            credential,
+        )
+        .map_err(mls)?;
+        drop(group);
+        tx.execute(
+            "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![group_id, name, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
+        )?;
+        tx.commit()?;
+        Ok(group_id)
+    }
+
+    /// Whether a local group named `name` exists.
+    pub fn has_group(&self, name: &str) -> Result<bool, GroupError> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM groups WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Adds the owner of `key_package` (which must belong to `invitee`) to
+    /// the group.  The commit stays pending until confirmed or aborted.
+    pub fn add_member(
+        &mut self,
+        group: &str,
+        key_package: &[u8],
+        invitee: IdentityKey,
+    ) -> Result<CommitOutcome, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let group_id = group_id_by_name(&tx, group)?;
+        let provider = Provider::new(&tx);
+        let kp = KeyPackageIn::tls_deserialize_exact(key_package)
+            .map_err(|e| KeyPackageError::Decode(e.to_string()))?
+            .validate(provider.crypto(), ProtocolVersion::Mls10)
+            .map_err(|e| KeyPackageError::Invalid(e.to_string()))?;
+        if kp.leaf_node().signature_key().as_slice() != invitee.as_bytes() {
+            return Err(GroupError::WrongInvitee);
+        }
+        let mut g = load(&tx, &group_id)?;
+        if !g.is_active() {
+            return Err(GroupError::Inactive);
+        }
+        if g.members().any(|m| m.signature_key == invitee.as_bytes()) {
+            return Err(GroupError::AlreadyMember(username_of(
+                kp.leaf_node().credential(),
+            )));
+        }
+        let recipients = others(&g, me);
+        let (commit, welcome, _info) = g
+            .add_members(
+                &provider,
+                self.identity.key_pair(),
+                std::slice::from_ref(&kp),
+            )
+            .map_err(mls)?;
+        let out = commit_outcome(
+            &group_id,
+            recipients,
+            &commit,
+            Some((vec![invitee], &welcome)),
+        )?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Removes `username` from the group (the commit also goes to them, so
+    /// they learn it).
+    pub fn remove_member(
+        &mut self,
+        group: &str,
+        username: &str,
+    ) -> Result<CommitOutcome, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let group_id = group_id_by_name(&tx, group)?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, &group_id)?;
+        let target: Vec<LeafNodeIndex> = g
+            .members()
+            .filter(|m| username_of(&m.credential) == username && m.signature_key != me.as_bytes())
+            .map(|m| m.index)
+            .collect();
+        if target.is_empty() {
+            return Err(GroupError::NotAMember(username.to_string()));
+        }
+        let recipients = others(&g, me);
+        let (commit, _welcome, _info) = g
+            .remove_members(&provider, self.identity.key_pair(), &target)
+            .map_err(mls)?;
+        let out = commit_outcome(&group_id, recipients, &commit, None)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Refreshes this client's leaf keys (post-compromise security).
+    pub fn self_update(&mut self, group: &str) -> Result<CommitOutcome, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let group_id = group_id_by_name(&tx, group)?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, &group_id)?;
+        let recipients = others(&g, me);
+        let bundle = g
+            .self_update(
+                &provider,
+                self.identity.key_pair(),
+                LeafNodeParameters::default(),
+            )
+            .map_err(mls)?;
+        let (commit, _welcome, _info) = bundle.into_contents();
+        let out = commit_outcome(&group_id, recipients, &commit, None)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Commits proposals received from others (e.g. a member leaving).
+    pub fn commit_pending(&mut self, group_id: &[u8]) -> Result<Option<CommitOutcome>, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, group_id)?;
+        if g.pending_proposals().next().is_none() || !g.is_active() {
+            return Ok(None);
+        }
+        let recipients = others(&g, me);
+        let (commit, welcome, _info) = g
+            .commit_to_pending_proposals(&provider, self.identity.key_pair())
+            .map_err(mls)?;
+        if welcome.is_some() {
+            return Err(GroupError::Mls(
+                "pending proposals add members; not supported".into(),
+            ));
+        }
+        let out = commit_outcome(group_id, recipients, &commit, None)?;
+        tx.commit()?;
+        Ok(Some(out))
+    }
+
+    /// The server accepted our pending commit: apply it.
+    pub fn confirm_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
+        let tx = self.conn.transaction()?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, group_id)?;
+        g.merge_pending_commit(&provider).map_err(mls)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The server rejected our pending commit: discard it.
+    pub fn abort_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
+        let tx = self.conn.transaction()?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, group_id)?;
+        g.clear_pending_commit(provider.storage()).map_err(mls)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Encrypts a text message for the group and records it in our history.
+    pub fn send_text(&mut self, group: &str, text: &str) -> Result<Outgoing, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let group_id = group_id_by_name(&tx, group)?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, &group_id)?;
+        if !g.is_active() {
+            return Err(GroupError::Inactive);
+        }
+        let id = random_id()?;
+        let now = now_ms();
+        let body = AppMessage::text(id, now, text)?.encode()?;
+        let out = g
+            .create_message(&provider, self.identity.key_pair(), &body)
+            .map_err(mls)?;
+        let recipients = others(&g, me);
+        let stored = StoredMessage {
+            group: group.to_string(),
+            sender: self.username.clone(),
+            sender_key: me,
+            sent_at_ms: now,
+            received_at_ms: now,
+            text: text.to_string(),
+            message_id: hex::encode(id),
+        };
+        insert_message(&tx, &group_id, &stored)?;
+        mark_processed(&tx, &id)?;
+        let payload = to_bytes(&out)?;
+        tx.commit()?;
+        Ok(Outgoing {
+            recipients,
+            message_id: id,
+            payload,
+        })
+    }
+
+    /// Proposes our own removal to the others and forgets the group locally.
+    /// Returns the proposal to send (none if we were alone).
+    pub fn leave(&mut self, group: &str) -> Result<Option<Outgoing>, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let group_id = group_id_by_name(&tx, group)?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, &group_id)?;
+        let recipients = others(&g, me);
+        let out = if g.is_active() && !recipients.is_empty() {
+            let proposal = g
+                .leave_group(&provider, self.identity.key_pair())
+                .map_err(mls)?;
+            Some(Outgoing {
+                recipients,
+                message_id: random_id()?,
+                payload: to_bytes(&proposal)?,
+            })
+        } else {
+            None
+        };
+        g.delete(provider.storage()).map_err(mls)?;
+        tx.execute("DELETE FROM groups WHERE group_id = ?1", [&group_id])?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Members of a group.
+    pub fn members(&self, group: &str) -> Result<Vec<MemberInfo>, GroupError> {
+        let me = self.identity_key();
+        let group_id = group_id_by_name(&self.conn, group)?;
+        let g = load(&self.conn, &group_id)?;
+        Ok(g.members()
+            .filter_map(|m| {
+                let key = member_key(&m)?;
+                Some(MemberInfo {
+                    username: username_of(&m.credential),
+                    key,
+                    is_self: key == me,
+                })
+            })
+            .collect())
+    }
+
+    /// Identity keys of the other members of a group.
+    pub fn recipients(&self, group: &str) -> Result<Vec<IdentityKey>, GroupError> {
+        let group_id = group_id_by_name(&self.conn, group)?;
+        Ok(others(&load(&self.conn, &group_id)?, self.identity_key()))
+    }
+
+    /// All local groups.
+    pub fn groups(&self) -> Result<Vec<GroupSummary>, GroupError> {
+        let rows: Vec<(Vec<u8>, String)> = self
+            .conn
+            .prepare("SELECT group_id, name FROM groups ORDER BY name")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(group_id, name)| {
+                let g = load(&self.conn, &group_id)?;
+                Ok(GroupSummary {
+                    members: g.members().map(|m| username_of(&m.credential)).collect(),
+                    epoch: g.epoch().as_u64(),
+                    group_id,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// The last `limit` messages of a group, oldest first.
+    pub fn history(&self, group: &str, limit: usize) -> Result<Vec<StoredMessage>, GroupError> {
+        let group_id = group_id_by_name(&self.conn, group)?;
+        let mut rows: Vec<StoredMessage> = self
+            .conn
+            .prepare(
+                "SELECT sender, sender_key, sent_at, received_at, body, message_id FROM messages
+                 WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?
+            .query_map(
+                params![group_id, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    let key: Vec<u8> = r.get(1)?;
+                    let id: Vec<u8> = r.get(5)?;
+                    Ok((
+                        r.get(0)?,
+                        key,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get(4)?,
+                        id,
+                    ))
+                },
+            )?
+            .map(|row| {
+                let (sender, key, sent, received, text, id): (
+                    String,
+                    Vec<u8>,
+                    i64,
+                    i64,
+                    String,
+                    Vec<u8>,
+                ) = row?;
+                Ok(StoredMessage {
+                    group: group.to_string(),
+                    sender,
+                    sender_key: IdentityKey::from_slice(&key).map_err(StateError::from)?,
+                    sent_at_ms: u64::try_from(sent).unwrap_or(0),
+                    received_at_ms: u64::try_from(received).unwrap_or(0),
+                    text,
+                    message_id: hex::encode(id),
+                })
+            })
+            .collect::<Result<_, GroupError>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Records that queue entries up to `seq` are processed (the cursor).
+    pub fn set_next_seq(&self, next: u64) -> Result<(), GroupError> {
+        Ok(self.set_setting("next_seq", &next.to_le_bytes())?)
+    }
+
+    /// Processes one delivered payload (Welcome, commit, proposal or
+    /// application message) identified by its delivery `message_id`.  A
+    /// payload already processed is ignored (shown once).  On error nothing
+    /// changes.
+    pub fn process(&mut self, message_id: &[u8], payload: &[u8]) -> Result<Vec<Event>, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let seen = tx
+            .query_row(
+                "SELECT 1 FROM processed WHERE message_id = ?1",
+                [message_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if seen {
+            return Ok(Vec::new());
+        }
+        let msg = MlsMessageIn::tls_deserialize_exact(payload).map_err(rejected)?;
+        let events = match msg.extract() {
+            MlsMessageBodyIn::Welcome(welcome) => join(&tx, welcome)?,
+            MlsMessageBodyIn::PrivateMessage(m) => {
+                handle_protocol(&tx, me, ProtocolMessage::from(m))?
+            }
+            MlsMessageBodyIn::PublicMessage(m) => {
+                handle_protocol(&tx, me, ProtocolMessage::from(m))?
+            }
+            _ => return Err(GroupError::Rejected("unexpected MLS message type".into())),
+        };
+        mark_processed(&tx, message_id)?;
+        tx.commit()?;
+        Ok(events)
+    }
+}
+
+fn join(tx: &Connection, welcome: openmls::prelude::Welcome) -> Result<Vec<Event>, GroupError> {
+    let provider = Provider::new(tx);
+    let processed = ProcessedWelcome::new_from_welcome(&provider, &join_config(), welcome)
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("No matching key package") || text.contains("key package") {
+                GroupError::WelcomeNotForUs
+            } else {
+                GroupError::Rejected(text)
+            }
+        })?;
+    let staged = processed
+        .into_staged_welcome(&provider, None)
+        .map_err(rejected)?;
+    let by = staged
+        .welcome_sender()
+        .map(|l| username_of(l.credential()))
+        .unwrap_or_default();
+    let g = staged.into_group(&provider).map_err(rejected)?;
+    let wanted = g
+        .extensions()
+        .unknown(GROUP_META_EXTENSION)
+        .and_then(|u| String::from_utf8(u.0.clone()).ok())
+        .unwrap_or_else(|| "group".into());
+    let group_id = g.group_id().as_slice().to_vec();
+    if name_by_group_id(tx, &group_id)?.is_some() {
+        return Err(GroupError::Rejected(
+            "already a member of this group".into(),
+        ));
+    }
+    let name = unique_name(tx, &wanted)?;
+    tx.execute(
+        "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![group_id, name, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
+    )?;
+    let members = g.members().map(|m| username_of(&m.credential)).collect();
+    Ok(vec![Event::Joined {
+        group: name,
+        by,
+        members,
+    }])
+}
+
+fn handle_protocol(
+    tx: &Connection,
+    me: IdentityKey,
+    pm: ProtocolMessage,
+) -> Result<Vec<Event>, GroupError> {
+    let group_id = pm.group_id().as_slice().to_vec();
+    let name = name_by_group_id(tx, &group_id)?.ok_or(GroupError::UnknownGroup)?;
+    let provider = Provider::new(tx);
+    let mut g = load(tx, &group_id)?;
+    if !g.is_active() {
+        return Err(GroupError::Inactive);
+    }
+    let processed = g.process_message(&provider, pm).map_err(rejected)?;
+    let by = username_of(processed.credential());
+    let sender_key = match processed.sender() {
+        Sender::Member(idx) => g
+            .members()
+            .find(|m| m.index == *idx)
+            .and_then(|m| member_key(&m)),
+        _ => None,
+    };
+    let mut events = Vec::new();
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(app) => {
+            let sender_key = sender_key.ok_or_else(|| {
+                GroupError::Rejected("application message from a non-member".into())
+            })?;
+            let m = AppMessage::decode(&app.into_bytes())?;
+            let text = match m.content {
+                Content::Text { text } => text,
+                _ => "[unsupported content]".to_string(),
+            };
+            let stored = StoredMessage {
+                group: name.clone(),
+                sender: by,
+                sender_key,
+                sent_at_ms: m.ts,
+                received_at_ms: now_ms(),
+                text,
+                message_id: m.id,
+            };
+            if insert_message(tx, &group_id, &stored)? {
+                events.push(Event::Message(stored));
+            }
+        }
+        ProcessedMessageContent::ProposalMessage(p) => {
+            g.store_pending_proposal(provider.storage(), *p)
+                .map_err(mls)?;
+            events.push(Event::ProposalsPending {
+                group: name,
+                group_id,
+            });
+        }
+        ProcessedMessageContent::StagedCommitMessage(sc) => {
+            let added: Vec<String> = sc
+                .add_proposals()
+                .map(|a| username_of(a.add_proposal().key_package().leaf_node().credential()))
+                .collect();
+            let removed_idx: Vec<LeafNodeIndex> = sc
+                .remove_proposals()
+                .map(|r| r.remove_proposal().removed())
+                .collect();
+            let removed: Vec<String> = g
+                .members()
+                .filter(|m| removed_idx.contains(&m.index))
+                .map(|m| username_of(&m.credential))
+                .collect();
+            let self_removed = sc.self_removed();
+            let updated =
+                sc.update_path_leaf_node().is_some() && added.is_empty() && removed.is_empty();
+            g.merge_staged_commit(&provider, *sc).map_err(rejected)?;
+            if !added.is_empty() {
+                events.push(Event::MembersAdded {
+                    group: name.clone(),
+                    by: by.clone(),
+                    members: added,
+                });
+            }
+            if self_removed {
+                events.push(Event::Removed {
+                    group: name.clone(),
+                    by: by.clone(),
+                });
+            } else if !removed.is_empty() {
+                events.push(Event::MembersRemoved {
+                    group: name.clone(),
+                    by: by.clone(),
+                    members: removed,
+                });
+            }
+            if updated {
+                events.push(Event::KeyUpdated { group: name, by });
+            }
+        }
+        _ => {}
+    }
+    let _ = me;
+    Ok(events)
+}

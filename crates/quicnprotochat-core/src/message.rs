@@ -1,0 +1,136 @@
+//! The application message format: what travels inside MLS application
+//! messages.
+//!
+//! Version 1 is a JSON object: `{"v":1,"id":"<32 hex>","ts":<unix ms>,
+//! "content":{"type":"text","text":"..."}}`.  The sender is not in the body:
+//! it is the MLS-authenticated sender of the message.  Unknown content types
+//! decode to [`Content::Unsupported`] so older clients keep working when new
+//! types appear.
+
+use serde::{Deserialize, Serialize};
+
+/// Current format version.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Longest text accepted in one message (characters are UTF-8 bytes here).
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// Errors decoding or encoding application messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// not valid JSON of this format
+    #[error("malformed application message: {0}")]
+    Malformed(String),
+    /// a version this client does not understand
+    #[error("unsupported application message version {0}")]
+    Version(u8),
+    /// text too long
+    #[error("text longer than {MAX_TEXT_BYTES} bytes")]
+    TooLong,
+}
+
+/// Message content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Content {
+    /// plain text
+    Text {
+        /// the text
+        text: String,
+    },
+    /// a content type this client does not know
+    #[serde(other)]
+    Unsupported,
+}
+
+/// An application message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppMessage {
+    /// format version
+    pub v: u8,
+    /// sender-chosen random id (hex of 16 bytes); also the delivery message id
+    pub id: String,
+    /// sender's clock, Unix milliseconds
+    pub ts: u64,
+    /// the content
+    pub content: Content,
+}
+
+impl AppMessage {
+    /// A text message.
+    pub fn text(id: [u8; 16], ts: u64, text: &str) -> Result<Self, MessageError> {
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(MessageError::TooLong);
+        }
+        Ok(Self {
+            v: FORMAT_VERSION,
+            id: hex::encode(id),
+            ts,
+            content: Content::Text { text: text.into() },
+        })
+    }
+
+    /// Serializes the message.
+    pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
+        serde_json::to_vec(self).map_err(|e| MessageError::Malformed(e.to_string()))
+    }
+
+    /// Parses a message from a peer.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        let m: Self =
+            serde_json::from_slice(bytes).map_err(|e| MessageError::Malformed(e.to_string()))?;
+        if m.v != FORMAT_VERSION {
+            return Err(MessageError::Version(m.v));
+        }
+        if m.id.len() != 32 || hex::decode(&m.id).is_err() {
+            return Err(MessageError::Malformed("bad message id".into()));
+        }
+        if let Content::Text { text } = &m.content
+            && text.len() > MAX_TEXT_BYTES
+        {
+            return Err(MessageError::TooLong);
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_answer_encoding() {
+        let m = AppMessage::text([0xab; 16], 1_700_000_000_000, "hi").unwrap();
+        let bytes = m.encode().unwrap();
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            r#"{"v":1,"id":"abababababababababababababababab","ts":1700000000000,"content":{"type":"text","text":"hi"}}"#
+        );
+        assert_eq!(AppMessage::decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_content_types_decode_as_unsupported() {
+        let raw = br#"{"v":1,"id":"abababababababababababababababab","ts":1,"content":{"type":"sticker","url":"x"}}"#;
+        assert_eq!(
+            AppMessage::decode(raw).unwrap().content,
+            Content::Unsupported
+        );
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        assert!(AppMessage::decode(b"").is_err());
+        assert!(AppMessage::decode(b"\xff\x00").is_err());
+        assert!(matches!(
+            AppMessage::decode(br#"{"v":2,"id":"abababababababababababababababab","ts":1,"content":{"type":"text","text":"x"}}"#),
+            Err(MessageError::Version(2))
+        ));
+        assert!(
+            AppMessage::decode(br#"{"v":1,"id":"zz","ts":1,"content":{"type":"text","text":"x"}}"#)
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! MLS group flows driven deterministically between profiles, with a toy
+//! in-memory "delivery service" that enforces one commit per epoch like the
+//! real server.  No network: the core does no IO but its own profile files.
+
+use std::collections::HashMap;
+
+use quicnprotochat_core::framing::{self, FrameKind};
+use quicnprotochat_core::{
+    CommitOutcome, Event, GroupError, IdentityKey, Outgoing, Profile, ProfileKey,
+};
+
+/// (delivery message id, payload)
+type Delivery = (Vec<u8>, Vec<u8>);
+
+struct Net {
+    queues: HashMap<IdentityKey, Vec<Delivery>>,
+    epochs: HashMap<Vec<u8>, u64>,
+}
+
+impl Net {
+    fn new() -> Self {
+        Self {
+            queues: HashMap::new(),
+            epochs: HashMap::new(),
+        }
+    }
+
+    /// Mirrors the server: a commit is accepted only if no commit of its epoch was.
+    fn send(&mut self, out: &Outgoing) -> Result<(), &'static str> {
+        let info = framing::inspect(&out.payload);
+        if info.kind == FrameKind::Commit {
+            let (gid, epoch) = (info.group_id.unwrap(), info.epoch.unwrap());
+            if self.epochs.get(&gid).is_some_and(|last| *last >= epoch) {
+                return Err("stale epoch");
+            }
+            self.epochs.insert(gid, epoch);
+        }
+        for r in &out.recipients {
+            self.queues
+                .entry(*r)
+                .or_default()
+                .push((out.message_id.to_vec(), out.payload.clone()));
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, p: &mut Profile, c: CommitOutcome) -> Result<(), &'static str> {
+        if let Some(commit) = &c.commit
+            && let Err(e) = self.send(commit)
+        {
+            p.abort_commit(&c.group_id).unwrap();
+            return Err(e);
+        }
+        p.confirm_commit(&c.group_id).unwrap();
+        if let Some(w) = &c.welcome {
+            self.send(w).unwrap();
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, p: &mut Profile) -> Vec<Event> {
+        let msgs = self.queues.remove(&p.identity_key()).unwrap_or_default();
+        let mut events = Vec::new();
+        for (id, payload) in msgs {
+            events.extend(p.process(&id, &payload).unwrap());
+        }
+        events
+    }
+}
+
+fn profile(dir: &std::path::Path, name: &str) -> Profile {
+    Profile::create(
+        &dir.join(name),
+        &ProfileKey::Passphrase(format!("pw-{name}")),
+        name,
+    )
+    .unwrap()
+}
+
+fn invite(net: &mut Net, from: &mut Profile, group: &str, to: &mut Profile) {
+    let kp = to.generate_key_packages(1, false, 3600).unwrap().remove(0);
+    let out = from.add_member(group, &kp, to.identity_key()).unwrap();
+    net.commit(from, out).unwrap();
+}
+
+fn texts(events: &[Event]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some((m.sender.clone(), m.text.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn three_members_chat_remove_update_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob, mut carol) = (
+        profile(dir.path(), "alice"),
+        profile(dir.path(), "bob"),
+        profile(dir.path(), "carol"),
+    );
+    alice.create_group("friends").unwrap();
+    invite(&mut net, &mut alice, "friends", &mut bob);
+    assert!(
+        matches!(&net.drain(&mut bob)[..], [Event::Joined { group, by, .. }] if group == "friends" && by == "alice")
+    );
+    invite(&mut net, &mut alice, "friends", &mut carol);
+    assert!(matches!(&net.drain(&mut carol)[..], [Event::Joined { .. }]));
+    assert!(
+        matches!(&net.drain(&mut bob)[..], [Event::MembersAdded { members, .. }] if members == &["carol"])
+    );
+
+    for (p, text) in [
+        (&mut alice, "hi from alice"),
+        (&mut bob, "hi from bob"),
+        (&mut carol, "hi from carol"),
+    ] {
+        let out = p.send_text("friends", text).unwrap();
+        assert_eq!(out.recipients.len(), 2);
+        net.send(&out).unwrap();
+    }
+    assert_eq!(
+        texts(&net.drain(&mut alice)),
+        [
+            ("bob".into(), "hi from bob".into()),
+            ("carol".into(), "hi from carol".into())
+        ]
+    );
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [
+            ("alice".into(), "hi from alice".into()),
+            ("carol".into(), "hi from carol".into())
+        ]
+    );
+    assert_eq!(texts(&net.drain(&mut carol)).len(), 2);
+
+    // Remove carol: she learns it, and cannot read what follows.
+    let out = alice.remove_member("friends", "carol").unwrap();
+    net.commit(&mut alice, out).unwrap();
+    assert!(
+        net.drain(&mut carol)
+            .iter()
+            .any(|e| matches!(e, Event::Removed { .. }))
+    );
+    assert!(
+        net.drain(&mut bob)
+            .iter()
+            .any(|e| matches!(e, Event::MembersRemoved { .. }))
+    );
+    let secret = alice
+        .send_text("friends", "carol must not read this")
+        .unwrap();
+    assert_eq!(secret.recipients, vec![bob.identity_key()]);
+    assert!(matches!(
+        carol.process(&secret.message_id, &secret.payload),
+        Err(GroupError::Inactive | GroupError::Rejected(_))
+    ));
+    net.send(&secret).unwrap();
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("alice".into(), "carol must not read this".into())]
+    );
+
+    // Bob self-updates; the group goes on.
+    let out = bob.self_update("friends").unwrap();
+    net.commit(&mut bob, out).unwrap();
+    assert!(
+        net.drain(&mut alice)
+            .iter()
+            .any(|e| matches!(e, Event::KeyUpdated { by, .. } if by == "bob"))
+    );
+    net.send(&alice.send_text("friends", "after update").unwrap())
+        .unwrap();
+
+    // Bob restarts from his profile and reads it.
+    let bob_dir = bob.dir().to_path_buf();
+    drop(bob);
+    let mut bob = Profile::open(&bob_dir, &ProfileKey::Passphrase("pw-bob".into())).unwrap();
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("alice".into(), "after update".into())]
+    );
+    assert_eq!(bob.history("friends", 100).unwrap().len(), 5);
+    let members: Vec<_> = bob
+        .members("friends")
+        .unwrap()
+        .into_iter()
+        .map(|m| m.username)
+        .collect();
+    assert_eq!(members, ["alice", "bob"]);
+    assert!(matches!(
+        Profile::open(&bob_dir, &ProfileKey::Passphrase("wrong".into())),
+        Err(quicnprotochat_core::StateError::WrongKey)
+    ));
+}
+
+#[test]
+fn concurrent_commits_in_one_epoch_do_not_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob, mut carol) = (
+        profile(dir.path(), "alice"),
+        profile(dir.path(), "bob"),
+        profile(dir.path(), "carol"),
+    );
+    alice.create_group("g").unwrap();
+    invite(&mut net, &mut alice, "g", &mut bob);
+    invite(&mut net, &mut alice, "g", &mut carol);
+    net.drain(&mut bob);
+    net.drain(&mut carol);
+    // Bob and carol both self-update in the same epoch; bob's commit reaches the DS first.
+    let b = bob.self_update("g").unwrap();
+    let c = carol.self_update("g").unwrap();
+    net.commit(&mut bob, b).unwrap();
+    assert_eq!(net.commit(&mut carol, c), Err("stale epoch"));
+    // Carol processes the winner and retries.
+    net.drain(&mut carol);
+    let c = carol.self_update("g").unwrap();
+    net.commit(&mut carol, c).unwrap();
+    net.drain(&mut alice);
+    net.drain(&mut bob);
+    let epochs: Vec<u64> = [&alice, &bob, &carol]
+        .iter()
+        .map(|p| p.groups().unwrap()[0].epoch)
+        .collect();
+    assert_eq!(epochs, [4, 4, 4], "all members in the same epoch");
+    // And they can still talk.
+    net.send(&carol.send_text("g", "converged").unwrap())
+        .unwrap();
+    assert_eq!(
+        texts(&net.drain(&mut alice)),
+        [("carol".into(), "converged".into())]
+    );
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("carol".into(), "converged".into())]
+    );
+}
+
+#[test]
+fn hostile_and_repeated_input_is_a_typed_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob, mut eve) = (
+        profile(dir.path(), "alice"),
+        profile(dir.path(), "bob"),
+        profile(dir.path(), "eve"),
+    );
+    alice.create_group("g").unwrap();
+    invite(&mut net, &mut alice, "g", &mut bob);
+    net.drain(&mut bob);
+    let before = bob.groups().unwrap();
+
+    assert!(matches!(
+        bob.process(b"garbage-id-0000", b"garbage"),
+        Err(GroupError::Rejected(_))
+    ));
+    assert!(matches!(
+        bob.process(b"empty-id-0000000", b""),
+        Err(GroupError::Rejected(_))
+    ));
+
+    // A Welcome meant for eve.
+    let kp = eve.generate_key_packages(1, false, 3600).unwrap().remove(0);
+    let out = alice.add_member("g", &kp, eve.identity_key()).unwrap();
+    let welcome = out.welcome.clone().unwrap();
+    assert!(matches!(
+        bob.process(&welcome.message_id, &welcome.payload),
+        Err(GroupError::WelcomeNotForUs)
+    ));
+    alice.abort_commit(&out.group_id).unwrap();
+
+    // A tampered ciphertext, then a replay of a valid one.
+    let msg = alice.send_text("g", "once").unwrap();
+    let mut tampered = msg.payload.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    assert!(matches!(
+        bob.process(b"tampered-id-0000", &tampered),
+        Err(GroupError::Rejected(_))
+    ));
+    assert_eq!(
+        texts(&bob.process(&msg.message_id, &msg.payload).unwrap()),
+        [("alice".into(), "once".into())]
+    );
+    // The same delivery again: shown once.
+    assert!(
+        bob.process(&msg.message_id, &msg.payload)
+            .unwrap()
+            .is_empty()
+    );
+    // The same ciphertext under a new delivery id: MLS rejects the replay.
+    assert!(bob.process(b"replayed-id-0000", &msg.payload).is_err());
+    assert_eq!(bob.history("g", 10).unwrap().len(), 1);
+    assert_eq!(bob.groups().unwrap(), before);
+
+    // A key package of someone other than the named invitee.
+    let kp = eve.generate_key_packages(1, false, 3600).unwrap().remove(0);
+    assert!(matches!(
+        alice.add_member("g", &kp, bob.identity_key()),
+        Err(GroupError::WrongInvitee)
+    ));
+}

@@ -1,0 +1,4 @@
+//! Integration tests of the core: MLS flows between real profiles on disk.
+
+#[cfg(test)]
+mod groups;
