@@ -12,4 +12,6 @@ mod delivery;
 #[cfg(test)]
 mod keypackages;
 #[cfg(test)]
+mod packaging;
+#[cfg(test)]
 mod support;
