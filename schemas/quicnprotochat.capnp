@@ -29,7 +29,7 @@ enum ErrorCode {
   versionMismatch @8; # client and server wire versions are incompatible
   internal @9;        # server-side failure; details are in the server log only
   conflict @10;       # e.g. username taken, identity already registered under another name
-  staleEpoch @11;     # a commit for an MLS epoch that already has one (reserved)
+  staleEpoch @11;     # a commit for an MLS group epoch that already has an accepted commit
 }
 
 struct Error {

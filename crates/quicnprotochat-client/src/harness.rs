@@ -3,19 +3,30 @@
 //! starts a real server on port 0 in a temporary data directory, and creates
 //! authenticated, registered clients.
 
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Once;
+use std::time::Duration;
 
 use quicnprotochat_core::Identity;
 use quicnprotochat_proto::transport::{self, ServerAuth};
 use quicnprotochat_server::config::{Config, Secret};
 use quicnprotochat_server::{ServerError, ServerHandle};
 
-use crate::{Client, ClientConfig, ClientError};
+use crate::{Client, ClientConfig, ClientError, Messenger, MessengerError, ProfileKey};
 
 /// The access token of test servers (not a development default, never in docs).
 pub const TEST_TOKEN: &str = "harness-token-0123456789abcdef0123456789";
+
+/// The passphrase of test profiles.
+pub const TEST_PASSPHRASE: &str = "harness-profile-passphrase";
+
+/// The profile key of test profiles.
+pub fn test_profile_key() -> ProfileKey {
+    ProfileKey::Passphrase(TEST_PASSPHRASE.into())
+}
 
 /// Harness failures.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +43,28 @@ pub enum HarnessError {
     /// the server is stopped
     #[error("the test server is stopped")]
     Stopped,
+    /// a messenger operation failed
+    #[error("messenger: {0}")]
+    Messenger(#[from] MessengerError),
+    /// the server process did not come up
+    #[error("server process: {0}")]
+    Process(String),
+}
+
+/// Registers `username` with a new profile in `profiles/<username>` under `root`.
+async fn register_messenger(
+    root: &Path,
+    config: ClientConfig,
+    username: &str,
+) -> Result<Messenger, HarnessError> {
+    let dir = root.join("profiles").join(username);
+    Ok(Messenger::register(&dir, &test_profile_key(), config, username).await?)
+}
+
+/// Opens the profile of `username` under `root` again (a restarted client).
+async fn reopen_messenger(root: &Path, username: &str) -> Result<Messenger, HarnessError> {
+    let dir = root.join("profiles").join(username);
+    Ok(Messenger::open(&dir, &test_profile_key(), None).await?)
 }
 
 /// Installs ring as the process-level rustls provider, exactly once;
@@ -145,6 +178,16 @@ impl TestServer {
         Ok(client)
     }
 
+    /// A registered messenger (new profile) for `username`.
+    pub async fn messenger(&self, username: &str) -> Result<Messenger, HarnessError> {
+        register_messenger(self.dir.path(), self.client_config(), username).await
+    }
+
+    /// Reopens the profile of `username` (a client restart).
+    pub async fn reopen_messenger(&self, username: &str) -> Result<Messenger, HarnessError> {
+        reopen_messenger(self.dir.path(), username).await
+    }
+
     /// A new identity, authenticated and registered as `username`.
     pub async fn client(&self, username: &str) -> Result<TestClient, HarnessError> {
         let identity = Identity::generate().map_err(ClientError::from)?;
@@ -161,5 +204,136 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The real server binary, run as a child process on loopback with its data
+/// directory in a temporary directory.  Killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct ServerProcess {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `bin` (the `quicnprotochat-server` executable) on a free port.
+    pub fn start(bin: impl AsRef<Path>) -> Result<Self, HarnessError> {
+        install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let mut p = Self {
+            bin: bin.as_ref().to_path_buf(),
+            dir,
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// The server command with this instance's environment (for tests that
+    /// run other subcommands, e.g. `health`).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env_clear()
+            .env("QUICNPROTOCHAT_DATA_DIR", self.data_dir())
+            .env("QUICNPROTOCHAT_AUTH_TOKEN", TEST_TOKEN)
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    fn spawn(&mut self) -> Result<(), HarnessError> {
+        let mut child = self
+            .command()
+            .args(["serve", "--listen", &self.addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| HarnessError::Process("no stderr".into()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening")
+                    && let Some(rest) = line.split("addr=").nth(1)
+                {
+                    let _ = tx.send(
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
+                }
+            }
+        });
+        self.child = Some(child);
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| HarnessError::Process("the server did not report its address".into()))?;
+        self.addr = addr
+            .parse()
+            .map_err(|_| HarnessError::Process(format!("bad address {addr}")))?;
+        Ok(())
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// SHA-256 fingerprint of the server's development certificate.
+    pub fn fingerprint(&self) -> Result<[u8; 32], HarnessError> {
+        use quicnprotochat_proto::rustls::pki_types::CertificateDer;
+        use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
+        let cert = CertificateDer::from_pem_file(self.data_dir().join("dev-cert.pem"))
+            .map_err(|e| HarnessError::Process(format!("reading the certificate: {e}")))?;
+        Ok(transport::fingerprint(&cert))
+    }
+
+    /// A client configuration pinning this server.
+    pub fn client_config(&self) -> Result<ClientConfig, HarnessError> {
+        Ok(ClientConfig::new(
+            self.addr,
+            ServerAuth::Pinned(self.fingerprint()?),
+            TEST_TOKEN,
+        ))
+    }
+
+    /// Kills the server with SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts the server again on the same data directory and port.
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// A registered messenger (new profile) for `username`.
+    pub async fn messenger(&self, username: &str) -> Result<Messenger, HarnessError> {
+        register_messenger(self.dir.path(), self.client_config()?, username).await
+    }
+
+    /// Reopens the profile of `username` (a client restart).
+    pub async fn reopen_messenger(&self, username: &str) -> Result<Messenger, HarnessError> {
+        reopen_messenger(self.dir.path(), username).await
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -10,9 +10,12 @@ mod connection;
 mod error;
 #[cfg(feature = "test-harness")]
 pub mod harness;
+mod messenger;
 
 pub use connection::{
     AuthChallenge, Client, ClientConfig, EnqueueResult, Envelope, Health, Subscription,
 };
 pub use error::{ClientError, ServerErrorCode};
+pub use messenger::{EventStream, Messenger, MessengerError};
+pub use quicnprotochat_core::{Event, ProfileKey};
 pub use quicnprotochat_proto::transport::ServerAuth;

@@ -73,6 +73,7 @@ impl fmt::Display for IdentityKey {
 }
 
 /// An identity: the Ed25519 key pair.  `Debug` never shows the private key.
+#[derive(Clone)]
 pub struct Identity {
     keys: SignatureKeyPair,
     public: IdentityKey,

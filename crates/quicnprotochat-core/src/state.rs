@@ -179,13 +179,15 @@ impl fmt::Debug for Profile {
 
 fn open_db(path: &Path, key: &ProfileKey) -> Result<Connection, StateError> {
     let conn = Connection::open(path)?;
-    conn.pragma_update(None, "cipher_log_level", "NONE")?;
     match key {
         ProfileKey::Passphrase(p) => conn.pragma_update(None, "key", p)?,
         ProfileKey::Raw(raw) => {
             conn.pragma_update(None, "key", format!("x'{}'", hex::encode(raw)))?
         }
     }
+    // SQLCipher logs a wrong key to stderr; we report it as a typed error.
+    // (Set after `key`: the first keying installs SQLCipher's log defaults.)
+    conn.pragma_update(None, "cipher_log_level", "NONE")?;
     match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
     }) {

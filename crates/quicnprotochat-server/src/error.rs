@@ -29,6 +29,7 @@ pub(crate) enum ApiError {
         client: u16,
     },
     Conflict(&'static str),
+    StaleEpoch(String),
     /// Logged with its detail; the peer sees only "internal error".
     Internal(String),
 }
@@ -45,6 +46,7 @@ impl ApiError {
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             Self::Conflict(_) => ErrorCode::Conflict,
+            Self::StaleEpoch(_) => ErrorCode::StaleEpoch,
             Self::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -55,7 +57,10 @@ impl ApiError {
             | Self::Forbidden(m)
             | Self::NotFound(m)
             | Self::Conflict(m) => (*m).to_string(),
-            Self::InvalidArgument(m) | Self::TooLarge(m) | Self::QueueFull(m) => m.clone(),
+            Self::InvalidArgument(m)
+            | Self::TooLarge(m)
+            | Self::QueueFull(m)
+            | Self::StaleEpoch(m) => m.clone(),
             Self::RateLimited { .. } => "rate limited".into(),
             Self::VersionMismatch { client } => format!(
                 "wire version mismatch: server speaks {}, client {client}",

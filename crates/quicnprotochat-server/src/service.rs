@@ -33,6 +33,9 @@ use crate::store::{
     Store,
 };
 
+/// Minor wire versions this server accepts (the major version is in the ALPN).
+const SUPPORTED_WIRE_VERSIONS: std::ops::RangeInclusive<u16> = 1..=WIRE_VERSION;
+
 /// Most live subscriptions on one connection (one per device queue is normal).
 const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 4;
 
@@ -138,7 +141,7 @@ impl ServiceImpl {
     ) -> Result<[u8; NONCE_LEN], ApiError> {
         self.ctx.shared.limiters.auth_per_ip.check(&self.ctx.ip)?;
         let client = params.get()?.get_wire_version();
-        if client != WIRE_VERSION {
+        if !SUPPORTED_WIRE_VERSIONS.contains(&client) {
             return Err(ApiError::VersionMismatch { client });
         }
         let mut nonce = [0; NONCE_LEN];
@@ -490,6 +493,13 @@ impl SessionImpl {
         ctx.update(&message_id);
         let mut dedup_key = [0; 32];
         dedup_key.copy_from_slice(ctx.finish().as_ref());
+        let frame = quicnprotochat_core::framing::inspect(payload);
+        let commit = match (frame.kind, frame.group_id, frame.epoch) {
+            (quicnprotochat_core::framing::FrameKind::Commit, Some(group_id), Some(epoch)) => {
+                Some((group_id, epoch))
+            }
+            _ => None,
+        };
         let request = EnqueueRequest {
             recipients: recipients.clone(),
             message_id,
@@ -498,6 +508,7 @@ impl SessionImpl {
             now_ms: unix_ms(),
             max_depth: shared.limits.queue_depth,
             dedup_window_ms: shared.limits.dedup_window_secs.saturating_mul(1000),
+            commit,
         };
         let outcome = shared.store_call(shared.store.enqueue(request)).await?;
         match &outcome {
@@ -509,6 +520,11 @@ impl SessionImpl {
             EnqueueOutcome::QueueFull { index } => {
                 return Err(ApiError::QueueFull(format!(
                     "the queue of recipient {index} is full; nothing was stored"
+                )));
+            }
+            EnqueueOutcome::StaleEpoch { last_commit_epoch } => {
+                return Err(ApiError::StaleEpoch(format!(
+                    "a commit for this epoch was already accepted (last accepted commit epoch {last_commit_epoch}); process it and retry"
                 )));
             }
             EnqueueOutcome::UnknownRecipient { .. } => {

@@ -119,6 +119,10 @@ pub struct EnqueueRequest {
     pub max_depth: u64,
     /// how long the idempotency key is remembered, milliseconds
     pub dedup_window_ms: u64,
+    /// set when the payload is an MLS commit: (group id, epoch).  At most one
+    /// commit per group epoch is accepted (RFC 9750 §5.2: the delivery
+    /// service breaks commit ties).
+    pub commit: Option<(Vec<u8>, u64)>,
 }
 
 /// Result of an enqueue.
@@ -135,6 +139,11 @@ pub enum EnqueueOutcome {
     QueueFull {
         /// index into `recipients`
         index: usize,
+    },
+    /// a commit for this group's epoch was already accepted; nothing stored
+    StaleEpoch {
+        /// the epoch of the last accepted commit
+        last_commit_epoch: u64,
     },
     /// this recipient is not a registered identity; nothing was stored
     UnknownRecipient {

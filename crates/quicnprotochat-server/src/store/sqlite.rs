@@ -102,6 +102,11 @@ const MIGRATIONS: &[&str] = &[
         key        BLOB PRIMARY KEY,
         expires_at INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 2: commit ordering, one accepted commit per MLS group epoch.
+    "CREATE TABLE group_epochs (
+        group_id          BLOB PRIMARY KEY,
+        last_commit_epoch INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// The database key.
@@ -342,9 +347,10 @@ fn open_connection(path: &Path, key: &DbKey, sync: Synchronous) -> Result<Connec
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     if let DbKey::Raw(raw) = key {
-        // SQLCipher prints key failures to stderr by default; we report them ourselves.
-        conn.pragma_update(None, "cipher_log_level", "NONE")?;
         conn.pragma_update(None, "key", format!("x'{}'", hex::encode(raw)))?;
+        // SQLCipher prints key failures to stderr by default; we report them
+        // ourselves.  (Set after `key`: the first keying installs defaults.)
+        conn.pragma_update(None, "cipher_log_level", "NONE")?;
     }
     match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
@@ -584,6 +590,17 @@ impl Store for SqliteStore {
             if live_duplicate {
                 return Ok(EnqueueOutcome::Duplicate);
             }
+            if let Some((group_id, epoch)) = &req.commit {
+                let last: Option<i64> = c
+                    .prepare_cached("SELECT last_commit_epoch FROM group_epochs WHERE group_id = ?1")?
+                    .query_row([group_id], |r| r.get(0))
+                    .optional()?;
+                if let Some(last) = last
+                    && to_u64(last) >= *epoch
+                {
+                    return Ok(EnqueueOutcome::StaleEpoch { last_commit_epoch: to_u64(last) });
+                }
+            }
             let mut head =
                 c.prepare_cached("SELECT next_seq, depth FROM queue_heads WHERE recipient = ?1")?;
             let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
@@ -609,6 +626,13 @@ impl Store for SqliteStore {
                 req.dedup_key,
                 to_i64(req.now_ms.saturating_add(req.dedup_window_ms))
             ])?;
+            if let Some((group_id, epoch)) = &req.commit {
+                c.prepare_cached(
+                    "INSERT INTO group_epochs (group_id, last_commit_epoch) VALUES (?1, ?2)
+                     ON CONFLICT (group_id) DO UPDATE SET last_commit_epoch = excluded.last_commit_epoch",
+                )?
+                .execute(params![group_id, to_i64(*epoch)])?;
+            }
             let refs = i64::try_from(req.recipients.len()).unwrap_or(i64::MAX);
             c.prepare_cached("INSERT INTO payloads (refs, data) VALUES (?1, ?2)")?
                 .execute(params![refs, req.payload])?;
@@ -735,6 +759,7 @@ mod tests {
             now_ms: 1_000,
             max_depth: depth,
             dedup_window_ms: 60_000,
+            commit: None,
         }
     }
 
@@ -824,6 +849,44 @@ mod tests {
             .unwrap()
         };
         assert_eq!(orphans, 0);
+    }
+
+    #[tokio::test]
+    async fn one_commit_per_group_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DbKey::Raw([1; 32])).unwrap();
+        register_all(&s, &[1, 2]).await;
+        let commit = |id: u8, group: &[u8], epoch: u64| EnqueueRequest {
+            commit: Some((group.to_vec(), epoch)),
+            ..enqueue_req(&[key(1)], id, b"commit", 10)
+        };
+        assert!(matches!(
+            s.enqueue(commit(1, b"g", 5)).await.unwrap(),
+            EnqueueOutcome::Stored { .. }
+        ));
+        assert_eq!(
+            s.enqueue(commit(2, b"g", 5)).await.unwrap(),
+            EnqueueOutcome::StaleEpoch {
+                last_commit_epoch: 5
+            }
+        );
+        assert_eq!(
+            s.enqueue(commit(3, b"g", 4)).await.unwrap(),
+            EnqueueOutcome::StaleEpoch {
+                last_commit_epoch: 5
+            }
+        );
+        // Other groups and later epochs are independent.
+        assert!(matches!(
+            s.enqueue(commit(4, b"h", 5)).await.unwrap(),
+            EnqueueOutcome::Stored { .. }
+        ));
+        assert!(matches!(
+            s.enqueue(commit(5, b"g", 6)).await.unwrap(),
+            EnqueueOutcome::Stored { .. }
+        ));
+        // A stale commit stored nothing.
+        assert_eq!(s.fetch(key(1), 0, 10, 1 << 20).await.unwrap().len(), 3);
     }
 
     #[tokio::test]

@@ -1,0 +1,426 @@
+//! `quicnprotochat`: the command-line chat client.
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use quicnprotochat_client::{ClientConfig, Event, Messenger, ProfileKey, ServerAuth};
+use quicnprotochat_proto::rustls::RootCertStore;
+use quicnprotochat_proto::rustls::pki_types::CertificateDer;
+use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
+use quicnprotochat_proto::transport;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt as _;
+
+/// End-to-end encrypted group chat (MLS over QUIC).
+#[derive(Debug, Parser)]
+#[command(name = "quicnprotochat", version, about)]
+struct Cli {
+    /// Profile directory (encrypted state of one identity).
+    #[arg(long, env = "QUICNPROTOCHAT_PROFILE", global = true)]
+    profile: Option<PathBuf>,
+    /// Print one JSON object per line instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Where the server is and how to trust it (saved in the profile at
+/// `register`; given again only to change them).
+#[derive(Debug, Clone, Args)]
+struct ServerArgs {
+    /// Server UDP address.
+    #[arg(long, env = "QUICNPROTOCHAT_SERVER", global = true)]
+    server: Option<SocketAddr>,
+    /// TLS server name to check against the certificate (with --ca).
+    #[arg(long, default_value = "localhost", global = true)]
+    server_name: String,
+    /// Pin the server certificate by its SHA-256 fingerprint (64 hex characters).
+    #[arg(long, global = true, conflicts_with_all = ["pin_cert", "ca"])]
+    pin: Option<String>,
+    /// Pin the server certificate in this PEM file.
+    #[arg(long, global = true, conflicts_with = "ca")]
+    pin_cert: Option<PathBuf>,
+    /// Verify the server certificate against the CA certificates in this PEM file.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Server access token.
+    #[arg(
+        long,
+        env = "QUICNPROTOCHAT_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a profile and register USERNAME on the server.
+    Register { username: String },
+    /// Invite USER to GROUP (created if it does not exist).
+    Invite { group: String, user: String },
+    /// Send TEXT to GROUP.
+    Send { group: String, text: String },
+    /// Print arriving messages (and join groups on invitation) until interrupted.
+    Listen {
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Fetch and process everything queued, then exit.
+    Sync,
+    /// List groups.
+    Groups,
+    /// List the members of GROUP.
+    Members { group: String },
+    /// Show the last messages of GROUP.
+    History {
+        group: String,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Remove USER from GROUP.
+    Remove { group: String, user: String },
+    /// Refresh your keys in GROUP (post-compromise security).
+    Update { group: String },
+    /// Leave GROUP.
+    Leave { group: String },
+    /// Interactive chat in GROUP: typed lines are sent, arriving messages are printed.
+    Chat { group: String },
+}
+
+fn main() -> ExitCode {
+    transport::install_default_provider();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn profile_dir(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cli.profile {
+        return Ok(p.clone());
+    }
+    let home = std::env::var_os("HOME").context("set --profile (HOME is not set)")?;
+    Ok(Path::new(&home).join(".quicnprotochat"))
+}
+
+fn profile_key() -> anyhow::Result<ProfileKey> {
+    if let Ok(p) = std::env::var("QUICNPROTOCHAT_PASSPHRASE") {
+        if p.is_empty() {
+            bail!("QUICNPROTOCHAT_PASSPHRASE is empty");
+        }
+        return Ok(ProfileKey::Passphrase(p));
+    }
+    if std::io::stdin().is_terminal() {
+        let p =
+            rpassword::prompt_password("profile passphrase: ").context("reading the passphrase")?;
+        if p.is_empty() {
+            bail!("the passphrase must not be empty");
+        }
+        return Ok(ProfileKey::Passphrase(p));
+    }
+    bail!("set QUICNPROTOCHAT_PASSPHRASE (no terminal to ask for the profile passphrase)")
+}
+
+/// Builds a server configuration from flags, if any were given.
+fn server_config(args: &ServerArgs, required: bool) -> anyhow::Result<Option<ClientConfig>> {
+    // The token alone (often from the environment) does not replace the
+    // server saved in the profile; an address or trust setting does.
+    let any =
+        args.server.is_some() || args.pin.is_some() || args.pin_cert.is_some() || args.ca.is_some();
+    if !any && !required {
+        return Ok(None);
+    }
+    let addr = args.server.context("--server is required")?;
+    let auth = if let Some(pin) = &args.pin {
+        let bytes = hex::decode(pin)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        ServerAuth::Pinned(
+            bytes.context("--pin must be 64 hex characters (a SHA-256 fingerprint)")?,
+        )
+    } else if let Some(path) = &args.pin_cert {
+        let cert = CertificateDer::from_pem_file(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        ServerAuth::Pinned(transport::fingerprint(&cert))
+    } else if let Some(path) = &args.ca {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading {}", path.display()))?
+        {
+            roots
+                .add(cert.context("parsing a CA certificate")?)
+                .context("adding a CA certificate")?;
+        }
+        ServerAuth::Roots(Arc::new(roots))
+    } else {
+        bail!("say how to trust the server: --pin, --pin-cert or --ca");
+    };
+    let token = args
+        .token
+        .clone()
+        .context("--token (or QUICNPROTOCHAT_TOKEN) is required")?;
+    let mut cfg = ClientConfig::new(addr, auth, token.into_bytes());
+    cfg.server_name = args.server_name.clone();
+    Ok(Some(cfg))
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn line(&self, text: String, value: serde_json::Value) {
+        if self.json {
+            println!("{value}");
+        } else {
+            println!("{text}");
+        }
+    }
+
+    fn event(&self, e: &Event) {
+        match e {
+            Event::Message(m) => self.line(
+                format!("[{}] {}: {}", m.group, m.sender, m.text),
+                json!({"event": "message", "group": m.group, "sender": m.sender, "text": m.text,
+                       "sent_at_ms": m.sent_at_ms, "id": m.message_id}),
+            ),
+            Event::Joined { group, by, members } => self.line(
+                format!(
+                    "* joined {group} (added by {by}; members: {})",
+                    members.join(", ")
+                ),
+                json!({"event": "joined", "group": group, "by": by, "members": members}),
+            ),
+            Event::MembersAdded { group, by, members } => self.line(
+                format!("* {by} added {} to {group}", members.join(", ")),
+                json!({"event": "members_added", "group": group, "by": by, "members": members}),
+            ),
+            Event::MembersRemoved { group, by, members } => self.line(
+                format!("* {by} removed {} from {group}", members.join(", ")),
+                json!({"event": "members_removed", "group": group, "by": by, "members": members}),
+            ),
+            Event::KeyUpdated { group, by } => self.line(
+                format!("* {by} updated their keys in {group}"),
+                json!({"event": "key_updated", "group": group, "by": by}),
+            ),
+            Event::Removed { group, by } => self.line(
+                format!("* {by} removed you from {group}"),
+                json!({"event": "removed", "group": group, "by": by}),
+            ),
+            Event::ProposalsPending { group, .. } => self.line(
+                format!("* pending changes in {group}"),
+                json!({"event": "proposals_pending", "group": group}),
+            ),
+            _ => {}
+        }
+    }
+
+    fn ok(&self, text: String, value: serde_json::Value) {
+        self.line(text, value);
+    }
+}
+
+async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
+    let dir = profile_dir(cli)?;
+    if !quicnprotochat_core::Profile::exists(&dir) {
+        bail!(
+            "no profile in {} (run `quicnprotochat register USERNAME` first)",
+            dir.display()
+        );
+    }
+    let key = profile_key()?;
+    let server = server_config(&cli.server, false)?;
+    Messenger::open(&dir, &key, server)
+        .await
+        .context("opening the profile")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Out { json: cli.json };
+    match &cli.command {
+        Cmd::Register { username } => {
+            let dir = profile_dir(&cli)?;
+            let server = server_config(&cli.server, true)?.context("server settings")?;
+            let key = profile_key()?;
+            let m = Messenger::register(&dir, &key, server, username).await?;
+            out.ok(
+                format!("registered {username} ({})", m.identity_key().await),
+                json!({"ok": true, "username": username, "identity": m.identity_key().await.to_string()}),
+            );
+        }
+        Cmd::Invite { group, user } => {
+            let m = open(&cli).await?;
+            m.sync().await?.iter().for_each(|e| out.event(e));
+            m.invite(group, user)
+                .await?
+                .iter()
+                .for_each(|e| out.event(e));
+            out.ok(
+                format!("invited {user} to {group}"),
+                json!({"ok": true, "group": group, "invited": user}),
+            );
+        }
+        Cmd::Send { group, text } => {
+            let m = open(&cli).await?;
+            m.sync().await?.iter().for_each(|e| out.event(e));
+            m.send(group, text).await?;
+            out.ok(
+                format!("sent to {group}"),
+                json!({"ok": true, "group": group}),
+            );
+        }
+        Cmd::Sync => {
+            let m = open(&cli).await?;
+            m.sync().await?.iter().for_each(|e| out.event(e));
+        }
+        Cmd::Listen { count, timeout } => {
+            let m = open(&cli).await?;
+            let mut events = m.listen().await?;
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
+            let mut messages = 0;
+            loop {
+                if count.is_some_and(|c| messages >= c) {
+                    break;
+                }
+                let next = match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, events.next()).await {
+                        Ok(e) => e,
+                        Err(_) => break,
+                    },
+                    None => events.next().await,
+                };
+                let Some(e) = next else { break };
+                if matches!(e, Event::Message(_)) {
+                    messages += 1;
+                }
+                out.event(&e);
+            }
+        }
+        Cmd::Groups => {
+            let m = open(&cli).await?;
+            for g in m.groups().await? {
+                out.line(
+                    format!(
+                        "{} (epoch {}, members: {})",
+                        g.name,
+                        g.epoch,
+                        g.members.join(", ")
+                    ),
+                    json!({"group": g.name, "epoch": g.epoch, "members": g.members}),
+                );
+            }
+        }
+        Cmd::Members { group } => {
+            let m = open(&cli).await?;
+            for mem in m.members(group).await? {
+                let me = if mem.is_self { " (you)" } else { "" };
+                out.line(
+                    format!("{}{me} {}", mem.username, mem.key),
+                    json!({"username": mem.username, "identity": mem.key.to_string(), "self": mem.is_self}),
+                );
+            }
+        }
+        Cmd::History { group, limit } => {
+            let m = open(&cli).await?;
+            for msg in m.history(group, *limit).await? {
+                out.event(&Event::Message(msg));
+            }
+        }
+        Cmd::Remove { group, user } => {
+            let m = open(&cli).await?;
+            m.sync().await?.iter().for_each(|e| out.event(e));
+            m.remove(group, user)
+                .await?
+                .iter()
+                .for_each(|e| out.event(e));
+            out.ok(
+                format!("removed {user} from {group}"),
+                json!({"ok": true, "group": group, "removed": user}),
+            );
+        }
+        Cmd::Update { group } => {
+            let m = open(&cli).await?;
+            m.sync().await?.iter().for_each(|e| out.event(e));
+            m.update(group).await?.iter().for_each(|e| out.event(e));
+            out.ok(
+                format!("updated your keys in {group}"),
+                json!({"ok": true, "group": group}),
+            );
+        }
+        Cmd::Leave { group } => {
+            let m = open(&cli).await?;
+            m.leave(group).await?;
+            out.ok(format!("left {group}"), json!({"ok": true, "left": group}));
+        }
+        Cmd::Chat { group } => chat(&cli, &out, group).await?,
+    }
+    Ok(())
+}
+
+async fn chat(cli: &Cli, out: &Out, group: &str) -> anyhow::Result<()> {
+    let m = open(cli).await?;
+    for msg in m.history(group, 20).await? {
+        out.event(&Event::Message(msg));
+    }
+    let mut events = m.listen().await?;
+    let me = m.username().await;
+    if !out.json {
+        println!("-- chatting in {group} as {me}; type a line to send, /quit to leave --");
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            e = events.next() => match e {
+                Some(e) => out.event(&e),
+                None => bail!("the connection to the server was lost"),
+            },
+            line = lines.next_line() => match line.context("reading input")? {
+                None => break,
+                Some(l) if l.trim() == "/quit" => break,
+                Some(l) if l.trim().is_empty() => {}
+                Some(l) => {
+                    if let Err(e) = m.send(group, l.trim_end()).await {
+                        eprintln!("error: {e:#}");
+                    }
+                }
+            },
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The `quicnprotochat` command-line client, end to end: spawned processes,
+//! a real server on loopback, encrypted profiles in a temp dir.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use quicnprotochat_client::harness::{TEST_TOKEN, TestServer};
+
+const CLI: &str = env!("CARGO_BIN_EXE_quicnprotochat");
+const PASS: &str = "cli-test-passphrase";
+
+fn cli(server: &TestServer, profile: &Path) -> Command {
+    let mut cmd = Command::new(CLI);
+    cmd.env_clear()
+        .env("QUICNPROTOCHAT_PASSPHRASE", PASS)
+        .env("QUICNPROTOCHAT_PROFILE", profile)
+        .env("QUICNPROTOCHAT_TOKEN", TEST_TOKEN)
+        .stdin(Stdio::null());
+    let _ = server;
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out: Output = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "command failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn register(server: &TestServer, profile: &Path, name: &str) {
+    let pin = hex::encode(server.fingerprint());
+    let out = run_ok(cli(server, profile).args([
+        "register",
+        name,
+        "--server",
+        &server.addr().to_string(),
+        "--pin",
+        &pin,
+    ]));
+    assert!(out.starts_with(&format!("registered {name} (")), "{out}");
+}
+
+#[test]
+fn two_clients_chat_through_the_command_line() {
+    let server = TestServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&server, &alice, "alice");
+    register(&server, &bob, "bob");
+
+    // Bob listens (JSON lines) until he got two messages.
+    let listener = cli(&server, &bob)
+        .args(["--json", "listen", "--count", "2", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        run_ok(cli(&server, &alice).args(["invite", "friends", "bob"])).trim(),
+        "invited bob to friends"
+    );
+    run_ok(cli(&server, &alice).args(["send", "friends", "hello bob"]));
+    run_ok(cli(&server, &alice).args(["send", "friends", "second line"]));
+    let out = listener.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"], "joined");
+    assert_eq!(lines[0]["group"], "friends");
+    assert_eq!(lines[0]["by"], "alice");
+    let texts: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "message")
+        .map(|l| (l["sender"].clone(), l["text"].clone()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("alice".into(), "hello bob".into()),
+            ("alice".into(), "second line".into())
+        ]
+    );
+
+    // Bob replies; alice syncs and reads it in human-readable form.
+    run_ok(cli(&server, &bob).args(["send", "friends", "hi alice"]));
+    let synced = run_ok(cli(&server, &alice).args(["sync"]));
+    assert_eq!(synced.trim(), "[friends] bob: hi alice");
+    let members = run_ok(cli(&server, &alice).args(["members", "friends"]));
+    assert!(
+        members.lines().any(|l| l.starts_with("alice (you) ")),
+        "{members}"
+    );
+    assert!(members.lines().any(|l| l.starts_with("bob ")), "{members}");
+    let groups = run_ok(cli(&server, &bob).args(["--json", "groups"]));
+    let g: serde_json::Value = serde_json::from_str(groups.trim()).unwrap();
+    assert_eq!(g["group"], "friends");
+    assert_eq!(g["members"], serde_json::json!(["alice", "bob"]));
+    let history = run_ok(cli(&server, &bob).args(["history", "friends"]));
+    assert_eq!(history.lines().count(), 3);
+}
+
+#[test]
+fn interactive_chat_sends_typed_lines() {
+    let server = TestServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&server, &alice, "alice");
+    register(&server, &bob, "bob");
+    run_ok(cli(&server, &alice).args(["invite", "room", "bob"]));
+    run_ok(cli(&server, &bob).args(["sync"]));
+    let mut chat = cli(&server, &bob)
+        .args(["chat", "room"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let stdin = chat.stdin.as_mut().unwrap();
+        writeln!(stdin, "typed in chat").unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        writeln!(stdin, "/quit").unwrap();
+    }
+    let out = chat.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        run_ok(cli(&server, &alice).args(["sync"])).trim(),
+        "[room] bob: typed in chat"
+    );
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let server = TestServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = dir.path().join("alice");
+    register(&server, &alice, "alice");
+    let check = |cmd: &mut Command, needle: &str| {
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+    };
+    check(
+        cli(&server, &alice).args(["invite", "friends", "nobody"]),
+        "no user named \"nobody\"",
+    );
+    check(
+        cli(&server, &alice)
+            .env("QUICNPROTOCHAT_PASSPHRASE", "wrong")
+            .args(["groups"]),
+        "passphrase",
+    );
+    check(
+        cli(&server, &dir.path().join("none")).args(["groups"]),
+        "no profile",
+    );
+    check(
+        cli(&server, &alice).args(["send", "nogroup", "x"]),
+        "no group named",
+    );
+}

@@ -1,0 +1,5 @@
+//! Integration tests of the client: the command-line client as spawned
+//! processes against a real server.
+
+#[cfg(test)]
+mod cli;
