@@ -371,3 +371,84 @@ async fn enqueue_is_rate_limited_per_identity() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_server_accepts_one_commit_per_group_epoch() {
+    use quicnprotochat_core::{Profile, ProfileKey};
+    let server = TestServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = ProfileKey::Passphrase("p".into());
+    let mut profiles: Vec<Profile> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|n| Profile::create(&dir.path().join(n), &key, n).unwrap())
+        .collect();
+    let mut clients = Vec::new();
+    for p in &profiles {
+        let c = server.connect_as(p.identity()).await.unwrap();
+        c.register(p.username()).await.unwrap();
+        clients.push(c);
+    }
+    // alice builds the group alone (no commit is sent while she is the only member).
+    profiles[0].create_group("g").unwrap();
+    for i in [1, 2] {
+        let kp = profiles[i]
+            .generate_key_packages(1, false, 3600)
+            .unwrap()
+            .remove(0);
+        let invitee = profiles[i].identity_key();
+        let out = profiles[0].add_member("g", &kp, invitee).unwrap();
+        if let Some(c) = &out.commit {
+            clients[0]
+                .enqueue(&c.recipients, c.message_id, c.payload.clone())
+                .await
+                .unwrap();
+        }
+        profiles[0].confirm_commit(&out.group_id).unwrap();
+        let w = out.welcome.unwrap();
+        clients[0]
+            .enqueue(&w.recipients, w.message_id, w.payload.clone())
+            .await
+            .unwrap();
+    }
+    for i in [1, 2] {
+        for env in clients[i].fetch(1, 100).await.unwrap() {
+            profiles[i].process(&env.message_id, &env.payload).unwrap();
+        }
+        let last = clients[i].fetch(1, 100).await.unwrap().last().unwrap().seq;
+        clients[i].ack(last).await.unwrap();
+    }
+    // bob and carol commit in the same epoch: bob first.
+    let b = profiles[1].self_update("g").unwrap();
+    let c = profiles[2].self_update("g").unwrap();
+    let bc = b.commit.clone().unwrap();
+    clients[1]
+        .enqueue(&bc.recipients, bc.message_id, bc.payload.clone())
+        .await
+        .unwrap();
+    let cc = c.commit.clone().unwrap();
+    assert_code(
+        clients[2]
+            .enqueue(&cc.recipients, cc.message_id, cc.payload.clone())
+            .await,
+        ServerErrorCode::StaleEpoch,
+    );
+    // The loser's commit reached nobody.
+    let alice_queue = clients[0].fetch(1, 100).await.unwrap();
+    assert_eq!(alice_queue.len(), 1, "only the winning commit is queued");
+    // carol discards hers, processes bob's, and her retry in the new epoch is accepted.
+    profiles[2].abort_commit(&c.group_id).unwrap();
+    for env in clients[2].fetch(1, 100).await.unwrap() {
+        profiles[2].process(&env.message_id, &env.payload).unwrap();
+    }
+    let retry = profiles[2].self_update("g").unwrap().commit.unwrap();
+    clients[2]
+        .enqueue(&retry.recipients, retry.message_id, retry.payload.clone())
+        .await
+        .unwrap();
+    // Non-MLS payloads are never subject to ordering.
+    let b_key = profiles[1].identity_key();
+    clients[0]
+        .enqueue(&[b_key], msg_id(999), b"opaque".to_vec())
+        .await
+        .unwrap();
+}
