@@ -1,0 +1,239 @@
+//! MLS operation costs: quicnprotochat's profile (SQLCipher persistence, one
+//! transaction per operation, validation) beside raw openmls with in-memory
+//! storage doing the same operations, in the same run.
+//!
+//! `cargo bench -p quicnprotochat-core --bench mls`
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_core::{CIPHERSUITE, Profile, ProfileKey};
+
+/// Ends the benchmark run with a message: a failed step means the figures
+/// would be meaningless.
+fn fail(what: &str) -> ! {
+    eprintln!("benchmark step failed: {what}");
+    std::process::exit(1)
+}
+
+trait Must<T> {
+    fn must(self) -> T;
+}
+
+impl<T, E: std::fmt::Debug> Must<T> for Result<T, E> {
+    fn must(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => fail(&format!("{e:?}")),
+        }
+    }
+}
+
+impl<T> Must<T> for Option<T> {
+    fn must(self) -> T {
+        self.unwrap_or_else(|| fail("missing value"))
+    }
+}
+
+const KEY: ProfileKey = ProfileKey::Raw([7; 32]);
+
+fn profile(dir: &std::path::Path, name: &str) -> Profile {
+    Profile::create(&dir.join(name), &KEY, name).must()
+}
+
+struct Raw {
+    provider: OpenMlsRustCrypto,
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+}
+
+fn raw(name: &str) -> Raw {
+    let provider = OpenMlsRustCrypto::default();
+    let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).must();
+    signer.store(provider.storage()).must();
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+        signature_key: signer.public().into(),
+    };
+    Raw {
+        provider,
+        signer,
+        credential,
+    }
+}
+
+fn raw_kp(r: &Raw) -> KeyPackage {
+    KeyPackage::builder()
+        .build(CIPHERSUITE, &r.provider, &r.signer, r.credential.clone())
+        .must()
+        .key_package()
+        .clone()
+}
+
+fn raw_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .build()
+}
+
+fn raw_join(r: &Raw, welcome: MlsMessageOut) -> MlsGroup {
+    let bytes = welcome.tls_serialize_detached().must();
+    let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(&bytes).must().extract()
+    else {
+        fail("not a welcome")
+    };
+    let cfg = MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .build();
+    StagedWelcome::new_from_welcome(&r.provider, &cfg, w, None)
+        .must()
+        .into_group(&r.provider)
+        .must()
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().must();
+    let mut g = c.benchmark_group("mls");
+    g.sample_size(30);
+
+    // Key package: build + store private keys.
+    let mut alice = profile(dir.path(), "kp-alice");
+    g.bench_function("key_package/ours", |b| {
+        b.iter(|| alice.generate_key_packages(1, false, 3600).must())
+    });
+    let ra = raw("alice");
+    g.bench_function("key_package/openmls", |b| b.iter(|| raw_kp(&ra)));
+
+    // Create a group and add one member (commit + Welcome), merge.
+    let bob = profile(dir.path(), "add-bob");
+    let mut n = 0u64;
+    g.bench_function("create_add_merge/ours", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                let mut bob = Profile::open(&dir.path().join("add-bob"), &KEY).must();
+                (
+                    format!("g{n}"),
+                    bob.generate_key_packages(1, false, 3600).must().remove(0),
+                )
+            },
+            |(name, kp)| {
+                alice.create_group(&name).must();
+                let out = alice.add_member(&name, &kp, bob.identity_key()).must();
+                alice.confirm_commit(&out.group_id).must();
+                out
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let rb = raw("bob");
+    g.bench_function("create_add_merge/openmls", |b| {
+        b.iter_batched(
+            || raw_kp(&rb),
+            |kp| {
+                let mut grp = MlsGroup::new(
+                    &ra.provider,
+                    &ra.signer,
+                    &raw_config(),
+                    ra.credential.clone(),
+                )
+                .must();
+                let (_c, w, _gi) = grp.add_members(&ra.provider, &ra.signer, &[kp]).must();
+                grp.merge_pending_commit(&ra.provider).must();
+                w
+            },
+            BatchSize::PerIteration,
+        )
+    });
+
+    // Join from a Welcome.
+    let mut m = 0u64;
+    g.bench_function("join/ours", |b| {
+        b.iter_batched(
+            || {
+                m += 1;
+                let mut joiner = profile(dir.path(), &format!("joiner{m}"));
+                let kp = joiner
+                    .generate_key_packages(1, false, 3600)
+                    .must()
+                    .remove(0);
+                let name = format!("j{m}");
+                alice.create_group(&name).must();
+                let out = alice.add_member(&name, &kp, joiner.identity_key()).must();
+                alice.confirm_commit(&out.group_id).must();
+                let w = out.welcome.must();
+                let _ = &mut joiner;
+                (joiner, w)
+            },
+            |(mut joiner, w)| joiner.process(&w.message_id, &w.payload).must(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("join/openmls", |b| {
+        b.iter_batched(
+            || {
+                let r = raw("joiner");
+                let kp = raw_kp(&r);
+                let mut grp = MlsGroup::new(
+                    &ra.provider,
+                    &ra.signer,
+                    &raw_config(),
+                    ra.credential.clone(),
+                )
+                .must();
+                let (_c, w, _gi) = grp.add_members(&ra.provider, &ra.signer, &[kp]).must();
+                grp.merge_pending_commit(&ra.provider).must();
+                (r, w)
+            },
+            |(r, w)| raw_join(&r, w),
+            BatchSize::PerIteration,
+        )
+    });
+
+    // Encrypt 256 bytes, decrypt at the other member.
+    let text = "x".repeat(200);
+    let mut bob = bob;
+    let kp = bob.generate_key_packages(1, false, 3600).must().remove(0);
+    alice.create_group("chat").must();
+    let out = alice.add_member("chat", &kp, bob.identity_key()).must();
+    alice.confirm_commit(&out.group_id).must();
+    let w = out.welcome.must();
+    bob.process(&w.message_id, &w.payload).must();
+    g.bench_function("encrypt_decrypt_256B/ours", |b| {
+        b.iter(|| {
+            let out = alice.send_text("chat", &text).must();
+            bob.process(&out.message_id, &out.payload).must()
+        })
+    });
+    let mut ga = MlsGroup::new(
+        &ra.provider,
+        &ra.signer,
+        &raw_config(),
+        ra.credential.clone(),
+    )
+    .must();
+    let (_c, w, _gi) = ga
+        .add_members(&ra.provider, &ra.signer, &[raw_kp(&rb)])
+        .must();
+    ga.merge_pending_commit(&ra.provider).must();
+    let mut gb = raw_join(&rb, w);
+    let payload = vec![b'x'; 256];
+    g.bench_function("encrypt_decrypt_256B/openmls", |b| {
+        b.iter(|| {
+            let out = ga.create_message(&ra.provider, &ra.signer, &payload).must();
+            let bytes = out.tls_serialize_detached().must();
+            let pm = MlsMessageIn::tls_deserialize_exact(&bytes)
+                .must()
+                .try_into_protocol_message()
+                .must();
+            gb.process_message(&rb.provider, pm).must()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
