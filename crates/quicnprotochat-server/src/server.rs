@@ -27,6 +27,7 @@ use quinn::{IdleTimeout, VarInt};
 
 use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
 use crate::error::ServerError;
+use crate::production;
 use crate::ratelimit::Limiters;
 use crate::service::{ConnCtx, Hub, ServiceImpl, Shared};
 use crate::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
@@ -37,10 +38,6 @@ pub const DEV_CERT_FILE: &str = "dev-cert.pem";
 pub const DEV_KEY_FILE: &str = "dev-key.pem";
 /// Development database key, generated into the data directory.
 pub const DEV_DB_KEY_FILE: &str = "dev-db.key";
-
-/// Shortest access token production mode accepts: 32 bytes, i.e. 256 bits
-/// when random.
-pub const MIN_PRODUCTION_TOKEN_LEN: usize = 32;
 
 /// Application close codes (QUIC CONNECTION_CLOSE).
 pub mod close_code {
@@ -78,10 +75,12 @@ impl Server {
     /// Validates the configuration, prepares secrets and TLS, opens the store
     /// and binds the socket.  Must run inside a tokio runtime.
     pub fn bind(config: &Config) -> Result<Self, ServerError> {
-        if config.mode == Mode::Production {
-            check_production(config)?;
+        let production = config.mode == Mode::Production;
+        if production {
+            production::check_config(config)?;
         }
         create_private_dir(&config.data_dir)?;
+        production::check_writable(&config.data_dir)?;
         let token = match &config.auth_token {
             Some(t) if !t.0.is_empty() => {
                 if t.0 == DEV_AUTH_TOKEN {
@@ -116,7 +115,20 @@ impl Server {
             }
         };
         let (chain, private_key) = match &config.tls_paths {
-            Some((cert, key)) => load_tls(cert, key)?,
+            Some((cert, key)) => {
+                let material = load_tls(cert, key)?;
+                let leaf = material.0.first().map(|c| c.as_ref()).unwrap_or_default();
+                if let Err(why) = production::certificate_validity(leaf, unix_now_secs()) {
+                    if production {
+                        return Err(ServerError::Production {
+                            setting: "cert_path",
+                            reason: why,
+                        });
+                    }
+                    tracing::warn!(reason = %why, "DEVELOPMENT SHORTCUT: serving a certificate outside its validity period");
+                }
+                material
+            }
             None => {
                 let (chain, key) = load_or_create_dev_cert(&config.data_dir)?;
                 tracing::warn!(
@@ -130,8 +142,14 @@ impl Server {
             .first()
             .ok_or_else(|| ServerError::Tls("empty certificate chain".into()))?;
         let fingerprint = transport::fingerprint(leaf);
-        let crypto = transport::server_crypto(chain, private_key)
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
+        let crypto = transport::server_crypto(chain, private_key).map_err(|e| match e {
+            transport::TransportError::Tls(
+                quicnprotochat_proto::rustls::Error::InconsistentKeys(_),
+            ) => {
+                ServerError::Tls("key_path: the private key does not match the certificate".into())
+            }
+            e => ServerError::Tls(e.to_string()),
+        })?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(config)?));
 
@@ -365,40 +383,6 @@ fn transport_config(config: &Config) -> Result<quinn::TransportConfig, ServerErr
     Ok(t)
 }
 
-fn check_production(config: &Config) -> Result<(), ServerError> {
-    let refuse = |setting: &'static str, reason: &str| {
-        Err(ServerError::Production {
-            setting,
-            reason: reason.to_string(),
-        })
-    };
-    match &config.auth_token {
-        None => return refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)"),
-        Some(t) if t.0.is_empty() => return refuse("auth_token", "is empty"),
-        Some(t) if t.0 == DEV_AUTH_TOKEN => {
-            return refuse("auth_token", "is the public development token");
-        }
-        Some(t) if t.0.len() < MIN_PRODUCTION_TOKEN_LEN => {
-            return refuse("auth_token", "is shorter than 32 bytes");
-        }
-        Some(_) => {}
-    }
-    match config.db_key {
-        DbKeySetting::Provided(_) => {}
-        DbKeySetting::DevGenerated => return refuse("db_key", "not set (QUICNPROTOCHAT_DB_KEY)"),
-        DbKeySetting::Disabled => {
-            return refuse("db_key", "is empty, which would disable encryption");
-        }
-    }
-    if config.tls_paths.is_none() {
-        return refuse(
-            "cert_path",
-            "certificate and key paths are required (no self-signed certificates)",
-        );
-    }
-    Ok(())
-}
-
 fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -449,20 +433,22 @@ fn load_or_create_dev_db_key(path: &Path) -> Result<[u8; 32], ServerError> {
 
 type TlsMaterial = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
+fn unix_now_secs() -> i64 {
+    i64::try_from(quicnprotochat_core::keypackage::unix_now()).unwrap_or(i64::MAX)
+}
+
 fn load_tls(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            ServerError::Tls(format!("cannot read certificate {}: {e}", cert.display()))
-        })?;
+        .map_err(|e| ServerError::Tls(format!("cert_path: cannot read {}: {e}", cert.display())))?;
     if chain.is_empty() {
         return Err(ServerError::Tls(format!(
-            "no certificate in {}",
+            "cert_path: no certificate in {}",
             cert.display()
         )));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ServerError::Tls(format!("cannot read private key {}: {e}", key.display())))?;
+        .map_err(|e| ServerError::Tls(format!("key_path: cannot read {}: {e}", key.display())))?;
     Ok((chain, key))
 }
 

@@ -16,4 +16,6 @@ mod keypackages;
 #[cfg(test)]
 mod packaging;
 #[cfg(test)]
+mod production;
+#[cfg(test)]
 mod support;

@@ -1,0 +1,319 @@
+//! The production-mode gate, through the real binary: every refusal names
+//! its setting in one line and exits non-zero; development mode logs a
+//! warning for every shortcut it takes; no documented token passes.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use quicnprotochat_server::production::{EXAMPLE_TOKENS, token_problem};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quicnprotochat-server");
+const STRONG: &str = "prod-token-6c1f0e2d9b8a7f6e5d4c3b2a1f0e9d8c";
+const DB_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn write_cert(&self, name: &str, not_after_year: i32, key: &rcgen::KeyPair) -> PathBuf {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after_year, 1, 1);
+        let cert = params.self_signed(key).unwrap();
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, cert.pem()).unwrap();
+        path
+    }
+
+    fn write_key(&self, name: &str, key: &rcgen::KeyPair) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, key.serialize_pem()).unwrap();
+        path
+    }
+}
+
+fn command(data: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("QUICNPROTOCHAT_DATA_DIR", data)
+        .env("QUICNPROTOCHAT_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs the server; returns (started, stderr up to "listening" or exit).
+fn run(data: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut child = command(data, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut started = false;
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        started = line.contains("listening");
+        lines.push(line);
+        if started {
+            break;
+        }
+    }
+    if started {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    assert!(started || !status.success(), "a refusal must exit non-zero");
+    (started, lines.join("\n"))
+}
+
+#[test]
+fn production_refuses_each_weak_setting_by_name_and_starts_when_all_are_real() {
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let other = rcgen::KeyPair::generate().unwrap();
+    let good_cert = pki.write_cert("good.pem", 2099, &key);
+    let expired_cert = pki.write_cert("expired.pem", 2021, &key);
+    let good_key = pki.write_key("key.pem", &key);
+    let wrong_key = pki.write_key("other.pem", &other);
+    let (good_cert, expired_cert, good_key, wrong_key) = (
+        good_cert.to_str().unwrap().to_string(),
+        expired_cert.to_str().unwrap().to_string(),
+        good_key.to_str().unwrap().to_string(),
+        wrong_key.to_str().unwrap().to_string(),
+    );
+    let dir_as_cert = pki.dir.path().to_str().unwrap().to_string();
+    let example = EXAMPLE_TOKENS[EXAMPLE_TOKENS.len() - 1];
+    let base = [
+        ("QUICNPROTOCHAT_MODE", "production"),
+        ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+        ("QUICNPROTOCHAT_DB_KEY", DB_KEY),
+        ("QUICNPROTOCHAT_CERT", good_cert.as_str()),
+        ("QUICNPROTOCHAT_KEY", good_key.as_str()),
+    ];
+    let with = |k: &str, v: Option<&str>| -> Vec<(String, String)> {
+        base.iter()
+            .filter(|(bk, _)| *bk != k)
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .chain(v.map(|v| (k.to_string(), v.to_string())))
+            .collect()
+    };
+    type Env = Vec<(String, String)>;
+    let cases: Vec<(Env, &str, &str)> = vec![
+        (
+            with("QUICNPROTOCHAT_AUTH_TOKEN", None),
+            "auth_token",
+            "not set",
+        ),
+        (
+            with("QUICNPROTOCHAT_AUTH_TOKEN", Some("")),
+            "auth_token",
+            "empty",
+        ),
+        (
+            with("QUICNPROTOCHAT_AUTH_TOKEN", Some("devtoken")),
+            "auth_token",
+            "development token",
+        ),
+        (
+            with("QUICNPROTOCHAT_AUTH_TOKEN", Some("short-token")),
+            "auth_token",
+            "shorter than 32",
+        ),
+        (
+            with("QUICNPROTOCHAT_AUTH_TOKEN", Some(example)),
+            "auth_token",
+            "example value",
+        ),
+        (with("QUICNPROTOCHAT_DB_KEY", None), "db_key", "not set"),
+        (
+            with("QUICNPROTOCHAT_DB_KEY", Some("")),
+            "db_key",
+            "disable encryption",
+        ),
+        (
+            with("QUICNPROTOCHAT_CERT", None)
+                .into_iter()
+                .filter(|(k, _)| k != "QUICNPROTOCHAT_KEY")
+                .collect(),
+            "cert_path",
+            "required",
+        ),
+        (
+            with("QUICNPROTOCHAT_CERT", None),
+            "cert_path",
+            "key_path is set",
+        ),
+        (
+            with("QUICNPROTOCHAT_CERT", Some(&dir_as_cert)),
+            "cert_path",
+            "cannot read",
+        ),
+        (
+            with("QUICNPROTOCHAT_CERT", Some(&expired_cert)),
+            "cert_path",
+            "expired",
+        ),
+        (
+            with("QUICNPROTOCHAT_KEY", Some(&wrong_key)),
+            "key_path",
+            "does not match",
+        ),
+    ];
+    for (env, setting, why) in &cases {
+        let data = tempfile::tempdir().unwrap();
+        let env: Vec<(&str, &str)> = env.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let (started, stderr) = run(&data.path().join("data"), &env);
+        assert!(!started, "production mode must refuse ({setting}: {why})");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one clear line for {setting}: {stderr}");
+        assert!(
+            errors[0].contains(setting) && errors[0].contains(why),
+            "{setting}/{why}: {stderr}"
+        );
+        assert!(
+            !stderr.contains(STRONG) && !stderr.contains(DB_KEY),
+            "a secret leaked: {stderr}"
+        );
+    }
+    // Data directory that cannot be written (a path below a regular file).
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let (started, stderr) = run(&file.join("data"), &base);
+    assert!(!started);
+    assert!(
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .all(|l| l.contains("data dir")),
+        "{stderr}"
+    );
+    // Control: with every setting real, production mode starts (and warns about nothing).
+    let data = tempfile::tempdir().unwrap();
+    let (started, stderr) = run(&data.path().join("data"), &base);
+    assert!(
+        started,
+        "production mode must start with real settings: {stderr}"
+    );
+    assert!(!stderr.contains("DEVELOPMENT SHORTCUT"), "{stderr}");
+}
+
+#[test]
+fn development_mode_warns_about_every_shortcut_it_takes() {
+    let data = tempfile::tempdir().unwrap();
+    let (started, stderr) = run(&data.path().join("data"), &[]);
+    assert!(started, "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("DEVELOPMENT SHORTCUT"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{stderr}");
+    assert!(warnings.iter().any(|w| w.contains("development token")));
+    assert!(warnings.iter().any(|w| w.contains("database key")));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("self-signed certificate") && w.contains("fingerprint="))
+    );
+
+    let data = tempfile::tempdir().unwrap();
+    let (started, stderr) = run(
+        &data.path().join("data"),
+        &[
+            ("QUICNPROTOCHAT_DB_KEY", ""),
+            ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+        ],
+    );
+    assert!(started, "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("DEVELOPMENT SHORTCUT"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(warnings.iter().any(|w| w.contains("NOT encrypted")));
+    assert!(!stderr.contains(STRONG));
+
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let expired = pki.write_cert("expired.pem", 2021, &key);
+    let key_path = pki.write_key("key.pem", &key);
+    let data = tempfile::tempdir().unwrap();
+    let env = [
+        ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+        ("QUICNPROTOCHAT_DB_KEY", DB_KEY),
+        ("QUICNPROTOCHAT_CERT", expired.to_str().unwrap()),
+        ("QUICNPROTOCHAT_KEY", key_path.to_str().unwrap()),
+    ];
+    let (started, stderr) = run(&data.path().join("data"), &env);
+    assert!(started, "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("DEVELOPMENT SHORTCUT"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("expired"));
+}
+
+/// Every token value the documentation shows is refused by production mode.
+#[test]
+fn documented_tokens_are_refused() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = vec![
+        root.join("README.md"),
+        root.join("compose.yaml"),
+        root.join("Dockerfile"),
+    ];
+    for dir in ["docs", "docs/src"] {
+        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
+            files.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.extension()
+                            .is_some_and(|x| x == "md" || x == "toml" || x == "yaml" || x == "yml")
+                    }),
+            );
+        }
+    }
+    let patterns = [
+        r#"auth_token\s*=\s*"([^"]*)""#,
+        r#"AUTH_TOKEN=["']?([^\s"'`]+)"#,
+        r#"QUICNPROTOCHAT_TOKEN=["']?([^\s"'`]+)"#,
+        r#"--(?:auth-)?token[ =]["']?([^\s"'`]+)"#,
+    ]
+    .map(|p| regex::Regex::new(p).unwrap());
+    let mut seen = 0;
+    for f in files.iter().filter(|f| f.exists()) {
+        let text = std::fs::read_to_string(f).unwrap();
+        for re in &patterns {
+            for cap in re.captures_iter(&text) {
+                let value = &cap[1];
+                if value.starts_with('$') || value == "…" || value.is_empty() {
+                    continue; // a shell variable or an elision, not a value
+                }
+                seen += 1;
+                assert!(
+                    token_problem(value).is_some(),
+                    "{} shows the token {value:?}, which production mode would accept: add it to EXAMPLE_TOKENS",
+                    f.display()
+                );
+            }
+        }
+    }
+    assert!(seen >= 2, "the scan found the documented tokens ({seen})");
+}
