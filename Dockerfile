@@ -48,10 +48,12 @@ RUN set -eux; \
         crates/quicnprotochat-server/src/lib.rs \
         crates/quicnprotochat-server/tests/tests.rs \
         crates/quicnprotochat-client/src/lib.rs \
+        crates/quicnprotochat-client/tests/tests.rs \
         crates/quicnprotochat-p2p/src/lib.rs; \
     do mkdir -p "$(dirname "$f")"; : > "$f"; done; \
     for f in \
         crates/quicnprotochat-server/src/main.rs \
+        crates/quicnprotochat-client/src/main.rs \
         crates/quicnprotochat-client/src/bin/load.rs; \
     do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done
 RUN cargo build --release --locked -p quicnprotochat-server --bin quicnprotochat-server
