@@ -39,7 +39,7 @@ COPY crates/quicnprotochat-server/Cargo.toml crates/quicnprotochat-server/Cargo.
 COPY crates/quicnprotochat-client/Cargo.toml crates/quicnprotochat-client/Cargo.toml
 COPY crates/quicnprotochat-p2p/Cargo.toml crates/quicnprotochat-p2p/Cargo.toml
 # Stub every target file the manifests name (libraries, binaries, the
-# explicit [[test]] targets), so cargo accepts the workspace.
+# explicit [[test]] and [[bench]] targets), so cargo accepts the workspace.
 RUN set -eux; \
     for f in \
         crates/quicnprotochat-proto/src/lib.rs \
@@ -54,7 +54,8 @@ RUN set -eux; \
     for f in \
         crates/quicnprotochat-server/src/main.rs \
         crates/quicnprotochat-client/src/main.rs \
-        crates/quicnprotochat-client/src/bin/load.rs; \
+        crates/quicnprotochat-client/src/bin/load.rs \
+        crates/quicnprotochat-core/benches/mls.rs; \
     do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done
 RUN cargo build --release --locked -p quicnprotochat-server --bin quicnprotochat-server
 
