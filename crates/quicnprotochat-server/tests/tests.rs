@@ -10,6 +10,8 @@ mod binary;
 #[cfg(test)]
 mod delivery;
 #[cfg(test)]
+mod docs_reference;
+#[cfg(test)]
 mod e2e;
 #[cfg(test)]
 mod keypackages;
