@@ -3,7 +3,7 @@
 # quicnprotochat delivery server image.
 #
 #   docker build -t quicnprotochat-server .
-#   docker run ... quicnprotochat-server        (see docs/operations.md)
+#   docker run ... quicnprotochat-server        (see docs/src/operations.md)
 #
 # Base images are pinned by version tag, not by digest: digests could not be
 # looked up where this file was written. Dependabot (.github/dependabot.yml,
