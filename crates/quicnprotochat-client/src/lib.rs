@@ -16,6 +16,6 @@ pub use connection::{
     AuthChallenge, Client, ClientConfig, EnqueueResult, Envelope, Health, Subscription,
 };
 pub use error::{ClientError, ServerErrorCode};
-pub use messenger::{EventStream, Messenger, MessengerError};
+pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
 pub use quicnprotochat_core::{Event, ProfileKey};
 pub use quicnprotochat_proto::transport::ServerAuth;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
-use quicnprotochat_client::{ClientConfig, Event, Messenger, ProfileKey, ServerAuth};
+use quicnprotochat_client::{ClientConfig, Event, Messenger, P2pOptions, ProfileKey, ServerAuth};
 use quicnprotochat_proto::rustls::RootCertStore;
 use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
@@ -29,8 +29,39 @@ struct Cli {
     json: bool,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    p2p: P2pArgs,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// Direct peer-to-peer delivery over iroh (used by `listen`, `chat`, `send`).
+#[derive(Debug, Clone, Args)]
+struct P2pArgs {
+    /// Deliver directly to group members reachable peer-to-peer; the server
+    /// carries the rest (and all group changes).
+    #[arg(long, global = true)]
+    p2p: bool,
+    /// Local UDP address of the direct endpoint (0.0.0.0:PORT to be reachable on the LAN).
+    #[arg(long, default_value = "127.0.0.1:0", global = true)]
+    p2p_bind: SocketAddr,
+    /// Relay server URL for peers that cannot reach each other directly.
+    #[arg(long, global = true)]
+    p2p_relay: Option<String>,
+    /// Do not announce this client's direct address in its groups.
+    #[arg(long, global = true)]
+    p2p_no_announce: bool,
+}
+
+impl P2pArgs {
+    fn options(&self, announce: bool) -> Option<P2pOptions> {
+        self.p2p.then(|| P2pOptions {
+            bind: self.p2p_bind,
+            relay_url: self.p2p_relay.clone(),
+            announce: announce && !self.p2p_no_announce,
+            redundant: false,
+        })
+    }
 }
 
 /// Where the server is and how to trust it (saved in the profile at
@@ -243,6 +274,10 @@ impl Out {
                 format!("* {by} removed you from {group}"),
                 json!({"event": "removed", "group": group, "by": by}),
             ),
+            Event::PeerAnnounced { group, member, .. } => self.line(
+                format!("* {member} can be reached directly (announced in {group})"),
+                json!({"event": "peer_announced", "group": group, "member": member}),
+            ),
             Event::ProposalsPending { group, .. } => self.line(
                 format!("* pending changes in {group}"),
                 json!({"event": "proposals_pending", "group": group}),
@@ -298,6 +333,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Send { group, text } => {
             let m = open(&cli).await?;
+            if let Some(opts) = cli.p2p.options(false) {
+                m.enable_p2p(opts).await?;
+            }
             m.sync().await?.iter().for_each(|e| out.event(e));
             m.send(group, text).await?;
             out.ok(
@@ -311,6 +349,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Listen { count, timeout } => {
             let m = open(&cli).await?;
+            if let Some(opts) = cli.p2p.options(true) {
+                m.enable_p2p(opts).await?;
+            }
             let mut events = m.listen().await?;
             let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
             let mut messages = 0;
@@ -395,6 +436,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn chat(cli: &Cli, out: &Out, group: &str) -> anyhow::Result<()> {
     let m = open(cli).await?;
+    if let Some(opts) = cli.p2p.options(true) {
+        m.enable_p2p(opts).await?;
+    }
     for msg in m.history(group, 20).await? {
         out.event(&Event::Message(msg));
     }

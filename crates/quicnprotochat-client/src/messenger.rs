@@ -13,12 +13,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use quicnprotochat_core::PeerInfo;
+use quicnprotochat_core::framing::{self, FrameKind};
 use quicnprotochat_core::{
     CommitOutcome, Event, GroupError, GroupSummary, Identity, IdentityKey, MemberInfo, Outgoing,
     Profile, ProfileKey, StateError, StoredMessage,
 };
+use quicnprotochat_p2p::{Inbound, Node, NodeConfig, PeerAddr};
 use quicnprotochat_proto::transport::ServerAuth;
-use tokio::sync::{Mutex, RwLock, mpsc};
+use tokio::sync::{Mutex, RwLock, broadcast, mpsc};
 
 use crate::connection::{Client, ClientConfig, Envelope};
 use crate::error::{ClientError, ServerErrorCode};
@@ -59,6 +62,9 @@ pub enum MessengerError {
     /// no such user on the server
     #[error("no user named {0:?} on the server")]
     NoSuchUser(String),
+    /// the direct path failed to start
+    #[error(transparent)]
+    P2p(#[from] quicnprotochat_p2p::P2pError),
     /// the user has no key package left to be invited with
     #[error("{0} has no key package available; they need to come online")]
     NoKeyPackage(String),
@@ -76,17 +82,33 @@ impl From<quicnprotochat_core::KeyPackageError> for MessengerError {
     }
 }
 
-/// The stream of events from [`Messenger::listen`].
+/// Events buffered per listener before the slowest one starts to miss
+/// some (history is stored regardless).
+const EVENT_BUS: usize = 4096;
+
+/// The stream of events from [`Messenger::listen`]: everything processed,
+/// whether it arrived through the server or directly from a peer.
 #[derive(Debug)]
 pub struct EventStream {
-    rx: mpsc::Receiver<Event>,
+    rx: broadcast::Receiver<Event>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl EventStream {
-    /// The next event; `None` if the listener stopped.
+    /// The next event; `None` if the messenger stopped.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        loop {
+            match self.rx.recv().await {
+                Ok(e) => return Some(e),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "event listener fell behind; see history for missed messages"
+                    );
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
     }
 }
 
@@ -94,6 +116,37 @@ impl Drop for EventStream {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Peer-to-peer delivery settings.
+#[derive(Debug, Clone)]
+pub struct P2pOptions {
+    /// local UDP address of the iroh endpoint
+    pub bind: std::net::SocketAddr,
+    /// relay URL for peers behind NAT (none: direct addresses only)
+    pub relay_url: Option<String>,
+    /// announce our address in our groups (opt out to receive only)
+    pub announce: bool,
+    /// also send through the server when direct delivery succeeded
+    /// (belt and braces; recipients show each message once)
+    pub redundant: bool,
+}
+
+impl Default for P2pOptions {
+    fn default() -> Self {
+        Self {
+            bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            relay_url: None,
+            announce: true,
+            redundant: false,
+        }
+    }
+}
+
+struct P2p {
+    node: Node,
+    options: P2pOptions,
+    inbound: tokio::task::JoinHandle<()>,
 }
 
 /// A profile connected to its server.
@@ -108,6 +161,20 @@ struct Inner {
     client: RwLock<Client>,
     server: ClientConfig,
     dir: PathBuf,
+    events: broadcast::Sender<Event>,
+    p2p: RwLock<Option<P2p>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(p2p) = self.p2p.get_mut().take() {
+            p2p.inbound.abort();
+            let node = p2p.node;
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { node.close().await });
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Messenger {
@@ -122,6 +189,24 @@ const SET_ADDR: &str = "server_addr";
 const SET_NAME: &str = "server_name";
 const SET_PIN: &str = "server_pin";
 const SET_TOKEN: &str = "access_token";
+/// The iroh endpoint's secret key: a stable endpoint id across restarts.
+const P2P_SECRET: &str = "p2p_secret";
+
+fn to_peer_addr(p: &PeerInfo) -> PeerAddr {
+    PeerAddr {
+        id: p.endpoint_id,
+        addrs: p.addrs.clone(),
+        relay_url: p.relay_url.clone(),
+    }
+}
+
+fn from_peer_addr(p: &PeerAddr) -> PeerInfo {
+    PeerInfo {
+        endpoint_id: p.id,
+        addrs: p.addrs.clone(),
+        relay_url: p.relay_url.clone(),
+    }
+}
 
 fn save_server(profile: &Profile, server: &ClientConfig) -> Result<(), MessengerError> {
     profile.set_setting(SET_ADDR, server.server_addr.to_string().as_bytes())?;
@@ -220,6 +305,8 @@ impl Messenger {
                 client: RwLock::new(client),
                 server,
                 dir: dir.to_path_buf(),
+                events: broadcast::channel(EVENT_BUS).0,
+                p2p: RwLock::new(None),
             }),
         }
     }
@@ -370,12 +457,22 @@ impl Messenger {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut profile = self.inner.profile.lock().await;
-        if !profile.has_group(group)? {
-            profile.create_group(group)?;
-        }
-        self.commit_with(&mut profile, |p| p.add_member(group, &kp, invitee))
-            .await
+        let events = {
+            let mut profile = self.inner.profile.lock().await;
+            if !profile.has_group(group)? {
+                profile.create_group(group)?;
+            }
+            self.commit_with(&mut profile, |p| p.add_member(group, &kp, invitee))
+                .await?
+        };
+        // The new member does not know how to reach us directly yet.
+        self.announce(group).await?;
+        Ok(events)
+    }
+
+    /// Our direct address, when peer-to-peer delivery is enabled.
+    pub async fn p2p_addr(&self) -> Option<PeerAddr> {
+        self.inner.p2p.read().await.as_ref().map(|p| p.node.addr())
     }
 
     /// Removes `username` from `group`.
@@ -401,12 +498,182 @@ impl Messenger {
         Ok(())
     }
 
-    /// Sends a text message to `group`.
+    /// Sends a text message to `group`: directly to members reachable
+    /// peer-to-peer (when enabled), through the server to the rest.
     pub async fn send(&self, group: &str, text: &str) -> Result<(), MessengerError> {
         let mut profile = self.inner.profile.lock().await;
         let out = profile.send_text(group, text)?;
-        self.deliver(profile.identity(), &out).await?;
+        let remaining = self.send_direct(&profile, &out).await;
+        if !remaining.is_empty() {
+            let rest = Outgoing {
+                recipients: remaining,
+                ..out
+            };
+            self.deliver(profile.identity(), &rest).await?;
+        }
         Ok(())
+    }
+
+    /// Tries the direct path for every recipient with a known address;
+    /// returns the recipients that still need the server.
+    async fn send_direct(&self, profile: &Profile, out: &Outgoing) -> Vec<IdentityKey> {
+        let p2p = self.inner.p2p.read().await;
+        let Some(p2p) = p2p.as_ref() else {
+            return out.recipients.clone();
+        };
+        let mut attempts = Vec::new();
+        let mut remaining = Vec::new();
+        for r in &out.recipients {
+            match profile.peer(*r) {
+                Ok(Some(peer)) => attempts.push((*r, to_peer_addr(&peer))),
+                _ => remaining.push(*r),
+            }
+        }
+        let sends = attempts
+            .iter()
+            .map(|(_, addr)| p2p.node.send(addr, out.message_id, &out.payload));
+        let results = futures::future::join_all(sends).await;
+        for ((r, _), result) in attempts.into_iter().zip(results) {
+            match result {
+                Ok(()) if !p2p.options.redundant => {}
+                Ok(()) => remaining.push(r),
+                Err(e) => {
+                    tracing::debug!(recipient = %r, error = %e, "direct delivery failed; using the server");
+                    remaining.push(r);
+                }
+            }
+        }
+        remaining
+    }
+
+    /// Starts peer-to-peer delivery: binds the iroh endpoint with the
+    /// profile's stable key, accepts direct messages from members of our
+    /// groups, and (unless opted out) announces our address in every group.
+    /// Returns our endpoint id.
+    pub async fn enable_p2p(&self, options: P2pOptions) -> Result<[u8; 32], MessengerError> {
+        let (secret, allowed, groups) = {
+            let profile = self.inner.profile.lock().await;
+            let secret: [u8; 32] =
+                match profile.setting(P2P_SECRET)?.and_then(|v| v.try_into().ok()) {
+                    Some(s) => s,
+                    None => {
+                        let mut s = [0u8; 32];
+                        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
+                            .map_err(|_| MessengerError::NotConfigured("system RNG failed"))?;
+                        profile.set_setting(P2P_SECRET, &s)?;
+                        s
+                    }
+                };
+            let groups: Vec<String> = profile.groups()?.into_iter().map(|g| g.name).collect();
+            (secret, profile.allowed_endpoint_ids()?, groups)
+        };
+        let config = NodeConfig {
+            bind: options.bind,
+            relay_url: options.relay_url.clone(),
+            ..NodeConfig::default()
+        };
+        let (node, rx) = Node::bind(secret, config).await?;
+        for id in allowed {
+            node.allow(id);
+        }
+        let id = node.id();
+        let inbound = tokio::spawn(self.clone().inbound_loop(rx));
+        let announce = options.announce;
+        if let Some(old) = self.inner.p2p.write().await.replace(P2p {
+            node,
+            options,
+            inbound,
+        }) {
+            old.inbound.abort();
+            old.node.close().await;
+        }
+        if announce {
+            for g in groups {
+                self.announce(&g).await?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Stops peer-to-peer delivery (later messages go through the server).
+    pub async fn disable_p2p(&self) {
+        if let Some(p2p) = self.inner.p2p.write().await.take() {
+            p2p.inbound.abort();
+            p2p.node.close().await;
+        }
+    }
+
+    /// Announces our direct address to the members of `group` (through the
+    /// server: they may not know us yet).
+    async fn announce(&self, group: &str) -> Result<(), MessengerError> {
+        let peer = {
+            let p2p = self.inner.p2p.read().await;
+            match p2p.as_ref() {
+                Some(p) if p.options.announce => from_peer_addr(&p.node.addr()),
+                _ => return Ok(()),
+            }
+        };
+        let mut profile = self.inner.profile.lock().await;
+        if let Some(out) = profile.announce_peer(group, &peer)? {
+            self.deliver(profile.identity(), &out).await?;
+        }
+        Ok(())
+    }
+
+    async fn inbound_loop(self, mut rx: mpsc::Receiver<Inbound>) {
+        while let Some(m) = rx.recv().await {
+            // Only application messages may bypass the server: commits need
+            // its one-per-epoch ordering.
+            if framing::inspect(&m.payload).kind != FrameKind::Application {
+                tracing::warn!("refused a direct message that is not an application message");
+                m.reject();
+                continue;
+            }
+            let result = self
+                .inner
+                .profile
+                .lock()
+                .await
+                .process(&m.message_id, &m.payload);
+            match result {
+                Ok(events) => {
+                    m.accept();
+                    self.publish(&events).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused an invalid direct message");
+                    m.reject();
+                }
+            }
+        }
+    }
+
+    /// Hands events to listeners and reacts to them: allow announced peers,
+    /// announce ourselves where members joined.
+    async fn publish(&self, events: &[Event]) {
+        let mut announce_in = Vec::new();
+        {
+            let p2p = self.inner.p2p.read().await;
+            for e in events {
+                match e {
+                    Event::PeerAnnounced { endpoint_id, .. } => {
+                        if let Some(p) = p2p.as_ref() {
+                            p.node.allow(*endpoint_id);
+                        }
+                    }
+                    Event::Joined { group, .. } | Event::MembersAdded { group, .. } => {
+                        announce_in.push(group.clone())
+                    }
+                    _ => {}
+                }
+                let _ = self.inner.events.send(e.clone());
+            }
+        }
+        for g in announce_in {
+            if let Err(e) = self.announce(&g).await {
+                tracing::debug!(error = %e, "announcing our direct address failed");
+            }
+        }
     }
 
     /// Local groups.
@@ -434,6 +701,7 @@ impl Messenger {
         let events = self.sync_locked(&mut profile).await?;
         drop(profile);
         self.after_events(&events).await?;
+        self.publish(&events).await;
         Ok(events)
     }
 
@@ -480,18 +748,16 @@ impl Messenger {
 
     /// Listens for new messages via the server's push subscription, from
     /// where the last run stopped, and keeps doing so across reconnects.
+    /// Direct (peer-to-peer) messages arrive on the same stream.
     pub async fn listen(&self) -> Result<EventStream, MessengerError> {
-        let events = self.sync().await?;
-        let (tx, rx) = mpsc::channel(1024);
-        for e in events {
-            let _ = tx.send(e).await;
-        }
+        let rx = self.inner.events.subscribe();
+        self.sync().await?;
         let this = self.clone();
-        let task = tokio::spawn(async move { this.listen_loop(tx).await });
+        let task = tokio::spawn(async move { this.listen_loop().await });
         Ok(EventStream { rx, task })
     }
 
-    async fn listen_loop(self, tx: mpsc::Sender<Event>) {
+    async fn listen_loop(self) {
         loop {
             let from = match self.inner.profile.lock().await.next_seq() {
                 Ok(n) => n,
@@ -542,11 +808,7 @@ impl Messenger {
                 if let Err(e) = self.after_events(&events).await {
                     tracing::warn!(error = %e, "follow-up after events failed");
                 }
-                for e in events {
-                    if tx.send(e).await.is_err() {
-                        return;
-                    }
-                }
+                self.publish(&events).await;
             }
             // The subscription ended: the connection is gone. Reconnect.
             if self

@@ -5,3 +5,5 @@
 mod cli;
 #[cfg(test)]
 mod docs_reference;
+#[cfg(test)]
+mod p2p;

@@ -25,7 +25,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::CIPHERSUITE;
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
-use crate::message::{AppMessage, Content, MessageError};
+use crate::message::{AppMessage, Content, MessageError, PeerInfo};
 use crate::state::{Profile, Provider, StateError};
 
 /// Private-use extension type (RFC 9420 §17.3, 0xF000-0xFFFF) carrying the
@@ -185,6 +185,17 @@ pub enum Event {
         /// committer
         by: String,
     },
+    /// a member announced how to reach them directly
+    PeerAnnounced {
+        /// group it was announced in
+        group: String,
+        /// the member
+        member: String,
+        /// their identity key
+        key: IdentityKey,
+        /// their iroh endpoint id
+        endpoint_id: [u8; 32],
+    },
     /// proposals arrived (e.g. a member leaving) that a commit must cover;
     /// call [`Profile::commit_pending`]
     ProposalsPending {
@@ -343,6 +354,23 @@ fn insert_message(
         ],
     )?;
     Ok(n == 1)
+}
+
+fn store_peer(conn: &Connection, key: IdentityKey, peer: &PeerInfo) -> Result<(), GroupError> {
+    let addrs: Vec<String> = peer.addrs.iter().map(ToString::to_string).collect();
+    conn.execute(
+        "INSERT INTO peers (identity, endpoint_id, addrs, relay_url, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (identity) DO UPDATE SET endpoint_id = excluded.endpoint_id, addrs = excluded.addrs,
+             relay_url = excluded.relay_url, updated_at = excluded.updated_at",
+        params![
+            key.as_bytes(),
+            peer.endpoint_id,
+            addrs.join(","),
+            peer.relay_url,
+            i64::try_from(now_ms()).unwrap_or(i64::MAX)
+        ],
+    )?;
+    Ok(())
 }
 
 fn unique_name(conn: &Connection, wanted: &str) -> Result<String, GroupError> {
@@ -627,6 +655,94 @@ impl Profile {
         })
     }
 
+    /// Encrypts an announcement of how to reach this client directly, for
+    /// the members of `group` (none if we are alone).
+    pub fn announce_peer(
+        &mut self,
+        group: &str,
+        peer: &PeerInfo,
+    ) -> Result<Option<Outgoing>, GroupError> {
+        let me = self.identity_key();
+        let tx = self.conn.transaction()?;
+        let group_id = group_id_by_name(&tx, group)?;
+        let provider = Provider::new(&tx);
+        let mut g = load(&tx, &group_id)?;
+        let recipients = others(&g, me);
+        if !g.is_active() || recipients.is_empty() {
+            return Ok(None);
+        }
+        let id = random_id()?;
+        let body = AppMessage::peer_address(id, now_ms(), peer).encode()?;
+        let out = g
+            .create_message(&provider, self.identity.key_pair(), &body)
+            .map_err(mls)?;
+        mark_processed(&tx, &id)?;
+        let payload = to_bytes(&out)?;
+        tx.commit()?;
+        Ok(Some(Outgoing {
+            recipients,
+            message_id: id,
+            payload,
+        }))
+    }
+
+    /// How to reach `member` directly, if they announced it.
+    pub fn peer(&self, member: IdentityKey) -> Result<Option<PeerInfo>, GroupError> {
+        let row: Option<(Vec<u8>, String, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT endpoint_id, addrs, relay_url FROM peers WHERE identity = ?1",
+                [member.as_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((id, addrs, relay_url)) = row else {
+            return Ok(None);
+        };
+        let addrs: Vec<String> = addrs
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        Ok(Some(PeerInfo::from_content(
+            &hex::encode(id),
+            &addrs,
+            relay_url.as_deref(),
+        )?))
+    }
+
+    /// Identity keys of members of our groups (the only peers whose direct
+    /// connections we accept).
+    fn allowed_peer_keys(&self) -> Result<Vec<IdentityKey>, GroupError> {
+        let me = self.identity_key();
+        let ids: Vec<Vec<u8>> = self
+            .conn
+            .prepare("SELECT group_id FROM groups")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut keys = Vec::new();
+        for id in ids {
+            let g = load(&self.conn, &id)?;
+            if g.is_active() {
+                keys.extend(others(&g, me));
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// Endpoint ids announced by members of our groups.
+    pub fn allowed_endpoint_ids(&self) -> Result<Vec<[u8; 32]>, GroupError> {
+        let mut out = Vec::new();
+        for key in self.allowed_peer_keys()? {
+            if let Some(p) = self.peer(key)? {
+                out.push(p.endpoint_id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Proposes our own removal to the others and forgets the group locally.
     /// Returns the proposal to send (none if we were alone).
     pub fn leave(&mut self, group: &str) -> Result<Option<Outgoing>, GroupError> {
@@ -858,6 +974,21 @@ fn handle_protocol(
             let m = AppMessage::decode(&app.into_bytes())?;
             let text = match m.content {
                 Content::Text { text } => text,
+                Content::PeerAddress {
+                    endpoint_id,
+                    addrs,
+                    relay_url,
+                } => {
+                    let peer = PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref())?;
+                    store_peer(tx, sender_key, &peer)?;
+                    events.push(Event::PeerAnnounced {
+                        group: name.clone(),
+                        member: by,
+                        key: sender_key,
+                        endpoint_id: peer.endpoint_id,
+                    });
+                    return Ok(events);
+                }
                 _ => "[unsupported content]".to_string(),
             };
             let stored = StoredMessage {

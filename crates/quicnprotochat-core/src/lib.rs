@@ -20,6 +20,7 @@ pub use group::{
 };
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};
+pub use message::PeerInfo;
 pub use state::{Profile, ProfileKey, StateError};
 
 /// The ciphersuite quicnprotochat uses by default (RFC 9420 §17.1, the

@@ -9,6 +9,52 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most addresses in one peer-address announcement.
+pub const MAX_PEER_ADDRS: usize = 16;
+
+/// How to reach a member directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// iroh endpoint id
+    pub endpoint_id: [u8; 32],
+    /// socket addresses
+    pub addrs: Vec<std::net::SocketAddr>,
+    /// relay URL
+    pub relay_url: Option<String>,
+}
+
+impl PeerInfo {
+    /// Validates an announced address (attacker-controlled input).
+    pub fn from_content(
+        endpoint_id: &str,
+        addrs: &[String],
+        relay_url: Option<&str>,
+    ) -> Result<Self, MessageError> {
+        let id: [u8; 32] = hex::decode(endpoint_id)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| MessageError::Malformed("bad endpoint id".into()))?;
+        if addrs.len() > MAX_PEER_ADDRS {
+            return Err(MessageError::Malformed("too many peer addresses".into()));
+        }
+        let addrs = addrs
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| MessageError::Malformed("bad peer address".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        if relay_url.is_some_and(|u| u.len() > 512) {
+            return Err(MessageError::Malformed("relay URL too long".into()));
+        }
+        Ok(Self {
+            endpoint_id: id,
+            addrs,
+            relay_url: relay_url.map(str::to_string),
+        })
+    }
+}
+
 /// Current format version.
 pub const FORMAT_VERSION: u8 = 1;
 
@@ -40,6 +86,17 @@ pub enum Content {
         /// the text
         text: String,
     },
+    /// how to reach the sender directly (peer-to-peer), announced inside the
+    /// group so the server never learns it
+    PeerAddress {
+        /// iroh endpoint id, 64 hex characters
+        endpoint_id: String,
+        /// socket addresses (`ip:port`), at most 16
+        addrs: Vec<String>,
+        /// relay URL, if the sender uses one
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay_url: Option<String>,
+    },
     /// a content type this client does not know
     #[serde(other)]
     Unsupported,
@@ -70,6 +127,20 @@ impl AppMessage {
             ts,
             content: Content::Text { text: text.into() },
         })
+    }
+
+    /// A peer-address announcement.
+    pub fn peer_address(id: [u8; 16], ts: u64, peer: &PeerInfo) -> Self {
+        Self {
+            v: FORMAT_VERSION,
+            id: hex::encode(id),
+            ts,
+            content: Content::PeerAddress {
+                endpoint_id: hex::encode(peer.endpoint_id),
+                addrs: peer.addrs.iter().map(ToString::to_string).collect(),
+                relay_url: peer.relay_url.clone(),
+            },
+        }
     }
 
     /// Serializes the message.
@@ -109,6 +180,36 @@ mod tests {
             r#"{"v":1,"id":"abababababababababababababababab","ts":1700000000000,"content":{"type":"text","text":"hi"}}"#
         );
         assert_eq!(AppMessage::decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn peer_addresses_round_trip_and_are_validated() {
+        let peer = PeerInfo {
+            endpoint_id: [9; 32],
+            addrs: vec!["127.0.0.1:4000".parse().unwrap()],
+            relay_url: None,
+        };
+        let m = AppMessage::peer_address([1; 16], 5, &peer);
+        let back = AppMessage::decode(&m.encode().unwrap()).unwrap();
+        let Content::PeerAddress {
+            endpoint_id,
+            addrs,
+            relay_url,
+        } = back.content
+        else {
+            panic!("wrong content")
+        };
+        assert_eq!(
+            PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref()).unwrap(),
+            peer
+        );
+        assert!(PeerInfo::from_content("zz", &[], None).is_err());
+        assert!(
+            PeerInfo::from_content(&"ab".repeat(32), &["not an address".into()], None).is_err()
+        );
+        assert!(
+            PeerInfo::from_content(&"ab".repeat(32), &vec!["1.2.3.4:5".into(); 17], None).is_err()
+        );
     }
 
     #[test]

@@ -46,6 +46,14 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (group_id, message_id)
      );
      CREATE TABLE processed (message_id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;",
+    // 2: peer-to-peer addresses announced by group members.
+    "CREATE TABLE peers (
+        identity    BLOB PRIMARY KEY,
+        endpoint_id BLOB NOT NULL,
+        addrs       TEXT NOT NULL,
+        relay_url   TEXT,
+        updated_at  INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// Errors of the client state.

@@ -224,9 +224,16 @@ impl Node {
 
     /// How peers reach this node.
     pub fn addr(&self) -> PeerAddr {
+        // Bound to a wildcard address, the socket address says nothing about
+        // how to reach us: use the interface addresses iroh discovered.
+        let addrs = if self.config.bind.ip().is_unspecified() {
+            self.endpoint.addr().ip_addrs().copied().collect()
+        } else {
+            self.endpoint.bound_sockets()
+        };
         PeerAddr {
             id: self.id(),
-            addrs: self.endpoint.bound_sockets(),
+            addrs,
             relay_url: self.config.relay_url.clone(),
         }
     }

@@ -159,6 +159,8 @@ impl ServiceImpl {
         params: service::AuthenticateParams,
     ) -> Result<IdentityKey, ApiError> {
         let ctx = &self.ctx;
+        // The nonce is single-use whatever happens next, refusals included.
+        let nonce = ctx.nonce.take();
         if ctx.is_authenticated() {
             return Err(ApiError::Forbidden(
                 "this connection is already authenticated",
@@ -167,14 +169,10 @@ impl ServiceImpl {
         ctx.shared.limiters.auth_per_ip.check(&ctx.ip)?;
         let req = params.get()?.get_request()?;
         let client = req.get_wire_version();
-        if client != WIRE_VERSION {
+        if !SUPPORTED_WIRE_VERSIONS.contains(&client) {
             return Err(ApiError::VersionMismatch { client });
         }
-        // The nonce is single-use whatever happens next.
-        let nonce = ctx
-            .nonce
-            .take()
-            .ok_or(ApiError::Unauthenticated("no challenge outstanding"))?;
+        let nonce = nonce.ok_or(ApiError::Unauthenticated("no challenge outstanding"))?;
         let token = req.get_access_token()?;
         let identity = req.get_identity_key()?;
         let signature = req.get_signature()?;
