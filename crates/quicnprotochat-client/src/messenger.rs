@@ -457,6 +457,12 @@ impl Messenger {
             }
             Err(e) => return Err(e.into()),
         };
+        // The directory (server) binds username and key; the key package's
+        // credential must claim the same name, so members see who they think.
+        let info = quicnprotochat_core::keypackage::inspect(&kp)?;
+        if info.identity != invitee || info.username.as_deref() != Some(username) {
+            return Err(GroupError::WrongInvitee.into());
+        }
         let events = {
             let mut profile = self.inner.profile.lock().await;
             if !profile.has_group(group)? {

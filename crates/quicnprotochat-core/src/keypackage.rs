@@ -45,6 +45,8 @@ pub struct KeyPackageInfo {
     pub not_after: u64,
     /// Its KeyPackageRef (RFC 9420 §5.2), for bookkeeping.
     pub hash_ref: Vec<u8>,
+    /// The username in its basic credential (`None` for other credential types).
+    pub username: Option<String>,
 }
 
 /// Parses and fully validates a TLS-serialized key package: leaf and package
@@ -67,7 +69,11 @@ pub fn inspect(bytes: &[u8]) -> Result<KeyPackageInfo, KeyPackageError> {
         .map_err(|e| KeyPackageError::Invalid(e.to_string()))?
         .as_slice()
         .to_vec();
+    let username = BasicCredential::try_from(kp.leaf_node().credential().clone())
+        .ok()
+        .and_then(|c| String::from_utf8(c.identity().to_vec()).ok());
     Ok(KeyPackageInfo {
+        username,
         identity,
         last_resort: kp.last_resort(),
         not_after: kp.life_time().not_after(),
@@ -124,6 +130,7 @@ mod tests {
         let kp = build(&p, &id, "alice", false, 3600).unwrap();
         let info = inspect(&kp).unwrap();
         assert_eq!(info.identity, id.public_key());
+        assert_eq!(info.username.as_deref(), Some("alice"));
         assert!(!info.last_resort);
         assert!(info.not_after > unix_now() && info.not_after <= unix_now() + 3600);
         let lr = inspect(&build(&p, &id, "alice", true, 3600).unwrap()).unwrap();

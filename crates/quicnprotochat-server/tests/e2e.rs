@@ -252,3 +252,38 @@ async fn restarted_client_keeps_groups_and_offline_member_catches_up_in_order() 
     assert_eq!(messages(&mut a_ev, 1).await, [pair("bob", "back online")]);
     assert_eq!(bob.history("friends", 100).await.unwrap().len(), 31);
 }
+
+#[tokio::test]
+async fn an_invitee_whose_key_package_claims_another_name_is_refused() {
+    let server = ServerProcess::start(BIN).unwrap();
+    let alice = server.messenger("alice").await.unwrap();
+    let _bob = server.messenger("bob").await.unwrap();
+    // mallory registers under her own name but publishes key packages whose
+    // credential says "bob", hoping to show up as bob in alice's group.
+    let mallory = quicnprotochat_core::Identity::generate().unwrap();
+    let c = quicnprotochat_client::Client::connect(server.client_config().unwrap())
+        .await
+        .unwrap();
+    c.init_auth(&mallory).await.unwrap();
+    c.register("mallory").await.unwrap();
+    let p = openmls_rust_crypto::OpenMlsRustCrypto::default();
+    let forged = quicnprotochat_core::keypackage::build(&p, &mallory, "bob", false, 3600).unwrap();
+    c.publish_key_packages(vec![forged]).await.unwrap();
+    let r = alice.invite("friends", "mallory").await;
+    assert!(
+        matches!(
+            r,
+            Err(quicnprotochat_client::MessengerError::Group(
+                quicnprotochat_core::GroupError::WrongInvitee
+            ))
+        ),
+        "{r:?}"
+    );
+    assert!(
+        alice
+            .members("friends")
+            .await
+            .map(|m| m.len() <= 1)
+            .unwrap_or(true)
+    );
+}
