@@ -15,7 +15,9 @@ use quicnprotochat_proto::transport::{self, ServerAuth};
 use quicnprotochat_server::config::{Config, Secret};
 use quicnprotochat_server::{ServerError, ServerHandle};
 
-use crate::{Client, ClientConfig, ClientError, Messenger, MessengerError, ProfileKey};
+use crate::{
+    Client, ClientConfig, ClientError, Event, EventStream, Messenger, MessengerError, ProfileKey,
+};
 
 /// The access token of test servers (not a development default, never in docs).
 pub const TEST_TOKEN: &str = "harness-token-0123456789abcdef0123456789";
@@ -49,6 +51,67 @@ pub enum HarnessError {
     /// the server process did not come up
     #[error("server process: {0}")]
     Process(String),
+    /// an expected event did not come (or an unexpected one did)
+    #[error("events: {0}")]
+    Events(String),
+}
+
+/// How long event helpers wait.
+pub const EVENT_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits (up to [`EVENT_WAIT`]) for the next event matching `pred`, skipping others.
+pub async fn expect_event(
+    stream: &mut EventStream,
+    what: &str,
+    pred: impl Fn(&Event) -> bool,
+) -> Result<Event, HarnessError> {
+    let deadline = tokio::time::Instant::now() + EVENT_WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(e)) if pred(&e) => return Ok(e),
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(HarnessError::Events(format!(
+                    "stream ended waiting for {what}"
+                )));
+            }
+            Err(_) => {
+                return Err(HarnessError::Events(format!(
+                    "timed out waiting for {what}"
+                )));
+            }
+        }
+    }
+}
+
+/// The next `n` messages as (sender, text).
+pub async fn next_messages(
+    stream: &mut EventStream,
+    n: usize,
+) -> Result<Vec<(String, String)>, HarnessError> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        if let Event::Message(m) =
+            expect_event(stream, "a message", |e| matches!(e, Event::Message(_))).await?
+        {
+            out.push((m.sender, m.text));
+        }
+    }
+    Ok(out)
+}
+
+/// Fails if a message arrives within `quiet`.
+pub async fn expect_no_message(
+    stream: &mut EventStream,
+    quiet: Duration,
+) -> Result<(), HarnessError> {
+    let deadline = tokio::time::Instant::now() + quiet;
+    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, stream.next()).await {
+        if let Event::Message(m) = e {
+            return Err(HarnessError::Events(format!("unexpected message {m:?}")));
+        }
+    }
+    Ok(())
 }
 
 /// Registers `username` with a new profile in `profiles/<username>` under `root`.

@@ -3,28 +3,15 @@
 
 use std::time::Duration;
 
-use quicnprotochat_client::harness::TestServer;
+use quicnprotochat_client::harness::{TestServer, expect_event, next_messages};
 use quicnprotochat_client::{Event, EventStream, Messenger, P2pOptions};
 
-const WAIT: Duration = Duration::from_secs(20);
-
 async fn expect(stream: &mut EventStream, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Some(e)) if pred(&e) => return e,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("stream ended waiting for {what}"),
-            Err(_) => panic!("timed out waiting for {what}"),
-        }
-    }
+    expect_event(stream, what, pred).await.unwrap()
 }
 
 async fn message(stream: &mut EventStream) -> (String, String) {
-    match expect(stream, "a message", |e| matches!(e, Event::Message(_))).await {
-        Event::Message(m) => (m.sender, m.text),
-        _ => unreachable!(),
-    }
+    next_messages(stream, 1).await.unwrap().remove(0)
 }
 
 /// alice and bob in group "g", both reachable directly and aware of each other.

@@ -3,44 +3,22 @@
 
 use std::time::Duration;
 
-use quicnprotochat_client::harness::ServerProcess;
+use quicnprotochat_client::harness::{
+    ServerProcess, expect_event, expect_no_message, next_messages,
+};
 use quicnprotochat_client::{Event, EventStream, Messenger};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quicnprotochat-server");
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Waits for the next event matching `pred`, skipping others.
 async fn expect(stream: &mut EventStream, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Some(e)) if pred(&e) => return e,
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("event stream ended while waiting for {what}"),
-            Err(_) => panic!("timed out waiting for {what}"),
-        }
-    }
+    expect_event(stream, what, pred).await.unwrap()
 }
 
-/// Collects the next `n` messages as (sender, text).
 async fn messages(stream: &mut EventStream, n: usize) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        if let Event::Message(m) =
-            expect(stream, "a message", |e| matches!(e, Event::Message(_))).await
-        {
-            out.push((m.sender, m.text));
-        }
-    }
-    out
+    next_messages(stream, n).await.unwrap()
 }
 
-/// Asserts no message arrives within `quiet`.
 async fn no_message(stream: &mut EventStream, quiet: Duration) {
-    let deadline = tokio::time::Instant::now() + quiet;
-    while let Ok(Some(e)) = tokio::time::timeout_at(deadline, stream.next()).await {
-        assert!(!matches!(e, Event::Message(_)), "unexpected message {e:?}");
-    }
+    expect_no_message(stream, quiet).await.unwrap()
 }
 
 fn pair(s: &str, t: &str) -> (String, String) {

@@ -1,0 +1,321 @@
+//! Shared pieces of the load generator: the JSON report, histogram
+//! summaries, CPU time of a process, the git revision, and child processes
+//! (the real server binary, the raw relay) pinned to a core.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use hdrhistogram::Histogram;
+use quicnprotochat_client::ClientConfig;
+use quicnprotochat_client::harness::TEST_TOKEN;
+use quicnprotochat_proto::transport::{self, ServerAuth};
+use serde_json::{Value, json};
+
+/// A new histogram of microseconds (3 significant digits).
+pub fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::<u64>::new(3)?)
+}
+
+/// Microseconds of a duration, saturating.
+pub fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// p50, p90, p99, p99.9, max (milliseconds) and count of a µs histogram.
+pub fn summary(h: &Histogram<u64>) -> Value {
+    let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    json!({
+        "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99), "p999_ms": q(0.999),
+        "max_ms": h.max() as f64 / 1000.0, "count": h.len(),
+    })
+}
+
+/// The git revision: `QUICNPROTOCHAT_REV`, else `git rev-parse --short HEAD`.
+pub fn git_rev() -> String {
+    if let Ok(r) = std::env::var("QUICNPROTOCHAT_REV") {
+        return r;
+    }
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// User + system CPU time of process `pid` ("self" for this one), in µs,
+/// from `/proc/<pid>/stat` (all threads).
+pub fn cpu_us(pid: &str) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
+    let utime: u64 = f.get(11).ok_or_else(|| anyhow!("no utime"))?.parse()?;
+    let stime: u64 = f.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
+    // USER_HZ is 100 on Linux.
+    Ok((utime + stime) * 10_000)
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS`).
+pub fn rss_kib(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("VmRSS:") {
+            return Ok(v.trim().trim_end_matches("kB").trim().parse()?);
+        }
+    }
+    bail!("no VmRSS in /proc/{pid}/status")
+}
+
+/// One scenario's report line.
+#[derive(Debug)]
+pub struct Report {
+    /// scenario name
+    pub scenario: String,
+    /// parameters
+    pub params: Value,
+    /// our figures
+    pub figures: Value,
+    /// the peer's name
+    pub peer: String,
+    /// the peer's figures
+    pub peer_figures: Value,
+    /// the compared quantity's name
+    pub ratio_of: String,
+    /// ours / peer's
+    pub ratio: Option<f64>,
+    /// the target, in words
+    pub target: String,
+    /// whether the target is met (None: no target)
+    pub pass: Option<bool>,
+    /// CPU µs per operation: ours, then the peer's
+    pub cpu_us_per_op: Value,
+}
+
+impl Report {
+    /// Prints the JSON line and returns it.
+    pub fn emit(&self) -> Value {
+        let v = json!({
+            "scenario": self.scenario,
+            "rev": git_rev(),
+            "unix_time": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            "params": self.params,
+            "figures": self.figures,
+            "peer": self.peer,
+            "peer_figures": self.peer_figures,
+            "ratio_of": self.ratio_of,
+            "ratio": self.ratio,
+            "target": self.target,
+            "pass": self.pass,
+            "cpu_us_per_op": self.cpu_us_per_op,
+        });
+        println!("{v}");
+        v
+    }
+}
+
+/// Where the server binary is: `--server-bin`, else beside this executable.
+pub fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let me = std::env::current_exe()?;
+    let dir = me.parent().ok_or_else(|| anyhow!("no executable directory"))?;
+    let p = dir.join("quicnprotochat-server");
+    anyhow::ensure!(
+        p.exists(),
+        "{} is missing: build it (cargo build --release -p quicnprotochat-server) or pass --server-bin",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// A child process (server or relay) on loopback, killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    /// its address
+    pub addr: SocketAddr,
+    /// its certificate fingerprint
+    pub fingerprint: [u8; 32],
+    /// exec to "listening" on stderr
+    pub startup: Duration,
+    /// its temporary directory
+    pub dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// The process id, as a /proc path component.
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// CPU µs of the process so far.
+    pub fn cpu_us(&self) -> anyhow::Result<u64> {
+        cpu_us(&self.pid())
+    }
+
+    /// A client configuration pinning this server.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::new(self.addr, ServerAuth::Pinned(self.fingerprint), TEST_TOKEN)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` (prefixed with `taskset -c core` when `core` is given) and
+/// waits for a stderr line with `listening` and `addr=`; reads the
+/// fingerprint from `fp=` on that line or from `cert`.
+fn start(
+    program: &Path,
+    args: &[String],
+    envs: &[(&str, String)],
+    core: Option<usize>,
+    dir: tempfile::TempDir,
+    cert: Option<PathBuf>,
+) -> anyhow::Result<Proc> {
+    let mut cmd = match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c.to_string()).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args).env_clear();
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no stderr of the child"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Drains stderr until the child exits (so it never blocks on a full pipe).
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening") && line.contains("addr=") {
+                let _ = tx.send((line, Instant::now()));
+            }
+        }
+    });
+    let (line, at) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(v) => v,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} did not report its address", program.display());
+        }
+    };
+    let field = |name: &str| -> Option<String> {
+        line.split(name)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(|s| s.trim_matches('"').to_string())
+    };
+    let mut proc = Proc {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        fingerprint: [0; 32],
+        startup: at.duration_since(t0),
+        dir,
+    };
+    proc.addr = field("addr=")
+        .ok_or_else(|| anyhow!("no address in {line:?}"))?
+        .parse()
+        .with_context(|| format!("address in {line:?}"))?;
+    if let Some(fp) = field("fp=") {
+        let bytes = hex::decode(fp)?;
+        proc.fingerprint = bytes
+            .try_into()
+            .map_err(|_| anyhow!("bad fingerprint length"))?;
+    } else if let Some(cert) = cert {
+        use quicnprotochat_proto::rustls::pki_types::CertificateDer;
+        use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
+        let c = CertificateDer::from_pem_file(&cert)
+            .map_err(|e| anyhow!("reading {}: {e}", cert.display()))?;
+        proc.fingerprint = transport::fingerprint(&c);
+    }
+    Ok(proc)
+}
+
+/// Configuration file of benchmark servers: limits raised out of the way.
+pub const BENCH_SERVER_TOML: &str = r#"
+[limits]
+queue_depth = 10000000
+max_connections = 20000
+max_connections_per_ip = 20000
+idle_timeout_secs = 600
+
+[limits.rates]
+auth_per_ip = { per_second = 1000000, burst = 1000000 }
+enqueue_per_identity = { per_second = 1000000, burst = 1000000 }
+enqueue_per_ip = { per_second = 1000000, burst = 1000000 }
+key_package_fetch_per_identity = { per_second = 1000000, burst = 1000000 }
+key_package_fetch_per_ip = { per_second = 1000000, burst = 1000000 }
+"#;
+
+/// Starts the real server binary on a free loopback port with its data
+/// directory in a new temporary directory (or in `data_dir`, kept).
+pub fn start_server(
+    bin: &Path,
+    core: Option<usize>,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<Proc> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, BENCH_SERVER_TOML)?;
+    let data = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
+    let args = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    let envs = [
+        ("QUICNPROTOCHAT_AUTH_TOKEN", TEST_TOKEN.to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ];
+    let cert = data.join("dev-cert.pem");
+    start(bin, &args, &envs, core, dir, Some(cert))
+}
+
+/// Starts the raw relay (this executable, hidden `relay-serve` subcommand).
+pub fn start_relay(core: Option<usize>, max_secs: u64) -> anyhow::Result<Proc> {
+    let me = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let args = vec![
+        "relay-serve".to_string(),
+        "--max-secs".into(),
+        max_secs.to_string(),
+    ];
+    start(&me, &args, &[], core, dir, None)
+}
