@@ -123,3 +123,17 @@ async fn a_connection_from_an_unknown_endpoint_is_refused() {
     assert_eq!(message(&mut b_ev).await, ("alice".into(), "hi".into()));
     stranger.close().await;
 }
+
+#[tokio::test]
+async fn the_endpoint_id_is_stable_across_restarts() {
+    let server = TestServer::start().unwrap();
+    let alice = server.messenger("alice").await.unwrap();
+    let first = alice.enable_p2p(P2pOptions::default()).await.unwrap();
+    alice.disable_p2p().await;
+    drop(alice);
+    let alice = server.reopen_messenger("alice").await.unwrap();
+    let second = alice.enable_p2p(P2pOptions::default()).await.unwrap();
+    assert_eq!(first, second, "the endpoint key lives in the encrypted profile");
+    let other = server.messenger("bob").await.unwrap();
+    assert_ne!(other.enable_p2p(P2pOptions::default()).await.unwrap(), first);
+}
