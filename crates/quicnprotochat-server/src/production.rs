@@ -60,7 +60,13 @@ pub fn check_config(config: &Config) -> Result<(), ServerError> {
             }
         }
     }
-    match config.db_key {
+    match &config.db_key {
+        DbKeySetting::Provided(k) if k.0.iter().all(|b| *b == k.0[0]) => {
+            return Err(refuse(
+                "db_key",
+                "is one repeated byte (a placeholder, not a random key)",
+            ));
+        }
         DbKeySetting::Provided(_) => {}
         DbKeySetting::DevGenerated => {
             return Err(refuse("db_key", "not set (QUICNPROTOCHAT_DB_KEY)"));
@@ -120,7 +126,7 @@ mod tests {
         let mut c = Config::development("/nonexistent");
         c.mode = crate::config::Mode::Production;
         c.auth_token = Some(Secret("a".repeat(40)));
-        c.db_key = DbKeySetting::Provided(KeyBytes([1; 32]));
+        c.db_key = DbKeySetting::Provided(KeyBytes(std::array::from_fn(|i| i as u8)));
         c.tls_paths = Some(("cert.pem".into(), "key.pem".into()));
         c
     }
@@ -146,7 +152,11 @@ mod tests {
             c.auth_token = token.map(|t| Secret(t.into()));
             assert_eq!(refused_setting(&c), Some("auth_token"), "{token:?}");
         }
-        for key in [DbKeySetting::DevGenerated, DbKeySetting::Disabled] {
+        for key in [
+            DbKeySetting::DevGenerated,
+            DbKeySetting::Disabled,
+            DbKeySetting::Provided(KeyBytes([0; 32])),
+        ] {
             let mut c = prod();
             c.db_key = key;
             assert_eq!(refused_setting(&c), Some("db_key"));
