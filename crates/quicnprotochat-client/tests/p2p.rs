@@ -133,7 +133,13 @@ async fn the_endpoint_id_is_stable_across_restarts() {
     drop(alice);
     let alice = server.reopen_messenger("alice").await.unwrap();
     let second = alice.enable_p2p(P2pOptions::default()).await.unwrap();
-    assert_eq!(first, second, "the endpoint key lives in the encrypted profile");
+    assert_eq!(
+        first, second,
+        "the endpoint key lives in the encrypted profile"
+    );
     let other = server.messenger("bob").await.unwrap();
-    assert_ne!(other.enable_p2p(P2pOptions::default()).await.unwrap(), first);
+    assert_ne!(
+        other.enable_p2p(P2pOptions::default()).await.unwrap(),
+        first
+    );
 }
