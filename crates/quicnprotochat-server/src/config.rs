@@ -91,6 +91,11 @@ pub struct RateLimits {
     /// `challenge` + `authenticate` attempts per remote IP (each costs an
     /// Ed25519 verification, ~70 µs): 5/s, bursts of 20 for NAT'd offices.
     pub auth_per_ip: Rate,
+    /// `authenticate` attempts per claimed identity key, from any address:
+    /// stops a distributed guessing run against one identity (tokens are
+    /// per deployment, so this mostly caps verification work): 2/s, bursts
+    /// of 10 for a user reconnecting several devices.
+    pub auth_per_identity: Rate,
     /// enqueues per identity: 100/s sustained, bursts of 500 (a burst of
     /// messages to a dozen groups).
     pub enqueue_per_identity: Rate,
@@ -109,6 +114,10 @@ impl Default for RateLimits {
             auth_per_ip: Rate {
                 per_second: 5,
                 burst: 20,
+            },
+            auth_per_identity: Rate {
+                per_second: 2,
+                burst: 10,
             },
             enqueue_per_identity: Rate {
                 per_second: 100,
@@ -517,6 +526,7 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     )?;
     for (name, r) in [
         ("limits.rates.auth_per_ip", l.rates.auth_per_ip),
+        ("limits.rates.auth_per_identity", l.rates.auth_per_identity),
         (
             "limits.rates.enqueue_per_identity",
             l.rates.enqueue_per_identity,

@@ -47,6 +47,7 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
 /// Every limiter of the server.
 pub(crate) struct Limiters {
     pub(crate) auth_per_ip: Limiter<IpAddr>,
+    pub(crate) auth_per_identity: Limiter<IdentityKey>,
     pub(crate) enqueue_per_identity: Limiter<IdentityKey>,
     pub(crate) enqueue_per_ip: Limiter<IpAddr>,
     pub(crate) kp_fetch_per_identity: Limiter<IdentityKey>,
@@ -57,6 +58,7 @@ impl Limiters {
     pub(crate) fn new(r: &RateLimits) -> Self {
         Self {
             auth_per_ip: Limiter::new(r.auth_per_ip),
+            auth_per_identity: Limiter::new(r.auth_per_identity),
             enqueue_per_identity: Limiter::new(r.enqueue_per_identity),
             enqueue_per_ip: Limiter::new(r.enqueue_per_ip),
             kp_fetch_per_identity: Limiter::new(r.key_package_fetch_per_identity),
@@ -67,6 +69,7 @@ impl Limiters {
     /// Periodic housekeeping.
     pub(crate) fn retain_recent(&self) {
         self.auth_per_ip.retain_recent();
+        self.auth_per_identity.retain_recent();
         self.enqueue_per_identity.retain_recent();
         self.enqueue_per_ip.retain_recent();
         self.kp_fetch_per_identity.retain_recent();

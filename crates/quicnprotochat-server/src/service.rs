@@ -188,6 +188,7 @@ impl ServiceImpl {
         }
         let identity = IdentityKey::from_slice(identity)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        ctx.shared.limiters.auth_per_identity.check(&identity)?;
         // Constant time, and length-independent: compare SHA-256 digests.
         let presented = ring::digest::digest(&ring::digest::SHA256, token);
         let token_ok: bool =

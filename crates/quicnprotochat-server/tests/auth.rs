@@ -269,3 +269,41 @@ async fn usernames_are_unique_and_resolve() {
         );
     }
 }
+
+#[tokio::test]
+async fn authentication_attempts_are_rate_limited_per_claimed_identity() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.auth_per_identity.per_second = 1;
+        c.limits.rates.auth_per_identity.burst = 3;
+    })
+    .unwrap();
+    let victim = Identity::generate().unwrap();
+    let attacker = Identity::generate().unwrap();
+    let mut limited = false;
+    // Each attempt on a fresh connection (the per-IP bucket is not the one that bites).
+    for _ in 0..10 {
+        let c = anonymous(&server).await;
+        let ch = c.auth_challenge().await.unwrap();
+        let forged = attacker.sign(&ch.transcript(&victim.public_key())).unwrap();
+        match c.auth_respond(victim.public_key(), forged).await {
+            Err(ClientError::Server {
+                code: ServerErrorCode::RateLimited,
+                ..
+            }) => {
+                limited = true;
+                break;
+            }
+            Err(ClientError::Server {
+                code: ServerErrorCode::Unauthenticated,
+                ..
+            }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        limited,
+        "attempts against one identity must be rate limited"
+    );
+    // Other identities are unaffected.
+    server.client("alice").await.unwrap();
+}
