@@ -274,6 +274,10 @@ impl Out {
                 format!("* {by} removed you from {group}"),
                 json!({"event": "removed", "group": group, "by": by}),
             ),
+            Event::DirectoryMismatch { group, member, key } => self.line(
+                format!("! WARNING: in {group}, a member calls itself {member} but its key {key} is not {member}'s key on the server"),
+                json!({"event": "directory_mismatch", "group": group, "member": member, "key": key.to_string()}),
+            ),
             Event::PeerAnnounced { group, member, .. } => self.line(
                 format!("* {member} can be reached directly (announced in {group})"),
                 json!({"event": "peer_announced", "group": group, "member": member}),

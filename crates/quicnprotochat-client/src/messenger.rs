@@ -476,6 +476,23 @@ impl Messenger {
         Ok(events)
     }
 
+    /// Members of `group` whose credential names a user the server's
+    /// directory binds to another key (or does not know).
+    pub async fn verify_members(&self, group: &str) -> Result<Vec<MemberInfo>, MessengerError> {
+        let members = self.members(group).await?;
+        let client = self.client().await;
+        let mut mismatches = Vec::new();
+        for m in members.into_iter().filter(|m| !m.is_self) {
+            match client.resolve(&m.username).await {
+                Ok(key) if key == m.key => {}
+                Ok(_) => mismatches.push(m),
+                Err(e) if e.server_code() == Some(ServerErrorCode::NotFound) => mismatches.push(m),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(mismatches)
+    }
+
     /// Our direct address, when peer-to-peer delivery is enabled.
     pub async fn p2p_addr(&self) -> Option<PeerAddr> {
         self.inner.p2p.read().await.as_ref().map(|p| p.node.addr())
@@ -678,6 +695,19 @@ impl Messenger {
         for g in announce_in {
             if let Err(e) = self.announce(&g).await {
                 tracing::debug!(error = %e, "announcing our direct address failed");
+            }
+            match self.verify_members(&g).await {
+                Ok(mismatches) => {
+                    for m in mismatches {
+                        tracing::warn!(group = %g, member = %m.username, "member's credential does not match the directory");
+                        let _ = self.inner.events.send(Event::DirectoryMismatch {
+                            group: g.clone(),
+                            member: m.username,
+                            key: m.key,
+                        });
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "checking members against the directory failed"),
             }
         }
     }

@@ -196,6 +196,16 @@ pub enum Event {
         /// their iroh endpoint id
         endpoint_id: [u8; 32],
     },
+    /// a member's credential names a user whose key in the server's
+    /// directory is different: someone may be impersonating `member`
+    DirectoryMismatch {
+        /// group
+        group: String,
+        /// the name the member's credential claims
+        member: String,
+        /// the member's actual key in the group
+        key: IdentityKey,
+    },
     /// proposals arrived (e.g. a member leaving) that a commit must cover;
     /// call [`Profile::commit_pending`]
     ProposalsPending {

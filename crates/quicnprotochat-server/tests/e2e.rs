@@ -265,3 +265,45 @@ async fn an_invitee_whose_key_package_claims_another_name_is_refused() {
             .unwrap_or(true)
     );
 }
+
+#[tokio::test]
+async fn a_member_whose_credential_claims_another_users_name_is_flagged() {
+    let server = ServerProcess::start(BIN).unwrap();
+    let alice = server.messenger("alice").await.unwrap();
+    let _bob = server.messenger("bob").await.unwrap();
+    let mut a_ev = alice.listen().await.unwrap();
+    // mallory's client puts "bob" in her MLS credential, registers as mallory,
+    // and adds alice to a group.
+    let dir = tempfile::tempdir().unwrap();
+    let key = quicnprotochat_core::ProfileKey::Passphrase("m".into());
+    let mut mallory =
+        quicnprotochat_core::Profile::create(&dir.path().join("m"), &key, "bob").unwrap();
+    let c = quicnprotochat_client::Client::connect(server.client_config().unwrap())
+        .await
+        .unwrap();
+    c.init_auth(mallory.identity()).await.unwrap();
+    c.register("mallory").await.unwrap();
+    mallory.create_group("trap").unwrap();
+    let (kp, _) = c
+        .fetch_key_package(alice.identity_key().await)
+        .await
+        .unwrap();
+    let out = mallory
+        .add_member("trap", &kp, alice.identity_key().await)
+        .unwrap();
+    mallory.confirm_commit(&out.group_id).unwrap();
+    let w = out.welcome.unwrap();
+    c.enqueue(&w.recipients, w.message_id, w.payload)
+        .await
+        .unwrap();
+    expect(
+        &mut a_ev,
+        "alice joins",
+        |e| matches!(e, Event::Joined { by, .. } if by == "bob"),
+    )
+    .await;
+    expect(&mut a_ev, "alice is warned", |e| {
+        matches!(e, Event::DirectoryMismatch { member, key, .. } if member == "bob" && *key == mallory.identity_key())
+    })
+    .await;
+}
