@@ -707,7 +707,9 @@ impl Messenger {
                         });
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "checking members against the directory failed"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "checking members against the directory failed")
+                }
             }
         }
     }
