@@ -6,7 +6,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use hdrhistogram::Histogram;
@@ -67,17 +67,6 @@ pub fn cpu_us(pid: &str) -> anyhow::Result<u64> {
     Ok((utime + stime) * 10_000)
 }
 
-/// Resident set size of process `pid` in KiB (`VmRSS`).
-pub fn rss_kib(pid: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    for line in status.lines() {
-        if let Some(v) = line.strip_prefix("VmRSS:") {
-            return Ok(v.trim().trim_end_matches("kB").trim().parse()?);
-        }
-    }
-    bail!("no VmRSS in /proc/{pid}/status")
-}
-
 /// One scenario's report line.
 #[derive(Debug)]
 pub struct Report {
@@ -134,7 +123,9 @@ pub fn server_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     let me = std::env::current_exe()?;
-    let dir = me.parent().ok_or_else(|| anyhow!("no executable directory"))?;
+    let dir = me
+        .parent()
+        .ok_or_else(|| anyhow!("no executable directory"))?;
     let p = dir.join("quicnprotochat-server");
     anyhow::ensure!(
         p.exists(),
@@ -152,10 +143,8 @@ pub struct Proc {
     pub addr: SocketAddr,
     /// its certificate fingerprint
     pub fingerprint: [u8; 32],
-    /// exec to "listening" on stderr
-    pub startup: Duration,
-    /// its temporary directory
-    pub dir: tempfile::TempDir,
+    /// its temporary directory (removed on drop)
+    _dir: tempfile::TempDir,
 }
 
 impl Proc {
@@ -205,7 +194,6 @@ fn start(
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let t0 = Instant::now();
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -215,16 +203,16 @@ fn start(
         .stderr
         .take()
         .ok_or_else(|| anyhow!("no stderr of the child"))?;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         // Drains stderr until the child exits (so it never blocks on a full pipe).
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("listening") && line.contains("addr=") {
-                let _ = tx.send((line, Instant::now()));
+                let _ = tx.send(line);
             }
         }
     });
-    let (line, at) = match rx.recv_timeout(Duration::from_secs(60)) {
+    let line = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(v) => v,
         Err(_) => {
             let _ = child.kill();
@@ -242,8 +230,7 @@ fn start(
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         fingerprint: [0; 32],
-        startup: at.duration_since(t0),
-        dir,
+        _dir: dir,
     };
     proc.addr = field("addr=")
         .ok_or_else(|| anyhow!("no address in {line:?}"))?

@@ -1,0 +1,446 @@
+//! `throughput` and `latency`: pairs of senders and receivers through the
+//! real server (a child process, durable SQLCipher store) and through the
+//! raw quinn relay, in the same run.
+//!
+//! Every payload carries, in its first 8 bytes, the intended send time in µs
+//! since the run's base instant: as fast as possible (throughput) that is
+//! the actual send time; paced (latency) it is the scheduled time, so a
+//! stalled sender does not hide queueing delay (no coordinated omission).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use hdrhistogram::Histogram;
+use quicnprotochat_client::Client;
+use quicnprotochat_core::{Identity, IdentityKey};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use crate::common::{self, Proc, Report, histogram, micros, summary};
+use crate::relay::{self, RelayClient};
+
+/// Bound on the wait for receivers to drain what was sent.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Options of the delivery scenarios.
+#[derive(Debug, Clone, Args)]
+pub struct DeliveryArgs {
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 10)]
+    pub pairs: usize,
+    /// Payload size in bytes (an MLS application message of ~200 characters).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Enqueues in flight per sender (server path).
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Upper bound on messages per sender.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_messages: u64,
+    /// Acknowledge after this many messages.
+    #[arg(long, default_value_t = 128)]
+    pub ack_every: u64,
+}
+
+/// What one side (server or relay) measured.
+#[derive(Debug)]
+struct Outcome {
+    sent: u64,
+    received: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+    cpu_us: u64,
+}
+
+impl Outcome {
+    fn per_sec(&self) -> f64 {
+        self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn cpu_per_msg(&self) -> Option<f64> {
+        (self.received > 0).then(|| self.cpu_us as f64 / self.received as f64)
+    }
+
+    fn figures(&self) -> Value {
+        json!({
+            "sent": self.sent,
+            "received": self.received,
+            "seconds": self.elapsed.as_secs_f64(),
+            "delivered_per_sec": self.per_sec(),
+            "latency": summary(&self.latency),
+            "server_cpu_us_per_msg": self.cpu_per_msg(),
+        })
+    }
+}
+
+/// A payload of `size` bytes stamped with `stamp_us`.
+fn payload(size: usize, stamp_us: u64) -> Vec<u8> {
+    let mut p = vec![0x5a; size.max(8)];
+    p[..8].copy_from_slice(&stamp_us.to_le_bytes());
+    p
+}
+
+fn stamp_of(p: &[u8]) -> Option<u64> {
+    p.get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+}
+
+/// Pacing: `None` as fast as possible, else one message per interval per lane.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    interval: Option<Duration>,
+}
+
+impl Pace {
+    /// Waits for the `n`-th slot of a lane (offset `offset`) and returns the
+    /// stamp: the intended send time in µs since `base`.
+    async fn slot(&self, base: Instant, start: Instant, offset: Duration, n: u64) -> u64 {
+        match self.interval {
+            None => micros(base.elapsed()),
+            Some(iv) => {
+                let at = start + offset + iv.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+                tokio::time::sleep_until(at.into()).await;
+                micros(at.duration_since(base))
+            }
+        }
+    }
+
+    /// Whether the `n`-th slot is before `deadline`.
+    fn within(&self, start: Instant, offset: Duration, n: u64, deadline: Instant) -> bool {
+        match self.interval {
+            None => Instant::now() < deadline,
+            Some(iv) => {
+                start + offset + iv.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)) < deadline
+            }
+        }
+    }
+}
+
+/// Waits (bounded) until `received` reaches `sent`.
+async fn drain(received: &AtomicU64, sent: u64) {
+    let until = Instant::now() + DRAIN;
+    while received.load(Ordering::Relaxed) < sent && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn join_histograms(
+    tasks: Vec<JoinHandle<anyhow::Result<Histogram<u64>>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut h = histogram()?;
+    for t in tasks {
+        h.add(t.await??)?;
+    }
+    Ok(h)
+}
+
+/// An authenticated, registered client of the server process.
+pub async fn server_client(server: &Proc, name: &str) -> anyhow::Result<(Client, Identity)> {
+    let identity = Identity::generate()?;
+    let client = Client::connect(server.client_config())
+        .await
+        .context("connect")?;
+    client.init_auth(&identity).await.context("auth")?;
+    client.register(name).await.context("register")?;
+    Ok((client, identity))
+}
+
+/// The server path.
+async fn run_server(
+    bin: &Path,
+    core: Option<usize>,
+    a: &DeliveryArgs,
+    pace: Pace,
+) -> anyhow::Result<Outcome> {
+    let server = common::start_server(bin, core, None)?;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..a.pairs {
+        senders.push(server_client(&server, &format!("sender{i}")).await?);
+        receivers.push(server_client(&server, &format!("receiver{i}")).await?);
+    }
+    let base = Instant::now();
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut recv_tasks = Vec::new();
+    for (client, _) in &receivers {
+        let client = client.clone();
+        let received = received.clone();
+        let ack_every = a.ack_every;
+        let max = a.max_messages;
+        let mut stop = stop_rx.clone();
+        recv_tasks.push(tokio::spawn(async move {
+            let mut h = histogram()?;
+            let mut sub = client.subscribe(1).await?;
+            let mut unacked = 0u64;
+            let mut n = 0u64;
+            while n < max {
+                let e = tokio::select! {
+                    e = sub.next() => e,
+                    _ = stop.changed() => None,
+                };
+                let Some(e) = e else { break };
+                if let Some(s) = stamp_of(&e.payload) {
+                    h.record(micros(base.elapsed()).saturating_sub(s))?;
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                unacked += 1;
+                if unacked >= ack_every {
+                    client.ack(e.seq).await?;
+                    unacked = 0;
+                }
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let cpu0 = server.cpu_us()?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.duration);
+    let lanes = a.depth.max(1);
+    let mut send_tasks = Vec::new();
+    for (i, (client, _)) in senders.iter().enumerate() {
+        let to = receivers[i].1.public_key();
+        for lane in 0..lanes {
+            let client = client.clone();
+            let sent = sent.clone();
+            let size = a.size;
+            let per_lane = a.max_messages / lanes as u64;
+            let offset = pace.interval.map_or(Duration::ZERO, |iv| {
+                iv.mul_f64((i * lanes + lane) as f64 / (a.pairs * lanes) as f64)
+            });
+            send_tasks.push(tokio::spawn(async move {
+                send_lane(
+                    client,
+                    to,
+                    lane as u64,
+                    per_lane,
+                    size,
+                    pace,
+                    base,
+                    start,
+                    offset,
+                    deadline,
+                    sent,
+                )
+                .await
+            }));
+        }
+    }
+    for t in send_tasks {
+        t.await??;
+    }
+    let total_sent = sent.load(Ordering::Relaxed);
+    drain(&received, total_sent).await;
+    let elapsed = start.elapsed();
+    let cpu_us = server.cpu_us()?.saturating_sub(cpu0);
+    let total_received = received.load(Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let latency = join_histograms(recv_tasks).await?;
+    drop(senders);
+    drop(receivers);
+    drop(server);
+    Ok(Outcome {
+        sent: total_sent,
+        received: total_received,
+        elapsed,
+        latency,
+        cpu_us,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_lane(
+    client: Client,
+    to: IdentityKey,
+    lane: u64,
+    max: u64,
+    size: usize,
+    pace: Pace,
+    base: Instant,
+    start: Instant,
+    offset: Duration,
+    deadline: Instant,
+    sent: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let mut n = 0u64;
+    while n < max && pace.within(start, offset, n, deadline) {
+        let stamp = pace.slot(base, start, offset, n).await;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&lane.to_le_bytes());
+        id[8..].copy_from_slice(&n.to_le_bytes());
+        client
+            .enqueue(&[to], id, payload(size, stamp))
+            .await
+            .context("enqueue")?;
+        sent.fetch_add(1, Ordering::Relaxed);
+        n += 1;
+    }
+    Ok(())
+}
+
+/// The raw relay path.
+async fn run_relay(core: Option<usize>, a: &DeliveryArgs, pace: Pace) -> anyhow::Result<Outcome> {
+    let relay = common::start_relay(core, a.duration + 120)?;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..a.pairs {
+        let i = u32::try_from(i)?;
+        senders.push(RelayClient::connect(relay.addr, relay.fingerprint, 2 * i).await?);
+        receivers.push(RelayClient::connect(relay.addr, relay.fingerprint, 2 * i + 1).await?);
+    }
+    let base = Instant::now();
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut recv_tasks: Vec<JoinHandle<anyhow::Result<Histogram<u64>>>> = Vec::new();
+    for r in receivers {
+        let received = received.clone();
+        let max = a.max_messages;
+        let mut stop = stop_rx.clone();
+        recv_tasks.push(tokio::spawn(async move {
+            let mut r = r;
+            let mut h = histogram()?;
+            let mut buf = Vec::new();
+            let mut n = 0u64;
+            while n < max {
+                let more = tokio::select! {
+                    m = relay::recv_frame(&mut r.recv, &mut buf) => m?,
+                    _ = stop.changed() => false,
+                };
+                if !more {
+                    break;
+                }
+                if let Some(s) = stamp_of(&buf) {
+                    h.record(micros(base.elapsed()).saturating_sub(s))?;
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            Ok(h)
+        }));
+    }
+    // Per pair, the relay sender uses one stream: the lane count is 1 and
+    // the pace interval covers all of a sender's lanes on the server path.
+    let relay_pace = Pace {
+        interval: pace
+            .interval
+            .map(|iv| iv / u32::try_from(a.depth.max(1)).unwrap_or(1)),
+    };
+    let cpu0 = relay.cpu_us()?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.duration);
+    let mut send_tasks = Vec::new();
+    for (i, mut s) in senders.into_iter().enumerate() {
+        let target = u32::try_from(2 * i + 1)?;
+        let sent = sent.clone();
+        let size = a.size;
+        let max = a.max_messages;
+        let offset = relay_pace
+            .interval
+            .map_or(Duration::ZERO, |iv| iv.mul_f64(i as f64 / a.pairs as f64));
+        send_tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while n < max && relay_pace.within(start, offset, n, deadline) {
+                let stamp = relay_pace.slot(base, start, offset, n).await;
+                s.send(&[target], &payload(size, stamp)).await?;
+                sent.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            anyhow::Ok(s)
+        }));
+    }
+    let mut open = Vec::new();
+    for t in send_tasks {
+        open.push(t.await??);
+    }
+    let total_sent = sent.load(Ordering::Relaxed);
+    drain(&received, total_sent).await;
+    let elapsed = start.elapsed();
+    let cpu_us = relay.cpu_us()?.saturating_sub(cpu0);
+    let total_received = received.load(Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let latency = join_histograms(recv_tasks).await?;
+    drop(open);
+    drop(relay);
+    Ok(Outcome {
+        sent: total_sent,
+        received: total_received,
+        elapsed,
+        latency,
+        cpu_us,
+    })
+}
+
+fn params(a: &DeliveryArgs, rate: Option<f64>) -> Value {
+    json!({
+        "pairs": a.pairs, "payload_bytes": a.size, "server_depth": a.depth,
+        "duration_s": a.duration, "max_messages_per_sender": a.max_messages,
+        "ack_every": a.ack_every, "rate_per_sec": rate,
+        "store": "SQLCipher (durable, development key)",
+    })
+}
+
+/// `throughput`: as fast as possible; ratio of delivered messages/s.
+pub async fn throughput(
+    bin: &Path,
+    core: Option<usize>,
+    a: &DeliveryArgs,
+) -> anyhow::Result<Report> {
+    let pace = Pace { interval: None };
+    let ours = run_server(bin, core, a, pace).await?;
+    let peer = run_relay(core, a, pace).await?;
+    let ratio = ours.per_sec() / peer.per_sec().max(1e-9);
+    Ok(Report {
+        scenario: "throughput".into(),
+        params: params(a, None),
+        figures: ours.figures(),
+        peer: "raw quinn relay".into(),
+        peer_figures: peer.figures(),
+        ratio_of: "delivered_per_sec".into(),
+        ratio: Some(ratio),
+        target: ">= 0.5".into(),
+        pass: Some(ratio >= 0.5 && ours.received == ours.sent),
+        cpu_us_per_op: json!({"server": ours.cpu_per_msg(), "peer": peer.cpu_per_msg()}),
+    })
+}
+
+/// `latency`: open loop at `rate` messages/s in total, both paths.
+pub async fn latency(
+    bin: &Path,
+    core: Option<usize>,
+    a: &DeliveryArgs,
+    rate: f64,
+) -> anyhow::Result<Report> {
+    anyhow::ensure!(rate > 0.0, "rate must be positive");
+    // Each of pairs × depth lanes sends once per interval.
+    let lanes = (a.pairs * a.depth.max(1)) as f64;
+    let pace = Pace {
+        interval: Some(Duration::from_secs_f64(lanes / rate)),
+    };
+    let ours = run_server(bin, core, a, pace).await?;
+    let peer = run_relay(core, a, pace).await?;
+    let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64;
+    let ratio = p99(&ours.latency) / p99(&peer.latency).max(1.0);
+    Ok(Report {
+        scenario: "latency".into(),
+        params: params(a, Some(rate)),
+        figures: ours.figures(),
+        peer: "raw quinn relay".into(),
+        peer_figures: peer.figures(),
+        ratio_of: "latency p99".into(),
+        ratio: Some(ratio),
+        target: "<= 2".into(),
+        pass: Some(ratio <= 2.0 && ours.received == ours.sent),
+        cpu_us_per_op: json!({"server": ours.cpu_per_msg(), "peer": peer.cpu_per_msg()}),
+    })
+}
