@@ -11,12 +11,15 @@
 //! Scenarios: `throughput` (delivered messages/s, server vs raw quinn relay),
 //! `latency` (open loop at a fraction of the measured maximum, latency from
 //! the intended send time), `p2p` (direct delivery over iroh vs raw quinn
-//! request/response, beside the server path), `all`.
+//! request/response, beside the server path), `fanout` (server CPU per
+//! recipient against group size, beside the relay), `all`.
 
 #[path = "load/common.rs"]
 mod common;
 #[path = "load/delivery.rs"]
 mod delivery;
+#[path = "load/fanout.rs"]
+mod fanout;
 #[path = "load/p2p.rs"]
 mod p2p;
 #[path = "load/relay.rs"]
@@ -29,6 +32,7 @@ use clap::{Args, Parser, Subcommand};
 
 use common::Report;
 use delivery::DeliveryArgs;
+use fanout::FanoutArgs;
 use p2p::P2pArgs;
 
 /// Benchmark load generator: each scenario beside its peer, one JSON line each.
@@ -76,12 +80,16 @@ enum Cmd {
     },
     /// Direct delivery over iroh vs raw quinn, beside the server path.
     P2p(P2pArgs),
-    /// throughput, latency at 50% of the measured maximum, p2p.
+    /// Server CPU per recipient against group size.
+    Fanout(FanoutArgs),
+    /// throughput, latency at 50% of the measured maximum, p2p, fanout.
     All {
         #[command(flatten)]
         args: DeliveryArgs,
         #[command(flatten)]
         p2p: P2pArgs,
+        #[command(flatten)]
+        fanout: FanoutArgs,
     },
     /// The raw quinn relay peer (started by the scenarios).
     #[command(hide = true)]
@@ -137,13 +145,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             p2p::run(&bin, core, &a).await?.emit();
         }
-        Cmd::All { args, p2p: pa } => {
+        Cmd::Fanout(a) => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            fanout::run(&bin, core, &a).await?.emit();
+        }
+        Cmd::All {
+            args,
+            p2p: pa,
+            fanout: fa,
+        } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
             t.emit();
             let rate = max_rate(&t)? * 0.5;
             delivery::latency(&bin, core, &args, rate).await?.emit();
             p2p::run(&bin, core, &pa).await?.emit();
+            fanout::run(&bin, core, &fa).await?.emit();
         }
         Cmd::RelayServe { .. } => {}
     }
