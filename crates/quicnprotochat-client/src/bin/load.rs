@@ -24,6 +24,8 @@ mod fanout;
 mod p2p;
 #[path = "load/relay.rs"]
 mod relay;
+#[path = "load/startup.rs"]
+mod startup;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +36,7 @@ use common::Report;
 use delivery::DeliveryArgs;
 use fanout::FanoutArgs;
 use p2p::P2pArgs;
+use startup::{ColdArgs, IdleArgs};
 
 /// Benchmark load generator: each scenario beside its peer, one JSON line each.
 #[derive(Debug, Parser)]
@@ -82,6 +85,10 @@ enum Cmd {
     P2p(P2pArgs),
     /// Server CPU per recipient against group size.
     Fanout(FanoutArgs),
+    /// Exec to first handshake: empty store, then with queued messages.
+    Coldstart(ColdArgs),
+    /// Server memory per idle authenticated connection.
+    IdleMemory(IdleArgs),
     /// throughput, latency at 50% of the measured maximum, p2p, fanout.
     All {
         #[command(flatten)]
@@ -90,6 +97,10 @@ enum Cmd {
         p2p: P2pArgs,
         #[command(flatten)]
         fanout: FanoutArgs,
+        #[command(flatten)]
+        cold: ColdArgs,
+        #[command(flatten)]
+        idle: IdleArgs,
     },
     /// The raw quinn relay peer (started by the scenarios).
     #[command(hide = true)]
@@ -153,6 +164,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             args,
             p2p: pa,
             fanout: fa,
+            cold,
+            idle,
         } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -161,6 +174,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             delivery::latency(&bin, core, &args, rate).await?.emit();
             p2p::run(&bin, core, &pa).await?.emit();
             fanout::run(&bin, core, &fa).await?.emit();
+            startup::coldstart(&bin, core, &cold).await?.emit();
+            startup::idle_memory(&bin, core, &idle).await?.emit();
+        }
+        Cmd::Coldstart(a) => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            startup::coldstart(&bin, core, &a).await?.emit();
+        }
+        Cmd::IdleMemory(a) => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            startup::idle_memory(&bin, core, &a).await?.emit();
         }
         Cmd::RelayServe { .. } => {}
     }

@@ -6,7 +6,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use hdrhistogram::Histogram;
@@ -65,6 +65,17 @@ pub fn cpu_us(pid: &str) -> anyhow::Result<u64> {
     let stime: u64 = f.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
     // USER_HZ is 100 on Linux.
     Ok((utime + stime) * 10_000)
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS`).
+pub fn rss_kib(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("VmRSS:") {
+            return Ok(v.trim().trim_end_matches("kB").trim().parse()?);
+        }
+    }
+    bail!("no VmRSS in /proc/{pid}/status")
 }
 
 /// One scenario's report line.
@@ -143,6 +154,10 @@ pub struct Proc {
     pub addr: SocketAddr,
     /// its certificate fingerprint
     pub fingerprint: [u8; 32],
+    /// exec to the `listening` line on stderr
+    pub startup: Duration,
+    /// when the `listening` line arrived
+    listening_at: Instant,
     /// its temporary directory (removed on drop)
     _dir: tempfile::TempDir,
 }
@@ -156,6 +171,16 @@ impl Proc {
     /// CPU µs of the process so far.
     pub fn cpu_us(&self) -> anyhow::Result<u64> {
         cpu_us(&self.pid())
+    }
+
+    /// Time since the `listening` line arrived.
+    pub fn since_listening(&self) -> Duration {
+        self.listening_at.elapsed()
+    }
+
+    /// Resident set size of the process in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        rss_kib(&self.pid())
     }
 
     /// A client configuration pinning this server.
@@ -194,6 +219,7 @@ fn start(
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    let t0 = Instant::now();
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -203,16 +229,16 @@ fn start(
         .stderr
         .take()
         .ok_or_else(|| anyhow!("no stderr of the child"))?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
     std::thread::spawn(move || {
         // Drains stderr until the child exits (so it never blocks on a full pipe).
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("listening") && line.contains("addr=") {
-                let _ = tx.send(line);
+                let _ = tx.send((line, Instant::now()));
             }
         }
     });
-    let line = match rx.recv_timeout(Duration::from_secs(60)) {
+    let (line, at) = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(v) => v,
         Err(_) => {
             let _ = child.kill();
@@ -230,6 +256,8 @@ fn start(
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         fingerprint: [0; 32],
+        startup: at.duration_since(t0),
+        listening_at: at,
         _dir: dir,
     };
     proc.addr = field("addr=")
