@@ -26,6 +26,8 @@ mod p2p;
 mod relay;
 #[path = "load/startup.rs"]
 mod startup;
+#[path = "load/table.rs"]
+mod table;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +39,7 @@ use delivery::DeliveryArgs;
 use fanout::FanoutArgs;
 use p2p::P2pArgs;
 use startup::{ColdArgs, IdleArgs};
+use table::TableArgs;
 
 /// Benchmark load generator: each scenario beside its peer, one JSON line each.
 #[derive(Debug, Parser)]
@@ -102,6 +105,8 @@ enum Cmd {
         #[command(flatten)]
         idle: IdleArgs,
     },
+    /// Writes the results table of the benchmarks page from report lines.
+    Table(TableArgs),
     /// The raw quinn relay peer (started by the scenarios).
     #[command(hide = true)]
     RelayServe {
@@ -114,6 +119,9 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     quicnprotochat_client::harness::install_crypto_provider();
+    if let Cmd::Table(a) = &cli.command {
+        return table::run(a);
+    }
     if let Cmd::RelayServe { max_secs } = cli.command {
         // The relay runs on one thread, like the server's RPC loop.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -185,7 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             startup::idle_memory(&bin, core, &a).await?.emit();
         }
-        Cmd::RelayServe { .. } => {}
+        Cmd::RelayServe { .. } | Cmd::Table(_) => {}
     }
     Ok(())
 }
