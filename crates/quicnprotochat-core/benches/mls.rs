@@ -2,9 +2,18 @@
 //! transaction per operation, validation) beside raw openmls with in-memory
 //! storage doing the same operations, in the same run.
 //!
+//! The `mls_size` group repeats the per-message and per-commit operations
+//! in groups of N members (N from `QUICNPROTOCHAT_BENCH_SIZES`, default
+//! 2, 8, 32, 128): self-update + process the commit at another member, add
+//! one member (commit + Welcome) + merge then remove it + merge (the group
+//! stays at N), and encrypt + decrypt 256 bytes.
+//! Our groups are built one add at a time (each add commit carries the
+//! adder's path); raw openmls groups are built with one commit adding N - 1
+//! members, then the same one-member operations are timed on both.
+//!
 //! `cargo bench -p quicnprotochat-core --bench mls`
 
-use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
@@ -235,5 +244,156 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Group sizes of `mls_size`.
+fn sizes() -> Vec<usize> {
+    std::env::var("QUICNPROTOCHAT_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![2, 8, 32, 128])
+}
+
+/// Our group of `n` members: alice (the creator), bob (joined first, he
+/// processes every later commit) and n - 2 others who never join.
+fn our_group(dir: &std::path::Path, n: usize) -> (Profile, Profile) {
+    let mut alice = profile(dir, &format!("size{n}-alice"));
+    let mut bob = profile(dir, &format!("size{n}-bob"));
+    alice.create_group("g").must();
+    let kp = bob.generate_key_packages(1, false, 3600).must().remove(0);
+    let out = alice.add_member("g", &kp, bob.identity_key()).must();
+    alice.confirm_commit(&out.group_id).must();
+    let w = out.welcome.must();
+    bob.process(&w.message_id, &w.payload).must();
+    for i in 2..n {
+        let mut m = profile(dir, &format!("size{n}-m{i}"));
+        let kp = m.generate_key_packages(1, false, 3600).must().remove(0);
+        let out = alice.add_member("g", &kp, m.identity_key()).must();
+        alice.confirm_commit(&out.group_id).must();
+        let c = out.commit.must();
+        bob.process(&c.message_id, &c.payload).must();
+    }
+    (alice, bob)
+}
+
+/// A raw openmls group of `n` members: ra's group and rb's copy.
+fn raw_group(ra: &Raw, rb: &Raw, n: usize) -> (MlsGroup, MlsGroup) {
+    let mut ga = MlsGroup::new(
+        &ra.provider,
+        &ra.signer,
+        &raw_config(),
+        ra.credential.clone(),
+    )
+    .must();
+    let mut kps = vec![raw_kp(rb)];
+    for i in 2..n {
+        kps.push(raw_kp(&raw(&format!("m{i}"))));
+    }
+    let (_c, w, _gi) = ga.add_members(&ra.provider, &ra.signer, &kps).must();
+    ga.merge_pending_commit(&ra.provider).must();
+    let gb = raw_join(rb, w);
+    (ga, gb)
+}
+
+fn to_protocol(out: &MlsMessageOut) -> ProtocolMessage {
+    let bytes = out.tls_serialize_detached().must();
+    MlsMessageIn::tls_deserialize_exact(&bytes)
+        .must()
+        .try_into_protocol_message()
+        .must()
+}
+
+fn bench_sizes(c: &mut Criterion) {
+    let dir = tempfile::tempdir().must();
+    let mut g = c.benchmark_group("mls_size");
+    g.sample_size(10);
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.measurement_time(std::time::Duration::from_secs(2));
+    let text = "x".repeat(200);
+    let payload = vec![b'x'; 256];
+    for n in sizes() {
+        let n = n.max(2);
+        let (mut alice, mut bob) = our_group(dir.path(), n);
+        let ra = raw(&format!("alice{n}"));
+        let rb = raw(&format!("bob{n}"));
+        let (mut ga, mut gb) = raw_group(&ra, &rb, n);
+
+        g.bench_function(BenchmarkId::new("self_update_process/ours", n), |b| {
+            b.iter(|| {
+                let out = alice.self_update("g").must();
+                alice.confirm_commit(&out.group_id).must();
+                let c = out.commit.must();
+                bob.process(&c.message_id, &c.payload).must()
+            })
+        });
+        g.bench_function(BenchmarkId::new("self_update_process/openmls", n), |b| {
+            b.iter(|| {
+                let bundle = ga
+                    .self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
+                    .must();
+                ga.merge_pending_commit(&ra.provider).must();
+                let (commit, _w, _gi) = bundle.into_contents();
+                let pm = gb
+                    .process_message(&rb.provider, to_protocol(&commit))
+                    .must();
+                if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
+                    gb.merge_staged_commit(&rb.provider, *sc).must();
+                }
+            })
+        });
+
+        g.bench_function(BenchmarkId::new("encrypt_decrypt_256B/ours", n), |b| {
+            b.iter(|| {
+                let out = alice.send_text("g", &text).must();
+                bob.process(&out.message_id, &out.payload).must()
+            })
+        });
+        g.bench_function(BenchmarkId::new("encrypt_decrypt_256B/openmls", n), |b| {
+            b.iter(|| {
+                let out = ga.create_message(&ra.provider, &ra.signer, &payload).must();
+                gb.process_message(&rb.provider, to_protocol(&out)).must()
+            })
+        });
+
+        // Add one member (commit + Welcome) and merge, then remove it and
+        // merge: the group stays at N members across iterations.
+        let mut k = 0u64;
+        g.bench_function(BenchmarkId::new("add_remove/ours", n), |b| {
+            b.iter_batched(
+                || {
+                    k += 1;
+                    let name = format!("size{n}-add{k}");
+                    let mut m = profile(dir.path(), &name);
+                    let kp = m.generate_key_packages(1, false, 3600).must().remove(0);
+                    (kp, m.identity_key(), name)
+                },
+                |(kp, id, name)| {
+                    let out = alice.add_member("g", &kp, id).must();
+                    alice.confirm_commit(&out.group_id).must();
+                    let out = alice.remove_member("g", &name).must();
+                    alice.confirm_commit(&out.group_id).must();
+                    out
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function(BenchmarkId::new("add_remove/openmls", n), |b| {
+            b.iter_batched(
+                || raw_kp(&raw("added")),
+                |kp| {
+                    let sig = kp.leaf_node().signature_key().as_slice().to_vec();
+                    let (_c, w, _gi) = ga.add_members(&ra.provider, &ra.signer, &[kp]).must();
+                    ga.merge_pending_commit(&ra.provider).must();
+                    let idx = ga.members().find(|m| m.signature_key == sig).must().index;
+                    ga.remove_members(&ra.provider, &ra.signer, &[idx]).must();
+                    ga.merge_pending_commit(&ra.provider).must();
+                    w
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_sizes);
 criterion_main!(benches);
