@@ -302,11 +302,21 @@ pub fn start_server(
     core: Option<usize>,
     data_dir: Option<&Path>,
 ) -> anyhow::Result<Proc> {
+    start_server_with(bin, core, data_dir, &[])
+}
+
+/// [`start_server`] with extra flags (e.g. `--db-key ""`: no encryption).
+pub fn start_server_with(
+    bin: &Path,
+    core: Option<usize>,
+    data_dir: Option<&Path>,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("server.toml");
     std::fs::write(&config, BENCH_SERVER_TOML)?;
     let data = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
-    let args = vec![
+    let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
         "127.0.0.1:0".into(),
@@ -315,6 +325,7 @@ pub fn start_server(
         "--data-dir".into(),
         data.display().to_string(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let envs = [
         ("QUICNPROTOCHAT_AUTH_TOKEN", TEST_TOKEN.to_string()),
         ("RUST_LOG", "info".to_string()),

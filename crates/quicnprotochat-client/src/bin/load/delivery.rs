@@ -159,8 +159,9 @@ async fn run_server(
     core: Option<usize>,
     a: &DeliveryArgs,
     pace: Pace,
+    extra: &[&str],
 ) -> anyhow::Result<Outcome> {
-    let server = common::start_server(bin, core, None)?;
+    let server = common::start_server_with(bin, core, None, extra)?;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for i in 0..a.pairs {
@@ -397,13 +398,19 @@ pub async fn throughput(
     a: &DeliveryArgs,
 ) -> anyhow::Result<Report> {
     let pace = Pace { interval: None };
-    let ours = run_server(bin, core, a, pace).await?;
+    let ours = run_server(bin, core, a, pace, &[]).await?;
+    // Bracket: the same server with an unencrypted store (plain SQLite).
+    let plain = run_server(bin, core, a, pace, &["--db-key", ""]).await?;
     let peer = run_relay(core, a, pace).await?;
     let ratio = ours.per_sec() / peer.per_sec().max(1e-9);
+    let mut figures = ours.figures();
+    if let Some(o) = figures.as_object_mut() {
+        o.insert("plain_sqlite_store".into(), plain.figures());
+    }
     Ok(Report {
         scenario: "throughput".into(),
         params: params(a, None),
-        figures: ours.figures(),
+        figures,
         peer: "raw quinn relay".into(),
         peer_figures: peer.figures(),
         ratio_of: "delivered_per_sec".into(),
@@ -427,7 +434,7 @@ pub async fn latency(
     let pace = Pace {
         interval: Some(Duration::from_secs_f64(lanes / rate)),
     };
-    let ours = run_server(bin, core, a, pace).await?;
+    let ours = run_server(bin, core, a, pace, &[]).await?;
     let peer = run_relay(core, a, pace).await?;
     let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64;
     let ratio = p99(&ours.latency) / p99(&peer.latency).max(1.0);
