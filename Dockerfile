@@ -55,7 +55,8 @@ RUN set -eux; \
         crates/quicnprotochat-server/src/main.rs \
         crates/quicnprotochat-client/src/main.rs \
         crates/quicnprotochat-client/src/bin/load.rs \
-        crates/quicnprotochat-core/benches/mls.rs; \
+        crates/quicnprotochat-core/benches/mls.rs \
+        crates/quicnprotochat-server/benches/store.rs; \
     do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done
 RUN cargo build --release --locked -p quicnprotochat-server --bin quicnprotochat-server
 

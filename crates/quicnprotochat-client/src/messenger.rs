@@ -16,8 +16,8 @@ use std::time::Duration;
 use quicnprotochat_core::PeerInfo;
 use quicnprotochat_core::framing::{self, FrameKind};
 use quicnprotochat_core::{
-    CommitOutcome, Event, GroupError, GroupSummary, Identity, IdentityKey, MemberInfo, Outgoing,
-    Profile, ProfileKey, StateError, StoredMessage,
+    CommitOutcome, Delivered, Event, GroupError, GroupSummary, Identity, IdentityKey, MemberInfo,
+    Outgoing, Profile, ProfileKey, StateError, StoredMessage,
 };
 use quicnprotochat_p2p::{Inbound, Node, NodeConfig, PeerAddr};
 use quicnprotochat_proto::transport::ServerAuth;
@@ -751,10 +751,8 @@ impl Messenger {
             let Some(last) = batch.last().map(|e| e.seq) else {
                 break;
             };
-            for env in &batch {
-                events.extend(process_envelope(profile, env));
-            }
-            profile.set_next_seq(last + 1)?;
+            // One transaction for the batch, cursor included.
+            events.extend(process_envelopes(profile, &batch)?);
             self.client().await.ack(last).await?;
         }
         let pending = pending_groups(&events);
@@ -825,10 +823,14 @@ impl Messenger {
                 if env.seq < next {
                     continue; // already processed (e.g. by a concurrent sync)
                 }
-                let mut events = process_envelope(&mut profile, &env);
-                if let Err(e) = profile.set_next_seq(env.seq + 1) {
-                    tracing::error!(error = %e, "cannot store the queue cursor");
-                }
+                let mut events = match process_envelopes(&mut profile, std::slice::from_ref(&env)) {
+                    Ok(events) => events,
+                    Err(e) => {
+                        // Not acknowledged: the next sync fetches it again.
+                        tracing::error!(error = %e, "cannot store a received message");
+                        continue;
+                    }
+                };
                 let _ = self.client().await.ack(env.seq).await;
                 for group_id in pending_groups(&events) {
                     match self
@@ -872,15 +874,31 @@ fn pending_groups(events: &[Event]) -> Vec<Vec<u8>> {
     ids
 }
 
-/// Processes one envelope; a bad one is logged and skipped (state intact).
-fn process_envelope(profile: &mut Profile, env: &Envelope) -> Vec<Event> {
-    match profile.process(&env.message_id, &env.payload) {
-        Ok(events) => events,
-        Err(e) => {
-            tracing::warn!(seq = env.seq, error = %e, "ignored an undecryptable or invalid message");
-            Vec::new()
+/// Processes envelopes in one transaction that also moves the queue cursor
+/// past them; a bad one is logged and skipped (the others apply).  The error
+/// is a storage failure, after which none applied.
+fn process_envelopes(
+    profile: &mut Profile,
+    batch: &[Envelope],
+) -> Result<Vec<Event>, MessengerError> {
+    let delivered: Vec<Delivered<'_>> = batch
+        .iter()
+        .map(|env| Delivered {
+            seq: env.seq,
+            message_id: &env.message_id,
+            payload: &env.payload,
+        })
+        .collect();
+    let mut events = Vec::new();
+    for (env, result) in batch.iter().zip(profile.process_batch(&delivered)?) {
+        match result {
+            Ok(more) => events.extend(more),
+            Err(e) => {
+                tracing::warn!(seq = env.seq, error = %e, "ignored an undecryptable or invalid message");
+            }
         }
     }
+    Ok(events)
 }
 
 async fn blocking<T: Send + 'static>(

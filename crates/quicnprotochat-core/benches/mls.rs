@@ -11,6 +11,10 @@
 //! adder's path); raw openmls groups are built with one commit adding N - 1
 //! members, then the same one-member operations are timed on both.
 //!
+//! The `mls_receive` group decrypts and stores a backlog of 100 messages in
+//! one `process_batch` beside raw openmls, and measures the disk's fsync
+//! floor in the same run.
+//!
 //! `cargo bench -p quicnprotochat-core --bench mls`
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -18,7 +22,7 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
-use quicnprotochat_core::{CIPHERSUITE, Profile, ProfileKey};
+use quicnprotochat_core::{CIPHERSUITE, Delivered, Profile, ProfileKey};
 
 /// Ends the benchmark run with a message: a failed step means the figures
 /// would be meaningless.
@@ -395,5 +399,84 @@ fn bench_sizes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, bench_sizes);
+/// Messages per batch in `mls_receive`.
+const BATCH: usize = 100;
+
+/// Receiving a backlog: `BATCH` application messages decrypted and stored
+/// with one `process_batch` (one transaction, one fsync) against raw openmls
+/// processing the same number; and the disk's fsync floor, the least any
+/// durable operation costs here (one 4 KiB block overwritten and
+/// `fdatasync`ed in the same temporary directory), so a per-operation figure
+/// can be read against what persistence alone costs.
+fn bench_receive(c: &mut Criterion) {
+    use std::os::unix::fs::FileExt as _;
+    let dir = tempfile::tempdir().must();
+    let mut g = c.benchmark_group("mls_receive");
+    g.sample_size(10);
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.measurement_time(std::time::Duration::from_secs(3));
+    let file = std::fs::File::create(dir.path().join("fsync-floor")).must();
+    g.bench_function("fsync_floor", |b| {
+        b.iter(|| {
+            file.write_all_at(&[0xA5; 4096], 0).must();
+            file.sync_data().must();
+        })
+    });
+
+    g.throughput(criterion::Throughput::Elements(BATCH as u64));
+    let (mut alice, mut bob) = our_group(dir.path(), 2);
+    let text = "x".repeat(200);
+    let mut seq = 0u64;
+    g.bench_function(BenchmarkId::new("process_batch/ours", BATCH), |b| {
+        b.iter_batched(
+            || {
+                (0..BATCH)
+                    .map(|_| alice.send_text("g", &text).must())
+                    .collect::<Vec<_>>()
+            },
+            |msgs| {
+                let batch: Vec<Delivered<'_>> = msgs
+                    .iter()
+                    .map(|m| {
+                        seq += 1;
+                        Delivered {
+                            seq,
+                            message_id: &m.message_id,
+                            payload: &m.payload,
+                        }
+                    })
+                    .collect();
+                let results = bob.process_batch(&batch).must();
+                if results.iter().any(Result::is_err) {
+                    fail("a message of the batch was rejected");
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let ra = raw("alice-recv");
+    let rb = raw("bob-recv");
+    let (mut ga, mut gb) = raw_group(&ra, &rb, 2);
+    let payload = vec![b'x'; 256];
+    g.bench_function(BenchmarkId::new("process_batch/openmls", BATCH), |b| {
+        b.iter_batched(
+            || {
+                (0..BATCH)
+                    .map(|_| {
+                        to_protocol(&ga.create_message(&ra.provider, &ra.signer, &payload).must())
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |msgs| {
+                for pm in msgs {
+                    gb.process_message(&rb.provider, pm).must();
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_sizes, bench_receive);
 criterion_main!(benches);

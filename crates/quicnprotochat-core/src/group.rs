@@ -10,6 +10,7 @@
 //! it) or [`Profile::abort_commit`] (the server answered `staleEpoch`: another
 //! member's commit won; process it, then retry).
 
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
@@ -20,13 +21,13 @@ use openmls::prelude::{
     ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, ProtocolVersion, Sender,
     UnknownExtension,
 };
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::CIPHERSUITE;
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
 use crate::message::{AppMessage, Content, MessageError, PeerInfo};
-use crate::state::{Profile, Provider, StateError};
+use crate::state::{Profile, Provider, StateError, set_setting_on};
 
 /// Private-use extension type (RFC 9420 §17.3, 0xF000-0xFFFF) carrying the
 /// group's display name in the group context, so invitees learn it from the
@@ -303,20 +304,16 @@ fn load(conn: &Connection, group_id: &[u8]) -> Result<MlsGroup, GroupError> {
 }
 
 fn group_id_by_name(conn: &Connection, name: &str) -> Result<Vec<u8>, GroupError> {
-    conn.query_row("SELECT group_id FROM groups WHERE name = ?1", [name], |r| {
-        r.get(0)
-    })
-    .optional()?
-    .ok_or_else(|| GroupError::NoSuchGroup(name.to_string()))
+    conn.prepare_cached("SELECT group_id FROM groups WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| GroupError::NoSuchGroup(name.to_string()))
 }
 
 fn name_by_group_id(conn: &Connection, group_id: &[u8]) -> Result<Option<String>, GroupError> {
     Ok(conn
-        .query_row(
-            "SELECT name FROM groups WHERE group_id = ?1",
-            [group_id],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT name FROM groups WHERE group_id = ?1")?
+        .query_row([group_id], |r| r.get(0))
         .optional()?)
 }
 
@@ -337,10 +334,11 @@ fn to_bytes(m: &MlsMessageOut) -> Result<Vec<u8>, GroupError> {
 }
 
 fn mark_processed(conn: &Connection, message_id: &[u8]) -> Result<(), GroupError> {
-    conn.execute(
-        "INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)",
-        params![message_id, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
-    )?;
+    conn.prepare_cached("INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)")?
+        .execute(params![
+            message_id,
+            i64::try_from(now_ms()).unwrap_or(i64::MAX)
+        ])?;
     Ok(())
 }
 
@@ -350,10 +348,11 @@ fn insert_message(
     m: &StoredMessage,
 ) -> Result<bool, GroupError> {
     let id = hex::decode(&m.message_id).map_err(rejected)?;
-    let n = conn.execute(
+    let n = conn.prepare_cached(
         "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
+    )?
+    .execute(params![
             group_id,
             id,
             m.sender,
@@ -432,15 +431,146 @@ fn commit_outcome(
     })
 }
 
+/// MLS groups kept in memory between operations.
+///
+/// openmls writes every change of a group through its storage provider as it
+/// makes it, so an [`MlsGroup`] held in memory stays equal to the stored one
+/// as long as every transaction that changed it committed.  The cache keeps
+/// that invariant:
+///
+/// - a group is taken out of the cache for an operation and put back only
+///   after the operation's transaction committed; a failed operation (a
+///   rejected message, a storage error) drops it, and the next operation
+///   loads it again from the database;
+/// - every write transaction is `BEGIN IMMEDIATE` and starts by reading
+///   `PRAGMA data_version`, which changes when another connection (another
+///   process on the same profile) committed: then the whole cache is
+///   dropped, so state written elsewhere is never overwritten with a stale
+///   copy.
+#[derive(Default)]
+pub(crate) struct GroupCache {
+    groups: HashMap<Vec<u8>, MlsGroup>,
+    data_version: Option<i64>,
+}
+
+impl GroupCache {
+    /// Takes the group out of the cache, or loads it.
+    fn take(&mut self, conn: &Connection, group_id: &[u8]) -> Result<MlsGroup, GroupError> {
+        match self.groups.remove(group_id) {
+            Some(g) => Ok(g),
+            None => load(conn, group_id),
+        }
+    }
+
+    /// Puts back a group whose changes are committed.
+    fn put(&mut self, group_id: Vec<u8>, group: MlsGroup) {
+        self.groups.insert(group_id, group);
+    }
+
+    /// Forgets everything (a commit failed: memory may be ahead of disk).
+    fn clear(&mut self) {
+        self.groups.clear();
+        self.data_version = None;
+    }
+}
+
+/// Starts a write transaction and drops cached groups that another
+/// connection may have changed.
+fn begin<'c>(
+    conn: &'c mut Connection,
+    cache: &mut GroupCache,
+) -> Result<Transaction<'c>, GroupError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+    if cache.data_version != Some(version) {
+        cache.groups.clear();
+        cache.data_version = Some(version);
+    }
+    Ok(tx)
+}
+
+/// Commits `tx`; if that fails, memory may be ahead of the database.
+fn commit(tx: Transaction<'_>, cache: &mut GroupCache) -> Result<(), GroupError> {
+    tx.commit().map_err(|e| {
+        cache.clear();
+        GroupError::from(e)
+    })
+}
+
+/// Which group an operation is on.
+enum Target<'a> {
+    Name(&'a str),
+    Id(&'a [u8]),
+}
+
+/// What an operation on one group gets to work with.
+struct Op<'a> {
+    tx: &'a Connection,
+    provider: Provider<'a>,
+    identity: &'a crate::identity::Identity,
+    username: &'a str,
+    group_id: &'a [u8],
+}
+
+impl Op<'_> {
+    fn me(&self) -> IdentityKey {
+        self.identity.public_key()
+    }
+
+    fn signer(&self) -> &openmls_basic_credential::SignatureKeyPair {
+        self.identity.key_pair()
+    }
+}
+
+/// A payload the delivery service handed us, with its queue position.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered<'a> {
+    /// queue sequence number
+    pub seq: u64,
+    /// delivery message id
+    pub message_id: &'a [u8],
+    /// MLS message bytes
+    pub payload: &'a [u8],
+}
+
 impl Profile {
+    /// Runs `f` on one group in one write transaction; the group's state,
+    /// history and bookkeeping change together or not at all.
+    fn with_group<T>(
+        &mut self,
+        target: Target<'_>,
+        f: impl FnOnce(&Op<'_>, &mut MlsGroup) -> Result<T, GroupError>,
+    ) -> Result<T, GroupError> {
+        let tx = begin(&mut self.conn, &mut self.cache)?;
+        let group_id = match target {
+            Target::Name(name) => group_id_by_name(&tx, name)?,
+            Target::Id(id) => id.to_vec(),
+        };
+        let mut group = self.cache.take(&tx, &group_id)?;
+        let out = f(
+            &Op {
+                tx: &tx,
+                provider: Provider::new(&tx),
+                identity: &self.identity,
+                username: &self.username,
+                group_id: &group_id,
+            },
+            &mut group,
+        )?;
+        commit(tx, &mut self.cache)?;
+        self.cache.put(group_id, group);
+        Ok(out)
+    }
+
     /// Creates a group named `name` with this client as its only member.
     pub fn create_group(&mut self, name: &str) -> Result<Vec<u8>, GroupError> {
         if !valid_group_name(name) {
             return Err(GroupError::BadName);
         }
-        let tx = self.conn.transaction()?;
+        let tx = begin(&mut self.conn, &mut self.cache)?;
         if tx
-            .query_row("SELECT 1 FROM groups WHERE name = ?1", [name], |_| Ok(()))
+            .prepare_cached("SELECT 1 FROM groups WHERE name = ?1")?
+            .query_row([name], |_| Ok(()))
             .optional()?
             .is_some()
         {
@@ -471,12 +601,12 @@ impl Profile {
             credential,
         )
         .map_err(mls)?;
-        drop(group);
         tx.execute(
             "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
             params![group_id, name, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
         )?;
-        tx.commit()?;
+        commit(tx, &mut self.cache)?;
+        self.cache.put(group_id.clone(), group);
         Ok(group_id)
     }
 
@@ -484,7 +614,8 @@ impl Profile {
     pub fn has_group(&self, name: &str) -> Result<bool, GroupError> {
         Ok(self
             .conn
-            .query_row("SELECT 1 FROM groups WHERE name = ?1", [name], |_| Ok(()))
+            .prepare_cached("SELECT 1 FROM groups WHERE name = ?1")?
+            .query_row([name], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -497,42 +628,33 @@ impl Profile {
         key_package: &[u8],
         invitee: IdentityKey,
     ) -> Result<CommitOutcome, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let group_id = group_id_by_name(&tx, group)?;
-        let provider = Provider::new(&tx);
-        let kp = KeyPackageIn::tls_deserialize_exact(key_package)
-            .map_err(|e| KeyPackageError::Decode(e.to_string()))?
-            .validate(provider.crypto(), ProtocolVersion::Mls10)
-            .map_err(|e| KeyPackageError::Invalid(e.to_string()))?;
-        if kp.leaf_node().signature_key().as_slice() != invitee.as_bytes() {
-            return Err(GroupError::WrongInvitee);
-        }
-        let mut g = load(&tx, &group_id)?;
-        if !g.is_active() {
-            return Err(GroupError::Inactive);
-        }
-        if g.members().any(|m| m.signature_key == invitee.as_bytes()) {
-            return Err(GroupError::AlreadyMember(username_of(
-                kp.leaf_node().credential(),
-            )));
-        }
-        let recipients = others(&g, me);
-        let (commit, welcome, _info) = g
-            .add_members(
-                &provider,
-                self.identity.key_pair(),
-                std::slice::from_ref(&kp),
+        self.with_group(Target::Name(group), |op, g| {
+            let kp = KeyPackageIn::tls_deserialize_exact(key_package)
+                .map_err(|e| KeyPackageError::Decode(e.to_string()))?
+                .validate(op.provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(|e| KeyPackageError::Invalid(e.to_string()))?;
+            if kp.leaf_node().signature_key().as_slice() != invitee.as_bytes() {
+                return Err(GroupError::WrongInvitee);
+            }
+            if !g.is_active() {
+                return Err(GroupError::Inactive);
+            }
+            if g.members().any(|m| m.signature_key == invitee.as_bytes()) {
+                return Err(GroupError::AlreadyMember(username_of(
+                    kp.leaf_node().credential(),
+                )));
+            }
+            let recipients = others(g, op.me());
+            let (commit, welcome, _info) = g
+                .add_members(&op.provider, op.signer(), std::slice::from_ref(&kp))
+                .map_err(mls)?;
+            commit_outcome(
+                op.group_id,
+                recipients,
+                &commit,
+                Some((vec![invitee], &welcome)),
             )
-            .map_err(mls)?;
-        let out = commit_outcome(
-            &group_id,
-            recipients,
-            &commit,
-            Some((vec![invitee], &welcome)),
-        )?;
-        tx.commit()?;
-        Ok(out)
+        })
     }
 
     /// Removes `username` from the group (the commit also goes to them, so
@@ -542,126 +664,100 @@ impl Profile {
         group: &str,
         username: &str,
     ) -> Result<CommitOutcome, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let group_id = group_id_by_name(&tx, group)?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, &group_id)?;
-        let target: Vec<LeafNodeIndex> = g
-            .members()
-            .filter(|m| username_of(&m.credential) == username && m.signature_key != me.as_bytes())
-            .map(|m| m.index)
-            .collect();
-        if target.is_empty() {
-            return Err(GroupError::NotAMember(username.to_string()));
-        }
-        let recipients = others(&g, me);
-        let (commit, _welcome, _info) = g
-            .remove_members(&provider, self.identity.key_pair(), &target)
-            .map_err(mls)?;
-        let out = commit_outcome(&group_id, recipients, &commit, None)?;
-        tx.commit()?;
-        Ok(out)
+        self.with_group(Target::Name(group), |op, g| {
+            let me = op.me();
+            let target: Vec<LeafNodeIndex> = g
+                .members()
+                .filter(|m| {
+                    username_of(&m.credential) == username && m.signature_key != me.as_bytes()
+                })
+                .map(|m| m.index)
+                .collect();
+            if target.is_empty() {
+                return Err(GroupError::NotAMember(username.to_string()));
+            }
+            let recipients = others(g, me);
+            let (commit, _welcome, _info) = g
+                .remove_members(&op.provider, op.signer(), &target)
+                .map_err(mls)?;
+            commit_outcome(op.group_id, recipients, &commit, None)
+        })
     }
 
     /// Refreshes this client's leaf keys (post-compromise security).
     pub fn self_update(&mut self, group: &str) -> Result<CommitOutcome, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let group_id = group_id_by_name(&tx, group)?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, &group_id)?;
-        let recipients = others(&g, me);
-        let bundle = g
-            .self_update(
-                &provider,
-                self.identity.key_pair(),
-                LeafNodeParameters::default(),
-            )
-            .map_err(mls)?;
-        let (commit, _welcome, _info) = bundle.into_contents();
-        let out = commit_outcome(&group_id, recipients, &commit, None)?;
-        tx.commit()?;
-        Ok(out)
+        self.with_group(Target::Name(group), |op, g| {
+            let recipients = others(g, op.me());
+            let bundle = g
+                .self_update(&op.provider, op.signer(), LeafNodeParameters::default())
+                .map_err(mls)?;
+            let (commit, _welcome, _info) = bundle.into_contents();
+            commit_outcome(op.group_id, recipients, &commit, None)
+        })
     }
 
     /// Commits proposals received from others (e.g. a member leaving).
     pub fn commit_pending(&mut self, group_id: &[u8]) -> Result<Option<CommitOutcome>, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, group_id)?;
-        if g.pending_proposals().next().is_none() || !g.is_active() {
-            return Ok(None);
-        }
-        let recipients = others(&g, me);
-        let (commit, welcome, _info) = g
-            .commit_to_pending_proposals(&provider, self.identity.key_pair())
-            .map_err(mls)?;
-        if welcome.is_some() {
-            return Err(GroupError::Mls(
-                "pending proposals add members; not supported".into(),
-            ));
-        }
-        let out = commit_outcome(group_id, recipients, &commit, None)?;
-        tx.commit()?;
-        Ok(Some(out))
+        self.with_group(Target::Id(group_id), |op, g| {
+            if g.pending_proposals().next().is_none() || !g.is_active() {
+                return Ok(None);
+            }
+            let recipients = others(g, op.me());
+            let (commit, welcome, _info) = g
+                .commit_to_pending_proposals(&op.provider, op.signer())
+                .map_err(mls)?;
+            if welcome.is_some() {
+                return Err(GroupError::Mls(
+                    "pending proposals add members; not supported".into(),
+                ));
+            }
+            commit_outcome(op.group_id, recipients, &commit, None).map(Some)
+        })
     }
 
     /// The server accepted our pending commit: apply it.
     pub fn confirm_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
-        let tx = self.conn.transaction()?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, group_id)?;
-        g.merge_pending_commit(&provider).map_err(mls)?;
-        tx.commit()?;
-        Ok(())
+        self.with_group(Target::Id(group_id), |op, g| {
+            g.merge_pending_commit(&op.provider).map_err(mls)
+        })
     }
 
     /// The server rejected our pending commit: discard it.
     pub fn abort_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
-        let tx = self.conn.transaction()?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, group_id)?;
-        g.clear_pending_commit(provider.storage()).map_err(mls)?;
-        tx.commit()?;
-        Ok(())
+        self.with_group(Target::Id(group_id), |op, g| {
+            g.clear_pending_commit(op.provider.storage()).map_err(mls)
+        })
     }
 
     /// Encrypts a text message for the group and records it in our history.
     pub fn send_text(&mut self, group: &str, text: &str) -> Result<Outgoing, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let group_id = group_id_by_name(&tx, group)?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, &group_id)?;
-        if !g.is_active() {
-            return Err(GroupError::Inactive);
-        }
-        let id = random_id()?;
-        let now = now_ms();
-        let body = AppMessage::text(id, now, text)?.encode()?;
-        let out = g
-            .create_message(&provider, self.identity.key_pair(), &body)
-            .map_err(mls)?;
-        let recipients = others(&g, me);
-        let stored = StoredMessage {
-            group: group.to_string(),
-            sender: self.username.clone(),
-            sender_key: me,
-            sent_at_ms: now,
-            received_at_ms: now,
-            text: text.to_string(),
-            message_id: hex::encode(id),
-        };
-        insert_message(&tx, &group_id, &stored)?;
-        mark_processed(&tx, &id)?;
-        let payload = to_bytes(&out)?;
-        tx.commit()?;
-        Ok(Outgoing {
-            recipients,
-            message_id: id,
-            payload,
+        self.with_group(Target::Name(group), |op, g| {
+            if !g.is_active() {
+                return Err(GroupError::Inactive);
+            }
+            let me = op.me();
+            let id = random_id()?;
+            let now = now_ms();
+            let body = AppMessage::text(id, now, text)?.encode()?;
+            let out = g
+                .create_message(&op.provider, op.signer(), &body)
+                .map_err(mls)?;
+            let stored = StoredMessage {
+                group: group.to_string(),
+                sender: op.username.to_string(),
+                sender_key: me,
+                sent_at_ms: now,
+                received_at_ms: now,
+                text: text.to_string(),
+                message_id: hex::encode(id),
+            };
+            insert_message(op.tx, op.group_id, &stored)?;
+            mark_processed(op.tx, &id)?;
+            Ok(Outgoing {
+                recipients: others(g, me),
+                message_id: id,
+                payload: to_bytes(&out)?,
+            })
         })
     }
 
@@ -672,30 +768,24 @@ impl Profile {
         group: &str,
         peer: &PeerInfo,
     ) -> Result<Option<Outgoing>, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let group_id = group_id_by_name(&tx, group)?;
-        let provider = Provider::new(&tx);
-        let mut g = load(&tx, &group_id)?;
-        let recipients = others(&g, me);
-        if !g.is_active() || recipients.is_empty() {
-            return Ok(None);
-        }
-        let id = random_id()?;
-        let body = AppMessage::peer_address(id, now_ms(), peer).encode()?;
-        let out = g
-            .create_message(&provider, self.identity.key_pair(), &body)
-            .map_err(mls)?;
-        mark_processed(&tx, &id)?;
-        let payload = to_bytes(&out)?;
-        tx.commit()?;
-        Ok(Some(Outgoing {
-            recipients,
-            message_id: id,
-            payload,
-        }))
+        self.with_group(Target::Name(group), |op, g| {
+            let recipients = others(g, op.me());
+            if !g.is_active() || recipients.is_empty() {
+                return Ok(None);
+            }
+            let id = random_id()?;
+            let body = AppMessage::peer_address(id, now_ms(), peer).encode()?;
+            let out = g
+                .create_message(&op.provider, op.signer(), &body)
+                .map_err(mls)?;
+            mark_processed(op.tx, &id)?;
+            Ok(Some(Outgoing {
+                recipients,
+                message_id: id,
+                payload: to_bytes(&out)?,
+            }))
+        })
     }
-
     /// How to reach `member` directly, if they announced it.
     pub fn peer(&self, member: IdentityKey) -> Result<Option<PeerInfo>, GroupError> {
         let row: Option<(Vec<u8>, String, Option<String>)> = self
@@ -757,10 +847,11 @@ impl Profile {
     /// Returns the proposal to send (none if we were alone).
     pub fn leave(&mut self, group: &str) -> Result<Option<Outgoing>, GroupError> {
         let me = self.identity_key();
-        let tx = self.conn.transaction()?;
+        let tx = begin(&mut self.conn, &mut self.cache)?;
         let group_id = group_id_by_name(&tx, group)?;
         let provider = Provider::new(&tx);
-        let mut g = load(&tx, &group_id)?;
+        // Taken out of the cache for good: the group is deleted below.
+        let mut g = self.cache.take(&tx, &group_id)?;
         let recipients = others(&g, me);
         let out = if g.is_active() && !recipients.is_empty() {
             let proposal = g
@@ -776,7 +867,7 @@ impl Profile {
         };
         g.delete(provider.storage()).map_err(mls)?;
         tx.execute("DELETE FROM groups WHERE group_id = ?1", [&group_id])?;
-        tx.commit()?;
+        commit(tx, &mut self.cache)?;
         Ok(out)
     }
 
@@ -881,37 +972,103 @@ impl Profile {
     /// payload already processed is ignored (shown once).  On error nothing
     /// changes.
     pub fn process(&mut self, message_id: &[u8], payload: &[u8]) -> Result<Vec<Event>, GroupError> {
-        let me = self.identity_key();
-        let tx = self.conn.transaction()?;
-        let seen = tx
-            .query_row(
-                "SELECT 1 FROM processed WHERE message_id = ?1",
-                [message_id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        if seen {
-            return Ok(Vec::new());
-        }
-        let msg = MlsMessageIn::tls_deserialize_exact(payload).map_err(rejected)?;
-        let events = match msg.extract() {
-            MlsMessageBodyIn::Welcome(welcome) => join(&tx, welcome)?,
-            MlsMessageBodyIn::PrivateMessage(m) => {
-                handle_protocol(&tx, me, ProtocolMessage::from(m))?
-            }
-            MlsMessageBodyIn::PublicMessage(m) => {
-                handle_protocol(&tx, me, ProtocolMessage::from(m))?
-            }
-            _ => return Err(GroupError::Rejected("unexpected MLS message type".into())),
-        };
-        mark_processed(&tx, message_id)?;
-        tx.commit()?;
+        let tx = begin(&mut self.conn, &mut self.cache)?;
+        let events = process_in(&tx, &mut self.cache, message_id, payload)?;
+        commit(tx, &mut self.cache)?;
         Ok(events)
+    }
+
+    /// Processes delivered payloads in queue order in one transaction (one
+    /// durable write for the whole batch) and moves the queue cursor past the
+    /// last of them in the same transaction.
+    ///
+    /// Each payload gets its own result: one that peers got wrong (garbage,
+    /// a bad signature, a replay, an unknown group) is rolled back alone and
+    /// the others still apply.  The outer error is a storage failure; then
+    /// nothing of the batch applied and the cursor did not move.
+    pub fn process_batch(
+        &mut self,
+        batch: &[Delivered<'_>],
+    ) -> Result<Vec<Result<Vec<Event>, GroupError>>, GroupError> {
+        let Some(last) = batch.iter().map(|d| d.seq).max() else {
+            return Ok(Vec::new());
+        };
+        let mut tx = begin(&mut self.conn, &mut self.cache)?;
+        let mut results = Vec::with_capacity(batch.len());
+        let outcome = (|| {
+            for d in batch {
+                let sp = tx.savepoint()?;
+                match process_in(&sp, &mut self.cache, d.message_id, d.payload) {
+                    Ok(events) => {
+                        sp.commit()?;
+                        results.push(Ok(events));
+                    }
+                    // Storage failed: stop; nothing of the batch applies.
+                    Err(e @ GroupError::State(_)) => return Err(e),
+                    // Dropping the savepoint rolls back this payload alone.
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+            set_setting_on(&tx, "next_seq", &last.saturating_add(1).to_le_bytes())?;
+            Ok::<_, GroupError>(())
+        })();
+        if let Err(e) = outcome {
+            self.cache.clear();
+            return Err(e);
+        }
+        commit(tx, &mut self.cache)?;
+        Ok(results)
     }
 }
 
-fn join(tx: &Connection, welcome: openmls::prelude::Welcome) -> Result<Vec<Event>, GroupError> {
+/// Processes one payload on `conn` (a transaction or a savepoint).  Groups
+/// it changed are back in `cache`; the caller clears the cache if `conn`
+/// does not commit.
+fn process_in(
+    conn: &Connection,
+    cache: &mut GroupCache,
+    message_id: &[u8],
+    payload: &[u8],
+) -> Result<Vec<Event>, GroupError> {
+    let seen = conn
+        .prepare_cached("SELECT 1 FROM processed WHERE message_id = ?1")?
+        .query_row([message_id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if seen {
+        return Ok(Vec::new());
+    }
+    let msg = MlsMessageIn::tls_deserialize_exact(payload).map_err(rejected)?;
+    let pm = match msg.extract() {
+        MlsMessageBodyIn::Welcome(welcome) => {
+            let (events, group) = join(conn, welcome)?;
+            mark_processed(conn, message_id)?;
+            cache.put(group.group_id().as_slice().to_vec(), group);
+            return Ok(events);
+        }
+        MlsMessageBodyIn::PrivateMessage(m) => ProtocolMessage::from(m),
+        MlsMessageBodyIn::PublicMessage(m) => ProtocolMessage::from(m),
+        _ => return Err(GroupError::Rejected("unexpected MLS message type".into())),
+    };
+    let group_id = pm.group_id().as_slice().to_vec();
+    let name = name_by_group_id(conn, &group_id)?.ok_or(GroupError::UnknownGroup)?;
+    let mut group = cache.take(conn, &group_id)?;
+    if !group.is_active() {
+        // Put back unchanged: a removed member's group stays readable.
+        cache.put(group_id, group);
+        return Err(GroupError::Inactive);
+    }
+    let events = handle_protocol(conn, &name, &group_id, &mut group, pm)?;
+    mark_processed(conn, message_id)?;
+    cache.put(group_id, group);
+    Ok(events)
+}
+
+/// Joins from a Welcome; returns the events and the group.
+fn join(
+    tx: &Connection,
+    welcome: openmls::prelude::Welcome,
+) -> Result<(Vec<Event>, MlsGroup), GroupError> {
     let provider = Provider::new(tx);
     let processed = ProcessedWelcome::new_from_welcome(&provider, &join_config(), welcome)
         .map_err(|e| {
@@ -947,25 +1104,25 @@ fn join(tx: &Connection, welcome: openmls::prelude::Welcome) -> Result<Vec<Event
         params![group_id, name, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
     )?;
     let members = g.members().map(|m| username_of(&m.credential)).collect();
-    Ok(vec![Event::Joined {
-        group: name,
-        by,
-        members,
-    }])
+    Ok((
+        vec![Event::Joined {
+            group: name,
+            by,
+            members,
+        }],
+        g,
+    ))
 }
 
+/// Processes a commit, proposal or application message for `g` (active).
 fn handle_protocol(
     tx: &Connection,
-    me: IdentityKey,
+    name: &str,
+    group_id: &[u8],
+    g: &mut MlsGroup,
     pm: ProtocolMessage,
 ) -> Result<Vec<Event>, GroupError> {
-    let group_id = pm.group_id().as_slice().to_vec();
-    let name = name_by_group_id(tx, &group_id)?.ok_or(GroupError::UnknownGroup)?;
     let provider = Provider::new(tx);
-    let mut g = load(tx, &group_id)?;
-    if !g.is_active() {
-        return Err(GroupError::Inactive);
-    }
     let processed = g.process_message(&provider, pm).map_err(rejected)?;
     let by = username_of(processed.credential());
     let sender_key = match processed.sender() {
@@ -992,7 +1149,7 @@ fn handle_protocol(
                     let peer = PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref())?;
                     store_peer(tx, sender_key, &peer)?;
                     events.push(Event::PeerAnnounced {
-                        group: name.clone(),
+                        group: name.to_string(),
                         member: by,
                         key: sender_key,
                         endpoint_id: peer.endpoint_id,
@@ -1002,7 +1159,7 @@ fn handle_protocol(
                 _ => "[unsupported content]".to_string(),
             };
             let stored = StoredMessage {
-                group: name.clone(),
+                group: name.to_string(),
                 sender: by,
                 sender_key,
                 sent_at_ms: m.ts,
@@ -1010,7 +1167,7 @@ fn handle_protocol(
                 text,
                 message_id: m.id,
             };
-            if insert_message(tx, &group_id, &stored)? {
+            if insert_message(tx, group_id, &stored)? {
                 events.push(Event::Message(stored));
             }
         }
@@ -1018,8 +1175,8 @@ fn handle_protocol(
             g.store_pending_proposal(provider.storage(), *p)
                 .map_err(mls)?;
             events.push(Event::ProposalsPending {
-                group: name,
-                group_id,
+                group: name.to_string(),
+                group_id: group_id.to_vec(),
             });
         }
         ProcessedMessageContent::StagedCommitMessage(sc) => {
@@ -1042,29 +1199,31 @@ fn handle_protocol(
             g.merge_staged_commit(&provider, *sc).map_err(rejected)?;
             if !added.is_empty() {
                 events.push(Event::MembersAdded {
-                    group: name.clone(),
+                    group: name.to_string(),
                     by: by.clone(),
                     members: added,
                 });
             }
             if self_removed {
                 events.push(Event::Removed {
-                    group: name.clone(),
+                    group: name.to_string(),
                     by: by.clone(),
                 });
             } else if !removed.is_empty() {
                 events.push(Event::MembersRemoved {
-                    group: name.clone(),
+                    group: name.to_string(),
                     by: by.clone(),
                     members: removed,
                 });
             }
             if updated {
-                events.push(Event::KeyUpdated { group: name, by });
+                events.push(Event::KeyUpdated {
+                    group: name.to_string(),
+                    by,
+                });
             }
         }
         _ => {}
     }
-    let _ = me;
     Ok(events)
 }

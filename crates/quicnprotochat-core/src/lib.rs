@@ -16,7 +16,7 @@ pub mod message;
 pub mod state;
 
 pub use group::{
-    CommitOutcome, Event, GroupError, GroupSummary, MemberInfo, Outgoing, StoredMessage,
+    CommitOutcome, Delivered, Event, GroupError, GroupSummary, MemberInfo, Outgoing, StoredMessage,
 };
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};

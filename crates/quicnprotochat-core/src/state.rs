@@ -172,6 +172,8 @@ pub struct Profile {
     pub(crate) conn: Connection,
     pub(crate) identity: Identity,
     pub(crate) username: String,
+    /// MLS groups kept in memory between operations (see `group.rs`).
+    pub(crate) cache: crate::group::GroupCache,
     dir: PathBuf,
 }
 
@@ -282,6 +284,7 @@ impl Profile {
             conn,
             identity,
             username: username.to_string(),
+            cache: crate::group::GroupCache::default(),
             dir: dir.to_path_buf(),
         })
     }
@@ -312,6 +315,7 @@ impl Profile {
             conn,
             identity,
             username,
+            cache: crate::group::GroupCache::default(),
             dir: dir.to_path_buf(),
         })
     }

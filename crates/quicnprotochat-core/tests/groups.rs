@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use quicnprotochat_core::framing::{self, FrameKind};
 use quicnprotochat_core::{
-    CommitOutcome, Event, GroupError, IdentityKey, Outgoing, Profile, ProfileKey,
+    CommitOutcome, Delivered, Event, GroupError, IdentityKey, Outgoing, Profile, ProfileKey,
 };
 
 /// (delivery message id, payload)
@@ -304,4 +304,141 @@ fn hostile_and_repeated_input_is_a_typed_error_and_changes_nothing() {
         alice.add_member("g", &kp, bob.identity_key()),
         Err(GroupError::WrongInvitee)
     ));
+}
+
+#[test]
+fn a_profile_open_twice_never_uses_stale_group_state() {
+    // Two handles on one profile (a second process, say): each keeps groups
+    // in memory, and each must see what the other committed.  A stale copy
+    // would reuse a ratchet generation, which the receiver rejects.
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
+    alice.create_group("g").unwrap();
+    invite(&mut net, &mut alice, "g", &mut bob);
+    net.drain(&mut bob);
+    let mut alice2 = Profile::open(
+        &dir.path().join("alice"),
+        &ProfileKey::Passphrase("pw-alice".into()),
+    )
+    .unwrap();
+
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let p = if i % 2 == 0 { &mut alice } else { &mut alice2 };
+        sent.push(p.send_text("g", &format!("m{i}")).unwrap());
+    }
+    // A commit by one handle, then a message by the other in the new epoch.
+    let out = alice2.self_update("g").unwrap();
+    net.commit(&mut alice2, out).unwrap();
+    sent.push(alice.send_text("g", "after the update").unwrap());
+
+    let mut got = Vec::new();
+    for (i, out) in sent.iter().enumerate() {
+        if i == 5 {
+            got.extend(texts(&net.drain(&mut bob)));
+        }
+        got.extend(texts(&bob.process(&out.message_id, &out.payload).unwrap()));
+    }
+    let want: Vec<(String, String)> = ["m0", "m1", "m2", "m3", "m4", "after the update"]
+        .iter()
+        .map(|t| ("alice".to_string(), t.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(alice.history("g", 10).unwrap().len(), 6);
+    assert_eq!(
+        alice.groups().unwrap()[0].epoch,
+        alice2.groups().unwrap()[0].epoch
+    );
+}
+
+#[test]
+fn a_batch_applies_good_payloads_skips_bad_ones_and_moves_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
+    alice.create_group("g").unwrap();
+    let kp = bob.generate_key_packages(1, false, 3600).unwrap().remove(0);
+    let out = alice.add_member("g", &kp, bob.identity_key()).unwrap();
+    net.commit(&mut alice, out).unwrap();
+    let (welcome_id, welcome) = net.queues.remove(&bob.identity_key()).unwrap().remove(0);
+    let one = alice.send_text("g", "one").unwrap();
+    let mut tampered = alice.send_text("g", "lost").unwrap().payload;
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let three = alice.send_text("g", "three").unwrap();
+
+    let batch = [
+        Delivered {
+            seq: 7,
+            message_id: &welcome_id,
+            payload: &welcome,
+        },
+        Delivered {
+            seq: 8,
+            message_id: &one.message_id,
+            payload: &one.payload,
+        },
+        Delivered {
+            seq: 9,
+            message_id: b"tampered-id-0000",
+            payload: &tampered,
+        },
+        Delivered {
+            seq: 10,
+            message_id: b"garbage-id-00000",
+            payload: b"garbage",
+        },
+        Delivered {
+            seq: 11,
+            message_id: &three.message_id,
+            payload: &three.payload,
+        },
+    ];
+    let results = bob.process_batch(&batch).unwrap();
+    assert_eq!(results.len(), 5);
+    assert!(matches!(results[0].as_deref(), Ok([Event::Joined { .. }])));
+    assert_eq!(
+        texts(results[1].as_ref().unwrap()),
+        [("alice".into(), "one".into())]
+    );
+    assert!(matches!(results[2], Err(GroupError::Rejected(_))));
+    assert!(matches!(results[3], Err(GroupError::Rejected(_))));
+    assert_eq!(
+        texts(results[4].as_ref().unwrap()),
+        [("alice".into(), "three".into())]
+    );
+    assert_eq!(bob.next_seq().unwrap(), 12);
+
+    // All of it is on disk: a fresh handle sees the group, the history and
+    // the cursor, and decrypts the next message.
+    drop(bob);
+    let mut bob = Profile::open(
+        &dir.path().join("bob"),
+        &ProfileKey::Passphrase("pw-bob".into()),
+    )
+    .unwrap();
+    assert_eq!(bob.next_seq().unwrap(), 12);
+    let texts_on_disk: Vec<String> = bob
+        .history("g", 10)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts_on_disk, ["one", "three"]);
+    let four = alice.send_text("g", "four").unwrap();
+    assert_eq!(
+        texts(&bob.process(&four.message_id, &four.payload).unwrap()),
+        [("alice".into(), "four".into())]
+    );
+    // The same batch again changes nothing: every payload was processed or
+    // is still rejected.
+    let again = bob.process_batch(&batch).unwrap();
+    assert!(
+        again
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .all(Vec::is_empty)
+    );
+    assert_eq!(bob.history("g", 10).unwrap().len(), 3);
 }

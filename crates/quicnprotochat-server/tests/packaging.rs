@@ -22,10 +22,15 @@ use quicnprotochat_server::config::{Cli, Command as CliCommand};
 const BIN: &str = env!("CARGO_BIN_EXE_quicnprotochat-server");
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    // The run-time value: a test binary reused from another checkout must
+    // still read this one.
+    Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../..")
+    .canonicalize()
+    .unwrap()
 }
 
 fn read(rel: &str) -> String {
