@@ -9,7 +9,9 @@
 //! stays at N), and encrypt + decrypt 256 bytes.
 //! Our groups are built one add at a time (each add commit carries the
 //! adder's path); raw openmls groups are built with one commit adding N - 1
-//! members, then the same one-member operations are timed on both.
+//! members; both then self-update `MAX_PAST_EPOCHS` times, so both keep
+//! the same window of past N-member epochs (and serialize it on every
+//! message), and the same one-member operations are timed on both.
 //!
 //! The `mls_receive` group decrypts and stores a backlog of 100 messages in
 //! one `process_batch` beside raw openmls, and measures the disk's fsync
@@ -22,6 +24,7 @@ use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
+use quicnprotochat_core::group::MAX_PAST_EPOCHS;
 use quicnprotochat_core::{CIPHERSUITE, Delivered, Profile, ProfileKey};
 
 /// Ends the benchmark run with a message: a failed step means the figures
@@ -85,10 +88,15 @@ fn raw_kp(r: &Raw) -> KeyPackage {
         .clone()
 }
 
+/// The same group configuration as ours (ratchet tree in the Welcome, the
+/// secrets of `MAX_PAST_EPOCHS` past epochs kept), so both sides keep and
+/// serialize the same state and the ratio isolates persistence and our
+/// bookkeeping.
 fn raw_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -100,6 +108,7 @@ fn raw_join(r: &Raw, welcome: MlsMessageOut) -> MlsGroup {
     };
     let cfg = MlsGroupJoinConfig::builder()
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .build();
     StagedWelcome::new_from_welcome(&r.provider, &cfg, w, None)
         .must()
@@ -276,6 +285,13 @@ fn our_group(dir: &std::path::Path, n: usize) -> (Profile, Profile) {
         let c = out.commit.must();
         bob.process(&c.message_id, &c.payload).must();
     }
+    // Fill the window of past epochs with N-member epochs, as in raw_group.
+    for _ in 0..MAX_PAST_EPOCHS {
+        let out = alice.self_update("g").must();
+        alice.confirm_commit(&out.group_id).must();
+        let c = out.commit.must();
+        bob.process(&c.message_id, &c.payload).must();
+    }
     (alice, bob)
 }
 
@@ -294,7 +310,21 @@ fn raw_group(ra: &Raw, rb: &Raw, n: usize) -> (MlsGroup, MlsGroup) {
     }
     let (_c, w, _gi) = ga.add_members(&ra.provider, &ra.signer, &kps).must();
     ga.merge_pending_commit(&ra.provider).must();
-    let gb = raw_join(rb, w);
+    let mut gb = raw_join(rb, w);
+    // Fill the window of past epochs with N-member epochs, as in our_group.
+    for _ in 0..MAX_PAST_EPOCHS {
+        let bundle = ga
+            .self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
+            .must();
+        ga.merge_pending_commit(&ra.provider).must();
+        let (commit, _w, _gi) = bundle.into_contents();
+        let pm = gb
+            .process_message(&rb.provider, to_protocol(&commit))
+            .must();
+        if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
+            gb.merge_staged_commit(&rb.provider, *sc).must();
+        }
+    }
     (ga, gb)
 }
 

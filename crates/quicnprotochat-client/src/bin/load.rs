@@ -16,6 +16,8 @@
 
 #[path = "load/common.rs"]
 mod common;
+#[path = "load/criterion.rs"]
+mod criterion;
 #[path = "load/delivery.rs"]
 mod delivery;
 #[path = "load/fanout.rs"]

@@ -2,7 +2,8 @@
 //! results table of the benchmarks page, between the markers
 //! `<!-- results:begin -->` and `<!-- results:end -->`.  With several runs
 //! of a scenario, the run with the median ratio is shown, with every run's
-//! ratio beside it.
+//! ratio beside it.  With `--criterion`, the criterion benchmarks' medians
+//! go between `<!-- criterion:begin -->` and `<!-- criterion:end -->`.
 
 use std::path::PathBuf;
 
@@ -18,7 +19,14 @@ const END: &str = "<!-- results:end -->";
 pub struct TableArgs {
     /// Report lines (the output of `all`, possibly several runs).
     #[arg(long)]
-    pub input: PathBuf,
+    pub input: Option<PathBuf>,
+    /// criterion's output directory (`target/criterion`) of a run of the
+    /// `mls` and `store` benchmarks.
+    #[arg(long)]
+    pub criterion: Option<PathBuf>,
+    /// Revision for the criterion block's heading.
+    #[arg(long, env = "QUICNPROTOCHAT_REV", default_value = "unknown")]
+    pub rev: String,
     /// The page to update.
     #[arg(long)]
     pub page: PathBuf,
@@ -125,8 +133,54 @@ fn describe(r: &Value) -> (String, String, String) {
 
 /// `table`.
 pub fn run(a: &TableArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&a.input)
-        .with_context(|| format!("reading {}", a.input.display()))?;
+    anyhow::ensure!(
+        a.input.is_some() || a.criterion.is_some(),
+        "nothing to render: give --input, --criterion or both"
+    );
+    let mut page = std::fs::read_to_string(&a.page)
+        .with_context(|| format!("reading {}", a.page.display()))?;
+    if let Some(input) = &a.input {
+        page = replace_block(&page, BEGIN, END, &results(a, input)?)?;
+    }
+    if let Some(dir) = &a.criterion {
+        let heading = format!(
+            "Revision `{}`{}; criterion's median of each benchmark.",
+            a.rev,
+            if a.machine.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", a.machine)
+            },
+        );
+        let block = crate::criterion::render(dir, &heading)?;
+        page = replace_block(
+            &page,
+            crate::criterion::BEGIN,
+            crate::criterion::END,
+            &block,
+        )?;
+    }
+    std::fs::write(&a.page, page)?;
+    Ok(())
+}
+
+/// `page` with the text from `begin` to `end` (markers included) replaced.
+fn replace_block(page: &str, begin: &str, end: &str, block: &str) -> anyhow::Result<String> {
+    let start = page
+        .find(begin)
+        .ok_or_else(|| anyhow!("no {begin} in the page"))?;
+    let stop = page
+        .find(end)
+        .ok_or_else(|| anyhow!("no {end} in the page"))?
+        + end.len();
+    anyhow::ensure!(start < stop, "markers out of order");
+    Ok(format!("{}{block}{}", &page[..start], &page[stop..]))
+}
+
+/// The load generator's results block.
+fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let mut order: Vec<String> = Vec::new();
     let mut runs: Vec<(String, Value)> = Vec::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
@@ -189,17 +243,5 @@ pub fn run(a: &TableArgs) -> anyhow::Result<()> {
         },
         runs.len() / order.len().max(1),
     );
-    let page = std::fs::read_to_string(&a.page)
-        .with_context(|| format!("reading {}", a.page.display()))?;
-    let start = page
-        .find(BEGIN)
-        .ok_or_else(|| anyhow!("no {BEGIN} in {}", a.page.display()))?;
-    let end = page
-        .find(END)
-        .ok_or_else(|| anyhow!("no {END} in {}", a.page.display()))?
-        + END.len();
-    anyhow::ensure!(start < end, "markers out of order");
-    let out = format!("{}{block}{}", &page[..start], &page[end..]);
-    std::fs::write(&a.page, out)?;
-    Ok(())
+    Ok(block)
 }
