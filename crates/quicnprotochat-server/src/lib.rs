@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod health;
+mod hub;
 pub mod production;
 mod ratelimit;
 pub mod server;

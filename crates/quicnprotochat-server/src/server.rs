@@ -27,9 +27,10 @@ use quinn::{IdleTimeout, VarInt};
 
 use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
 use crate::error::ServerError;
+use crate::hub::Hub;
 use crate::production;
 use crate::ratelimit::Limiters;
-use crate::service::{ConnCtx, Hub, ServiceImpl, Shared};
+use crate::service::{ConnCtx, ServiceImpl, Shared};
 use crate::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
 
 /// Development certificate and key, generated into the data directory.

@@ -6,8 +6,8 @@
 //! threads.  Every method validates its input before touching the store and
 //! answers failures through [`ApiError::write`].
 
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::cell::Cell;
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::hub::{Hub, Pushed};
 use crate::ratelimit::Limiters;
 use crate::store::{
     EnqueueOutcome, EnqueueRequest, NewKeyPackage, PublishOutcome, QueuedMessage, RegisterOutcome,
@@ -62,41 +63,6 @@ impl Shared {
         match tokio::time::timeout(self.request_timeout(), fut).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(ApiError::Internal("store operation timed out".into())),
-        }
-    }
-}
-
-/// Wakes subscriptions when their queue grows.  Single-threaded (lives on the
-/// RPC `LocalSet`), so a `RefCell` suffices and nothing can be poisoned.
-#[derive(Default)]
-pub(crate) struct Hub {
-    queues: RefCell<HashMap<IdentityKey, watch::Sender<u64>>>,
-}
-
-impl Hub {
-    fn watch(&self, key: IdentityKey) -> watch::Receiver<u64> {
-        self.queues
-            .borrow_mut()
-            .entry(key)
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
-    }
-
-    fn notify(&self, key: &IdentityKey, seq: u64) {
-        let mut queues = self.queues.borrow_mut();
-        if let Some(tx) = queues.get(key) {
-            if tx.receiver_count() == 0 {
-                queues.remove(key);
-            } else {
-                tx.send_replace(seq);
-            }
-        }
-    }
-
-    fn release(&self, key: &IdentityKey) {
-        let mut queues = self.queues.borrow_mut();
-        if queues.get(key).is_some_and(|tx| tx.receiver_count() == 0) {
-            queues.remove(key);
         }
     }
 }
@@ -509,11 +475,21 @@ impl SessionImpl {
             dedup_window_ms: shared.limits.dedup_window_secs.saturating_mul(1000),
             commit,
         };
+        // Kept for push subscriptions only if a recipient has one.
+        let pushed = shared.hub.any_subscribed(&recipients).then(|| {
+            Rc::new(Pushed {
+                message_id,
+                payload: Rc::from(payload),
+                enqueued_at_ms: request.now_ms,
+            })
+        });
         let outcome = shared.store_call(shared.store.enqueue(request)).await?;
         match &outcome {
             EnqueueOutcome::Stored { seqs } => {
-                for (r, seq) in recipients.iter().zip(seqs) {
-                    shared.hub.notify(r, *seq);
+                if let Some(pushed) = &pushed {
+                    for (r, seq) in recipients.iter().zip(seqs) {
+                        shared.hub.notify(r, *seq, pushed);
+                    }
                 }
             }
             EnqueueOutcome::QueueFull { index } => {
@@ -560,9 +536,12 @@ impl SessionImpl {
         let p = params.get()?;
         self.own_queue(p.get_recipient()?)?;
         let shared = &self.ctx.shared;
-        shared
-            .store_call(shared.store.ack(self.identity, p.get_up_to_seq()))
-            .await
+        let up_to = p.get_up_to_seq();
+        let n = shared
+            .store_call(shared.store.ack(self.identity, up_to))
+            .await?;
+        shared.hub.acked(&self.identity, up_to);
+        Ok(n)
     }
 
     fn subscribe_impl(
@@ -616,19 +595,30 @@ async fn run_subscription(
         // Mark the current notification seen *before* reading the store, so a
         // message committed after the read still wakes us: no lost wake-ups.
         rx.borrow_and_update();
-        let batch = match shared
-            .store_call(
-                shared
-                    .store
-                    .fetch(recipient, next, MAX_FETCH_MESSAGES, MAX_FETCH_BYTES),
-            )
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = ?e, "subscription stopped: store read failed");
-                break;
-            }
+        // What was just committed comes from memory; the store only to catch up.
+        let buffered = shared.hub.buffered(
+            &recipient,
+            next,
+            usize::try_from(MAX_FETCH_MESSAGES).unwrap_or(usize::MAX),
+            MAX_FETCH_BYTES,
+        );
+        let batch = match buffered {
+            Some(b) => b,
+            None => match shared
+                .store_call(shared.store.fetch(
+                    recipient,
+                    next,
+                    MAX_FETCH_MESSAGES,
+                    MAX_FETCH_BYTES,
+                ))
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = ?e, "subscription stopped: store read failed");
+                    break;
+                }
+            },
         };
         if let Some(last) = batch.last() {
             let last_seq = last.seq;

@@ -452,3 +452,78 @@ async fn the_server_accepts_one_commit_per_group_epoch() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn concurrent_senders_are_pushed_once_in_order_beyond_the_push_buffer() {
+    // Two senders with many enqueues in flight each (completions arrive out
+    // of order) and more messages than a recipient's push buffer holds
+    // while the subscriber does not read: every message arrives exactly
+    // once, in sequence order, whether it came from memory or the store.
+    let server = TestServer::start().unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let b = bob.identity.public_key();
+    let mut sub = bob.client.subscribe(1).await.unwrap();
+    let per_sender = 200u64;
+    let send_all = |client: &'static str, base: u64| {
+        let c = if client == "alice" { &alice } else { &carol };
+        futures::future::join_all((0..per_sender).map(move |i| async move {
+            c.client
+                .enqueue(&[b], msg_id(base + i), format!("{client}-{i}").into_bytes())
+                .await
+                .unwrap()
+        }))
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join(send_all("alice", 0), send_all("carol", 10_000)),
+    )
+    .await
+    .unwrap();
+
+    let mut got = Vec::new();
+    for _ in 0..2 * per_sender {
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(e);
+    }
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=2 * per_sender).collect::<Vec<_>>());
+    let mut payloads: Vec<String> = got
+        .iter()
+        .map(|e| String::from_utf8(e.payload.clone()).unwrap())
+        .collect();
+    payloads.sort();
+    let mut sent: Vec<String> = (0..per_sender)
+        .flat_map(|i| [format!("alice-{i}"), format!("carol-{i}")])
+        .collect();
+    sent.sort();
+    assert_eq!(payloads, sent);
+    let more = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(more.is_err(), "no duplicates, got {more:?}");
+
+    // After an acknowledgement, the next message is pushed as usual.
+    bob.client.ack(2 * per_sender).await.unwrap();
+    alice
+        .client
+        .enqueue(&[b], msg_id(99_999), b"after the ack".to_vec())
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.seq, e.payload.as_slice()),
+        (2 * per_sender + 1, b"after the ack".as_slice())
+    );
+    // A subscription from before the acknowledgement gets nothing the
+    // store deleted, from memory or otherwise.
+    let mut again = bob.client.subscribe(2 * per_sender - 50).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), again.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.seq, 2 * per_sender + 1);
+}
