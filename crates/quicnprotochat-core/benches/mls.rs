@@ -19,7 +19,7 @@
 //!
 //! `cargo bench -p quicnprotochat-core --bench mls`
 
-use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
@@ -339,6 +339,9 @@ fn to_protocol(out: &MlsMessageOut) -> ProtocolMessage {
 fn bench_sizes(c: &mut Criterion) {
     let dir = tempfile::tempdir().must();
     let mut g = c.benchmark_group("mls_size");
+    // Iterations of up to ~0.2 s at N = 512: one iteration per sample
+    // (criterion's default linear sampling would run 55 per benchmark).
+    g.sampling_mode(SamplingMode::Flat);
     g.sample_size(10);
     g.warm_up_time(std::time::Duration::from_millis(500));
     g.measurement_time(std::time::Duration::from_secs(2));
@@ -442,6 +445,7 @@ fn bench_receive(c: &mut Criterion) {
     use std::os::unix::fs::FileExt as _;
     let dir = tempfile::tempdir().must();
     let mut g = c.benchmark_group("mls_receive");
+    g.sampling_mode(SamplingMode::Flat);
     g.sample_size(10);
     g.warm_up_time(std::time::Duration::from_millis(500));
     g.measurement_time(std::time::Duration::from_secs(3));
