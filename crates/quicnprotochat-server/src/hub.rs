@@ -81,8 +81,13 @@ impl Hub {
             .any(|k| queues.get(k).is_some_and(|e| e.tx.receiver_count() > 0))
     }
 
-    /// `message` was committed for `key` as `seq`.
-    pub(crate) fn notify(&self, key: &IdentityKey, seq: u64, message: &Rc<Pushed>) {
+    /// A message was committed for `key` as `seq`: wake its subscriptions,
+    /// and buffer `message` when given.  Call it after every commit, with or
+    /// without the message: a subscription that started after the caller
+    /// looked ([`Hub::any_subscribed`]) must still be woken, or it would
+    /// sleep until the next message (it then reads the store: the buffer
+    /// lacks `seq`).
+    pub(crate) fn notify(&self, key: &IdentityKey, seq: u64, message: Option<&Rc<Pushed>>) {
         let mut queues = self.queues.borrow_mut();
         let Some(entry) = queues.get_mut(key) else {
             return;
@@ -91,6 +96,13 @@ impl Hub {
             self.drop_entry(&mut queues, key);
             return;
         }
+        if let Some(message) = message {
+            self.buffer(entry, seq, message);
+        }
+        entry.tx.send_replace(seq);
+    }
+
+    fn buffer(&self, entry: &mut Entry, seq: u64, message: &Rc<Pushed>) {
         let size = message.payload.len();
         if size <= BUFFER_BYTES && self.total_bytes.get().saturating_add(size) <= TOTAL_BYTES {
             // Completions of concurrent enqueues can arrive out of order.
@@ -104,7 +116,6 @@ impl Hub {
                 self.pop_front(entry);
             }
         }
-        entry.tx.send_replace(seq);
     }
 
     /// The buffered messages of `key` from `next` on, contiguous, at most
@@ -204,9 +215,24 @@ mod tests {
     }
 
     #[test]
+    fn every_commit_wakes_subscriptions_even_without_a_message_to_buffer() {
+        // The enqueue looked for subscriptions before its commit and found
+        // none; one started in between: it must still be woken.
+        let hub = Hub::default();
+        let mut rx = hub.watch(key(1));
+        hub.notify(&key(1), 5, None);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 5);
+        assert!(
+            hub.buffered(&key(1), 5, 10, 1 << 20).is_none(),
+            "read the store"
+        );
+    }
+
+    #[test]
     fn only_subscribed_recipients_are_buffered() {
         let hub = Hub::default();
-        hub.notify(&key(1), 1, &msg(10));
+        hub.notify(&key(1), 1, Some(&msg(10)));
         assert!(hub.buffered(&key(1), 1, 10, 1 << 20).is_none());
         assert_eq!(hub.total_bytes(), 0);
     }
@@ -216,7 +242,7 @@ mod tests {
         let hub = Hub::default();
         let _rx = hub.watch(key(1));
         for seq in [3, 1, 2, 5] {
-            hub.notify(&key(1), seq, &msg(10));
+            hub.notify(&key(1), seq, Some(&msg(10)));
         }
         assert_eq!(seqs(hub.buffered(&key(1), 1, 10, 1 << 20)), [1, 2, 3]);
         assert_eq!(seqs(hub.buffered(&key(1), 2, 1, 1 << 20)), [2]);
@@ -224,7 +250,7 @@ mod tests {
         assert!(hub.buffered(&key(1), 4, 10, 1 << 20).is_none());
         assert_eq!(seqs(hub.buffered(&key(1), 5, 10, 1 << 20)), [5]);
         // a duplicate notification is buffered once
-        hub.notify(&key(1), 5, &msg(10));
+        hub.notify(&key(1), 5, Some(&msg(10)));
         assert_eq!(hub.total_bytes(), 40);
     }
 
@@ -233,7 +259,7 @@ mod tests {
         let hub = Hub::default();
         let _rx = hub.watch(key(1));
         for seq in 1..=4 {
-            hub.notify(&key(1), seq, &msg(10));
+            hub.notify(&key(1), seq, Some(&msg(10)));
         }
         hub.acked(&key(1), 2);
         assert!(hub.buffered(&key(1), 1, 10, 1 << 20).is_none());
@@ -246,7 +272,7 @@ mod tests {
         let hub = Hub::default();
         let _rx = hub.watch(key(1));
         for seq in 1..=(BUFFER_MESSAGES as u64 + 10) {
-            hub.notify(&key(1), seq, &msg(10));
+            hub.notify(&key(1), seq, Some(&msg(10)));
         }
         assert!(
             hub.buffered(&key(1), 10, 1, 1 << 20).is_none(),
@@ -257,10 +283,10 @@ mod tests {
         // byte eviction keeps the buffer under it
         let big = BUFFER_BYTES / 2 + 1;
         let next = BUFFER_MESSAGES as u64 + 11;
-        hub.notify(&key(1), next, &msg(BUFFER_BYTES + 1));
+        hub.notify(&key(1), next, Some(&msg(BUFFER_BYTES + 1)));
         assert!(hub.buffered(&key(1), next, 1, 1 << 20).is_none());
-        hub.notify(&key(1), next + 1, &msg(big));
-        hub.notify(&key(1), next + 2, &msg(big));
+        hub.notify(&key(1), next + 1, Some(&msg(big)));
+        hub.notify(&key(1), next + 2, Some(&msg(big)));
         assert!(hub.total_bytes() <= BUFFER_BYTES);
         assert_eq!(
             seqs(hub.buffered(&key(1), next + 2, 10, 1 << 20)),
@@ -277,7 +303,7 @@ mod tests {
         let hub = Hub::default();
         let _rx = hub.watch(key(1));
         for seq in 1..=3 {
-            hub.notify(&key(1), seq, &msg(100));
+            hub.notify(&key(1), seq, Some(&msg(100)));
         }
         assert_eq!(seqs(hub.buffered(&key(1), 1, 10, 150)), [1, 2]);
         assert_eq!(seqs(hub.buffered(&key(1), 1, 10, 10)), [1]);

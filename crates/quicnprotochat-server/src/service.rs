@@ -486,10 +486,8 @@ impl SessionImpl {
         let outcome = shared.store_call(shared.store.enqueue(request)).await?;
         match &outcome {
             EnqueueOutcome::Stored { seqs } => {
-                if let Some(pushed) = &pushed {
-                    for (r, seq) in recipients.iter().zip(seqs) {
-                        shared.hub.notify(r, *seq, pushed);
-                    }
+                for (r, seq) in recipients.iter().zip(seqs) {
+                    shared.hub.notify(r, *seq, pushed.as_ref());
                 }
             }
             EnqueueOutcome::QueueFull { index } => {

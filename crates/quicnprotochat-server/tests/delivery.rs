@@ -527,3 +527,29 @@ async fn concurrent_senders_are_pushed_once_in_order_beyond_the_push_buffer() {
         .unwrap();
     assert_eq!(e.seq, 2 * per_sender + 1);
 }
+
+#[tokio::test]
+async fn a_subscription_started_during_an_enqueue_is_woken_by_it() {
+    // The subscription is set up while the enqueue is on its way to the
+    // store: whichever wins, the message must be pushed, not left waiting
+    // for the next one.
+    let server = TestServer::start().unwrap();
+    let (alice, bob, _) = trio(&server).await;
+    let to = [bob.identity.public_key()];
+    for i in 1..=30u64 {
+        let (sent, sub) = tokio::join!(
+            alice
+                .client
+                .enqueue(&to, msg_id(i), format!("m{i}").into_bytes()),
+            bob.client.subscribe(i),
+        );
+        sent.unwrap();
+        let mut sub = sub.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("message {i} was not pushed"))
+            .unwrap();
+        assert_eq!(e.seq, i);
+        drop(sub);
+    }
+}
