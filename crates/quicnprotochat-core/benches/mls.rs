@@ -287,10 +287,7 @@ fn our_group(dir: &std::path::Path, n: usize) -> (Profile, Profile) {
     }
     // Fill the window of past epochs with N-member epochs, as in raw_group.
     for _ in 0..MAX_PAST_EPOCHS {
-        let out = alice.self_update("g").must();
-        alice.confirm_commit(&out.group_id).must();
-        let c = out.commit.must();
-        bob.process(&c.message_id, &c.payload).must();
+        our_self_update(&mut alice, &mut bob);
     }
     (alice, bob)
 }
@@ -313,19 +310,32 @@ fn raw_group(ra: &Raw, rb: &Raw, n: usize) -> (MlsGroup, MlsGroup) {
     let mut gb = raw_join(rb, w);
     // Fill the window of past epochs with N-member epochs, as in our_group.
     for _ in 0..MAX_PAST_EPOCHS {
-        let bundle = ga
-            .self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
-            .must();
-        ga.merge_pending_commit(&ra.provider).must();
-        let (commit, _w, _gi) = bundle.into_contents();
-        let pm = gb
-            .process_message(&rb.provider, to_protocol(&commit))
-            .must();
-        if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
-            gb.merge_staged_commit(&rb.provider, *sc).must();
-        }
+        raw_self_update(ra, rb, &mut ga, &mut gb);
     }
     (ga, gb)
+}
+
+/// ra's member commits a self-update and merges it; rb processes and merges it.
+fn raw_self_update(ra: &Raw, rb: &Raw, ga: &mut MlsGroup, gb: &mut MlsGroup) {
+    let bundle = ga
+        .self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
+        .must();
+    ga.merge_pending_commit(&ra.provider).must();
+    let (commit, _w, _gi) = bundle.into_contents();
+    let pm = gb
+        .process_message(&rb.provider, to_protocol(&commit))
+        .must();
+    if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
+        gb.merge_staged_commit(&rb.provider, *sc).must();
+    }
+}
+
+/// alice commits a self-update (accepted); bob processes it.
+fn our_self_update(alice: &mut Profile, bob: &mut Profile) {
+    let out = alice.self_update("g").must();
+    alice.confirm_commit(&out.group_id).must();
+    let c = out.commit.must();
+    bob.process(&c.message_id, &c.payload).must();
 }
 
 fn to_protocol(out: &MlsMessageOut) -> ProtocolMessage {
@@ -355,27 +365,10 @@ fn bench_sizes(c: &mut Criterion) {
         let (mut ga, mut gb) = raw_group(&ra, &rb, n);
 
         g.bench_function(BenchmarkId::new("self_update_process/ours", n), |b| {
-            b.iter(|| {
-                let out = alice.self_update("g").must();
-                alice.confirm_commit(&out.group_id).must();
-                let c = out.commit.must();
-                bob.process(&c.message_id, &c.payload).must()
-            })
+            b.iter(|| our_self_update(&mut alice, &mut bob))
         });
         g.bench_function(BenchmarkId::new("self_update_process/openmls", n), |b| {
-            b.iter(|| {
-                let bundle = ga
-                    .self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
-                    .must();
-                ga.merge_pending_commit(&ra.provider).must();
-                let (commit, _w, _gi) = bundle.into_contents();
-                let pm = gb
-                    .process_message(&rb.provider, to_protocol(&commit))
-                    .must();
-                if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
-                    gb.merge_staged_commit(&rb.provider, *sc).must();
-                }
-            })
+            b.iter(|| raw_self_update(&ra, &rb, &mut ga, &mut gb))
         });
 
         g.bench_function(BenchmarkId::new("encrypt_decrypt_256B/ours", n), |b| {
