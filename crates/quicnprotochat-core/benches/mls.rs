@@ -100,6 +100,15 @@ fn raw_config() -> MlsGroupCreateConfig {
         .build()
 }
 
+/// `r` creates a group, adds the owner of `kp` and merges: the group and the
+/// Welcome.
+fn raw_create_add(r: &Raw, kp: KeyPackage) -> (MlsGroup, MlsMessageOut) {
+    let mut grp = MlsGroup::new(&r.provider, &r.signer, &raw_config(), r.credential.clone()).must();
+    let (_c, w, _gi) = grp.add_members(&r.provider, &r.signer, &[kp]).must();
+    grp.merge_pending_commit(&r.provider).must();
+    (grp, w)
+}
+
 fn raw_join(r: &Raw, welcome: MlsMessageOut) -> MlsGroup {
     let bytes = welcome.tls_serialize_detached().must();
     let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(&bytes).must().extract()
@@ -155,18 +164,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("create_add_merge/openmls", |b| {
         b.iter_batched(
             || raw_kp(&rb),
-            |kp| {
-                let mut grp = MlsGroup::new(
-                    &ra.provider,
-                    &ra.signer,
-                    &raw_config(),
-                    ra.credential.clone(),
-                )
-                .must();
-                let (_c, w, _gi) = grp.add_members(&ra.provider, &ra.signer, &[kp]).must();
-                grp.merge_pending_commit(&ra.provider).must();
-                w
-            },
+            |kp| raw_create_add(&ra, kp).1,
             BatchSize::PerIteration,
         )
     });
@@ -199,16 +197,7 @@ fn bench(c: &mut Criterion) {
             || {
                 let r = raw("joiner");
                 let kp = raw_kp(&r);
-                let mut grp = MlsGroup::new(
-                    &ra.provider,
-                    &ra.signer,
-                    &raw_config(),
-                    ra.credential.clone(),
-                )
-                .must();
-                let (_c, w, _gi) = grp.add_members(&ra.provider, &ra.signer, &[kp]).must();
-                grp.merge_pending_commit(&ra.provider).must();
-                (r, w)
+                (r, raw_create_add(&ra, kp).1)
             },
             |(r, w)| raw_join(&r, w),
             BatchSize::PerIteration,
@@ -230,17 +219,7 @@ fn bench(c: &mut Criterion) {
             bob.process(&out.message_id, &out.payload).must()
         })
     });
-    let mut ga = MlsGroup::new(
-        &ra.provider,
-        &ra.signer,
-        &raw_config(),
-        ra.credential.clone(),
-    )
-    .must();
-    let (_c, w, _gi) = ga
-        .add_members(&ra.provider, &ra.signer, &[raw_kp(&rb)])
-        .must();
-    ga.merge_pending_commit(&ra.provider).must();
+    let (mut ga, w) = raw_create_add(&ra, raw_kp(&rb));
     let mut gb = raw_join(&rb, w);
     let payload = vec![b'x'; 256];
     g.bench_function("encrypt_decrypt_256B/openmls", |b| {
