@@ -17,6 +17,7 @@ pub mod state;
 
 pub use group::{
     CommitOutcome, Delivered, Event, GroupError, GroupSummary, MemberInfo, Outgoing, StoredMessage,
+    new_message_id,
 };
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};

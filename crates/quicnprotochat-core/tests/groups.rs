@@ -442,3 +442,57 @@ fn a_batch_applies_good_payloads_skips_bad_ones_and_moves_the_cursor() {
     );
     assert_eq!(bob.history("g", 10).unwrap().len(), 3);
 }
+
+/// Delivery message ids carry their creation time in their first bytes, so
+/// the server's idempotency index and our own `processed` table grow at their
+/// right edge; the rest stays random, so ids never repeat.
+#[test]
+fn message_ids_sort_by_send_time_and_stay_unique() {
+    use quicnprotochat_core::group::MESSAGE_ID_TIME_BYTES;
+
+    fn millis(id: &[u8; 16]) -> u64 {
+        let mut be = [0u8; 8];
+        be[8 - MESSAGE_ID_TIME_BYTES..].copy_from_slice(&id[..MESSAGE_ID_TIME_BYTES]);
+        u64::from_be_bytes(be)
+    }
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
+    alice.create_group("g").unwrap();
+    invite(&mut net, &mut alice, "g", &mut bob);
+    net.drain(&mut bob);
+
+    let before = now();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let out = alice.send_text("g", &format!("m{i}")).unwrap();
+        net.send(&out).unwrap();
+        ids.push(out.message_id);
+        if i % 10 == 9 {
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+    }
+    let after = now();
+    for pair in ids.windows(2) {
+        assert!(
+            millis(&pair[0]) <= millis(&pair[1]),
+            "ids out of send order"
+        );
+    }
+    assert!(millis(&ids[0]) >= before && millis(&ids[39]) <= after);
+    assert!(
+        millis(&ids[39]) > millis(&ids[0]),
+        "the time part never moved"
+    );
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+    // Every one of them decrypts and shows on the other side.
+    assert_eq!(texts(&net.drain(&mut bob)).len(), ids.len());
+}

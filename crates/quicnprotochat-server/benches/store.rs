@@ -81,11 +81,14 @@ impl Bench {
     }
 
     fn request(&self) -> EnqueueRequest {
+        // As the server sees them: ids as clients make them (time first),
+        // SHA-256(sender || id) beside them.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut message_id = [0u8; 16];
-        message_id[..8].copy_from_slice(&n.to_le_bytes());
+        let message_id = quicnprotochat_core::new_message_id().must();
         let mut dedup_key = [0u8; 32];
-        dedup_key[..8].copy_from_slice(&n.to_le_bytes());
+        dedup_key.copy_from_slice(
+            ring::digest::digest(&ring::digest::SHA256, &n.to_le_bytes()).as_ref(),
+        );
         EnqueueRequest {
             recipients: vec![key(2)],
             message_id,

@@ -109,7 +109,8 @@ pub struct EnqueueRequest {
     pub recipients: Vec<IdentityKey>,
     /// the sender's message id
     pub message_id: [u8; 16],
-    /// idempotency key: SHA-256(sender || message id); the sender itself is not stored
+    /// SHA-256(sender || message id), from which the store derives the
+    /// idempotency key; the sender itself is not stored
     pub dedup_key: [u8; 32],
     /// opaque ciphertext
     pub payload: Vec<u8>,

@@ -221,17 +221,7 @@ async fn run_server(
             });
             send_tasks.push(tokio::spawn(async move {
                 send_lane(
-                    client,
-                    to,
-                    lane as u64,
-                    per_lane,
-                    size,
-                    pace,
-                    base,
-                    start,
-                    offset,
-                    deadline,
-                    sent,
+                    client, to, per_lane, size, pace, base, start, offset, deadline, sent,
                 )
                 .await
             }));
@@ -263,7 +253,6 @@ async fn run_server(
 async fn send_lane(
     client: Client,
     to: IdentityKey,
-    lane: u64,
     max: u64,
     size: usize,
     pace: Pace,
@@ -276,9 +265,7 @@ async fn send_lane(
     let mut n = 0u64;
     while n < max && pace.within(start, offset, n, deadline) {
         let stamp = pace.slot(base, start, offset, n).await;
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&lane.to_le_bytes());
-        id[8..].copy_from_slice(&n.to_le_bytes());
+        let id = quicnprotochat_core::new_message_id()?;
         client
             .enqueue(&[to], id, payload(size, stamp))
             .await

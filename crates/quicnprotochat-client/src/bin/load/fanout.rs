@@ -150,7 +150,7 @@ async fn server_side(
     let lanes = a.fanout_depth.max(1);
     let per_lane = a.fanout_max_messages / lanes as u64;
     let mut senders = Vec::new();
-    for lane in 0..lanes {
+    for _ in 0..lanes {
         let client = sender.clone();
         let recipients = recipients.clone();
         let sent = sent.clone();
@@ -158,9 +158,7 @@ async fn server_side(
         senders.push(tokio::spawn(async move {
             let mut k = 0u64;
             while k < per_lane && Instant::now() < until {
-                let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&(lane as u64).to_le_bytes());
-                id[8..].copy_from_slice(&k.to_le_bytes());
+                let id = quicnprotochat_core::new_message_id()?;
                 client.enqueue(&recipients, id, stamped(size, base)).await?;
                 sent.fetch_add(1, Ordering::Relaxed);
                 k += 1;

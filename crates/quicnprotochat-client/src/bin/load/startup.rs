@@ -99,8 +99,7 @@ async fn fill(p: &Proc, a: &ColdArgs) -> anyhow::Result<u64> {
                 if k >= enqueues {
                     break;
                 }
-                let mut id = [0u8; 16];
-                id[..8].copy_from_slice(&k.to_le_bytes());
+                let id = quicnprotochat_core::new_message_id()?;
                 c.enqueue(&to, id, vec![0x5a; 256]).await?;
             }
             anyhow::Ok(())
