@@ -13,6 +13,7 @@ pub mod group;
 pub mod identity;
 pub mod keypackage;
 pub mod message;
+pub mod sqlcipher;
 pub mod state;
 
 pub use group::{

@@ -19,7 +19,9 @@ use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::types::SignatureScheme;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::sqlcipher::Opened;
 
 use crate::identity::{Identity, IdentityError, IdentityKey};
 
@@ -188,33 +190,15 @@ impl fmt::Debug for Profile {
 }
 
 fn open_db(path: &Path, key: &ProfileKey) -> Result<Connection, StateError> {
-    let conn = Connection::open(path)?;
-    match key {
-        ProfileKey::Passphrase(p) => conn.pragma_update(None, "key", p)?,
-        ProfileKey::Raw(raw) => {
-            conn.pragma_update(None, "key", format!("x'{}'", hex::encode(raw)))?
-        }
-    }
-    // SQLCipher logs a wrong key to stderr; we report it as a typed error.
-    // (Set after `key`: the first keying installs SQLCipher's log defaults.)
-    conn.pragma_update(None, "cipher_log_level", "NONE")?;
-    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    }) {
-        Ok(_) => {}
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::NotADatabase =>
-        {
-            return Err(StateError::WrongKey);
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let version: Option<String> = conn
-        .query_row("PRAGMA cipher_version", [], |r| r.get(0))
-        .optional()?;
-    if version.unwrap_or_default().is_empty() {
-        return Err(StateError::NoSqlCipher);
-    }
+    let key = match key {
+        ProfileKey::Passphrase(p) => p.clone(),
+        ProfileKey::Raw(raw) => format!("x'{}'", hex::encode(raw)),
+    };
+    let conn = match crate::sqlcipher::open_keyed(path, OpenFlags::default(), &key)? {
+        Opened::Open(conn, _) => conn,
+        Opened::WrongKey => return Err(StateError::WrongKey),
+        Opened::NoSqlCipher => return Err(StateError::NoSqlCipher),
+    };
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "secure_delete", "ON")?;

@@ -36,6 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::sqlcipher::{self, CipherSettings, Opened};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -228,7 +229,8 @@ impl SqliteStore {
     /// Opens (creating if needed) and migrates the database, then starts the
     /// writer and reader threads.  A wrong key is [`StoreError::WrongKey`].
     pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
-        let writer_conn = open_connection(&options.path, &options.key, options.synchronous)?;
+        let (writer_conn, settings) =
+            open_connection(&options.path, &options.key, options.synchronous, None)?;
         migrate(&writer_conn)?;
         let legacy_dedup_until: i64 = writer_conn
             .query_row(
@@ -248,7 +250,8 @@ impl SqliteStore {
         );
         let mut readers = Vec::new();
         for i in 0..options.readers.max(1) {
-            let conn = open_connection(&options.path, &options.key, options.synchronous)?;
+            let (conn, _) =
+                open_connection(&options.path, &options.key, options.synchronous, settings)?;
             let (rtx, rrx) = mpsc::channel::<ReadJob>(JOB_QUEUE_DEPTH);
             threads.push(
                 std::thread::Builder::new()
@@ -382,41 +385,53 @@ fn reader_loop(conn: Connection, mut jobs: mpsc::Receiver<ReadJob>) {
     }
 }
 
-/// Opens one connection: key first, key check, then pragmas.
-fn open_connection(path: &Path, key: &DbKey, sync: Synchronous) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    if let DbKey::Raw(raw) = key {
-        conn.pragma_update(None, "key", format!("x'{}'", hex::encode(raw)))?;
-        // SQLCipher prints key failures to stderr by default; we report them
-        // ourselves.  (Set after `key`: the first keying installs defaults.)
-        conn.pragma_update(None, "cipher_log_level", "NONE")?;
-    }
-    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    }) {
-        Ok(_) => {}
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::NotADatabase =>
-        {
-            return Err(StoreError::WrongKey {
-                path: path.display().to_string(),
-            });
+/// Opens one connection: key first, key check, then pragmas.  `settings`:
+/// those the database is known to use (every connection after the first),
+/// or `None` to try the current ones, then SQLCipher 4's defaults.  Returns
+/// the settings that opened it (`None` for an unencrypted database).
+fn open_connection(
+    path: &Path,
+    key: &DbKey,
+    sync: Synchronous,
+    settings: Option<CipherSettings>,
+) -> Result<(Connection, Option<CipherSettings>), StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let (conn, settings) = match key {
+        DbKey::Raw(raw) => {
+            let key = format!("x'{}'", hex::encode(raw));
+            let opened = match settings {
+                Some(s) => sqlcipher::open_with(path, flags, &key, s)?,
+                None => sqlcipher::open_keyed(path, flags, &key)?,
+            };
+            match opened {
+                Opened::Open(conn, s) => (conn, Some(s)),
+                Opened::WrongKey => {
+                    return Err(StoreError::WrongKey {
+                        path: path.display().to_string(),
+                    });
+                }
+                Opened::NoSqlCipher => return Err(StoreError::NoSqlCipher),
+            }
         }
-        Err(e) => return Err(e.into()),
-    }
-    if let DbKey::Raw(_) = key {
-        let version: Option<String> = conn
-            .query_row("PRAGMA cipher_version", [], |r| r.get(0))
-            .optional()?;
-        if version.unwrap_or_default().is_empty() {
-            return Err(StoreError::NoSqlCipher);
+        DbKey::Unencrypted => {
+            let conn = Connection::open_with_flags(path, flags)?;
+            match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(_) => (conn, None),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::NotADatabase =>
+                {
+                    return Err(StoreError::WrongKey {
+                        path: path.display().to_string(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-    }
+    };
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
     let sync = match sync {
         Synchronous::Full => "FULL",
@@ -426,7 +441,7 @@ fn open_connection(path: &Path, key: &DbKey, sync: Synchronous) -> Result<Connec
     // Overwrite deleted content (acknowledged messages, consumed key packages).
     conn.pragma_update(None, "secure_delete", "ON")?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    Ok(conn)
+    Ok((conn, settings))
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -1079,5 +1094,45 @@ mod tests {
             plan.iter().any(|p| p.contains("dedup_by_expiry")),
             "{plan:?}"
         );
+    }
+
+    /// A database written before new databases moved to HMAC-SHA256 pages
+    /// (SQLCipher 4's default settings) keeps opening, readers included.
+    #[tokio::test]
+    async fn a_database_with_sqlcipher_default_settings_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE_NAME);
+        {
+            let old = Connection::open(&path).unwrap();
+            old.pragma_update(None, "key", format!("x'{}'", hex::encode([7u8; 32])))
+                .unwrap();
+            for sql in MIGRATIONS {
+                old.execute_batch(sql).unwrap();
+            }
+            old.pragma_update(None, "user_version", MIGRATIONS.len())
+                .unwrap();
+            old.execute(
+                "INSERT INTO users (username, identity, created_at) VALUES ('alice', ?1, 0)",
+                [key(1).as_bytes()],
+            )
+            .unwrap();
+        }
+        let s = open(dir.path(), DbKey::Raw([7; 32])).unwrap();
+        assert_eq!(s.resolve("alice".into()).await.unwrap(), Some(key(1)));
+        s.register("bob".into(), key(2)).await.unwrap();
+        assert_eq!(s.resolve("bob".into()).await.unwrap(), Some(key(2)));
+        s.close();
+        assert!(matches!(
+            open(dir.path(), DbKey::Raw([8; 32])),
+            Err(StoreError::WrongKey { .. })
+        ));
+        // Still in SQLCipher's default format: nothing rewrote it.
+        let old = Connection::open(&path).unwrap();
+        old.pragma_update(None, "key", format!("x'{}'", hex::encode([7u8; 32])))
+            .unwrap();
+        let users: i64 = old
+            .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(users, 2);
     }
 }
