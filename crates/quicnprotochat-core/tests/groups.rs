@@ -83,6 +83,16 @@ fn invite(net: &mut Net, from: &mut Profile, group: &str, to: &mut Profile) {
     net.commit(from, out).unwrap();
 }
 
+/// Alice and Bob in a group "g" that Alice made, Bob's Welcome processed.
+fn alice_and_bob_in_g(dir: &std::path::Path) -> (Net, Profile, Profile) {
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (profile(dir, "alice"), profile(dir, "bob"));
+    alice.create_group("g").unwrap();
+    invite(&mut net, &mut alice, "g", &mut bob);
+    net.drain(&mut bob);
+    (net, alice, bob)
+}
+
 fn texts(events: &[Event]) -> Vec<(String, String)> {
     events
         .iter()
@@ -312,11 +322,7 @@ fn a_profile_open_twice_never_uses_stale_group_state() {
     // in memory, and each must see what the other committed.  A stale copy
     // would reuse a ratchet generation, which the receiver rejects.
     let dir = tempfile::tempdir().unwrap();
-    let mut net = Net::new();
-    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
-    alice.create_group("g").unwrap();
-    invite(&mut net, &mut alice, "g", &mut bob);
-    net.drain(&mut bob);
+    let (mut net, mut alice, mut bob) = alice_and_bob_in_g(dir.path());
     let mut alice2 = Profile::open(
         &dir.path().join("alice"),
         &ProfileKey::Passphrase("pw-alice".into()),
@@ -463,11 +469,7 @@ fn message_ids_sort_by_send_time_and_stay_unique() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut net = Net::new();
-    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
-    alice.create_group("g").unwrap();
-    invite(&mut net, &mut alice, "g", &mut bob);
-    net.drain(&mut bob);
+    let (mut net, mut alice, mut bob) = alice_and_bob_in_g(dir.path());
 
     let before = now();
     let mut ids = Vec::new();
