@@ -351,6 +351,26 @@ fn to_bytes(m: &MlsMessageOut) -> Result<Vec<u8>, GroupError> {
     m.tls_serialize_detached().map_err(mls)
 }
 
+/// How long the ids of processed messages are remembered, counted from the
+/// time in the id: 30 days, four times the server's default dedup window.
+/// Past it a redelivered message is still never shown twice: MLS deletes a
+/// message key once used and rejects commits and proposals of past epochs,
+/// so such a message fails to decrypt or to apply.
+pub const PROCESSED_HORIZON_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Forgets processed ids whose time part is older than the horizon: a range
+/// at the start of the table's key order, so this reads only what it deletes.
+/// (An id not made by [`new_message_id`] sorts by its first bytes; if those
+/// read as an old time it is forgotten early, which MLS covers as above.)
+fn prune_processed(conn: &Connection, now_ms: u64) -> Result<usize, GroupError> {
+    let cutoff = now_ms.saturating_sub(PROCESSED_HORIZON_MS).to_be_bytes();
+    let mut bound = [0u8; 16];
+    bound[..MESSAGE_ID_TIME_BYTES].copy_from_slice(&cutoff[cutoff.len() - MESSAGE_ID_TIME_BYTES..]);
+    Ok(conn
+        .prepare_cached("DELETE FROM processed WHERE message_id < ?1")?
+        .execute([&bound[..]])?)
+}
+
 fn mark_processed(conn: &Connection, message_id: &[u8]) -> Result<(), GroupError> {
     conn.prepare_cached("INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)")?
         .execute(params![
@@ -1002,7 +1022,9 @@ impl Profile {
     ///
     /// Each payload gets its own result: one that peers got wrong (garbage,
     /// a bad signature, a replay, an unknown group) is rolled back alone and
-    /// the others still apply.  The outer error is a storage failure; then
+    /// the others still apply.  Ids of processed messages older than
+    /// [`PROCESSED_HORIZON_MS`] are forgotten here, so that record stays
+    /// bounded.  The outer error is a storage failure; then
     /// nothing of the batch applied and the cursor did not move.
     pub fn process_batch(
         &mut self,
@@ -1014,6 +1036,7 @@ impl Profile {
         let mut tx = begin(&mut self.conn, &mut self.cache)?;
         let mut results = Vec::with_capacity(batch.len());
         let outcome = (|| {
+            prune_processed(&tx, now_ms())?;
             for d in batch {
                 let sp = tx.savepoint()?;
                 match process_in(&sp, &mut self.cache, d.message_id, d.payload) {

@@ -498,3 +498,61 @@ fn message_ids_sort_by_send_time_and_stay_unique() {
     // Every one of them decrypts and shows on the other side.
     assert_eq!(texts(&net.drain(&mut bob)).len(), ids.len());
 }
+
+/// The record of processed message ids is bounded: ids older than the
+/// horizon are forgotten.  A redelivered message is never shown twice either
+/// way: a remembered id is dropped silently, a forgotten one is rejected by
+/// MLS (its message key is used up).
+#[test]
+fn processed_ids_are_forgotten_after_the_horizon_and_redeliveries_still_show_nothing() {
+    use quicnprotochat_core::group::{MESSAGE_ID_TIME_BYTES, PROCESSED_HORIZON_MS};
+
+    fn id_at(ms: u64, tail: u8) -> [u8; 16] {
+        let mut id = [tail; 16];
+        id[..MESSAGE_ID_TIME_BYTES].copy_from_slice(&ms.to_be_bytes()[8 - MESSAGE_ID_TIME_BYTES..]);
+        id
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let (_net, mut alice, mut bob) = alice_and_bob_in_g(dir.path());
+    let old = alice.send_text("g", "old").unwrap();
+    let recent = alice.send_text("g", "recent").unwrap();
+    // Delivery ids as if sent 31 days and 1 day ago.
+    let old_id = id_at(now - PROCESSED_HORIZON_MS - 24 * 3600 * 1000, 1);
+    let recent_id = id_at(now - 24 * 3600 * 1000, 2);
+    let batch = [
+        Delivered {
+            seq: 10,
+            message_id: &old_id,
+            payload: &old.payload,
+        },
+        Delivered {
+            seq: 11,
+            message_id: &recent_id,
+            payload: &recent.payload,
+        },
+    ];
+    let first: Vec<_> = bob.process_batch(&batch).unwrap();
+    let shown: Vec<_> = first
+        .iter()
+        .flat_map(|r| texts(r.as_ref().unwrap()))
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(shown, ["old", "recent"]);
+
+    // Redelivered (a server restored from a backup, say).
+    let again = bob.process_batch(&batch).unwrap();
+    assert!(
+        again[0].is_err(),
+        "the old id was forgotten, so MLS saw the replay: {:?}",
+        again[0]
+    );
+    assert!(
+        matches!(again[1].as_deref(), Ok([])),
+        "the recent id is remembered and dropped silently: {:?}",
+        again[1]
+    );
+}
