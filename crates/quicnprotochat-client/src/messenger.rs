@@ -429,9 +429,12 @@ impl Messenger {
                     }
                 }
             }
-            profile.confirm_commit(&outcome.group_id)?;
+            // Merged from here on; the Welcome waits in the outbox until the
+            // server has it (a failure now is reported, and the next sync
+            // sends it again).
+            profile.confirm_commit_and_queue(&outcome)?;
             if let Some(welcome) = &outcome.welcome {
-                self.deliver(profile.identity(), welcome).await?;
+                self.send_from_outbox(profile, welcome).await?;
             }
             return Ok(events);
         }
@@ -743,7 +746,55 @@ impl Messenger {
         Ok(events)
     }
 
+    /// Sends one outbox message and removes it once the server stored it,
+    /// or refused it for good (an argument or size it will never accept).
+    async fn send_from_outbox(
+        &self,
+        profile: &mut Profile,
+        out: &Outgoing,
+    ) -> Result<(), MessengerError> {
+        match self.deliver(profile.identity(), out).await {
+            Ok(()) => Ok(profile.outbox_sent(&out.message_id)?),
+            Err(e)
+                if matches!(
+                    e.server_code(),
+                    Some(
+                        ServerErrorCode::InvalidArgument
+                            | ServerErrorCode::TooLarge
+                            | ServerErrorCode::NotFound
+                            | ServerErrorCode::Forbidden
+                    )
+                ) =>
+            {
+                tracing::warn!(error = %e, "the server refused an outbox message for good; dropped");
+                profile.outbox_sent(&out.message_id)?;
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends what is left in the outbox (Welcomes whose first send failed),
+    /// oldest first, stopping at the first failure; what is not sent stays
+    /// for the next sync.
+    async fn flush_outbox(&self, profile: &mut Profile) {
+        let pending = match profile.outbox() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the outbox");
+                return;
+            }
+        };
+        for out in pending {
+            if let Err(e) = self.send_from_outbox(profile, &out).await {
+                tracing::warn!(error = %e, "outbox message not sent yet");
+                return;
+            }
+        }
+    }
+
     async fn sync_locked(&self, profile: &mut Profile) -> Result<Vec<Event>, MessengerError> {
+        self.flush_outbox(profile).await;
         let mut events = Vec::new();
         loop {
             let next = profile.next_seq()?;

@@ -6,4 +6,6 @@ mod cli;
 #[cfg(test)]
 mod docs_reference;
 #[cfg(test)]
+mod outbox;
+#[cfg(test)]
 mod p2p;

@@ -760,6 +760,74 @@ impl Profile {
         })
     }
 
+    /// The server accepted our pending commit: apply it and, in the same
+    /// transaction, put its Welcome (if any) in the outbox.  The commit is
+    /// merged from now on, so the invitees must get their Welcome even if
+    /// sending it fails now or this client stops first: [`Profile::outbox`]
+    /// lists it until [`Profile::outbox_sent`] removes it.
+    pub fn confirm_commit_and_queue(&mut self, outcome: &CommitOutcome) -> Result<(), GroupError> {
+        self.with_group(Target::Id(&outcome.group_id), |op, g| {
+            g.merge_pending_commit(&op.provider).map_err(mls)?;
+            if let Some(w) = &outcome.welcome {
+                let recipients: Vec<u8> = w
+                    .recipients
+                    .iter()
+                    .flat_map(|r| r.as_bytes().to_vec())
+                    .collect();
+                op.tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO outbox (message_id, recipients, payload, created_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![
+                        &w.message_id[..],
+                        recipients,
+                        w.payload,
+                        i64::try_from(now_ms()).unwrap_or(i64::MAX)
+                    ])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Messages waiting to be sent, oldest first.
+    pub fn outbox(&self) -> Result<Vec<Outgoing>, GroupError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT message_id, recipients, payload FROM outbox ORDER BY created_at, message_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, recipients, payload) = row?;
+            let damaged = || StateError::Storage("damaged outbox entry".into());
+            let message_id: [u8; 16] = id.try_into().map_err(|_| damaged())?;
+            let recipients = recipients
+                .chunks(32)
+                .map(|k| IdentityKey::from_slice(k).map_err(|_| damaged()))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(Outgoing {
+                recipients,
+                message_id,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The server stored (or, for good, refused) an outbox message: forget it.
+    pub fn outbox_sent(&mut self, message_id: &[u8; 16]) -> Result<(), GroupError> {
+        self.conn
+            .prepare_cached("DELETE FROM outbox WHERE message_id = ?1")?
+            .execute([&message_id[..]])?;
+        Ok(())
+    }
+
     /// The server rejected our pending commit: discard it.
     pub fn abort_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
         self.with_group(Target::Id(group_id), |op, g| {

@@ -56,6 +56,14 @@ const MIGRATIONS: &[&str] = &[
         relay_url   TEXT,
         updated_at  INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 3: messages to send again until the server stored them (the Welcomes
+    // of confirmed commits).
+    "CREATE TABLE outbox (
+        message_id BLOB PRIMARY KEY,
+        recipients BLOB NOT NULL,
+        payload    BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// Errors of the client state.
