@@ -76,16 +76,8 @@ pub fn open_with(
     // them as typed errors.  (Set after `key`: keying installs the defaults.)
     conn.pragma_update(None, "cipher_log_level", "NONE")?;
     settings.apply(&conn)?;
-    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    }) {
-        Ok(_) => {}
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.code == rusqlite::ErrorCode::NotADatabase =>
-        {
-            return Ok(Opened::WrongKey);
-        }
-        Err(e) => return Err(e),
+    if !readable(&conn)? {
+        return Ok(Opened::WrongKey);
     }
     let version: Option<String> = conn
         .query_row("PRAGMA cipher_version", [], |r| r.get(0))
@@ -94,6 +86,22 @@ pub fn open_with(
         return Ok(Opened::NoSqlCipher);
     }
     Ok(Opened::Open(conn, settings))
+}
+
+/// Reads the schema: `false` when the file is not a database under the
+/// connection's key (or lack of one), the first read SQLite decrypts.
+pub fn readable(conn: &Connection) -> rusqlite::Result<bool> {
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(_) => Ok(true),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::NotADatabase =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

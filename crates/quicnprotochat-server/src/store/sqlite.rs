@@ -417,19 +417,12 @@ fn open_connection(
         }
         DbKey::Unencrypted => {
             let conn = Connection::open_with_flags(path, flags)?;
-            match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-                r.get::<_, i64>(0)
-            }) {
-                Ok(_) => (conn, None),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::NotADatabase =>
-                {
-                    return Err(StoreError::WrongKey {
-                        path: path.display().to_string(),
-                    });
-                }
-                Err(e) => return Err(e.into()),
+            if !sqlcipher::readable(&conn)? {
+                return Err(StoreError::WrongKey {
+                    path: path.display().to_string(),
+                });
             }
+            (conn, None)
         }
     };
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
