@@ -223,6 +223,26 @@ pub struct Cli {
     /// Server options (also accepted after `serve`).
     #[command(flatten)]
     pub options: ServerArgs,
+    /// Log line format on standard error: `text`, or `json` (one JSON object
+    /// per line, for log collectors).
+    #[arg(
+        long,
+        env = "QUICNPROTOCHAT_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Format of the log lines on standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    /// `tracing`'s text lines (coloured on a terminal)
+    #[default]
+    Text,
+    /// one JSON object per line: `timestamp`, `level`, `target`, `fields`
+    Json,
 }
 
 /// Subcommands.

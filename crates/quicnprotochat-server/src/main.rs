@@ -9,14 +9,14 @@ use clap::Parser as _;
 use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
 use quicnprotochat_proto::transport;
-use quicnprotochat_server::config::{Cli, Command, Config, HealthArgs, ServerArgs};
+use quicnprotochat_server::config::{Cli, Command, Config, HealthArgs, LogFormat, ServerArgs};
 use quicnprotochat_server::server::DEV_CERT_FILE;
 use quicnprotochat_server::{Server, health};
 
 fn main() -> ExitCode {
     transport::install_default_provider();
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     let result = match cli.command {
         None => serve(&cli.options),
         Some(Command::Serve(args)) => serve(&merge(&cli.options, args)),
@@ -45,15 +45,18 @@ fn merge(global: &ServerArgs, local: ServerArgs) -> ServerArgs {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let lines = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => lines
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => lines.json().with_ansi(false).init(),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -67,3 +67,61 @@ async fn acknowledged_enqueues_survive_kill_9_and_health_probe_works() {
             .all(|(i, e)| e.seq == i as u64 + 1 && e.payload == format!("m{}", i + 1).into_bytes())
     );
 }
+
+/// `--log-format json` (or `QUICNPROTOCHAT_LOG_FORMAT=json`): every line on
+/// standard error is one JSON object a log collector can take apart, and the
+/// token given in the environment appears in none of them.
+#[test]
+fn json_logs_are_one_object_per_line_without_secrets() {
+    use std::io::{BufRead as _, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = "json-log-test-token-0123456789abcdef0123";
+    let mut child = std::process::Command::new(BIN)
+        .env_clear()
+        .env("QUICNPROTOCHAT_DATA_DIR", dir.path())
+        .env("QUICNPROTOCHAT_AUTH_TOKEN", token)
+        .env("QUICNPROTOCHAT_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let listening = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the server logged no `listening` line");
+        lines.push(line.clone());
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        if v["fields"]["message"] == "listening" {
+            break v;
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let addr: SocketAddr = listening["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(addr.ip().is_loopback() && addr.port() != 0);
+    // Development mode logs its shortcuts, as warnings, in the same format.
+    assert!(lines.iter().any(|l| l.contains("DEVELOPMENT SHORTCUT")));
+    assert!(lines.iter().all(|l| !l.contains(token)), "{lines:?}");
+}
