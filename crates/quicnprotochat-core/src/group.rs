@@ -82,6 +82,10 @@ pub enum GroupError {
     /// a message for a group this client is not in
     #[error("message for an unknown group")]
     UnknownGroup,
+    /// a Welcome or commit would give the group a member whose identity key
+    /// no private key belongs to (see [`IdentityKey::check`])
+    #[error("a member's identity key is not a canonical Ed25519 key of prime order")]
+    WeakMemberKey,
     /// input from a peer failed MLS validation (bad signature, replay, wrong
     /// epoch, removed sender, garbage)
     #[error("rejected input: {0}")]
@@ -333,6 +337,13 @@ fn name_by_group_id(conn: &Connection, group_id: &[u8]) -> Result<Option<String>
         .prepare_cached("SELECT name FROM groups WHERE group_id = ?1")?
         .query_row([group_id], |r| r.get(0))
         .optional()?)
+}
+
+/// A member's signature key is a strong Ed25519 identity key.
+fn check_member_key(key: &[u8]) -> Result<(), GroupError> {
+    IdentityKey::from_slice(key)
+        .and_then(|k| k.check())
+        .map_err(|_| GroupError::WeakMemberKey)
 }
 
 fn member_key(m: &openmls::prelude::Member) -> Option<IdentityKey> {
@@ -674,6 +685,9 @@ impl Profile {
             if kp.leaf_node().signature_key().as_slice() != invitee.as_bytes() {
                 return Err(GroupError::WrongInvitee);
             }
+            // openmls verified the package with plain Ed25519 (see
+            // `IdentityKey::check`).
+            invitee.check().map_err(|_| KeyPackageError::WeakKey)?;
             if !g.is_active() {
                 return Err(GroupError::Inactive);
             }
@@ -1196,6 +1210,11 @@ fn join(
         .map(|l| username_of(l.credential()))
         .unwrap_or_default();
     let g = staged.into_group(&provider).map_err(rejected)?;
+    // openmls verifies leaf signatures with plain Ed25519, which a weak key
+    // passes; refuse a group with such a member before it is stored.
+    for m in g.members() {
+        check_member_key(m.signature_key.as_slice())?;
+    }
     let wanted = g
         .extensions()
         .unknown(GROUP_META_EXTENSION)
@@ -1302,6 +1321,23 @@ fn handle_protocol(
                 .filter(|m| removed_idx.contains(&m.index))
                 .map(|m| username_of(&m.credential))
                 .collect();
+            // Every leaf the commit brings in (added members, updated leaves,
+            // the committer's new path leaf) must carry a strong key.
+            for a in sc.add_proposals() {
+                check_member_key(
+                    a.add_proposal()
+                        .key_package()
+                        .leaf_node()
+                        .signature_key()
+                        .as_slice(),
+                )?;
+            }
+            for u in sc.update_proposals() {
+                check_member_key(u.update_proposal().leaf_node().signature_key().as_slice())?;
+            }
+            if let Some(leaf) = sc.update_path_leaf_node() {
+                check_member_key(leaf.signature_key().as_slice())?;
+            }
             let self_removed = sc.self_removed();
             let updated =
                 sc.update_path_leaf_node().is_some() && added.is_empty() && removed.is_empty();

@@ -29,6 +29,9 @@ pub enum KeyPackageError {
     /// the leaf signature key is not a 32-byte Ed25519 key
     #[error("leaf signature key is not an Ed25519 key")]
     SignatureKey,
+    /// the leaf signature key is not a canonical Ed25519 key of prime order
+    #[error("leaf signature key is not a canonical Ed25519 key of prime order")]
+    WeakKey,
     /// building a package failed in openmls
     #[error("building a key package failed: {0}")]
     Build(String),
@@ -64,6 +67,9 @@ pub fn inspect(bytes: &[u8]) -> Result<KeyPackageInfo, KeyPackageError> {
     }
     let identity = IdentityKey::from_slice(kp.leaf_node().signature_key().as_slice())
         .map_err(|_| KeyPackageError::SignatureKey)?;
+    // openmls checked the signatures with plain Ed25519, which a weak key
+    // passes without a private key (see `IdentityKey::check`).
+    identity.check().map_err(|_| KeyPackageError::WeakKey)?;
     let hash_ref = kp
         .hash_ref(&crypto)
         .map_err(|e| KeyPackageError::Invalid(e.to_string()))?

@@ -2,3 +2,5 @@
 
 #[cfg(test)]
 mod groups;
+#[cfg(test)]
+mod weak_keys;

@@ -154,6 +154,11 @@ impl ServiceImpl {
         }
         let identity = IdentityKey::from_slice(identity)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        // A weak key (small order, non-canonical) has no private key behind
+        // it; plain Ed25519 would let a crafted signature pass under it.
+        identity
+            .check()
+            .map_err(|e| ApiError::InvalidArgument(format!("identityKey: {e}")))?;
         ctx.shared.limiters.auth_per_identity.check(&identity)?;
         // Constant time, and length-independent: compare SHA-256 digests.
         let presented = ring::digest::digest(&ring::digest::SHA256, token);

@@ -307,3 +307,64 @@ async fn authentication_attempts_are_rate_limited_per_claimed_identity() {
     // Other identities are unaffected.
     server.client("alice").await.unwrap();
 }
+
+/// The eight points of small order (canonical encodings), a non-canonical
+/// identity (y = p + 1) and the identity with a "negative zero" x: keys with
+/// no private key behind them, under which plain Ed25519 accepts crafted
+/// signatures.
+const WEAK_KEYS: [&str; 10] = [
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0100000000000000000000000000000000000000000000000000000000000080",
+];
+
+#[tokio::test]
+async fn weak_identity_keys_never_authenticate_even_with_signatures_plain_ed25519_accepts() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.auth_per_ip.burst = 10_000;
+        c.limits.rates.auth_per_ip.per_second = 10_000;
+        c.limits.rates.auth_per_identity.burst = 10_000;
+        c.limits.rates.auth_per_identity.per_second = 10_000;
+    })
+    .unwrap();
+    let small_order_rs: Vec<[u8; 32]> = WEAK_KEYS[..8]
+        .iter()
+        .map(|h| hex::decode(h).unwrap().try_into().unwrap())
+        .collect();
+    for weak in WEAK_KEYS {
+        let key = quicnprotochat_core::IdentityKey(hex::decode(weak).unwrap().try_into().unwrap());
+        // Grind server nonces as an attacker would: a fresh challenge until
+        // some small-order R with S = 0 passes plain Ed25519 (ring) over
+        // the real transcript (nonce and TLS exporter of this connection).
+        let mut refused = false;
+        for _ in 0..32 {
+            let c = anonymous(&server).await;
+            let ch = c.auth_challenge().await.unwrap();
+            let transcript = ch.transcript(&key);
+            let forged = small_order_rs.iter().find_map(|r| {
+                let mut sig = [0u8; 64];
+                sig[..32].copy_from_slice(r);
+                ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key.as_bytes())
+                    .verify(&transcript, &sig)
+                    .is_ok()
+                    .then_some(sig)
+            });
+            let Some(sig) = forged else { continue };
+            assert_code(
+                c.auth_respond(key, sig.to_vec()).await,
+                ServerErrorCode::InvalidArgument,
+            );
+            refused = true;
+            break;
+        }
+        assert!(refused, "no forgery found for {weak} in 32 nonces");
+    }
+    assert_still_serving(&server).await;
+}
