@@ -579,6 +579,12 @@ macro_rules! check {
     };
 }
 
+impl From<quicnprotochat_proto::capnp::Error> for ClientError {
+    fn from(e: quicnprotochat_proto::capnp::Error) -> Self {
+        Self::Rpc(e.to_string())
+    }
+}
+
 fn key_from(bytes: &[u8]) -> Result<IdentityKey, ClientError> {
     if bytes.len() != KEY_LEN {
         return Err(ClientError::InvalidResponse(

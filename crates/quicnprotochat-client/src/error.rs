@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-/// Stable error codes the server sends (mirrors the schema's `ErrorCode`).
+/// Stable error codes the server sends (mirrors the schema's `ErrorCode`;
+/// the mapping is in `connection.rs`, the client's one Cap'n Proto module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ServerErrorCode {
@@ -78,11 +79,5 @@ impl ClientError {
             Self::Server { code, .. } => Some(*code),
             _ => None,
         }
-    }
-}
-
-impl From<quicnprotochat_proto::capnp::Error> for ClientError {
-    fn from(e: quicnprotochat_proto::capnp::Error) -> Self {
-        Self::Rpc(e.to_string())
     }
 }

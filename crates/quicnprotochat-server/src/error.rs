@@ -1,14 +1,13 @@
-//! Errors of the delivery service and their one mapping to the wire.
+//! Errors of the delivery service.
 //!
-//! - [`ApiError`] is what a request can fail with.  [`ApiError::write`] is the
-//!   only place that turns one into a wire `Error`: a stable code and a safe
-//!   message.  Internal details are logged here and never sent.
+//! - [`ApiError`] is what a request can fail with.  The RPC adapter
+//!   (`rpc.rs`) is the only place that turns one into a wire `Error`: a
+//!   stable code and this safe message.  Internal details are logged there
+//!   and never sent.
 //! - [`ServerError`] is what start-up can fail with; each names the setting or
 //!   file at fault.
 
 use std::time::Duration;
-
-use quicnprotochat_proto::schema::{ErrorCode, error};
 
 use crate::config::ConfigError;
 use crate::store::StoreError;
@@ -35,23 +34,8 @@ pub(crate) enum ApiError {
 }
 
 impl ApiError {
-    pub(crate) fn code(&self) -> ErrorCode {
-        match self {
-            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
-            Self::Forbidden(_) => ErrorCode::Forbidden,
-            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            Self::TooLarge(_) => ErrorCode::TooLarge,
-            Self::RateLimited { .. } => ErrorCode::RateLimited,
-            Self::QueueFull(_) => ErrorCode::QueueFull,
-            Self::NotFound(_) => ErrorCode::NotFound,
-            Self::VersionMismatch { .. } => ErrorCode::VersionMismatch,
-            Self::Conflict(_) => ErrorCode::Conflict,
-            Self::StaleEpoch(_) => ErrorCode::StaleEpoch,
-            Self::Internal(_) => ErrorCode::Internal,
-        }
-    }
-
-    fn message(&self) -> String {
+    /// The safe, human-readable message sent with the error code.
+    pub(crate) fn message(&self) -> String {
         match self {
             Self::Unauthenticated(m)
             | Self::Forbidden(m)
@@ -69,23 +53,6 @@ impl ApiError {
             Self::Internal(_) => "internal error".into(),
         }
     }
-
-    /// Writes the wire form.  The one place domain errors meet the wire.
-    pub(crate) fn write(&self, mut out: error::Builder<'_>, method: &'static str) {
-        match self {
-            Self::Internal(detail) => tracing::error!(method, %detail, "request failed"),
-            other => tracing::debug!(method, code = ?other.code(), "request refused"),
-        }
-        out.set_code(self.code());
-        out.set_message(self.message().as_str());
-        if let Self::RateLimited { retry_after } = self {
-            out.set_retry_after_ms(
-                u32::try_from(retry_after.as_millis())
-                    .unwrap_or(u32::MAX)
-                    .max(1),
-            );
-        }
-    }
 }
 
 impl From<StoreError> for ApiError {
@@ -93,14 +60,6 @@ impl From<StoreError> for ApiError {
         Self::Internal(e.to_string())
     }
 }
-
-impl From<capnp::Error> for ApiError {
-    fn from(e: capnp::Error) -> Self {
-        Self::InvalidArgument(format!("malformed request: {}", e.extra))
-    }
-}
-
-use quicnprotochat_proto::capnp;
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]

@@ -1,13 +1,13 @@
-//! The `health` subcommand: a minimal client that calls `Service.health` on a
-//! running server, for container health checks (distroless images have no
-//! shell and a QUIC server has no TCP port to probe).
+//! The `health` subcommand's probe: the one client-side part of the server
+//! crate.  It connects to a running server and calls `Service.health` (the
+//! RPC itself is in the adapter, `rpc.rs`), for container health checks
+//! (distroless images have no shell and a QUIC server has no TCP port to
+//! probe).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use quicnprotochat_proto::ALPN;
-use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
-use quicnprotochat_proto::schema::service;
 use quicnprotochat_proto::transport::{self, ServerAuth};
 
 /// What the server reported.
@@ -70,22 +70,9 @@ async fn probe_inner(addr: SocketAddr, fingerprint: [u8; 32]) -> Result<HealthRe
         .open_bi()
         .await
         .map_err(|e| ProbeError::Connect(e.to_string()))?;
-    let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
-    let svc: service::Client = rpc.bootstrap(Side::Server);
-    let rpc_task = tokio::task::spawn_local(rpc);
-    let result = async {
-        let reply = svc.health_request().send().promise.await?;
-        let h = reply.get()?.get_health()?;
-        Ok::<_, quicnprotochat_proto::capnp::Error>(HealthReport {
-            ok: h.get_ok(),
-            server_version: h.get_server_version()?.to_string().unwrap_or_default(),
-            wire_version: h.get_wire_version(),
-            store_reachable: h.get_store_reachable(),
-        })
-    }
-    .await
-    .map_err(|e| ProbeError::Rpc(e.to_string()));
-    rpc_task.abort();
+    let result = crate::rpc::call_health(send, recv)
+        .await
+        .map_err(|e| ProbeError::Rpc(e.to_string()));
     conn.close(0u32.into(), b"bye");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     result

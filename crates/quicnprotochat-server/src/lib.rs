@@ -8,13 +8,14 @@
 //! Entry points: [`server::Server`] (`bind` + `serve`) and [`server::spawn`].
 
 pub mod config;
+mod delivery;
 pub mod error;
 pub mod health;
 mod hub;
 pub mod production;
 mod ratelimit;
+mod rpc;
 pub mod server;
-mod service;
 pub mod store;
 
 pub use config::Config;

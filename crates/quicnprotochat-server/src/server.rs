@@ -18,19 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quicnprotochat_proto::framing::FrameLimits;
-use quicnprotochat_proto::rpc::{Side, rpc_system};
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
 use quicnprotochat_proto::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use quicnprotochat_proto::schema::service;
-use quicnprotochat_proto::{capnp_rpc, limits, transport};
+use quicnprotochat_proto::{limits, transport};
 use quinn::{IdleTimeout, VarInt};
 
 use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
+use crate::delivery::{Delivery, Peer};
 use crate::error::ServerError;
-use crate::hub::Hub;
 use crate::production;
-use crate::ratelimit::Limiters;
-use crate::service::{ConnCtx, ServiceImpl, Shared};
+use crate::rpc;
 use crate::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
 
 /// Development certificate and key, generated into the data directory.
@@ -59,7 +56,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// A bound, ready server.
 pub struct Server {
     endpoint: quinn::Endpoint,
-    shared: Rc<Shared>,
+    delivery: Rc<Delivery>,
     fingerprint: [u8; 32],
     limits_frame: FrameLimits,
 }
@@ -164,20 +161,11 @@ impl Server {
                 source,
             }
         })?;
-        let token_hash = {
-            let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-            let mut h = [0; 32];
-            h.copy_from_slice(d.as_ref());
-            h
-        };
-        let shared = Rc::new(Shared {
-            store: Arc::new(store),
-            limits: config.limits.clone(),
-            token_hash,
-            limiters: Limiters::new(&config.limits.rates),
-            hub: Hub::default(),
-            rng: ring::rand::SystemRandom::new(),
-        });
+        let delivery = Rc::new(Delivery::new(
+            Arc::new(store),
+            config.limits.clone(),
+            token.as_bytes(),
+        ));
         let limits_frame = FrameLimits {
             max_frame_bytes: limits::MAX_FRAME_BYTES,
             frame_timeout: Duration::from_secs(config.limits.frame_timeout_secs),
@@ -190,7 +178,7 @@ impl Server {
         );
         Ok(Self {
             endpoint,
-            shared,
+            delivery,
             fingerprint,
             limits_frame,
         })
@@ -210,7 +198,7 @@ impl Server {
     /// connection and waits briefly for them to drain.  Must run in a `LocalSet`.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let table = Rc::new(RefCell::new(ConnTable::default()));
-        let sweeper = tokio::task::spawn_local(sweep_loop(self.shared.clone()));
+        let sweeper = tokio::task::spawn_local(sweep_loop(self.delivery.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -232,7 +220,7 @@ impl Server {
 
     fn admit(&self, incoming: quinn::Incoming, table: &Rc<RefCell<ConnTable>>) {
         let ip = incoming.remote_address().ip();
-        let limits = &self.shared.limits;
+        let limits = &self.delivery.limits;
         let (total, from_ip) = table.borrow().counts(ip);
         if total >= limits.max_connections || from_ip >= limits.max_connections_per_ip {
             tracing::debug!(%ip, total, from_ip, "connection refused: over the connection cap");
@@ -248,11 +236,11 @@ impl Server {
             return;
         }
         let guard = ConnGuard::new(table.clone(), ip);
-        let shared = self.shared.clone();
+        let delivery = self.delivery.clone();
         let frame = self.limits_frame;
         tokio::task::spawn_local(async move {
             let _guard = guard;
-            let auth_timeout = Duration::from_secs(shared.limits.auth_timeout_secs);
+            let auth_timeout = Duration::from_secs(delivery.limits.auth_timeout_secs);
             let conn = match tokio::time::timeout(auth_timeout, incoming).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
@@ -264,34 +252,33 @@ impl Server {
                     return;
                 }
             };
-            serve_connection(shared, conn, frame, auth_timeout).await;
+            serve_connection(delivery, conn, frame, auth_timeout).await;
         });
     }
 }
 
 async fn serve_connection(
-    shared: Rc<Shared>,
+    delivery: Rc<Delivery>,
     conn: quinn::Connection,
     frame: FrameLimits,
     auth_timeout: Duration,
 ) {
-    let ctx = Rc::new(ConnCtx::new(shared, conn.clone()));
+    let peer = Rc::new(Peer::new(conn.remote_address().ip()));
     let session = {
-        let ctx = ctx.clone();
+        let peer = peer.clone();
         let conn = conn.clone();
         async move {
             let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            let bootstrap: service::Client = capnp_rpc::new_client(ServiceImpl { ctx });
-            rpc_system(recv, send, Side::Server, Some(bootstrap.client), frame)
+            rpc::serve(delivery, peer, conn.clone(), send, recv, frame)
                 .await
                 .map_err(|e| e.to_string())
         }
     };
     let watchdog = {
-        let ctx = ctx.clone();
+        let peer = peer.clone();
         async move {
             tokio::time::sleep(auth_timeout).await;
-            if ctx.is_authenticated() {
+            if peer.is_authenticated() {
                 std::future::pending::<()>().await;
             }
         }
@@ -300,30 +287,22 @@ async fn serve_connection(
         r = session => match r {
             Ok(()) => conn.close(VarInt::from_u32(close_code::NORMAL), b"bye"),
             Err(e) => {
-                tracing::debug!(ip = %ctx.ip, error = %e, "connection ended with an error");
+                tracing::debug!(ip = %peer.ip, error = %e, "connection ended with an error");
                 conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), b"protocol error");
             }
         },
         () = watchdog => {
-            tracing::info!(ip = %ctx.ip, "closing connection: not authenticated in time");
+            tracing::info!(ip = %peer.ip, "closing connection: not authenticated in time");
             conn.close(VarInt::from_u32(close_code::AUTH_TIMEOUT), b"authentication timeout");
         }
     }
 }
 
-async fn sweep_loop(shared: Rc<Shared>) {
+async fn sweep_loop(delivery: Rc<Delivery>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
-        shared.limiters.retain_recent();
-        let now_s = quicnprotochat_core::keypackage::unix_now();
-        match shared.store.sweep(now_s, now_s.saturating_mul(1000)).await {
-            Ok(stats) if stats != Default::default() => {
-                tracing::info!(?stats, "swept expired entries")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sweep failed"),
-        }
+        delivery.sweep().await;
     }
 }
 

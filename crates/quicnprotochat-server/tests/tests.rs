@@ -21,3 +21,5 @@ mod packaging;
 mod production;
 #[cfg(test)]
 mod support;
+#[cfg(test)]
+mod tidy;

@@ -1,0 +1,782 @@
+//! The delivery service: authentication, the user and key-package
+//! directories, per-recipient queues and push, in Rust types.
+//!
+//! It knows nothing of Cap'n Proto or QUIC.  The RPC adapter
+//! ([`crate::rpc`]) decodes a call's parameters, calls one method here and
+//! encodes its result or [`ApiError`]; the connection loop
+//! ([`crate::server`]) owns the QUIC side and hands in what it knows of the
+//! peer ([`Peer`]: its address, and the TLS exporter at authentication).
+//! Every method validates its input before touching the store, so a second
+//! transport or a second store is a local change.
+//!
+//! Everything here runs on the server's `LocalSet` (`Rc`, `Cell`); store
+//! work happens on the store's own threads.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::framing::{self, FrameKind};
+use quicnprotochat_proto::limits::{
+    KEY_LEN, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES,
+    MAX_KEY_PACKAGES_PER_BATCH, MAX_RECIPIENTS, MAX_USERNAME_LEN, MESSAGE_ID_LEN, NONCE_LEN,
+    SIGNATURE_LEN,
+};
+use quicnprotochat_proto::{SOFTWARE_VERSION, WIRE_VERSION, auth};
+use ring::rand::SecureRandom;
+use tokio::sync::watch;
+
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::hub::{Hub, Pushed};
+use crate::ratelimit::Limiters;
+use crate::store::{
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, PublishOutcome, QueuedMessage, RegisterOutcome,
+    Store, TakenKeyPackage,
+};
+
+/// Minor wire versions this server accepts (the major version is in the ALPN).
+const SUPPORTED_WIRE_VERSIONS: std::ops::RangeInclusive<u16> = 1..=WIRE_VERSION;
+
+/// Most live subscriptions on one connection (one per device queue is normal).
+const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 4;
+
+/// How long a health probe waits for the store.
+const HEALTH_STORE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Milliseconds since the Unix epoch (0 before it, saturating far after).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The service shared by every connection of one server.
+pub(crate) struct Delivery {
+    store: Arc<dyn Store>,
+    pub(crate) limits: Limits,
+    token_hash: [u8; 32],
+    limiters: Limiters,
+    hub: Hub,
+    rng: ring::rand::SystemRandom,
+}
+
+/// What the service knows of one connection: its address, the outstanding
+/// challenge, the identity it authenticated as, its live subscriptions.
+pub(crate) struct Peer {
+    pub(crate) ip: IpAddr,
+    nonce: Cell<Option<[u8; NONCE_LEN]>>,
+    identity: Cell<Option<IdentityKey>>,
+    subscriptions: Cell<usize>,
+}
+
+impl Peer {
+    pub(crate) fn new(ip: IpAddr) -> Self {
+        Self {
+            ip,
+            nonce: Cell::new(None),
+            identity: Cell::new(None),
+            subscriptions: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn is_authenticated(&self) -> bool {
+        self.identity.get().is_some()
+    }
+}
+
+/// A value the transport could not decode is an `invalidArgument`; methods
+/// take such values undecoded where the protocol checks something else
+/// first (a rate limit, a count), so the checks keep their documented order.
+pub(crate) type Decoded<T> = Result<T, ApiError>;
+
+/// `Service.authenticate`'s request.
+#[derive(Debug)]
+pub(crate) struct AuthRequest<'a> {
+    pub(crate) wire_version: u16,
+    pub(crate) fields: Decoded<AuthFields<'a>>,
+}
+
+/// The fields of an [`AuthRequest`] after its version.
+#[derive(Debug)]
+pub(crate) struct AuthFields<'a> {
+    pub(crate) access_token: &'a [u8],
+    pub(crate) identity_key: &'a [u8],
+    pub(crate) signature: &'a [u8],
+}
+
+/// `Session.enqueue`'s parameters.
+#[derive(Debug)]
+pub(crate) struct EnqueueCall<'a> {
+    pub(crate) recipients: Vec<Decoded<&'a [u8]>>,
+    pub(crate) message_id: Decoded<&'a [u8]>,
+    pub(crate) payload: Decoded<&'a [u8]>,
+}
+
+/// The answer to a health probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Health {
+    pub(crate) store_reachable: bool,
+    pub(crate) server_version: &'static str,
+    pub(crate) wire_version: u16,
+}
+
+/// A live subscription's registration in the hub; dropping it releases the
+/// recipient's buffer (when it was the last) and the connection's slot.
+pub(crate) struct Subscription {
+    delivery: Rc<Delivery>,
+    peer: Rc<Peer>,
+    recipient: IdentityKey,
+    next: u64,
+    rx: watch::Receiver<u64>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.delivery.hub.release(&self.recipient);
+        self.peer
+            .subscriptions
+            .set(self.peer.subscriptions.get().saturating_sub(1));
+    }
+}
+
+impl Subscription {
+    /// The next batch to push, from the position after the last one:
+    /// from memory when the hub holds it, else read from the store; empty
+    /// when the queue holds nothing new yet.  Marks the current notification
+    /// seen *before* reading, so a message committed after the read still
+    /// wakes [`Subscription::changed`]: no lost wake-ups.
+    pub(crate) async fn next_batch(&mut self) -> Result<Vec<QueuedMessage>, ApiError> {
+        self.rx.borrow_and_update();
+        let buffered = self.delivery.hub.buffered(
+            &self.recipient,
+            self.next,
+            usize::try_from(MAX_FETCH_MESSAGES).unwrap_or(usize::MAX),
+            MAX_FETCH_BYTES,
+        );
+        let batch = match buffered {
+            Some(b) => b,
+            None => {
+                let d = &self.delivery;
+                d.store_call(d.store.fetch(
+                    self.recipient,
+                    self.next,
+                    MAX_FETCH_MESSAGES,
+                    MAX_FETCH_BYTES,
+                ))
+                .await?
+            }
+        };
+        if let Some(last) = batch.last() {
+            self.next = last.seq + 1;
+        }
+        Ok(batch)
+    }
+
+    /// Waits until the queue may have grown; `false` when the hub is gone.
+    pub(crate) async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+}
+
+fn parse_key(bytes: &[u8], what: &str) -> Result<IdentityKey, ApiError> {
+    if bytes.len() != KEY_LEN {
+        return Err(ApiError::InvalidArgument(format!(
+            "{what} must be {KEY_LEN} bytes, got {}",
+            bytes.len()
+        )));
+    }
+    IdentityKey::from_slice(bytes).map_err(|e| ApiError::InvalidArgument(e.to_string()))
+}
+
+fn parse_username(name: &str) -> Result<String, ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_USERNAME_LEN
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || (i > 0 && matches!(b, b'_' | b'.' | b'-'))
+        });
+    if !valid {
+        return Err(ApiError::InvalidArgument(format!(
+            "username must be 1-{MAX_USERNAME_LEN} characters of [a-z0-9_.-], starting with [a-z0-9]"
+        )));
+    }
+    Ok(name.to_string())
+}
+
+fn check_wire_version(client: u16) -> Result<(), ApiError> {
+    if SUPPORTED_WIRE_VERSIONS.contains(&client) {
+        Ok(())
+    } else {
+        Err(ApiError::VersionMismatch { client })
+    }
+}
+
+/// Only a queue's owner reads or acknowledges it.
+fn own_queue(me: IdentityKey, recipient: &[u8]) -> Result<(), ApiError> {
+    if parse_key(recipient, "recipient")? != me {
+        return Err(ApiError::Forbidden("a queue can only be read by its owner"));
+    }
+    Ok(())
+}
+
+impl Delivery {
+    /// The service over `store`, admitting clients that present `token`.
+    pub(crate) fn new(store: Arc<dyn Store>, limits: Limits, token: &[u8]) -> Self {
+        let mut token_hash = [0; 32];
+        token_hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token).as_ref());
+        Self {
+            store,
+            limiters: Limiters::new(&limits.rates),
+            limits,
+            token_hash,
+            hub: Hub::default(),
+            rng: ring::rand::SystemRandom::new(),
+        }
+    }
+
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.request_timeout_secs)
+    }
+
+    /// Runs a store operation under the request deadline.
+    pub(crate) async fn store_call<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.request_timeout(), fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ApiError::Internal("store operation timed out".into())),
+        }
+    }
+
+    /// `Service.health`: needs no authentication.
+    pub(crate) async fn health(&self) -> Health {
+        let store_reachable = matches!(
+            tokio::time::timeout(HEALTH_STORE_DEADLINE, self.store.ping()).await,
+            Ok(Ok(()))
+        );
+        Health {
+            store_reachable,
+            server_version: SOFTWARE_VERSION,
+            wire_version: WIRE_VERSION,
+        }
+    }
+
+    /// `Service.challenge`: a fresh single-use nonce for this peer.
+    pub(crate) fn challenge(
+        &self,
+        peer: &Peer,
+        wire_version: u16,
+    ) -> Result<[u8; NONCE_LEN], ApiError> {
+        self.limiters.auth_per_ip.check(&peer.ip)?;
+        check_wire_version(wire_version)?;
+        let mut nonce = [0; NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| ApiError::Internal("system RNG failed".into()))?;
+        peer.nonce.set(Some(nonce));
+        Ok(nonce)
+    }
+
+    /// `Service.authenticate`.  `exporter` is the connection's TLS exporter
+    /// value (protocol section 5.2), asked for only once the request passed
+    /// every cheaper check.
+    pub(crate) fn authenticate<'a>(
+        &self,
+        peer: &Peer,
+        req: impl FnOnce() -> Decoded<AuthRequest<'a>>,
+        exporter: impl FnOnce() -> Option<[u8; auth::EXPORTER_LEN]>,
+    ) -> Result<IdentityKey, ApiError> {
+        // The nonce is single-use whatever happens next, refusals included.
+        let nonce = peer.nonce.take();
+        if peer.is_authenticated() {
+            return Err(ApiError::Forbidden(
+                "this connection is already authenticated",
+            ));
+        }
+        self.limiters.auth_per_ip.check(&peer.ip)?;
+        let req = req()?;
+        check_wire_version(req.wire_version)?;
+        let nonce = nonce.ok_or(ApiError::Unauthenticated("no challenge outstanding"))?;
+        let req = req.fields?;
+        if req.identity_key.len() != KEY_LEN {
+            return Err(ApiError::InvalidArgument(format!(
+                "identityKey must be {KEY_LEN} bytes"
+            )));
+        }
+        if req.signature.len() != SIGNATURE_LEN {
+            return Err(ApiError::InvalidArgument(format!(
+                "signature must be {SIGNATURE_LEN} bytes"
+            )));
+        }
+        let identity = IdentityKey::from_slice(req.identity_key)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        // A weak key (small order, non-canonical) has no private key behind
+        // it; plain Ed25519 would let a crafted signature pass under it.
+        identity
+            .check()
+            .map_err(|e| ApiError::InvalidArgument(format!("identityKey: {e}")))?;
+        self.limiters.auth_per_identity.check(&identity)?;
+        // Constant time, and length-independent: compare SHA-256 digests.
+        let presented = ring::digest::digest(&ring::digest::SHA256, req.access_token);
+        let token_ok: bool =
+            subtle::ConstantTimeEq::ct_eq(presented.as_ref(), &self.token_hash[..]).into();
+        let exporter =
+            exporter().ok_or_else(|| ApiError::Internal("TLS exporter unavailable".into()))?;
+        let transcript = auth::transcript(&nonce, &exporter, identity.as_bytes());
+        let proof_ok = identity.verify(&transcript, req.signature).is_ok();
+        if !(token_ok && proof_ok) {
+            tracing::info!(ip = %peer.ip, token_ok, proof_ok, "authentication failed");
+            return Err(ApiError::Unauthenticated(
+                "invalid access token or identity proof",
+            ));
+        }
+        peer.identity.set(Some(identity));
+        tracing::debug!(ip = %peer.ip, identity = ?identity, "authenticated");
+        Ok(identity)
+    }
+
+    /// `Session.register`.
+    pub(crate) async fn register(&self, me: IdentityKey, username: &str) -> Result<(), ApiError> {
+        let username = parse_username(username)?;
+        match self.store_call(self.store.register(username, me)).await? {
+            RegisterOutcome::Registered | RegisterOutcome::AlreadyRegistered => Ok(()),
+            RegisterOutcome::UsernameTaken => Err(ApiError::Conflict("username is taken")),
+            RegisterOutcome::IdentityTaken => Err(ApiError::Conflict(
+                "identity is registered under another username",
+            )),
+        }
+    }
+
+    /// `Session.resolve`.
+    pub(crate) async fn resolve(&self, username: &str) -> Result<IdentityKey, ApiError> {
+        let username = parse_username(username)?;
+        self.store_call(self.store.resolve(username))
+            .await?
+            .ok_or(ApiError::NotFound("no such username"))
+    }
+
+    /// `Session.publishKeyPackages`: validates the whole batch, then stores
+    /// it atomically.
+    pub(crate) async fn publish_key_packages(
+        &self,
+        me: IdentityKey,
+        list: Vec<Decoded<&[u8]>>,
+    ) -> Result<u32, ApiError> {
+        if list.is_empty() {
+            return Err(ApiError::InvalidArgument("no key packages given".into()));
+        }
+        if list.len() > MAX_KEY_PACKAGES_PER_BATCH {
+            return Err(ApiError::TooLarge(format!(
+                "at most {MAX_KEY_PACKAGES_PER_BATCH} key packages per call"
+            )));
+        }
+        let mut raw = Vec::with_capacity(list.len());
+        for kp in list {
+            let kp = kp?;
+            if kp.len() > MAX_KEY_PACKAGE_BYTES {
+                return Err(ApiError::TooLarge(format!(
+                    "a key package is at most {MAX_KEY_PACKAGE_BYTES} bytes"
+                )));
+            }
+            raw.push(kp.to_vec());
+        }
+        // Signature checks cost ~0.1 ms each: keep them off the RPC thread.
+        let inspected = tokio::task::spawn_blocking(move || {
+            raw.into_iter()
+                .map(|data| {
+                    quicnprotochat_core::keypackage::inspect(&data).map(|info| (data, info))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("validation task failed: {e}")))?
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let mut packages = Vec::with_capacity(inspected.len());
+        let mut last_resort = 0;
+        for (data, info) in inspected {
+            if info.identity != me {
+                return Err(ApiError::Forbidden(
+                    "key packages must carry the caller's identity key",
+                ));
+            }
+            last_resort += usize::from(info.last_resort);
+            packages.push(NewKeyPackage {
+                data,
+                hash_ref: info.hash_ref,
+                last_resort: info.last_resort,
+                not_after: info.not_after,
+            });
+        }
+        if last_resort > 1 {
+            return Err(ApiError::InvalidArgument(
+                "at most one last-resort key package per call".into(),
+            ));
+        }
+        let max = self.limits.max_key_packages_per_identity;
+        match self
+            .store_call(self.store.publish_key_packages(me, packages, max))
+            .await?
+        {
+            PublishOutcome::Stored(n) => Ok(n),
+            PublishOutcome::OverCap { .. } => Err(ApiError::TooLarge(format!(
+                "at most {max} key packages per identity may be stored"
+            ))),
+        }
+    }
+
+    /// `Session.fetchKeyPackage`: claims one package of `target`.
+    pub(crate) async fn fetch_key_package<'a>(
+        &self,
+        me: IdentityKey,
+        peer: &Peer,
+        target: impl FnOnce() -> Decoded<&'a [u8]>,
+    ) -> Result<TakenKeyPackage, ApiError> {
+        self.limiters.kp_fetch_per_identity.check(&me)?;
+        self.limiters.kp_fetch_per_ip.check(&peer.ip)?;
+        let target = parse_key(target()?, "identityKey")?;
+        let now = quicnprotochat_core::keypackage::unix_now();
+        self.store_call(self.store.take_key_package(target, now))
+            .await?
+            .ok_or(ApiError::NotFound(
+                "no key package available for this identity",
+            ))
+    }
+
+    /// `Session.keyPackageCount`: (one-time packages, has a last-resort one).
+    pub(crate) async fn key_package_count(&self, me: IdentityKey) -> Result<(u32, bool), ApiError> {
+        let now = quicnprotochat_core::keypackage::unix_now();
+        self.store_call(self.store.key_package_count(me, now)).await
+    }
+
+    /// `Session.enqueue`: stores one payload for every recipient, or nothing.
+    pub(crate) async fn enqueue<'a>(
+        &self,
+        me: IdentityKey,
+        peer: &Peer,
+        call: impl FnOnce() -> Decoded<EnqueueCall<'a>>,
+    ) -> Result<EnqueueOutcome, ApiError> {
+        self.limiters.enqueue_per_identity.check(&me)?;
+        self.limiters.enqueue_per_ip.check(&peer.ip)?;
+        let call = call()?;
+        if call.recipients.is_empty() {
+            return Err(ApiError::InvalidArgument("no recipients".into()));
+        }
+        if call.recipients.len() > MAX_RECIPIENTS {
+            return Err(ApiError::TooLarge(format!(
+                "at most {MAX_RECIPIENTS} recipients"
+            )));
+        }
+        let mut recipients = Vec::with_capacity(call.recipients.len());
+        let mut seen = HashSet::with_capacity(call.recipients.len());
+        for r in call.recipients {
+            let key = parse_key(r?, "recipient key")?;
+            if !seen.insert(key) {
+                return Err(ApiError::InvalidArgument(
+                    "a recipient is listed twice".into(),
+                ));
+            }
+            recipients.push(key);
+        }
+        let message_id: [u8; MESSAGE_ID_LEN] = call.message_id?.try_into().map_err(|_| {
+            ApiError::InvalidArgument(format!("messageId must be {MESSAGE_ID_LEN} bytes"))
+        })?;
+        let payload = call.payload?;
+        if payload.is_empty() {
+            return Err(ApiError::InvalidArgument("empty payload".into()));
+        }
+        if payload.len() > self.limits.max_payload_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "payload is at most {} bytes",
+                self.limits.max_payload_bytes
+            )));
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(me.as_bytes());
+        ctx.update(&message_id);
+        let mut dedup_key = [0; 32];
+        dedup_key.copy_from_slice(ctx.finish().as_ref());
+        let frame = framing::inspect(payload);
+        let commit = match (frame.kind, frame.group_id, frame.epoch) {
+            (FrameKind::Commit, Some(group_id), Some(epoch)) => Some((group_id, epoch)),
+            _ => None,
+        };
+        let request = EnqueueRequest {
+            recipients: recipients.clone(),
+            message_id,
+            dedup_key,
+            payload: payload.to_vec(),
+            now_ms: unix_ms(),
+            max_depth: self.limits.queue_depth,
+            dedup_window_ms: self.limits.dedup_window_secs.saturating_mul(1000),
+            commit,
+        };
+        // Kept for push subscriptions only if a recipient has one.
+        let pushed = self.hub.any_subscribed(&recipients).then(|| {
+            Rc::new(Pushed {
+                message_id,
+                payload: Rc::from(payload),
+                enqueued_at_ms: request.now_ms,
+            })
+        });
+        let outcome = self.store_call(self.store.enqueue(request)).await?;
+        match &outcome {
+            EnqueueOutcome::Stored { seqs } => {
+                for (r, seq) in recipients.iter().zip(seqs) {
+                    self.hub.notify(r, *seq, pushed.as_ref());
+                }
+            }
+            EnqueueOutcome::QueueFull { index } => {
+                return Err(ApiError::QueueFull(format!(
+                    "the queue of recipient {index} is full; nothing was stored"
+                )));
+            }
+            EnqueueOutcome::StaleEpoch { last_commit_epoch } => {
+                return Err(ApiError::StaleEpoch(format!(
+                    "a commit for this epoch was already accepted (last accepted commit epoch {last_commit_epoch}); process it and retry"
+                )));
+            }
+            EnqueueOutcome::UnknownRecipient { .. } => {
+                return Err(ApiError::NotFound(
+                    "a recipient is not a registered identity",
+                ));
+            }
+            EnqueueOutcome::Duplicate => {}
+        }
+        Ok(outcome)
+    }
+
+    /// `Session.fetch`: up to `limit` (0: the maximum) messages of the
+    /// caller's own queue from `from_seq` on.
+    pub(crate) async fn fetch(
+        &self,
+        me: IdentityKey,
+        recipient: &[u8],
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<QueuedMessage>, ApiError> {
+        own_queue(me, recipient)?;
+        let limit = match limit {
+            0 => MAX_FETCH_MESSAGES,
+            n => n.min(MAX_FETCH_MESSAGES),
+        };
+        self.store_call(self.store.fetch(me, from_seq, limit, MAX_FETCH_BYTES))
+            .await
+    }
+
+    /// `Session.ack`: deletes the caller's messages up to `up_to`.
+    pub(crate) async fn ack(
+        &self,
+        me: IdentityKey,
+        recipient: &[u8],
+        up_to: u64,
+    ) -> Result<u32, ApiError> {
+        own_queue(me, recipient)?;
+        let n = self.store_call(self.store.ack(me, up_to)).await?;
+        self.hub.acked(&me, up_to);
+        Ok(n)
+    }
+
+    /// `Session.subscribe`: registers a push subscription of the caller's
+    /// own queue from `from_seq` on (at least 1), to push to `listener`.
+    pub(crate) fn subscribe<L>(
+        self: &Rc<Self>,
+        me: IdentityKey,
+        peer: &Rc<Peer>,
+        recipient: &[u8],
+        from_seq: u64,
+        listener: Decoded<L>,
+    ) -> Result<(Subscription, L), ApiError> {
+        own_queue(me, recipient)?;
+        let listener = listener?;
+        if peer.subscriptions.get() >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
+            return Err(ApiError::TooLarge(format!(
+                "at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions per connection"
+            )));
+        }
+        peer.subscriptions.set(peer.subscriptions.get() + 1);
+        let sub = Subscription {
+            rx: self.hub.watch(me),
+            delivery: self.clone(),
+            peer: peer.clone(),
+            recipient: me,
+            next: from_seq.max(1),
+        };
+        Ok((sub, listener))
+    }
+
+    /// The periodic sweep: forgets idle rate-limit buckets, deletes what
+    /// has expired.
+    pub(crate) async fn sweep(&self) {
+        self.limiters.retain_recent();
+        let now_s = quicnprotochat_core::keypackage::unix_now();
+        match self.store.sweep(now_s, now_s.saturating_mul(1000)).await {
+            Ok(stats) if stats != Default::default() => {
+                tracing::info!(?stats, "swept expired entries")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use quicnprotochat_core::Identity;
+
+    use super::*;
+    use crate::store::sqlite::{DbKey, SqliteOptions, SqliteStore};
+
+    const TOKEN: &[u8] = b"unit-test-token";
+    const EXPORTER: [u8; auth::EXPORTER_LEN] = [9; auth::EXPORTER_LEN];
+
+    fn service(dir: &Path, limits: Limits) -> Rc<Delivery> {
+        let store = SqliteStore::open(SqliteOptions::new(
+            dir.join("store.db"),
+            DbKey::Raw([7; 32]),
+        ))
+        .unwrap();
+        Rc::new(Delivery::new(Arc::new(store), limits, TOKEN))
+    }
+
+    fn auth_request<'a>(key: &'a IdentityKey, signature: &'a [u8]) -> AuthRequest<'a> {
+        AuthRequest {
+            wire_version: WIRE_VERSION,
+            fields: Ok(AuthFields {
+                access_token: TOKEN,
+                identity_key: key.as_bytes(),
+                signature,
+            }),
+        }
+    }
+
+    /// Challenge and authenticate `id` on `peer`, as the adapter would.
+    fn login(d: &Delivery, peer: &Peer, id: &Identity) -> Result<IdentityKey, ApiError> {
+        let nonce = d.challenge(peer, WIRE_VERSION)?;
+        let key = id.public_key();
+        let sig = id
+            .sign(&auth::transcript(&nonce, &EXPORTER, key.as_bytes()))
+            .unwrap();
+        d.authenticate(peer, || Ok(auth_request(&key, &sig)), || Some(EXPORTER))
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[tokio::test]
+    async fn a_message_goes_from_enqueue_to_fetch_to_ack_without_a_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = service(dir.path(), Limits::default());
+        let (alice_peer, bob_peer) = (Peer::new(ip(1)), Peer::new(ip(2)));
+        let alice = login(&d, &alice_peer, &Identity::generate().unwrap()).unwrap();
+        let bob = login(&d, &bob_peer, &Identity::generate().unwrap()).unwrap();
+        assert!(alice_peer.is_authenticated() && bob_peer.is_authenticated());
+        d.register(alice, "alice").await.unwrap();
+        d.register(bob, "bob").await.unwrap();
+        assert_eq!(d.resolve("bob").await.unwrap(), bob);
+
+        let id = [1u8; MESSAGE_ID_LEN];
+        let call = || {
+            Ok(EnqueueCall {
+                recipients: vec![Ok(&bob.as_bytes()[..])],
+                message_id: Ok(&id[..]),
+                payload: Ok(&b"ciphertext"[..]),
+            })
+        };
+        let stored = d.enqueue(alice, &alice_peer, call).await.unwrap();
+        assert_eq!(stored, EnqueueOutcome::Stored { seqs: vec![1] });
+        // A retry with the same message id is stored once.
+        assert_eq!(
+            d.enqueue(alice, &alice_peer, call).await.unwrap(),
+            EnqueueOutcome::Duplicate
+        );
+
+        // Only the owner reads a queue.
+        assert!(matches!(
+            d.fetch(alice, bob.as_bytes(), 1, 0).await,
+            Err(ApiError::Forbidden(_))
+        ));
+        let got = d.fetch(bob, bob.as_bytes(), 1, 0).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"ciphertext");
+        assert_eq!(got[0].message_id, id);
+        assert_eq!(d.ack(bob, bob.as_bytes(), got[0].seq).await.unwrap(), 1);
+        assert!(d.fetch(bob, bob.as_bytes(), 1, 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn checks_keep_their_documented_order_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut limits = Limits::default();
+        limits.rates.enqueue_per_identity.burst = 1;
+        limits.rates.enqueue_per_identity.per_second = 1;
+        let d = service(dir.path(), limits);
+        let peer = Peer::new(ip(1));
+        let me = login(&d, &peer, &Identity::generate().unwrap()).unwrap();
+        let malformed = || Err(ApiError::InvalidArgument("malformed request".into()));
+        // The first call passes the rate limit and fails to decode ...
+        assert!(matches!(
+            d.enqueue(me, &peer, malformed).await,
+            Err(ApiError::InvalidArgument(_))
+        ));
+        // ... the second is refused by the limit before it is decoded.
+        assert!(matches!(
+            d.enqueue(me, &peer, malformed).await,
+            Err(ApiError::RateLimited { .. })
+        ));
+        // authenticate: a second attempt on an authenticated peer is
+        // forbidden before anything else is looked at.
+        assert!(matches!(
+            d.authenticate(
+                &peer,
+                || Err(ApiError::InvalidArgument("malformed request".into())),
+                || None
+            ),
+            Err(ApiError::Forbidden(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_weak_identity_key_or_a_wrong_exporter_never_authenticates() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = service(dir.path(), Limits::default());
+        let peer = Peer::new(ip(1));
+        // The neutral point, with R = neutral point and S = 0.
+        let mut weak = [0u8; 32];
+        weak[0] = 1;
+        let weak = IdentityKey(weak);
+        let mut sig = [0u8; 64];
+        sig[0] = 1;
+        d.challenge(&peer, WIRE_VERSION).unwrap();
+        assert!(matches!(
+            d.authenticate(&peer, || Ok(auth_request(&weak, &sig)), || Some(EXPORTER)),
+            Err(ApiError::InvalidArgument(_))
+        ));
+        // A proof made for another connection's exporter fails.
+        let id = Identity::generate().unwrap();
+        let key = id.public_key();
+        let nonce = d.challenge(&peer, WIRE_VERSION).unwrap();
+        let sig = id
+            .sign(&auth::transcript(
+                &nonce,
+                &[8; auth::EXPORTER_LEN],
+                key.as_bytes(),
+            ))
+            .unwrap();
+        assert!(matches!(
+            d.authenticate(&peer, || Ok(auth_request(&key, &sig)), || Some(EXPORTER)),
+            Err(ApiError::Unauthenticated(_))
+        ));
+        assert!(!peer.is_authenticated());
+    }
+}

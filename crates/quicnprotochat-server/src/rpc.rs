@@ -1,0 +1,480 @@
+//! The Cap'n Proto adapter: `Service` (bootstrap), `Session` (after
+//! authentication) and push subscriptions.
+//!
+//! Each method decodes its parameters, calls one method of the
+//! [`Delivery`] service and encodes the result; [`answer`] writes either the
+//! result or the error.  No delivery logic lives here.  This module and
+//! [`crate::server`] (the QUIC side) are the server's only users of the
+//! generated schema types.
+//!
+//! Capabilities are `Rc`-based (Cap'n Proto RPC is single-threaded); they
+//! run on the server's `LocalSet`.
+
+use std::rc::Rc;
+
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_proto::framing::FrameLimits;
+use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
+use quicnprotochat_proto::schema::{ErrorCode, envelope, error, listener, service, session};
+use quicnprotochat_proto::{auth, capnp, capnp_rpc};
+use tokio::sync::oneshot;
+
+use crate::delivery::{
+    AuthFields, AuthRequest, Decoded, Delivery, EnqueueCall, Peer, Subscription,
+};
+use crate::error::ApiError;
+use crate::health::HealthReport;
+use crate::store::{EnqueueOutcome, QueuedMessage};
+
+/// Serves one connection's RPC stream until the client or the stream ends:
+/// `Service` is the bootstrap capability.
+pub(crate) async fn serve(
+    delivery: Rc<Delivery>,
+    peer: Rc<Peer>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    frame: FrameLimits,
+) -> Result<(), capnp::Error> {
+    let bootstrap: service::Client = capnp_rpc::new_client(ServiceImpl {
+        delivery,
+        peer,
+        conn,
+    });
+    rpc_system(recv, send, Side::Server, Some(bootstrap.client), frame).await
+}
+
+/// The `health` subcommand's side: calls `Service.health` over `send` and
+/// `recv` of a connection to a running server.  Must run in a `LocalSet`.
+pub(crate) async fn call_health(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<HealthReport, capnp::Error> {
+    let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
+    let svc: service::Client = rpc.bootstrap(Side::Server);
+    let rpc_task = tokio::task::spawn_local(rpc);
+    let result = async {
+        let reply = svc.health_request().send().promise.await?;
+        let h = reply.get()?.get_health()?;
+        Ok(HealthReport {
+            ok: h.get_ok(),
+            server_version: h.get_server_version()?.to_string().unwrap_or_default(),
+            wire_version: h.get_wire_version(),
+            store_reachable: h.get_store_reachable(),
+        })
+    }
+    .await;
+    rpc_task.abort();
+    result
+}
+
+impl ApiError {
+    /// The wire code of this error.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::RateLimited { .. } => ErrorCode::RateLimited,
+            Self::QueueFull(_) => ErrorCode::QueueFull,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::StaleEpoch(_) => ErrorCode::StaleEpoch,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Writes the wire form.  The one place domain errors meet the wire.
+    fn write(&self, mut out: error::Builder<'_>, method: &'static str) {
+        match self {
+            Self::Internal(detail) => tracing::error!(method, %detail, "request failed"),
+            other => tracing::debug!(method, code = ?other.code(), "request refused"),
+        }
+        out.set_code(self.code());
+        out.set_message(self.message().as_str());
+        if let Self::RateLimited { retry_after } = self {
+            out.set_retry_after_ms(
+                u32::try_from(retry_after.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            );
+        }
+    }
+}
+
+impl From<capnp::Error> for ApiError {
+    fn from(e: capnp::Error) -> Self {
+        Self::InvalidArgument(format!("malformed request: {}", e.extra))
+    }
+}
+
+/// Results that carry an `error` field.
+trait ErrorSlot {
+    fn error_slot(&mut self) -> error::Builder<'_>;
+}
+
+macro_rules! error_slot {
+    ($($results:ty),* $(,)?) => {$(
+        impl ErrorSlot for $results {
+            fn error_slot(&mut self) -> error::Builder<'_> {
+                self.get().init_error()
+            }
+        }
+    )*};
+}
+
+error_slot!(
+    service::ChallengeResults,
+    service::AuthenticateResults,
+    session::RegisterResults,
+    session::ResolveResults,
+    session::PublishKeyPackagesResults,
+    session::FetchKeyPackageResults,
+    session::KeyPackageCountResults,
+    session::EnqueueResults,
+    session::FetchResults,
+    session::AckResults,
+    session::SubscribeResults,
+);
+
+/// Answers one call: `ok` encodes a success; an error goes in the results'
+/// `error` field.  Every call answers at the RPC level (a refused request
+/// is a normal reply).
+fn answer<R: ErrorSlot, T>(
+    results: &mut R,
+    method: &'static str,
+    outcome: Result<T, ApiError>,
+    ok: impl FnOnce(&mut R, T),
+) -> Result<(), capnp::Error> {
+    match outcome {
+        Ok(v) => ok(results, v),
+        Err(e) => e.write(results.error_slot(), method),
+    }
+    Ok(())
+}
+
+fn list_len(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn text<'a>(t: capnp::text::Reader<'a>, what: &str) -> Result<&'a str, ApiError> {
+    t.to_str()
+        .map_err(|_| ApiError::InvalidArgument(format!("{what} is not UTF-8")))
+}
+
+fn write_envelopes(
+    mut list: capnp::struct_list::Builder<'_, envelope::Owned>,
+    msgs: &[QueuedMessage],
+) {
+    for (i, m) in msgs.iter().enumerate() {
+        let mut e = list.reborrow().get(list_len(i));
+        e.set_seq(m.seq);
+        e.set_message_id(&m.message_id);
+        e.set_payload(&m.payload);
+        e.set_enqueued_at_ms(m.enqueued_at_ms);
+    }
+}
+
+/// The bootstrap capability of one connection.
+struct ServiceImpl {
+    delivery: Rc<Delivery>,
+    peer: Rc<Peer>,
+    conn: quinn::Connection,
+}
+
+impl service::Server for ServiceImpl {
+    async fn health(
+        self: Rc<Self>,
+        _params: service::HealthParams,
+        mut results: service::HealthResults,
+    ) -> Result<(), capnp::Error> {
+        let health = self.delivery.health().await;
+        let mut h = results.get().init_health();
+        h.set_ok(health.store_reachable);
+        h.set_server_version(health.server_version);
+        h.set_wire_version(health.wire_version);
+        h.set_store_reachable(health.store_reachable);
+        Ok(())
+    }
+
+    async fn challenge(
+        self: Rc<Self>,
+        params: service::ChallengeParams,
+        mut results: service::ChallengeResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = params
+            .get()
+            .map_err(ApiError::from)
+            .and_then(|p| self.delivery.challenge(&self.peer, p.get_wire_version()));
+        answer(&mut results, "challenge", outcome, |r, nonce| {
+            r.get().set_nonce(&nonce)
+        })
+    }
+
+    async fn authenticate(
+        self: Rc<Self>,
+        params: service::AuthenticateParams,
+        mut results: service::AuthenticateResults,
+    ) -> Result<(), capnp::Error> {
+        let decode = || -> Decoded<AuthRequest<'_>> {
+            let req = params.get()?.get_request()?;
+            let fields = (|| {
+                Ok(AuthFields {
+                    access_token: req.get_access_token()?,
+                    identity_key: req.get_identity_key()?,
+                    signature: req.get_signature()?,
+                })
+            })();
+            Ok(AuthRequest {
+                wire_version: req.get_wire_version(),
+                fields,
+            })
+        };
+        let exporter = || {
+            let mut out = [0; auth::EXPORTER_LEN];
+            self.conn
+                .export_keying_material(&mut out, auth::EXPORTER_LABEL, b"")
+                .ok()
+                .map(|()| out)
+        };
+        let outcome = self.delivery.authenticate(&self.peer, decode, exporter);
+        answer(&mut results, "authenticate", outcome, |r, identity| {
+            let session: session::Client = capnp_rpc::new_client(SessionImpl {
+                delivery: self.delivery.clone(),
+                peer: self.peer.clone(),
+                identity,
+            });
+            r.get().set_session(session);
+        })
+    }
+}
+
+/// An authenticated session, bound to one identity.
+struct SessionImpl {
+    delivery: Rc<Delivery>,
+    peer: Rc<Peer>,
+    identity: IdentityKey,
+}
+
+impl session::Server for SessionImpl {
+    async fn register(
+        self: Rc<Self>,
+        params: session::RegisterParams,
+        mut results: session::RegisterResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = async {
+            let name = text(params.get()?.get_username()?, "username")?;
+            self.delivery.register(self.identity, name).await
+        }
+        .await;
+        answer(&mut results, "register", outcome, |_, ()| {})
+    }
+
+    async fn resolve(
+        self: Rc<Self>,
+        params: session::ResolveParams,
+        mut results: session::ResolveResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = async {
+            let name = text(params.get()?.get_username()?, "username")?;
+            self.delivery.resolve(name).await
+        }
+        .await;
+        answer(&mut results, "resolve", outcome, |r, key| {
+            r.get().set_identity_key(key.as_bytes())
+        })
+    }
+
+    async fn publish_key_packages(
+        self: Rc<Self>,
+        params: session::PublishKeyPackagesParams,
+        mut results: session::PublishKeyPackagesResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = async {
+            let list = params.get()?.get_key_packages()?;
+            let list = list.iter().map(|kp| kp.map_err(ApiError::from)).collect();
+            self.delivery
+                .publish_key_packages(self.identity, list)
+                .await
+        }
+        .await;
+        answer(&mut results, "publishKeyPackages", outcome, |r, n| {
+            r.get().set_stored(n)
+        })
+    }
+
+    async fn fetch_key_package(
+        self: Rc<Self>,
+        params: session::FetchKeyPackageParams,
+        mut results: session::FetchKeyPackageResults,
+    ) -> Result<(), capnp::Error> {
+        let target = || Ok(params.get()?.get_identity_key()?);
+        let outcome = self
+            .delivery
+            .fetch_key_package(self.identity, &self.peer, target)
+            .await;
+        answer(&mut results, "fetchKeyPackage", outcome, |r, kp| {
+            let mut r = r.get();
+            r.set_key_package(&kp.data);
+            r.set_last_resort(kp.last_resort);
+        })
+    }
+
+    async fn key_package_count(
+        self: Rc<Self>,
+        _params: session::KeyPackageCountParams,
+        mut results: session::KeyPackageCountResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = self.delivery.key_package_count(self.identity).await;
+        answer(
+            &mut results,
+            "keyPackageCount",
+            outcome,
+            |r, (count, last_resort)| {
+                let mut r = r.get();
+                r.set_count(count);
+                r.set_has_last_resort(last_resort);
+            },
+        )
+    }
+
+    async fn enqueue(
+        self: Rc<Self>,
+        params: session::EnqueueParams,
+        mut results: session::EnqueueResults,
+    ) -> Result<(), capnp::Error> {
+        let decode = || -> Decoded<EnqueueCall<'_>> {
+            let p = params.get()?;
+            Ok(EnqueueCall {
+                recipients: p
+                    .get_recipients()?
+                    .iter()
+                    .map(|r| r.map_err(ApiError::from))
+                    .collect(),
+                message_id: p.get_message_id().map_err(ApiError::from),
+                payload: p.get_payload().map_err(ApiError::from),
+            })
+        };
+        let outcome = self
+            .delivery
+            .enqueue(self.identity, &self.peer, decode)
+            .await;
+        answer(
+            &mut results,
+            "enqueue",
+            outcome,
+            |r, outcome| match outcome {
+                EnqueueOutcome::Stored { seqs } => {
+                    let mut list = r.get().init_seqs(list_len(seqs.len()));
+                    for (i, s) in seqs.iter().enumerate() {
+                        list.set(list_len(i), *s);
+                    }
+                }
+                _ => r.get().set_duplicate(true),
+            },
+        )
+    }
+
+    async fn fetch(
+        self: Rc<Self>,
+        params: session::FetchParams,
+        mut results: session::FetchResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = async {
+            let p = params.get()?;
+            self.delivery
+                .fetch(
+                    self.identity,
+                    p.get_recipient()?,
+                    p.get_from_seq(),
+                    p.get_limit(),
+                )
+                .await
+        }
+        .await;
+        answer(&mut results, "fetch", outcome, |r, msgs| {
+            write_envelopes(r.get().init_messages(list_len(msgs.len())), &msgs)
+        })
+    }
+
+    async fn ack(
+        self: Rc<Self>,
+        params: session::AckParams,
+        mut results: session::AckResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = async {
+            let p = params.get()?;
+            self.delivery
+                .ack(self.identity, p.get_recipient()?, p.get_up_to_seq())
+                .await
+        }
+        .await;
+        answer(&mut results, "ack", outcome, |r, n| r.get().set_removed(n))
+    }
+
+    async fn subscribe(
+        self: Rc<Self>,
+        params: session::SubscribeParams,
+        mut results: session::SubscribeResults,
+    ) -> Result<(), capnp::Error> {
+        let outcome = params.get().map_err(ApiError::from).and_then(|p| {
+            self.delivery.subscribe(
+                self.identity,
+                &self.peer,
+                p.get_recipient()?,
+                p.get_from_seq(),
+                p.get_listener().map_err(ApiError::from),
+            )
+        });
+        answer(&mut results, "subscribe", outcome, |r, (sub, listener)| {
+            let (cancel_tx, cancel_rx) = oneshot::channel();
+            tokio::task::spawn_local(push(sub, listener, cancel_rx));
+            r.get()
+                .set_subscription(capnp_rpc::new_client(SubscriptionImpl {
+                    _cancel: cancel_tx,
+                }));
+        })
+    }
+}
+
+/// Dropping it (the client released the capability, or the connection ended)
+/// cancels the subscription's push task.
+struct SubscriptionImpl {
+    _cancel: oneshot::Sender<()>,
+}
+
+impl quicnprotochat_proto::schema::subscription::Server for SubscriptionImpl {}
+
+/// Pushes each batch of the subscription to the client's listener, one
+/// `deliver` at a time, until the client or the connection goes away.
+async fn push(
+    mut sub: Subscription,
+    listener: listener::Client,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    loop {
+        let batch = match sub.next_batch().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = ?e, "subscription stopped: store read failed");
+                break;
+            }
+        };
+        if !batch.is_empty() {
+            let mut req = listener.deliver_request();
+            write_envelopes(req.get().init_messages(list_len(batch.len())), &batch);
+            drop(batch);
+            tokio::select! {
+                r = req.send().promise => if r.is_err() { break },
+                _ = &mut cancel => break,
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = sub.changed() => if !changed { break },
+            _ = &mut cancel => break,
+        }
+    }
+}

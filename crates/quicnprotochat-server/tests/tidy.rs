@@ -1,0 +1,111 @@
+//! Layering rules of the workspace, checked on the source text (in the
+//! spirit of rust-analyzer's tidy tests), so a change that breaks one fails
+//! here instead of in a reviewer's head.
+
+use std::path::{Path, PathBuf};
+
+/// Files outside `quicnprotochat-proto` allowed to use Cap'n Proto: one
+/// adapter module on each side.
+const CAPNP_ADAPTERS: [&str; 2] = [
+    "crates/quicnprotochat-server/src/rpc.rs",
+    "crates/quicnprotochat-client/src/connection.rs",
+];
+
+/// What marks a use of Cap'n Proto or its generated types.
+const CAPNP_MARKERS: [&str; 4] = ["capnp::", "capnp_rpc", "schema::", "::capnp"];
+
+fn workspace_root() -> PathBuf {
+    // The run-time value: a test binary reused from a shared target
+    // directory reads this checkout's files.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo");
+    Path::new(&manifest)
+        .ancestors()
+        .nth(2)
+        .expect("crates/<name> sits two levels below the root")
+        .to_path_buf()
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Lines of `text` that are code (not comments).
+fn code_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines().enumerate().filter(|(_, l)| {
+        let t = l.trim_start();
+        !(t.starts_with("//") || t.starts_with("*") || t.starts_with("/*"))
+    })
+}
+
+#[test]
+fn only_proto_and_one_adapter_per_side_know_capnp() {
+    let root = workspace_root();
+    let mut offenders = Vec::new();
+    let mut seen_adapters = 0;
+    for krate in ["server", "client", "core", "p2p"] {
+        let mut files = Vec::new();
+        rust_files(
+            &root.join(format!("crates/quicnprotochat-{krate}/src")),
+            &mut files,
+        );
+        assert!(!files.is_empty(), "no sources found for {krate}");
+        for file in files {
+            let rel = file
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            let text = std::fs::read_to_string(&file).unwrap();
+            let uses = code_lines(&text)
+                .filter(|(_, l)| CAPNP_MARKERS.iter().any(|m| l.contains(m)))
+                .map(|(n, l)| format!("{rel}:{}: {}", n + 1, l.trim()))
+                .collect::<Vec<_>>();
+            if CAPNP_ADAPTERS.contains(&rel.as_str()) {
+                assert!(
+                    !uses.is_empty(),
+                    "{rel} is listed as an adapter but uses no Cap'n Proto"
+                );
+                seen_adapters += 1;
+            } else {
+                offenders.extend(uses);
+            }
+        }
+    }
+    assert_eq!(
+        seen_adapters,
+        CAPNP_ADAPTERS.len(),
+        "an adapter file is missing"
+    );
+    assert!(
+        offenders.is_empty(),
+        "Cap'n Proto outside quicnprotochat-proto and the adapters {CAPNP_ADAPTERS:?}:\n{}",
+        offenders.join("\n")
+    );
+}
+
+#[test]
+fn the_delivery_service_knows_neither_capnp_nor_quic() {
+    let root = workspace_root();
+    let text =
+        std::fs::read_to_string(root.join("crates/quicnprotochat-server/src/delivery.rs")).unwrap();
+    let leaks: Vec<_> = code_lines(&text)
+        .filter(|(_, l)| {
+            CAPNP_MARKERS.iter().any(|m| l.contains(m))
+                || l.contains("quinn")
+                || l.contains("rustls")
+        })
+        .map(|(n, l)| format!("delivery.rs:{}: {}", n + 1, l.trim()))
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "transport types in the delivery service:\n{}",
+        leaks.join("\n")
+    );
+}
