@@ -1,11 +1,13 @@
 //! The quicnprotochat wire contract.
 //!
-//! This crate is the only one that knows Cap'n Proto: it carries the schema's
+//! This crate is the only one that depends on Cap'n Proto: it carries the schema's
 //! generated code (checked in under `src/generated/`, kept fresh by the
 //! `generated_code_is_fresh` test), the QUIC ALPN, the wire version, the
 //! protocol limits every peer must respect, the authentication transcript,
 //! and the plumbing that runs an RPC session over a QUIC stream with bounded
-//! framing.  Other crates reach Cap'n Proto only through the re-exports here.
+//! framing.  Other crates reach Cap'n Proto only through the re-exports here,
+//! and each only in one adapter module (the server's `rpc.rs`, the client's
+//! `connection.rs`; the server's tidy test enforces it).
 
 pub mod auth;
 pub mod framing;

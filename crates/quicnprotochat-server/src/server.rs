@@ -195,7 +195,8 @@ impl Server {
     }
 
     /// Accepts connections until `shutdown` resolves, then closes every
-    /// connection and waits briefly for them to drain.  Must run in a `LocalSet`.
+    /// connection at once (calls in flight get no answer) and waits up to
+    /// 3 s for the close to reach the clients.  Must run in a `LocalSet`.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let table = Rc::new(RefCell::new(ConnTable::default()));
         let sweeper = tokio::task::spawn_local(sweep_loop(self.delivery.clone()));
