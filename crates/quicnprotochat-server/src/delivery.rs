@@ -273,10 +273,10 @@ impl Delivery {
     pub(crate) fn challenge(
         &self,
         peer: &Peer,
-        wire_version: u16,
+        wire_version: impl FnOnce() -> Decoded<u16>,
     ) -> Result<[u8; NONCE_LEN], ApiError> {
         self.limiters.auth_per_ip.check(&peer.ip)?;
-        check_wire_version(wire_version)?;
+        check_wire_version(wire_version()?)?;
         let mut nonce = [0; NONCE_LEN];
         self.rng
             .fill(&mut nonce)
@@ -294,14 +294,35 @@ impl Delivery {
         req: impl FnOnce() -> Decoded<AuthRequest<'a>>,
         exporter: impl FnOnce() -> Option<[u8; auth::EXPORTER_LEN]>,
     ) -> Result<IdentityKey, ApiError> {
-        // The nonce is single-use whatever happens next, refusals included.
+        // The nonce is single-use: every outcome consumes it but a rate-limit
+        // refusal, which verified nothing (so a client that waits
+        // `retryAfterMs` and calls again gets in; protocol 5.4).
         let nonce = peer.nonce.take();
+        let outcome = self.authenticate_with(peer, nonce, req, exporter);
+        if let (Err(ApiError::RateLimited { .. }), Some(_)) = (&outcome, nonce) {
+            peer.nonce.set(nonce);
+        }
+        outcome
+    }
+
+    fn authenticate_with<'a>(
+        &self,
+        peer: &Peer,
+        nonce: Option<[u8; NONCE_LEN]>,
+        req: impl FnOnce() -> Decoded<AuthRequest<'a>>,
+        exporter: impl FnOnce() -> Option<[u8; auth::EXPORTER_LEN]>,
+    ) -> Result<IdentityKey, ApiError> {
         if peer.is_authenticated() {
             return Err(ApiError::Forbidden(
                 "this connection is already authenticated",
             ));
         }
-        self.limiters.auth_per_ip.check(&peer.ip)?;
+        // An attempt costs one `auth_per_ip` token, paid by its challenge:
+        // a nonce allows one verification.  Without one, nothing is
+        // verified, but the call still costs a token.
+        if nonce.is_none() {
+            self.limiters.auth_per_ip.check(&peer.ip)?;
+        }
         let req = req()?;
         check_wire_version(req.wire_version)?;
         let nonce = nonce.ok_or(ApiError::Unauthenticated("no challenge outstanding"))?;
@@ -661,7 +682,7 @@ mod tests {
 
     /// Challenge and authenticate `id` on `peer`, as the adapter would.
     fn login(d: &Delivery, peer: &Peer, id: &Identity) -> Result<IdentityKey, ApiError> {
-        let nonce = d.challenge(peer, WIRE_VERSION)?;
+        let nonce = d.challenge(peer, || Ok(WIRE_VERSION))?;
         let key = id.public_key();
         let sig = id
             .sign(&auth::transcript(&nonce, &EXPORTER, key.as_bytes()))
@@ -757,7 +778,7 @@ mod tests {
         let weak = IdentityKey(weak);
         let mut sig = [0u8; 64];
         sig[0] = 1;
-        d.challenge(&peer, WIRE_VERSION).unwrap();
+        d.challenge(&peer, || Ok(WIRE_VERSION)).unwrap();
         assert!(matches!(
             d.authenticate(&peer, || Ok(auth_request(&weak, &sig)), || Some(EXPORTER)),
             Err(ApiError::InvalidArgument(_))
@@ -765,7 +786,7 @@ mod tests {
         // A proof made for another connection's exporter fails.
         let id = Identity::generate().unwrap();
         let key = id.public_key();
-        let nonce = d.challenge(&peer, WIRE_VERSION).unwrap();
+        let nonce = d.challenge(&peer, || Ok(WIRE_VERSION)).unwrap();
         let sig = id
             .sign(&auth::transcript(
                 &nonce,

@@ -204,10 +204,8 @@ impl service::Server for ServiceImpl {
         params: service::ChallengeParams,
         mut results: service::ChallengeResults,
     ) -> Result<(), capnp::Error> {
-        let outcome = params
-            .get()
-            .map_err(ApiError::from)
-            .and_then(|p| self.delivery.challenge(&self.peer, p.get_wire_version()));
+        let wire_version = || Ok(params.get()?.get_wire_version());
+        let outcome = self.delivery.challenge(&self.peer, wire_version);
         answer(&mut results, "challenge", outcome, |r, nonce| {
             r.get().set_nonce(&nonce)
         })

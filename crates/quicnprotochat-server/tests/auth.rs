@@ -368,3 +368,132 @@ async fn weak_identity_keys_never_authenticate_even_with_signatures_plain_ed2551
     }
     assert_still_serving(&server).await;
 }
+
+/// What a client written from protocol section 10 does after a refusal.
+#[derive(Debug, Clone, Copy)]
+enum AfterRefusedAuthenticate {
+    /// Wait `retryAfterMs`, then call `authenticate` again with the same proof.
+    RetrySameProof,
+    /// Wait `retryAfterMs`, then start over from `challenge`.
+    NewChallenge,
+}
+
+fn retry_after(e: &ClientError) -> Option<Duration> {
+    match e {
+        ClientError::Server {
+            code: ServerErrorCode::RateLimited,
+            retry_after,
+            ..
+        } => Some(retry_after.expect("rateLimited carries retryAfterMs")),
+        _ => None,
+    }
+}
+
+/// Logs in following the document literally: waits exactly `retryAfterMs`
+/// on every `rateLimited`; returns (challenges, authenticates) made.
+async fn literal_login(
+    c: &Client,
+    id: &Identity,
+    policy: AfterRefusedAuthenticate,
+) -> Result<(u32, u32), String> {
+    let key = id.public_key();
+    let (mut challenges, mut authenticates) = (0, 0);
+    'challenge: while challenges < 200 {
+        challenges += 1;
+        let ch = match c.auth_challenge().await {
+            Ok(ch) => ch,
+            Err(e) => match retry_after(&e) {
+                Some(wait) => {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                None => return Err(format!("challenge: {e}")),
+            },
+        };
+        let proof = id.sign(&ch.transcript(&key)).unwrap();
+        loop {
+            authenticates += 1;
+            match c.auth_respond(key, proof.clone()).await {
+                Ok(()) => return Ok((challenges, authenticates)),
+                Err(e) => match (retry_after(&e), policy) {
+                    (Some(wait), AfterRefusedAuthenticate::RetrySameProof) => {
+                        tokio::time::sleep(wait).await;
+                    }
+                    (Some(wait), AfterRefusedAuthenticate::NewChallenge) => {
+                        tokio::time::sleep(wait).await;
+                        continue 'challenge;
+                    }
+                    (None, _) => return Err(format!("authenticate: {e}")),
+                },
+            }
+        }
+    }
+    Err(format!("no session after {challenges} challenges"))
+}
+
+#[tokio::test]
+async fn a_client_following_the_document_gets_in_from_an_empty_address_bucket() {
+    // Default limits (5 per second, burst 20), as the report that found
+    // the starvation used.
+    let server = TestServer::start().unwrap();
+    for policy in [
+        AfterRefusedAuthenticate::NewChallenge,
+        AfterRefusedAuthenticate::RetrySameProof,
+    ] {
+        // Empty this address's bucket from another connection.
+        let drain = anonymous(&server).await;
+        let mut drained = false;
+        for _ in 0..100 {
+            if let Err(e) = drain.auth_challenge().await {
+                assert!(retry_after(&e).is_some(), "{e}");
+                drained = true;
+                break;
+            }
+        }
+        assert!(drained, "the auth_per_ip bucket never emptied");
+        let c = anonymous(&server).await;
+        let id = Identity::generate().unwrap();
+        let (challenges, authenticates) = literal_login(&c, &id, policy)
+            .await
+            .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+        // One token buys one attempt: a refill period per login at most.
+        assert!(
+            challenges <= 3 && authenticates <= 3,
+            "{policy:?}: {challenges} challenges, {authenticates} authenticates"
+        );
+        c.health().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limited_authenticate_keeps_its_nonce_and_the_same_proof_then_succeeds() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.auth_per_identity.per_second = 2;
+        c.limits.rates.auth_per_identity.burst = 1;
+    })
+    .unwrap();
+    let victim = Identity::generate().unwrap();
+    // Someone else's failed attempt empties the identity's bucket.
+    let other = anonymous(&server).await;
+    let ch = other.auth_challenge().await.unwrap();
+    let forged = Identity::generate()
+        .unwrap()
+        .sign(&ch.transcript(&victim.public_key()))
+        .unwrap();
+    assert_code(
+        other.auth_respond(victim.public_key(), forged).await,
+        ServerErrorCode::Unauthenticated,
+    );
+    // The owner's attempt is refused for the rate, waits, and its same
+    // proof gets in: the refusal did not consume the nonce.
+    let c = anonymous(&server).await;
+    let ch = c.auth_challenge().await.unwrap();
+    let proof = victim.sign(&ch.transcript(&victim.public_key())).unwrap();
+    let err = c
+        .auth_respond(victim.public_key(), proof.clone())
+        .await
+        .unwrap_err();
+    let wait = retry_after(&err).unwrap_or_else(|| panic!("expected rateLimited, got {err}"));
+    tokio::time::sleep(wait).await;
+    c.auth_respond(victim.public_key(), proof).await.unwrap();
+}
