@@ -3,7 +3,8 @@
 //! In production mode the server refuses to start, with one line naming the
 //! setting, unless every secret is real: an access token of at least 32 bytes
 //! that is not the development token nor any value shown in the
-//! documentation; a database key (encryption on); certificate and key files
+//! documentation (judged after trimming whitespace) and has no whitespace
+//! around it; a database key (encryption on); certificate and key files
 //! that load, match each other and are within their validity period; a
 //! writable data directory.  In development mode the same shortcuts are
 //! allowed and each one in use is logged as a warning at start-up.
@@ -35,16 +36,38 @@ fn refuse(setting: &'static str, reason: impl Into<String>) -> ServerError {
     }
 }
 
-/// Why production mode refuses `token`, if it does.
+/// Whether `c` is whitespace, ASCII or Unicode, or an invisible character a
+/// text editor or a copy may leave around a value (a byte-order mark, a
+/// zero-width space or joiner).
+fn is_padding(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}'
+        )
+}
+
+/// Why production mode refuses `token`, if it does.  The value is judged
+/// after trimming whitespace, so `"devtoken "` is refused as the development
+/// token and a documented example with a newline after it as that example;
+/// a token that passes those checks is then refused for the whitespace
+/// itself, which is never part of a real token (it is the final newline of
+/// a token file, or a slip when copying).  The reason never contains the
+/// token.
 pub fn token_problem(token: &str) -> Option<&'static str> {
+    let trimmed = token.trim_matches(is_padding);
     if token.is_empty() {
         Some("is empty")
-    } else if token == DEV_AUTH_TOKEN {
+    } else if trimmed.is_empty() {
+        Some("is empty apart from whitespace")
+    } else if trimmed == DEV_AUTH_TOKEN {
         Some("is the public development token")
-    } else if EXAMPLE_TOKENS.contains(&token) {
+    } else if EXAMPLE_TOKENS.contains(&trimmed) {
         Some("is an example value from the documentation")
-    } else if token.len() < MIN_PRODUCTION_TOKEN_LEN {
+    } else if trimmed.len() < MIN_PRODUCTION_TOKEN_LEN {
         Some("is shorter than 32 bytes")
+    } else if trimmed.len() != token.len() {
+        Some("has leading or trailing whitespace (a token file's final newline?); remove it")
     } else {
         None
     }
@@ -164,6 +187,54 @@ mod tests {
         let mut c = prod();
         c.tls_paths = None;
         assert_eq!(refused_setting(&c), Some("cert_path"));
+    }
+
+    #[test]
+    fn whitespace_around_a_token_is_refused_without_showing_it() {
+        let strong = "k7Q2mZ9xV4bN1cR8tY5wE3uI6oP0aS2dF7gH4jK9lZ";
+        for pad in [
+            " ", "\n", "\r\n", "\t", "\u{a0}", "\u{2003}", "\u{3000}", "\u{200b}", "\u{feff}",
+        ] {
+            for token in [format!("{strong}{pad}"), format!("{pad}{strong}")] {
+                let mut c = prod();
+                c.auth_token = Some(Secret(token.clone()));
+                let err = check_config(&c).unwrap_err();
+                let line = err.to_string();
+                assert!(
+                    matches!(
+                        err,
+                        ServerError::Production {
+                            setting: "auth_token",
+                            ..
+                        }
+                    ) && line.contains("whitespace")
+                        && !line.contains(strong),
+                    "{token:?}: {line}"
+                );
+            }
+            // Judged after trimming: refused as what it is.
+            assert_eq!(
+                token_problem(&format!("{DEV_AUTH_TOKEN}{pad}")),
+                Some("is the public development token")
+            );
+            for example in EXAMPLE_TOKENS {
+                assert_eq!(
+                    token_problem(&format!("{pad}{example}{pad}")),
+                    token_problem(example),
+                    "{example:?}"
+                );
+            }
+            assert_eq!(
+                token_problem(&format!("{pad}{pad}")),
+                Some("is empty apart from whitespace")
+            );
+        }
+        // Whitespace inside a token is part of it.
+        assert_eq!(
+            token_problem("correct horse battery staple 0123456789"),
+            None
+        );
+        assert_eq!(token_problem(strong), None);
     }
 
     #[test]
