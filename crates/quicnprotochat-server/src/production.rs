@@ -4,7 +4,8 @@
 //! setting, unless every secret is real: an access token of at least 32 bytes
 //! that is not the development token nor any value shown in the
 //! documentation (judged after trimming whitespace) and has no whitespace
-//! around it; a database key (encryption on); certificate and key files
+//! around it; a database key (encryption on) that is not one repeated byte
+//! such as all zeros; certificate and key files
 //! that load, match each other and are within their validity period; a
 //! writable data directory.  In development mode the same shortcuts are
 //! allowed and each one in use is logged as a warning at start-up.

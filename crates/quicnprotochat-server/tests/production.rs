@@ -480,3 +480,62 @@ fn production_refuses_a_token_with_surrounding_whitespace() {
     let (started, stderr) = run(&data.path().join("data"), &env);
     assert!(started, "{stderr}");
 }
+
+/// Production refuses a database key of one repeated byte (all zeros, all
+/// `ff`), and the pages say so: the security page and the production-mode
+/// table state it, and no page claims production accepts such a key.
+#[test]
+fn repeated_byte_database_keys_are_refused_as_the_pages_say() {
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = pki.write_cert("cert.pem", 2099, &key);
+    let key = pki.write_key("key.pem", &key);
+    for byte in ["00", "ff", "5a"] {
+        let db_key = byte.repeat(32);
+        let env = [
+            ("QUICNPROTOCHAT_MODE", "production"),
+            ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+            ("QUICNPROTOCHAT_DB_KEY", db_key.as_str()),
+            ("QUICNPROTOCHAT_CERT", cert.to_str().unwrap()),
+            ("QUICNPROTOCHAT_KEY", key.to_str().unwrap()),
+        ];
+        let data = tempfile::tempdir().unwrap();
+        let line = refusal(&data.path().join("data"), &env);
+        assert!(
+            line.contains("db_key") && line.contains("repeated byte") && !line.contains(&db_key),
+            "{line}"
+        );
+    }
+
+    let root = repo_root();
+    let mut files = vec![root.join("README.md")];
+    collect_files(&root.join("docs"), &mut files);
+    let weak = regex::Regex::new(r"(?i)all[ -]zero|repeated byte").unwrap();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if weak.is_match(line) && line.contains("key") {
+                assert!(
+                    !line.contains("accept") || line.contains("refuse"),
+                    "{}:{}: says production accepts an all-zero or repeated-byte key, which it refuses: {line}",
+                    f.display(),
+                    n + 1
+                );
+            }
+        }
+    }
+    let security = std::fs::read_to_string(root.join("docs/src/security.md")).unwrap();
+    assert!(
+        security
+            .lines()
+            .any(|l| weak.is_match(l) && l.contains("refuse")),
+        "security.md states that production refuses an all-zero database key"
+    );
+    let operations = std::fs::read_to_string(root.join("docs/src/operations.md")).unwrap();
+    assert!(
+        operations
+            .lines()
+            .any(|l| l.starts_with('|') && l.contains("repeated byte") && l.contains("`db_key`")),
+        "the production-mode table of operations.md lists the repeated-byte database key"
+    );
+}
