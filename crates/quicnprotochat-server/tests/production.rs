@@ -539,3 +539,119 @@ fn repeated_byte_database_keys_are_refused_as_the_pages_say() {
         "the production-mode table of operations.md lists the repeated-byte database key"
     );
 }
+
+/// The certificate development mode generates is refused in production, in
+/// place in the data directory and copied elsewhere, with an error that says
+/// how to get a real one; a certificate placed under the development file
+/// names is refused too.  A self-signed certificate of the operator's own
+/// for the same loopback names starts.
+#[test]
+fn production_refuses_the_development_certificate() {
+    let dev_data = tempfile::tempdir().unwrap();
+    let dev_dir = dev_data.path().join("data");
+    let (started, stderr) = run(&dev_dir, &[]);
+    assert!(started, "development server: {stderr}");
+    let dev_cert = dev_dir.join("dev-cert.pem");
+    let dev_key = dev_dir.join("dev-key.pem");
+    let dev_db_key = std::fs::read_to_string(dev_dir.join("dev-db.key")).unwrap();
+    let dev_db_key = dev_db_key.trim();
+    assert!(dev_cert.is_file() && dev_key.is_file());
+
+    let check = |data: &Path, cert: &Path, key: &Path, db_key: &str, setting: &str| {
+        let env = [
+            ("QUICNPROTOCHAT_MODE", "production"),
+            ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+            ("QUICNPROTOCHAT_DB_KEY", db_key),
+            ("QUICNPROTOCHAT_CERT", cert.to_str().unwrap()),
+            ("QUICNPROTOCHAT_KEY", key.to_str().unwrap()),
+        ];
+        let (started, stderr) = run(data, &env);
+        assert!(
+            !started,
+            "production mode must refuse the development certificate ({}): {stderr}",
+            cert.display()
+        );
+        assert!(
+            !stderr.contains(db_key) && !stderr.contains(STRONG),
+            "{stderr}"
+        );
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one clear line: {stderr}");
+        assert!(
+            errors[0].contains(setting)
+                && errors[0].contains("development")
+                && errors[0].contains("your CA")
+                && errors[0].contains("pin"),
+            "{stderr}"
+        );
+    };
+    // In place: the development data directory switched to production, with
+    // the generated database key given as the real one.
+    check(&dev_dir, &dev_cert, &dev_key, dev_db_key, "cert_path");
+    // Copied out of the data directory, next to a fresh one.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (cert_copy, key_copy) = (
+        elsewhere.path().join("tls_cert.pem"),
+        elsewhere.path().join("tls_key.pem"),
+    );
+    std::fs::copy(&dev_cert, &cert_copy).unwrap();
+    std::fs::copy(&dev_key, &key_copy).unwrap();
+    check(
+        &elsewhere.path().join("data"),
+        &cert_copy,
+        &key_copy,
+        DB_KEY,
+        "cert_path",
+    );
+    // Development mode serves it, with a warning.
+    let env = [
+        ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+        ("QUICNPROTOCHAT_DB_KEY", DB_KEY),
+        ("QUICNPROTOCHAT_CERT", cert_copy.to_str().unwrap()),
+        ("QUICNPROTOCHAT_KEY", key_copy.to_str().unwrap()),
+    ];
+    let (started, stderr) = run(&elsewhere.path().join("dev"), &env);
+    assert!(started, "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("DEVELOPMENT SHORTCUT"))
+        .collect();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("development certificate"),
+        "{stderr}"
+    );
+
+    // An operator's own certificate for the same loopback names starts...
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()])
+            .unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "chat.internal");
+    let own_cert = pki.dir.path().join("own-cert.pem");
+    std::fs::write(&own_cert, params.self_signed(&key).unwrap().pem()).unwrap();
+    let own_key = pki.write_key("own-key.pem", &key);
+    let data = tempfile::tempdir().unwrap();
+    let env = [
+        ("QUICNPROTOCHAT_MODE", "production"),
+        ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+        ("QUICNPROTOCHAT_DB_KEY", DB_KEY),
+        ("QUICNPROTOCHAT_CERT", own_cert.to_str().unwrap()),
+        ("QUICNPROTOCHAT_KEY", own_key.to_str().unwrap()),
+    ];
+    let (started, stderr) = run(&data.path().join("data"), &env);
+    assert!(started, "an operator's own certificate: {stderr}");
+    // ...but not from the development file names in the data directory,
+    // which development mode may regenerate.
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let (in_cert, in_key) = (data_dir.join("dev-cert.pem"), data_dir.join("dev-key.pem"));
+    std::fs::copy(&own_cert, &in_cert).unwrap();
+    std::fs::copy(&own_key, &in_key).unwrap();
+    check(&data_dir, &in_cert, &in_key, DB_KEY, "cert_path");
+    check(&data_dir, &own_cert, &in_key, DB_KEY, "key_path");
+}
