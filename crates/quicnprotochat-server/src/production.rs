@@ -3,12 +3,18 @@
 //! In production mode the server refuses to start, with one line naming the
 //! setting, unless every secret is real: an access token of at least 32 bytes
 //! that is not the development token nor any value shown in the
-//! documentation; a database key (encryption on); certificate and key files
-//! that load, match each other and are within their validity period; a
-//! writable data directory.  In development mode the same shortcuts are
+//! documentation (judged after trimming whitespace) and has no whitespace
+//! around it; a database key (encryption on) that is not one repeated byte
+//! such as all zeros; certificate and key files
+//! that load, match each other, are within their validity period and are not
+//! the development certificate (by its subject, or by being the development
+//! files of the data directory); a writable data directory.  In development mode the same shortcuts are
 //! allowed and each one in use is logged as a warning at start-up.
 
+use std::net::IpAddr;
 use std::path::Path;
+
+use x509_parser::extensions::GeneralName;
 
 use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting};
 use crate::error::ServerError;
@@ -35,16 +41,38 @@ fn refuse(setting: &'static str, reason: impl Into<String>) -> ServerError {
     }
 }
 
-/// Why production mode refuses `token`, if it does.
+/// Whether `c` is whitespace, ASCII or Unicode, or an invisible character a
+/// text editor or a copy may leave around a value (a byte-order mark, a
+/// zero-width space or joiner).
+fn is_padding(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '\u{200b}' | '\u{200c}' | '\u{200d}' | '\u{2060}' | '\u{feff}'
+        )
+}
+
+/// Why production mode refuses `token`, if it does.  The value is judged
+/// after trimming whitespace, so `"devtoken "` is refused as the development
+/// token and a documented example with a newline after it as that example;
+/// a token that passes those checks is then refused for the whitespace
+/// itself, which is never part of a real token (it is the final newline of
+/// a token file, or a slip when copying).  The reason never contains the
+/// token.
 pub fn token_problem(token: &str) -> Option<&'static str> {
+    let trimmed = token.trim_matches(is_padding);
     if token.is_empty() {
         Some("is empty")
-    } else if token == DEV_AUTH_TOKEN {
+    } else if trimmed.is_empty() {
+        Some("is empty apart from whitespace")
+    } else if trimmed == DEV_AUTH_TOKEN {
         Some("is the public development token")
-    } else if EXAMPLE_TOKENS.contains(&token) {
+    } else if EXAMPLE_TOKENS.contains(&trimmed) {
         Some("is an example value from the documentation")
-    } else if token.len() < MIN_PRODUCTION_TOKEN_LEN {
+    } else if trimmed.len() < MIN_PRODUCTION_TOKEN_LEN {
         Some("is shorter than 32 bytes")
+    } else if trimmed.len() != token.len() {
+        Some("has leading or trailing whitespace (a token file's final newline?); remove it")
     } else {
         None
     }
@@ -98,6 +126,119 @@ pub fn check_writable(dir: &Path) -> Result<(), ServerError> {
             path: dir.display().to_string(),
             source,
         })
+}
+
+/// Subject common name of the certificate development mode generates: the
+/// marker by which production mode recognises it wherever it is copied.
+pub const DEV_CERT_COMMON_NAME: &str = "quicnprotochat development certificate";
+
+/// Subject alternative names of the development certificate.
+pub const DEV_CERT_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// The subject rcgen gives a certificate by default; development
+/// certificates generated before they carried [`DEV_CERT_COMMON_NAME`] have
+/// it, with exactly [`DEV_CERT_NAMES`].
+const RCGEN_DEFAULT_COMMON_NAME: &str = "rcgen self signed cert";
+
+/// What to do instead, appended to each refusal of the development
+/// certificate.
+const REAL_CERTIFICATE_HINT: &str = "give this server a certificate and key of its own: one from your CA, \
+     or a self-signed one for the server's name that clients pin \
+     (operator guide, TLS certificates and pinning)";
+
+/// Whether `der` is a certificate development mode generated: it carries
+/// [`DEV_CERT_COMMON_NAME`], or it is rcgen's default self-signed
+/// certificate for exactly [`DEV_CERT_NAMES`] (what development mode wrote
+/// before it set the marker).
+pub fn is_development_certificate(der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let common_names: Vec<&str> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .collect();
+    if common_names.contains(&DEV_CERT_COMMON_NAME) {
+        return true;
+    }
+    if common_names != [RCGEN_DEFAULT_COMMON_NAME] || cert.subject() != cert.issuer() {
+        return false;
+    }
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    let mut names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|name| match name {
+            GeneralName::DNSName(n) => (*n).to_string(),
+            GeneralName::IPAddress(ip) => {
+                match (<[u8; 4]>::try_from(*ip), <[u8; 16]>::try_from(*ip)) {
+                    (Ok(v4), _) => IpAddr::from(v4).to_string(),
+                    (_, Ok(v6)) => IpAddr::from(v6).to_string(),
+                    _ => String::new(),
+                }
+            }
+            // Any other kind of name: not the development certificate.
+            _ => String::new(),
+        })
+        .collect();
+    names.sort();
+    let mut dev: Vec<String> = DEV_CERT_NAMES.iter().map(|n| (*n).to_string()).collect();
+    dev.sort();
+    names == dev
+}
+
+/// Whether `a` and `b` name the same existing file (through any link).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Refuses the development certificate and key: `cert` or `key` being the
+/// files development mode generates in `data_dir` (`dev_cert_file`,
+/// `dev_key_file`), or `leaf` (the DER end-entity certificate) being a
+/// development certificate wherever it was copied.
+pub fn check_not_development_tls(
+    cert: &Path,
+    key: &Path,
+    data_dir: &Path,
+    (dev_cert_file, dev_key_file): (&str, &str),
+    leaf: &[u8],
+) -> Result<(), ServerError> {
+    if is_development_certificate(leaf) {
+        return Err(refuse(
+            "cert_path",
+            format!(
+                "is the certificate development mode generates (self-signed for localhost, \
+                 its key kept in a data directory); {REAL_CERTIFICATE_HINT}"
+            ),
+        ));
+    }
+    if same_file(cert, &data_dir.join(dev_cert_file)) {
+        return Err(refuse(
+            "cert_path",
+            format!(
+                "is {dev_cert_file} in the data directory, the development certificate's file \
+                 (development mode may replace it); {REAL_CERTIFICATE_HINT}"
+            ),
+        ));
+    }
+    if same_file(key, &data_dir.join(dev_key_file)) {
+        return Err(refuse(
+            "key_path",
+            format!(
+                "is {dev_key_file} in the data directory, the development certificate's key file \
+                 (development mode may replace it); {REAL_CERTIFICATE_HINT}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Validity of a DER certificate at `now` (Unix seconds): `Err` says why not.
@@ -164,6 +305,142 @@ mod tests {
         let mut c = prod();
         c.tls_paths = None;
         assert_eq!(refused_setting(&c), Some("cert_path"));
+    }
+
+    #[test]
+    fn whitespace_around_a_token_is_refused_without_showing_it() {
+        let strong = "k7Q2mZ9xV4bN1cR8tY5wE3uI6oP0aS2dF7gH4jK9lZ";
+        for pad in [
+            " ", "\n", "\r\n", "\t", "\u{a0}", "\u{2003}", "\u{3000}", "\u{200b}", "\u{feff}",
+        ] {
+            for token in [format!("{strong}{pad}"), format!("{pad}{strong}")] {
+                let mut c = prod();
+                c.auth_token = Some(Secret(token.clone()));
+                let err = check_config(&c).unwrap_err();
+                let line = err.to_string();
+                assert!(
+                    matches!(
+                        err,
+                        ServerError::Production {
+                            setting: "auth_token",
+                            ..
+                        }
+                    ) && line.contains("whitespace")
+                        && !line.contains(strong),
+                    "{token:?}: {line}"
+                );
+            }
+            // Judged after trimming: refused as what it is.
+            assert_eq!(
+                token_problem(&format!("{DEV_AUTH_TOKEN}{pad}")),
+                Some("is the public development token")
+            );
+            for example in EXAMPLE_TOKENS {
+                assert_eq!(
+                    token_problem(&format!("{pad}{example}{pad}")),
+                    token_problem(example),
+                    "{example:?}"
+                );
+            }
+            assert_eq!(
+                token_problem(&format!("{pad}{pad}")),
+                Some("is empty apart from whitespace")
+            );
+        }
+        // Whitespace inside a token is part of it.
+        assert_eq!(
+            token_problem("correct horse battery staple 0123456789"),
+            None
+        );
+        assert_eq!(token_problem(strong), None);
+    }
+
+    fn self_signed(names: &[&str], common_name: Option<&str>) -> Vec<u8> {
+        let names = names.iter().map(|n| (*n).to_string()).collect::<Vec<_>>();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if let Some(cn) = common_name {
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_development_certificate_is_recognised_wherever_it_is() {
+        use crate::server::{DEV_CERT_FILE, DEV_KEY_FILE, load_or_create_dev_cert};
+        let files = (DEV_CERT_FILE, DEV_KEY_FILE);
+        let data = tempfile::tempdir().unwrap();
+        let (chain, _) = load_or_create_dev_cert(data.path()).unwrap();
+        let leaf = chain[0].as_ref();
+        assert!(is_development_certificate(leaf));
+
+        let refused =
+            |cert: &Path, key: &Path, dir: &Path, leaf: &[u8]| match check_not_development_tls(
+                cert, key, dir, files, leaf,
+            ) {
+                Err(e @ ServerError::Production { setting, .. }) => {
+                    let line = e.to_string();
+                    assert!(line.contains("your CA") && line.contains("pin"), "{line}");
+                    Some(setting)
+                }
+                Err(e) => panic!("{e}"),
+                Ok(()) => None,
+            };
+        // In place, and copied to another directory next to another data
+        // directory: the certificate itself is recognised.
+        let (cert, key) = (
+            data.path().join(DEV_CERT_FILE),
+            data.path().join(DEV_KEY_FILE),
+        );
+        assert_eq!(refused(&cert, &key, data.path(), leaf), Some("cert_path"));
+        let other = tempfile::tempdir().unwrap();
+        let (copy_cert, copy_key) = (other.path().join("c.pem"), other.path().join("k.pem"));
+        std::fs::copy(&cert, &copy_cert).unwrap();
+        std::fs::copy(&key, &copy_key).unwrap();
+        assert_eq!(
+            refused(&copy_cert, &copy_key, &other.path().join("data"), leaf),
+            Some("cert_path")
+        );
+
+        // What development mode wrote before the marker: rcgen's default
+        // subject, exactly the development names.
+        assert!(is_development_certificate(&self_signed(
+            &DEV_CERT_NAMES,
+            None
+        )));
+        // Not the development certificate: other names under rcgen's default
+        // subject, the same names under the operator's own subject, junk.
+        let own = self_signed(&DEV_CERT_NAMES, Some("chat.internal"));
+        for der in [
+            self_signed(&["localhost"], None),
+            self_signed(&["localhost", "127.0.0.1"], None),
+            self_signed(&["localhost", "127.0.0.1", "::1", "chat.example.org"], None),
+            own.clone(),
+        ] {
+            assert!(!is_development_certificate(&der));
+        }
+        assert!(!is_development_certificate(b"junk"));
+        assert_eq!(refused(&copy_cert, &copy_key, other.path(), &own), None);
+
+        // The development file names of the data directory, under any path.
+        let link = other.path().join("link.pem");
+        std::os::unix::fs::symlink(&cert, &link).unwrap();
+        assert_eq!(
+            refused(&link, &copy_key, data.path(), &own),
+            Some("cert_path")
+        );
+        assert_eq!(
+            refused(&copy_cert, &key, data.path(), &own),
+            Some("key_path")
+        );
+        let dotted = data.path().join(".").join(DEV_KEY_FILE);
+        assert_eq!(
+            refused(&copy_cert, &dotted, data.path(), &own),
+            Some("key_path")
+        );
     }
 
     #[test]

@@ -116,6 +116,21 @@ impl Server {
             Some((cert, key)) => {
                 let material = load_tls(cert, key)?;
                 let leaf = material.0.first().map(|c| c.as_ref()).unwrap_or_default();
+                if let Err(refusal) = production::check_not_development_tls(
+                    cert,
+                    key,
+                    &config.data_dir,
+                    (DEV_CERT_FILE, DEV_KEY_FILE),
+                    leaf,
+                ) {
+                    if production {
+                        return Err(refusal);
+                    }
+                    tracing::warn!(
+                        path = %cert.display(),
+                        "DEVELOPMENT SHORTCUT: the configured certificate is the development certificate"
+                    );
+                }
                 if let Err(why) = production::certificate_validity(leaf, unix_now_secs()) {
                     if production {
                         return Err(ServerError::Production {
@@ -412,7 +427,7 @@ fn load_or_create_dev_db_key(path: &Path) -> Result<[u8; 32], ServerError> {
     Ok(key)
 }
 
-type TlsMaterial = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+pub(crate) type TlsMaterial = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 fn unix_now_secs() -> i64 {
     i64::try_from(quicnprotochat_core::keypackage::unix_now()).unwrap_or(i64::MAX)
@@ -433,28 +448,40 @@ fn load_tls(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
     Ok((chain, key))
 }
 
-fn load_or_create_dev_cert(dir: &Path) -> Result<TlsMaterial, ServerError> {
+/// A new development certificate and its key, as PEM: self-signed for
+/// [`production::DEV_CERT_NAMES`], with the subject
+/// [`production::DEV_CERT_COMMON_NAME`] by which production mode refuses it.
+fn generate_dev_cert() -> Result<(String, String), ServerError> {
+    let err =
+        |e: rcgen::Error| ServerError::Tls(format!("generating a development certificate: {e}"));
+    let names: Vec<String> = production::DEV_CERT_NAMES
+        .iter()
+        .map(|n| (*n).to_string())
+        .collect();
+    let mut params = rcgen::CertificateParams::new(names).map_err(err)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, production::DEV_CERT_COMMON_NAME);
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Loads the development certificate and key of `dir`, generating them when
+/// either is missing.
+pub(crate) fn load_or_create_dev_cert(dir: &Path) -> Result<TlsMaterial, ServerError> {
     let cert_path: PathBuf = dir.join(DEV_CERT_FILE);
     let key_path: PathBuf = dir.join(DEV_KEY_FILE);
     if !cert_path.exists() || !key_path.exists() {
-        let names = vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-        ];
-        let ck = rcgen::generate_simple_self_signed(names)
-            .map_err(|e| ServerError::Tls(format!("generating a development certificate: {e}")))?;
+        let (cert_pem, key_pem) = generate_dev_cert()?;
         let _ = std::fs::remove_file(&cert_path);
         let _ = std::fs::remove_file(&key_path);
-        write_private_file(
-            &key_path,
-            "development TLS key",
-            ck.signing_key.serialize_pem().as_bytes(),
-        )?;
+        write_private_file(&key_path, "development TLS key", key_pem.as_bytes())?;
         write_private_file(
             &cert_path,
             "development TLS certificate",
-            ck.cert.pem().as_bytes(),
+            cert_pem.as_bytes(),
         )?;
     }
     load_tls(&cert_path, &key_path)
