@@ -248,8 +248,9 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the server (the default).
-    Serve(ServerArgs),
+    /// Run the server (the default). The server options may stand before or
+    /// after it (they are global).
+    Serve,
     /// Probe a running server's health RPC; exit 0 when it is ready, 1 otherwise.
     Health(HealthArgs),
 }
@@ -615,5 +616,40 @@ mod tests {
             Config::resolve(&args),
             Err(ConfigError::Parse { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn server_options_count_before_and_after_serve_and_after_wins() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap();
+        let before = parse(&["s", "--data-dir", "before", "serve"]);
+        assert!(matches!(before.command, Some(Command::Serve)));
+        assert_eq!(before.options.data_dir, Some(PathBuf::from("before")));
+        let after = parse(&["s", "serve", "--data-dir", "after", "--mode", "production"]);
+        assert_eq!(after.options.data_dir, Some(PathBuf::from("after")));
+        assert_eq!(after.options.mode, Some(Mode::Production));
+        let both = parse(&[
+            "s",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "kept",
+            "serve",
+            "--listen",
+            "127.0.0.1:2",
+        ]);
+        assert_eq!(both.options.listen, Some("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(both.options.data_dir, Some(PathBuf::from("kept")));
+        let bare = parse(&["s", "--data-dir", "d"]);
+        assert!(bare.command.is_none());
+        assert_eq!(bare.options.data_dir, Some(PathBuf::from("d")));
+        let health = parse(&["s", "health", "--data-dir", "h", "--timeout-secs", "2"]);
+        assert_eq!(health.options.data_dir, Some(PathBuf::from("h")));
     }
 }

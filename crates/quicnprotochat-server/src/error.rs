@@ -92,6 +92,20 @@ pub enum ServerError {
     /// TLS material is unusable
     #[error("TLS: {0}")]
     Tls(String),
+    /// a transport setting is out of the range QUIC allows
+    #[error("{setting}: {reason}")]
+    Transport {
+        /// the setting at fault
+        setting: &'static str,
+        /// why
+        reason: &'static str,
+    },
+    /// the operating system's random number generator failed
+    #[error("the system random number generator failed")]
+    Rng,
+    /// the server thread ended before it was listening
+    #[error("the server thread exited during start-up")]
+    ThreadExited,
     /// binding the UDP socket failed
     #[error("cannot listen on {addr}: {source}")]
     Bind {

@@ -17,9 +17,10 @@ fn main() -> ExitCode {
     transport::install_default_provider();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    // The server options are global: clap gathers them from before and after
+    // the subcommand into `cli.options`.
     let result = match cli.command {
-        None => serve(&cli.options),
-        Some(Command::Serve(args)) => serve(&merge(&cli.options, args)),
+        None | Some(Command::Serve) => serve(&cli.options),
         Some(Command::Health(h)) => health_check(&cli.options, &h),
     };
     match result {
@@ -28,20 +29,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Flags given after `serve` win over those given before it.
-fn merge(global: &ServerArgs, local: ServerArgs) -> ServerArgs {
-    ServerArgs {
-        config: local.config.or_else(|| global.config.clone()),
-        mode: local.mode.or(global.mode),
-        listen: local.listen.or(global.listen),
-        data_dir: local.data_dir.or_else(|| global.data_dir.clone()),
-        auth_token: local.auth_token.or_else(|| global.auth_token.clone()),
-        db_key: local.db_key.or_else(|| global.db_key.clone()),
-        cert_path: local.cert_path.or_else(|| global.cert_path.clone()),
-        key_path: local.key_path.or_else(|| global.key_path.clone()),
     }
 }
 

@@ -371,8 +371,12 @@ fn transport_config(config: &Config) -> Result<quinn::TransportConfig, ServerErr
     // One RPC session per connection on one bidirectional stream.
     t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    let idle = IdleTimeout::try_from(Duration::from_secs(l.idle_timeout_secs))
-        .map_err(|_| ServerError::Tls("limits.idle_timeout_secs is out of range".into()))?;
+    let idle = IdleTimeout::try_from(Duration::from_secs(l.idle_timeout_secs)).map_err(|_| {
+        ServerError::Transport {
+            setting: "limits.idle_timeout_secs",
+            reason: "out of the range QUIC allows",
+        }
+    })?;
     t.max_idle_timeout(Some(idle));
     t.receive_window(VarInt::from_u32(l.connection_window_bytes));
     t.stream_receive_window(VarInt::from_u32(l.connection_window_bytes));
@@ -418,7 +422,7 @@ fn load_or_create_dev_db_key(path: &Path) -> Result<[u8; 32], ServerError> {
     }
     let mut key = [0; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-        .map_err(|_| ServerError::Tls("system RNG failed".into()))?;
+        .map_err(|_| ServerError::Rng)?;
     write_private_file(
         path,
         "development database key",
@@ -598,9 +602,7 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
         }
         Err(_) => {
             let _ = thread.join();
-            Err(ServerError::Tls(
-                "server thread exited during start-up".into(),
-            ))
+            Err(ServerError::ThreadExited)
         }
     }
 }
