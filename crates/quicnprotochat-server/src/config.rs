@@ -35,8 +35,9 @@ pub const DEFAULT_QUEUE_DEPTH: u64 = 10_000;
 /// Wire keep on the order of 100; 1000 leaves room for bursts of invites).
 pub const DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY: u32 = 1_000;
 
-/// Connections overall.  At ~100 KiB per idle connection (quinn buffers,
-/// TLS state, RPC tables) 4096 connections cost about 400 MiB.
+/// Connections overall.  An idle connection holds quinn buffers, TLS state
+/// and RPC tables; the benchmark suite measures what that costs (memory per
+/// idle authenticated connection on the benchmarks page) to size this cap.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
 
 /// Connections from one IP address: enough for a household or office behind
@@ -88,8 +89,8 @@ pub struct Rate {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimits {
-    /// `challenge` + `authenticate` attempts per remote IP (each costs an
-    /// Ed25519 verification, ~70 µs): 5/s, bursts of 20 for NAT'd offices.
+    /// Login attempts per remote IP, charged at `challenge` (each allows one
+    /// Ed25519 verification): 5/s, bursts of 20 for NAT'd offices.
     pub auth_per_ip: Rate,
     /// `authenticate` attempts per claimed identity key, from any address:
     /// stops a distributed guessing run against one identity (tokens are

@@ -409,7 +409,7 @@ impl Delivery {
             }
             raw.push(kp.to_vec());
         }
-        // Signature checks cost ~0.1 ms each: keep them off the RPC thread.
+        // Signature checks are the costly part: keep them off the RPC thread.
         let inspected = tokio::task::spawn_blocking(move || {
             raw.into_iter()
                 .map(|data| {
