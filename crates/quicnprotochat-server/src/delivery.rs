@@ -555,8 +555,14 @@ impl Delivery {
                 }
             }
             EnqueueOutcome::QueueFull { index } => {
+                // Name the recipient as the caller gave it (its key), not by
+                // a position the caller has to count.
+                let key = recipients
+                    .get(*index)
+                    .map(|k| k.to_string())
+                    .unwrap_or_default();
                 return Err(ApiError::QueueFull(format!(
-                    "the queue of recipient {index} is full; nothing was stored"
+                    "the queue of recipient {key} is full; nothing was stored"
                 )));
             }
             EnqueueOutcome::StaleEpoch { last_commit_epoch } => {

@@ -138,13 +138,16 @@ async fn a_full_queue_refuses_and_drops_nothing() {
             .await
             .unwrap();
     }
-    assert_code(
-        alice
-            .client
-            .enqueue(&[c, b], msg_id(9), b"x".to_vec())
-            .await,
-        ServerErrorCode::QueueFull,
-    );
+    let refused = alice
+        .client
+        .enqueue(&[c, b], msg_id(9), b"x".to_vec())
+        .await;
+    // The message names the full queue's recipient by the key the caller gave.
+    match &refused {
+        Err(e) => assert!(e.to_string().contains(&b.to_string()), "{e}"),
+        Ok(r) => panic!("expected queueFull, got {r:?}"),
+    }
+    assert_code(refused, ServerErrorCode::QueueFull);
     // Atomic: carol did not get it either, and bob's three are intact.
     assert!(carol.client.fetch(0, 10).await.unwrap().is_empty());
     assert_eq!(
