@@ -29,6 +29,12 @@ pub enum KeyPackageError {
     /// the leaf signature key is not a 32-byte Ed25519 key
     #[error("leaf signature key is not an Ed25519 key")]
     SignatureKey,
+    /// the lifetime spans more than [`MAX_LIFETIME_RANGE_SECS`]
+    #[error("key package lifetime spans more than 12 weeks and 1 hour")]
+    Lifetime,
+    /// the credential is not a basic credential (a username)
+    #[error("key package credential is not a basic credential")]
+    Credential,
     /// the leaf signature key is not a canonical Ed25519 key of prime order
     #[error("leaf signature key is not a canonical Ed25519 key of prime order")]
     WeakKey,
@@ -36,6 +42,13 @@ pub enum KeyPackageError {
     #[error("building a key package failed: {0}")]
     Build(String),
 }
+
+/// Longest lifetime (`not_after - not_before`) a key package may span:
+/// openmls's default key-package lifetime (12 weeks) plus its one-hour
+/// margin for clock skew.  RFC 9420 §10.1 asks every application to set a
+/// maximum; a package valid for years would keep a one-time key usable long
+/// after its owner replaced it.
+pub const MAX_LIFETIME_RANGE_SECS: u64 = 12 * 7 * 24 * 3600 + 3600;
 
 /// What the server needs to know about a validated key package.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +61,7 @@ pub struct KeyPackageInfo {
     pub not_after: u64,
     /// Its KeyPackageRef (RFC 9420 §5.2), for bookkeeping.
     pub hash_ref: Vec<u8>,
-    /// The username in its basic credential (`None` for other credential types).
+    /// The username in its basic credential (`None` when it is not UTF-8).
     pub username: Option<String>,
 }
 
@@ -65,6 +78,11 @@ pub fn inspect(bytes: &[u8]) -> Result<KeyPackageInfo, KeyPackageError> {
     if kp.ciphersuite() != CIPHERSUITE {
         return Err(KeyPackageError::Ciphersuite);
     }
+    // openmls checked the lifetime is current (`validate`), not its span.
+    let life = kp.life_time();
+    if life.not_after().saturating_sub(life.not_before()) > MAX_LIFETIME_RANGE_SECS {
+        return Err(KeyPackageError::Lifetime);
+    }
     let identity = IdentityKey::from_slice(kp.leaf_node().signature_key().as_slice())
         .map_err(|_| KeyPackageError::SignatureKey)?;
     // openmls checked the signatures with plain Ed25519, which a weak key
@@ -76,8 +94,8 @@ pub fn inspect(bytes: &[u8]) -> Result<KeyPackageInfo, KeyPackageError> {
         .as_slice()
         .to_vec();
     let username = BasicCredential::try_from(kp.leaf_node().credential().clone())
-        .ok()
-        .and_then(|c| String::from_utf8(c.identity().to_vec()).ok());
+        .map_err(|_| KeyPackageError::Credential)
+        .map(|c| String::from_utf8(c.identity().to_vec()).ok())?;
     Ok(KeyPackageInfo {
         username,
         identity,
@@ -127,6 +145,7 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openmls::prelude::Capabilities;
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
     #[test]
@@ -141,6 +160,44 @@ mod tests {
         assert!(info.not_after > unix_now() && info.not_after <= unix_now() + 3600);
         let lr = inspect(&build(&p, &id, "alice", true, 3600).unwrap()).unwrap();
         assert!(lr.last_resort);
+    }
+
+    #[test]
+    fn a_lifetime_past_twelve_weeks_is_refused() {
+        let p = OpenMlsRustCrypto::default();
+        let id = Identity::generate().unwrap();
+        // 12 weeks is accepted (the span is 12 weeks plus the 1 h margin).
+        let ok = build(&p, &id, "alice", false, 12 * 7 * 24 * 3600).unwrap();
+        inspect(&ok).unwrap();
+        let long = build(&p, &id, "alice", false, 12 * 7 * 24 * 3600 + 1).unwrap();
+        assert!(matches!(inspect(&long), Err(KeyPackageError::Lifetime)));
+        let years = build(&p, &id, "alice", false, 5 * 365 * 24 * 3600).unwrap();
+        assert!(matches!(inspect(&years), Err(KeyPackageError::Lifetime)));
+    }
+
+    #[test]
+    fn only_basic_credentials_are_accepted() {
+        use openmls::prelude::{Credential, CredentialType};
+        let p = OpenMlsRustCrypto::default();
+        let id = Identity::generate().unwrap();
+        let credential = CredentialWithKey {
+            credential: Credential::new(CredentialType::X509, b"not a certificate".to_vec()),
+            signature_key: id.public_key().as_bytes().to_vec().into(),
+        };
+        let kp = KeyPackage::builder()
+            .leaf_node_capabilities(Capabilities::new(
+                None,
+                None,
+                None,
+                None,
+                Some(&[CredentialType::Basic, CredentialType::X509]),
+            ))
+            .build(CIPHERSUITE, &p, id.key_pair(), credential)
+            .unwrap()
+            .key_package()
+            .tls_serialize_detached()
+            .unwrap();
+        assert!(matches!(inspect(&kp), Err(KeyPackageError::Credential)));
     }
 
     #[test]

@@ -107,3 +107,62 @@ async fn a_second_stream_is_not_granted() {
     );
     assert_still_serving(&server).await;
 }
+
+#[tokio::test]
+async fn an_rpc_message_the_server_does_not_implement_is_echoed_as_unimplemented() {
+    use quicnprotochat_proto::capnp;
+    use quicnprotochat_proto::capnp_rpc::rpc_capnp::message;
+
+    let server = TestServer::start().unwrap();
+    let (_ep, conn) = raw_connection(&server).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // `Provide` is a level-3 RPC message (three-party handoff), which this
+    // server does not implement.
+    let mut out = capnp::message::Builder::new_default();
+    {
+        let mut provide = out.init_root::<message::Builder>().init_provide();
+        provide.set_question_id(7);
+        provide.init_target().set_imported_cap(0);
+    }
+    send.write_all(&capnp::serialize::write_message_to_words(&out))
+        .await
+        .unwrap();
+    // The answer is an `Unimplemented` message carrying the original back.
+    let mut buf: Vec<u8> = Vec::new();
+    let reply = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            match recv.read(&mut chunk).await.unwrap() {
+                Some(n) => buf.extend_from_slice(&chunk[..n]),
+                None => panic!("stream ended without an answer"),
+            }
+            let mut slice = buf.as_slice();
+            if capnp::serialize::read_message_from_flat_slice(&mut slice, Default::default())
+                .is_ok()
+            {
+                let mut whole = buf.as_slice();
+                return capnp::serialize::read_message(&mut whole, Default::default()).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("an answer within 5 s");
+    let root = reply.get_root::<message::Reader>().unwrap();
+    match root.which().unwrap() {
+        message::Unimplemented(echo) => {
+            assert!(matches!(
+                echo.unwrap().which().unwrap(),
+                message::Provide(_)
+            ));
+        }
+        _ => panic!("expected an Unimplemented message"),
+    }
+    // The connection stays open and the server keeps serving.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), conn.closed())
+            .await
+            .is_err(),
+        "an unimplemented RPC message must not close the connection"
+    );
+    assert_still_serving(&server).await;
+}
