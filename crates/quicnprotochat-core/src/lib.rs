@@ -8,6 +8,7 @@
 //! typed error ([`KeyPackageError`], [`IdentityError`]); such input is
 //! attacker-controlled and never panics.
 
+pub mod clock;
 pub mod framing;
 pub mod group;
 pub mod identity;

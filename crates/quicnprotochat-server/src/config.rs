@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use quicnprotochat_core::clock::SharedClock;
 use serde::Deserialize;
 
 use crate::store::sqlite::Synchronous;
@@ -391,6 +392,9 @@ pub struct Config {
     pub db_synchronous: Synchronous,
     /// limits
     pub limits: Limits,
+    /// the clock the server tells time by (the system clock; tests set a
+    /// manual one)
+    pub clock: SharedClock,
 }
 
 impl Config {
@@ -405,6 +409,7 @@ impl Config {
             tls_paths: None,
             db_synchronous: Synchronous::Full,
             limits: Limits::default(),
+            clock: quicnprotochat_core::clock::system(),
         }
     }
 
@@ -461,6 +466,7 @@ impl Config {
             tls_paths,
             db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),
             limits,
+            clock: quicnprotochat_core::clock::system(),
         })
     }
 }

@@ -17,9 +17,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::clock::SharedClock;
 use quicnprotochat_core::framing::{self, FrameKind};
 use quicnprotochat_proto::limits::{
     KEY_LEN, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES,
@@ -48,14 +49,6 @@ const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 4;
 /// How long a health probe waits for the store.
 const HEALTH_STORE_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Milliseconds since the Unix epoch (0 before it, saturating far after).
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// The service shared by every connection of one server.
 pub(crate) struct Delivery {
     store: Arc<dyn Store>,
@@ -64,6 +57,7 @@ pub(crate) struct Delivery {
     limiters: Limiters,
     hub: Hub,
     rng: ring::rand::SystemRandom,
+    clock: SharedClock,
 }
 
 /// What the service knows of one connection: its address, the outstanding
@@ -227,17 +221,24 @@ fn own_queue(me: IdentityKey, recipient: &[u8]) -> Result<(), ApiError> {
 }
 
 impl Delivery {
-    /// The service over `store`, admitting clients that present `token`.
-    pub(crate) fn new(store: Arc<dyn Store>, limits: Limits, token: &[u8]) -> Self {
+    /// The service over `store`, admitting clients that present `token`,
+    /// telling time by `clock`.
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        limits: Limits,
+        token: &[u8],
+        clock: SharedClock,
+    ) -> Self {
         let mut token_hash = [0; 32];
         token_hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token).as_ref());
         Self {
             store,
-            limiters: Limiters::new(&limits.rates),
+            limiters: Limiters::new(&limits.rates, &clock),
             limits,
             token_hash,
             hub: Hub::default(),
             rng: ring::rand::SystemRandom::new(),
+            clock,
         }
     }
 
@@ -463,7 +464,7 @@ impl Delivery {
         self.limiters.kp_fetch_per_identity.check(&me)?;
         self.limiters.kp_fetch_per_ip.check(&peer.ip)?;
         let target = parse_key(target()?, "identityKey")?;
-        let now = quicnprotochat_core::keypackage::unix_now();
+        let now = self.clock.unix_secs();
         self.store_call(self.store.take_key_package(target, now))
             .await?
             .ok_or(ApiError::NotFound(
@@ -473,7 +474,7 @@ impl Delivery {
 
     /// `Session.keyPackageCount`: (one-time packages, has a last-resort one).
     pub(crate) async fn key_package_count(&self, me: IdentityKey) -> Result<(u32, bool), ApiError> {
-        let now = quicnprotochat_core::keypackage::unix_now();
+        let now = self.clock.unix_secs();
         self.store_call(self.store.key_package_count(me, now)).await
     }
 
@@ -534,7 +535,7 @@ impl Delivery {
             message_id,
             dedup_key,
             payload: payload.to_vec(),
-            now_ms: unix_ms(),
+            now_ms: self.clock.unix_ms(),
             max_depth: self.limits.queue_depth,
             dedup_window_ms: self.limits.dedup_window_secs.saturating_mul(1000),
             commit,
@@ -643,7 +644,7 @@ impl Delivery {
     /// has expired.
     pub(crate) async fn sweep(&self) {
         self.limiters.retain_recent();
-        let now_s = quicnprotochat_core::keypackage::unix_now();
+        let now_s = self.clock.unix_secs();
         match self.store.sweep(now_s, now_s.saturating_mul(1000)).await {
             Ok(stats) if stats != Default::default() => {
                 tracing::info!(?stats, "swept expired entries")
@@ -672,7 +673,12 @@ mod tests {
             DbKey::Raw([7; 32]),
         ))
         .unwrap();
-        Rc::new(Delivery::new(Arc::new(store), limits, TOKEN))
+        Rc::new(Delivery::new(
+            Arc::new(store),
+            limits,
+            TOKEN,
+            quicnprotochat_core::clock::system(),
+        ))
     }
 
     fn auth_request<'a>(key: &'a IdentityKey, signature: &'a [u8]) -> AuthRequest<'a> {

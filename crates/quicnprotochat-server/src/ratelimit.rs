@@ -5,26 +5,48 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::time::Duration;
+
+use governor::clock::Clock as _;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
 use quicnprotochat_core::IdentityKey;
+use quicnprotochat_core::clock::SharedClock;
 
 use crate::config::{Rate, RateLimits};
 use crate::error::ApiError;
 
+/// The server's clock as governor's: monotonic time since the clock began.
+#[derive(Debug, Clone)]
+struct Elapsed(SharedClock);
+
+impl governor::clock::Clock for Elapsed {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
 /// One keyed limiter.
 pub(crate) struct Limiter<K: Hash + Eq + Clone> {
-    inner: DefaultKeyedRateLimiter<K>,
-    clock: DefaultClock,
+    inner: RateLimiter<K, DefaultKeyedStateStore<K>, Elapsed, NoOpMiddleware<Duration>>,
+    clock: Elapsed,
 }
 
 impl<K: Hash + Eq + Clone> Limiter<K> {
-    fn new(rate: Rate) -> Self {
+    fn new(rate: Rate, clock: &SharedClock) -> Self {
         let per_second = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(rate.burst).unwrap_or(NonZeroU32::MIN);
+        let clock = Elapsed(clock.clone());
         Self {
-            inner: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
-            clock: DefaultClock::default(),
+            inner: RateLimiter::new(
+                Quota::per_second(per_second).allow_burst(burst),
+                DefaultKeyedStateStore::default(),
+                clock.clone(),
+            ),
+            clock,
         }
     }
 
@@ -55,14 +77,14 @@ pub(crate) struct Limiters {
 }
 
 impl Limiters {
-    pub(crate) fn new(r: &RateLimits) -> Self {
+    pub(crate) fn new(r: &RateLimits, clock: &SharedClock) -> Self {
         Self {
-            auth_per_ip: Limiter::new(r.auth_per_ip),
-            auth_per_identity: Limiter::new(r.auth_per_identity),
-            enqueue_per_identity: Limiter::new(r.enqueue_per_identity),
-            enqueue_per_ip: Limiter::new(r.enqueue_per_ip),
-            kp_fetch_per_identity: Limiter::new(r.key_package_fetch_per_identity),
-            kp_fetch_per_ip: Limiter::new(r.key_package_fetch_per_ip),
+            auth_per_ip: Limiter::new(r.auth_per_ip, clock),
+            auth_per_identity: Limiter::new(r.auth_per_identity, clock),
+            enqueue_per_identity: Limiter::new(r.enqueue_per_identity, clock),
+            enqueue_per_ip: Limiter::new(r.enqueue_per_ip, clock),
+            kp_fetch_per_identity: Limiter::new(r.key_package_fetch_per_identity, clock),
+            kp_fetch_per_ip: Limiter::new(r.key_package_fetch_per_ip, clock),
         }
     }
 

@@ -131,7 +131,10 @@ impl Server {
                         "DEVELOPMENT SHORTCUT: the configured certificate is the development certificate"
                     );
                 }
-                if let Err(why) = production::certificate_validity(leaf, unix_now_secs()) {
+                if let Err(why) = production::certificate_validity(
+                    leaf,
+                    i64::try_from(config.clock.unix_secs()).unwrap_or(i64::MAX),
+                ) {
                     if production {
                         return Err(ServerError::Production {
                             setting: "cert_path",
@@ -180,6 +183,7 @@ impl Server {
             Arc::new(store),
             config.limits.clone(),
             token.as_bytes(),
+            config.clock.clone(),
         ));
         let limits_frame = FrameLimits {
             max_frame_bytes: limits::MAX_FRAME_BYTES,
@@ -432,10 +436,6 @@ fn load_or_create_dev_db_key(path: &Path) -> Result<[u8; 32], ServerError> {
 }
 
 pub(crate) type TlsMaterial = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
-
-fn unix_now_secs() -> i64 {
-    i64::try_from(quicnprotochat_core::keypackage::unix_now()).unwrap_or(i64::MAX)
-}
 
 fn load_tls(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
     let chain = CertificateDer::pem_file_iter(cert)

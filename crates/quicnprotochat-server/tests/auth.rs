@@ -1,11 +1,13 @@
 //! Authentication: token, proof of possession bound to the connection,
 //! version checks, deadlines and rate limits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use quicnprotochat_client::harness::TestServer;
 use quicnprotochat_client::{Client, ClientError, ServerErrorCode};
 use quicnprotochat_core::Identity;
+use quicnprotochat_core::clock::ManualClock;
 
 use crate::support::{anonymous, assert_code, assert_still_serving};
 
@@ -395,6 +397,7 @@ async fn literal_login(
     c: &Client,
     id: &Identity,
     policy: AfterRefusedAuthenticate,
+    clock: &ManualClock,
 ) -> Result<(u32, u32), String> {
     let key = id.public_key();
     let (mut challenges, mut authenticates) = (0, 0);
@@ -404,7 +407,7 @@ async fn literal_login(
             Ok(ch) => ch,
             Err(e) => match retry_after(&e) {
                 Some(wait) => {
-                    tokio::time::sleep(wait).await;
+                    clock.advance(wait);
                     continue;
                 }
                 None => return Err(format!("challenge: {e}")),
@@ -417,10 +420,10 @@ async fn literal_login(
                 Ok(()) => return Ok((challenges, authenticates)),
                 Err(e) => match (retry_after(&e), policy) {
                     (Some(wait), AfterRefusedAuthenticate::RetrySameProof) => {
-                        tokio::time::sleep(wait).await;
+                        clock.advance(wait);
                     }
                     (Some(wait), AfterRefusedAuthenticate::NewChallenge) => {
-                        tokio::time::sleep(wait).await;
+                        clock.advance(wait);
                         continue 'challenge;
                     }
                     (None, _) => return Err(format!("authenticate: {e}")),
@@ -434,8 +437,9 @@ async fn literal_login(
 #[tokio::test]
 async fn a_client_following_the_document_gets_in_from_an_empty_address_bucket() {
     // Default limits (5 per second, burst 20), as the report that found
-    // the starvation used.
-    let server = TestServer::start().unwrap();
+    // the starvation used; waiting is advancing the server's clock.
+    let clock = Arc::new(ManualClock::starting_now());
+    let server = TestServer::start_with(|c| c.clock = clock.clone()).unwrap();
     for policy in [
         AfterRefusedAuthenticate::NewChallenge,
         AfterRefusedAuthenticate::RetrySameProof,
@@ -453,7 +457,7 @@ async fn a_client_following_the_document_gets_in_from_an_empty_address_bucket() 
         assert!(drained, "the auth_per_ip bucket never emptied");
         let c = anonymous(&server).await;
         let id = Identity::generate().unwrap();
-        let (challenges, authenticates) = literal_login(&c, &id, policy)
+        let (challenges, authenticates) = literal_login(&c, &id, policy, &clock)
             .await
             .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
         // One token buys one attempt: a refill period per login at most.
@@ -467,9 +471,11 @@ async fn a_client_following_the_document_gets_in_from_an_empty_address_bucket() 
 
 #[tokio::test]
 async fn a_rate_limited_authenticate_keeps_its_nonce_and_the_same_proof_then_succeeds() {
+    let clock = Arc::new(ManualClock::starting_now());
     let server = TestServer::start_with(|c| {
         c.limits.rates.auth_per_identity.per_second = 2;
         c.limits.rates.auth_per_identity.burst = 1;
+        c.clock = clock.clone();
     })
     .unwrap();
     let victim = Identity::generate().unwrap();
@@ -494,6 +500,6 @@ async fn a_rate_limited_authenticate_keeps_its_nonce_and_the_same_proof_then_suc
         .await
         .unwrap_err();
     let wait = retry_after(&err).unwrap_or_else(|| panic!("expected rateLimited, got {err}"));
-    tokio::time::sleep(wait).await;
+    clock.advance(wait);
     c.auth_respond(victim.public_key(), proof).await.unwrap();
 }

@@ -1,11 +1,13 @@
 //! The key-package directory.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use quicnprotochat_client::ServerErrorCode;
 use quicnprotochat_client::harness::{TestClient, TestServer};
+use quicnprotochat_core::clock::ManualClock;
 use quicnprotochat_core::keypackage;
 
 use crate::support::assert_code;
@@ -113,13 +115,16 @@ async fn concurrent_fetches_never_hand_out_a_package_twice() {
 
 #[tokio::test]
 async fn expired_packages_are_never_served() {
-    let server = TestServer::start().unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    let server = TestServer::start_with(|c| c.clock = clock.clone()).unwrap();
     let alice = server.client("alice").await.unwrap();
     let bob = server.client("bob").await.unwrap();
     let mut batch = packages(&alice, 2, false, 1);
     batch.extend(packages(&alice, 1, true, 1));
     assert_eq!(alice.client.publish_key_packages(batch).await.unwrap(), 3);
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    // The server's clock passes their end (no sleeping: the clock is the
+    // server's own).
+    clock.advance(Duration::from_millis(2_100));
     assert_eq!(alice.client.key_package_count().await.unwrap(), (0, false));
     assert_code(
         bob.client
