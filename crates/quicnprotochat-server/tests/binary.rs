@@ -125,3 +125,51 @@ fn json_logs_are_one_object_per_line_without_secrets() {
     assert!(lines.iter().any(|l| l.contains("DEVELOPMENT SHORTCUT")));
     assert!(lines.iter().all(|l| !l.contains(token)), "{lines:?}");
 }
+
+#[test]
+fn a_start_up_error_is_one_line_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |db_key: &str| {
+        std::process::Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("QUICNPROTOCHAT_DB_KEY", db_key)
+            .env_remove("QUICNPROTOCHAT_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    // A server creates the database under one key and is stopped; the
+    // next start gives another key.
+    let mut first = std::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("QUICNPROTOCHAT_DB_KEY", "11".repeat(32))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = data.join("quicnprotochat.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !db.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let out = run(&"22".repeat(32));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let line = errors[0];
+    let cause = "the database key does not open";
+    assert_eq!(line.matches(cause).count(), 1, "cause repeated: {line}");
+    assert!(
+        !line.contains(&"22".repeat(32)),
+        "the key must not appear: {line}"
+    );
+}
