@@ -212,6 +212,62 @@ fn check_wire_version(client: u16) -> Result<(), ApiError> {
     }
 }
 
+/// An enqueue's arguments after validation.
+struct Checked<'a> {
+    recipients: Vec<IdentityKey>,
+    message_id: [u8; MESSAGE_ID_LEN],
+    payload: &'a [u8],
+}
+
+/// SHA-256(sender ‖ message id), from which the store derives the
+/// idempotency key.
+fn dedup_key(sender: IdentityKey, message_id: &[u8; MESSAGE_ID_LEN]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(sender.as_bytes());
+    ctx.update(message_id);
+    let mut key = [0; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
+
+/// (group id, epoch) when `payload` is an MLS commit: the store accepts one
+/// per group epoch (protocol 9.8).
+fn commit_of(payload: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let frame = framing::inspect(payload);
+    match (frame.kind, frame.group_id, frame.epoch) {
+        (FrameKind::Commit, Some(group_id), Some(epoch)) => Some((group_id, epoch)),
+        _ => None,
+    }
+}
+
+/// The store's answer to an enqueue as the caller sees it: stored or a
+/// duplicate, or the error that says why nothing was stored.
+fn refusal(
+    outcome: EnqueueOutcome,
+    recipients: &[IdentityKey],
+) -> Result<EnqueueOutcome, ApiError> {
+    match outcome {
+        EnqueueOutcome::Stored { .. } | EnqueueOutcome::Duplicate => Ok(outcome),
+        EnqueueOutcome::QueueFull { index } => {
+            // Name the recipient as the caller gave it (its key), not by a
+            // position the caller has to count.
+            let key = recipients
+                .get(index)
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            Err(ApiError::QueueFull(format!(
+                "the queue of recipient {key} is full; nothing was stored"
+            )))
+        }
+        EnqueueOutcome::StaleEpoch { last_commit_epoch } => Err(ApiError::StaleEpoch(format!(
+            "a commit for this epoch was already accepted (last accepted commit epoch {last_commit_epoch}); process it and retry"
+        ))),
+        EnqueueOutcome::UnknownRecipient { .. } => Err(ApiError::NotFound(
+            "a recipient is not a registered identity",
+        )),
+    }
+}
+
 /// Only a queue's owner reads or acknowledges it.
 fn own_queue(me: IdentityKey, recipient: &[u8]) -> Result<(), ApiError> {
     if parse_key(recipient, "recipient")? != me {
@@ -487,7 +543,40 @@ impl Delivery {
     ) -> Result<EnqueueOutcome, ApiError> {
         self.limiters.enqueue_per_identity.check(&me)?;
         self.limiters.enqueue_per_ip.check(&peer.ip)?;
-        let call = call()?;
+        let Checked {
+            recipients,
+            message_id,
+            payload,
+        } = self.check_enqueue(call()?)?;
+        let request = EnqueueRequest {
+            recipients: recipients.clone(),
+            message_id,
+            dedup_key: dedup_key(me, &message_id),
+            payload: payload.to_vec(),
+            now_ms: self.clock.unix_ms(),
+            max_depth: self.limits.queue_depth,
+            dedup_window_ms: self.limits.dedup_window_secs.saturating_mul(1000),
+            commit: commit_of(payload),
+        };
+        // Kept for push subscriptions only if a recipient has one.
+        let pushed = self.hub.any_subscribed(&recipients).then(|| {
+            Rc::new(Pushed {
+                message_id,
+                payload: Rc::from(payload),
+                enqueued_at_ms: request.now_ms,
+            })
+        });
+        let outcome = self.store_call(self.store.enqueue(request)).await?;
+        if let EnqueueOutcome::Stored { seqs } = &outcome {
+            for (r, seq) in recipients.iter().zip(seqs) {
+                self.hub.notify(r, *seq, pushed.as_ref());
+            }
+        }
+        refusal(outcome, &recipients)
+    }
+
+    /// Validates an enqueue's arguments, in the documented order.
+    fn check_enqueue<'a>(&self, call: EnqueueCall<'a>) -> Result<Checked<'a>, ApiError> {
         if call.recipients.is_empty() {
             return Err(ApiError::InvalidArgument("no recipients".into()));
         }
@@ -520,65 +609,11 @@ impl Delivery {
                 self.limits.max_payload_bytes
             )));
         }
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(me.as_bytes());
-        ctx.update(&message_id);
-        let mut dedup_key = [0; 32];
-        dedup_key.copy_from_slice(ctx.finish().as_ref());
-        let frame = framing::inspect(payload);
-        let commit = match (frame.kind, frame.group_id, frame.epoch) {
-            (FrameKind::Commit, Some(group_id), Some(epoch)) => Some((group_id, epoch)),
-            _ => None,
-        };
-        let request = EnqueueRequest {
-            recipients: recipients.clone(),
+        Ok(Checked {
+            recipients,
             message_id,
-            dedup_key,
-            payload: payload.to_vec(),
-            now_ms: self.clock.unix_ms(),
-            max_depth: self.limits.queue_depth,
-            dedup_window_ms: self.limits.dedup_window_secs.saturating_mul(1000),
-            commit,
-        };
-        // Kept for push subscriptions only if a recipient has one.
-        let pushed = self.hub.any_subscribed(&recipients).then(|| {
-            Rc::new(Pushed {
-                message_id,
-                payload: Rc::from(payload),
-                enqueued_at_ms: request.now_ms,
-            })
-        });
-        let outcome = self.store_call(self.store.enqueue(request)).await?;
-        match &outcome {
-            EnqueueOutcome::Stored { seqs } => {
-                for (r, seq) in recipients.iter().zip(seqs) {
-                    self.hub.notify(r, *seq, pushed.as_ref());
-                }
-            }
-            EnqueueOutcome::QueueFull { index } => {
-                // Name the recipient as the caller gave it (its key), not by
-                // a position the caller has to count.
-                let key = recipients
-                    .get(*index)
-                    .map(|k| k.to_string())
-                    .unwrap_or_default();
-                return Err(ApiError::QueueFull(format!(
-                    "the queue of recipient {key} is full; nothing was stored"
-                )));
-            }
-            EnqueueOutcome::StaleEpoch { last_commit_epoch } => {
-                return Err(ApiError::StaleEpoch(format!(
-                    "a commit for this epoch was already accepted (last accepted commit epoch {last_commit_epoch}); process it and retry"
-                )));
-            }
-            EnqueueOutcome::UnknownRecipient { .. } => {
-                return Err(ApiError::NotFound(
-                    "a recipient is not a registered identity",
-                ));
-            }
-            EnqueueOutcome::Duplicate => {}
-        }
-        Ok(outcome)
+            payload,
+        })
     }
 
     /// `Session.fetch`: up to `limit` (0: the maximum) messages of the

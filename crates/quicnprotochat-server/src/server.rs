@@ -79,81 +79,9 @@ impl Server {
         }
         create_private_dir(&config.data_dir)?;
         production::check_writable(&config.data_dir)?;
-        let token = match &config.auth_token {
-            Some(t) if !t.0.is_empty() => {
-                if t.0 == DEV_AUTH_TOKEN {
-                    tracing::warn!(
-                        "DEVELOPMENT SHORTCUT: the access token is the public development token"
-                    );
-                }
-                t.0.clone()
-            }
-            _ => {
-                tracing::warn!(
-                    "DEVELOPMENT SHORTCUT: no access token configured; using the public development token {DEV_AUTH_TOKEN:?}"
-                );
-                DEV_AUTH_TOKEN.to_string()
-            }
-        };
-        let key = match &config.db_key {
-            DbKeySetting::Provided(k) => DbKey::Raw(k.0),
-            DbKeySetting::DevGenerated => {
-                let path = config.data_dir.join(DEV_DB_KEY_FILE);
-                tracing::warn!(
-                    path = %path.display(),
-                    "DEVELOPMENT SHORTCUT: no database key configured; using a generated key stored next to the database"
-                );
-                DbKey::Raw(load_or_create_dev_db_key(&path)?)
-            }
-            DbKeySetting::Disabled => {
-                tracing::warn!(
-                    "DEVELOPMENT SHORTCUT: db_key is empty: the database is NOT encrypted"
-                );
-                DbKey::Unencrypted
-            }
-        };
-        let (chain, private_key) = match &config.tls_paths {
-            Some((cert, key)) => {
-                let material = load_tls(cert, key)?;
-                let leaf = material.0.first().map(|c| c.as_ref()).unwrap_or_default();
-                if let Err(refusal) = production::check_not_development_tls(
-                    cert,
-                    key,
-                    &config.data_dir,
-                    (DEV_CERT_FILE, DEV_KEY_FILE),
-                    leaf,
-                ) {
-                    if production {
-                        return Err(refusal);
-                    }
-                    tracing::warn!(
-                        path = %cert.display(),
-                        "DEVELOPMENT SHORTCUT: the configured certificate is the development certificate"
-                    );
-                }
-                if let Err(why) = production::certificate_validity(
-                    leaf,
-                    i64::try_from(config.clock.unix_secs()).unwrap_or(i64::MAX),
-                ) {
-                    if production {
-                        return Err(ServerError::Production {
-                            setting: "cert_path",
-                            reason: why,
-                        });
-                    }
-                    tracing::warn!(reason = %why, "DEVELOPMENT SHORTCUT: serving a certificate outside its validity period");
-                }
-                material
-            }
-            None => {
-                let (chain, key) = load_or_create_dev_cert(&config.data_dir)?;
-                tracing::warn!(
-                    fingerprint = %hex::encode(transport::fingerprint(&chain[0])),
-                    "DEVELOPMENT SHORTCUT: self-signed certificate in the data directory; clients must pin this SHA-256 fingerprint"
-                );
-                (chain, key)
-            }
-        };
+        let token = access_token(config);
+        let key = database_key(config)?;
+        let (chain, private_key) = tls_material(config)?;
         let leaf = chain
             .first()
             .ok_or_else(|| ServerError::Tls("empty certificate chain".into()))?;
@@ -367,6 +295,98 @@ impl Drop for ConnGuard {
             }
         }
     }
+}
+
+/// The access token clients must present: the configured one, or (with a
+/// warning) the public development token.
+fn access_token(config: &Config) -> String {
+    match &config.auth_token {
+        Some(t) if !t.0.is_empty() => {
+            if t.0 == DEV_AUTH_TOKEN {
+                tracing::warn!(
+                    "DEVELOPMENT SHORTCUT: the access token is the public development token"
+                );
+            }
+            t.0.clone()
+        }
+        _ => {
+            tracing::warn!(
+                "DEVELOPMENT SHORTCUT: no access token configured; using the public development token {DEV_AUTH_TOKEN:?}"
+            );
+            DEV_AUTH_TOKEN.to_string()
+        }
+    }
+}
+
+/// The store's key: the configured one, the development key kept in the
+/// data directory, or none (each shortcut with a warning).
+fn database_key(config: &Config) -> Result<DbKey, ServerError> {
+    Ok(match &config.db_key {
+        DbKeySetting::Provided(k) => DbKey::Raw(k.0),
+        DbKeySetting::DevGenerated => {
+            let path = config.data_dir.join(DEV_DB_KEY_FILE);
+            tracing::warn!(
+                path = %path.display(),
+                "DEVELOPMENT SHORTCUT: no database key configured; using a generated key stored next to the database"
+            );
+            DbKey::Raw(load_or_create_dev_db_key(&path)?)
+        }
+        DbKeySetting::Disabled => {
+            tracing::warn!("DEVELOPMENT SHORTCUT: db_key is empty: the database is NOT encrypted");
+            DbKey::Unencrypted
+        }
+    })
+}
+
+/// The certificate chain and private key: the configured files (refused in
+/// production when they are the development certificate or out of their
+/// validity period), or the development certificate of the data directory.
+fn tls_material(
+    config: &Config,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
+    let production = config.mode == Mode::Production;
+    Ok(match &config.tls_paths {
+        Some((cert, key)) => {
+            let material = load_tls(cert, key)?;
+            let leaf = material.0.first().map(|c| c.as_ref()).unwrap_or_default();
+            if let Err(refusal) = production::check_not_development_tls(
+                cert,
+                key,
+                &config.data_dir,
+                (DEV_CERT_FILE, DEV_KEY_FILE),
+                leaf,
+            ) {
+                if production {
+                    return Err(refusal);
+                }
+                tracing::warn!(
+                    path = %cert.display(),
+                    "DEVELOPMENT SHORTCUT: the configured certificate is the development certificate"
+                );
+            }
+            if let Err(why) = production::certificate_validity(
+                leaf,
+                i64::try_from(config.clock.unix_secs()).unwrap_or(i64::MAX),
+            ) {
+                if production {
+                    return Err(ServerError::Production {
+                        setting: "cert_path",
+                        reason: why,
+                    });
+                }
+                tracing::warn!(reason = %why, "DEVELOPMENT SHORTCUT: serving a certificate outside its validity period");
+            }
+            material
+        }
+        None => {
+            let (chain, key) = load_or_create_dev_cert(&config.data_dir)?;
+            tracing::warn!(
+                fingerprint = %hex::encode(transport::fingerprint(&chain[0])),
+                "DEVELOPMENT SHORTCUT: self-signed certificate in the data directory; clients must pin this SHA-256 fingerprint"
+            );
+            (chain, key)
+        }
+    })
 }
 
 fn transport_config(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
