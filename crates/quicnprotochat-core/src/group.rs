@@ -15,29 +15,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
-    BasicCredential, Capabilities, Credential, Extension, ExtensionType, Extensions, GroupId,
-    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
-    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
+    BasicCredential, Credential, GroupId, KeyPackageIn, LeafNodeIndex, LeafNodeParameters,
+    MlsGroup, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider,
     ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, ProtocolVersion, Sender,
-    UnknownExtension,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use crate::CIPHERSUITE;
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
 use crate::message::{AppMessage, Content, MessageError, PeerInfo};
+use crate::mls_config::{create_config, join_config};
 use crate::state::{Profile, Provider, StateError, set_setting_on};
 
-/// Private-use extension type (RFC 9420 §17.3, 0xF000-0xFFFF) carrying the
-/// group's display name in the group context, so invitees learn it from the
-/// Welcome (encrypted to them) and the server never does.
-pub const GROUP_META_EXTENSION: u16 = 0xF0A1;
-
-/// Epochs of old keys kept to decrypt application messages that were sent
-/// just before a commit but arrive after it.  Small, to limit how long old
-/// keys live (forward secrecy).
-pub const MAX_PAST_EPOCHS: usize = 3;
+pub use crate::mls_config::{GROUP_META_EXTENSION, MAX_PAST_EPOCHS};
 
 /// Longest group name.
 pub const MAX_GROUP_NAME: usize = 64;
@@ -245,26 +235,6 @@ pub struct GroupSummary {
     pub members: Vec<String>,
 }
 
-pub(crate) fn capabilities() -> Capabilities {
-    Capabilities::new(
-        None,
-        None,
-        Some(&[
-            ExtensionType::LastResort,
-            ExtensionType::Unknown(GROUP_META_EXTENSION),
-        ]),
-        None,
-        None,
-    )
-}
-
-fn join_config() -> MlsGroupJoinConfig {
-    MlsGroupJoinConfig::builder()
-        .use_ratchet_tree_extension(true)
-        .max_past_epochs(MAX_PAST_EPOCHS)
-        .build()
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -321,7 +291,7 @@ fn load(conn: &Connection, group_id: &[u8]) -> Result<MlsGroup, GroupError> {
         Provider::new(conn).storage(),
         &GroupId::from_slice(group_id),
     )
-    .map_err(|e| GroupError::State(StateError::Storage(e.to_string())))?
+    .map_err(|e| GroupError::State(StateError::storage(e)))?
     .ok_or(GroupError::UnknownGroup)
 }
 
@@ -626,17 +596,7 @@ impl Profile {
             return Err(GroupError::GroupExists(name.to_string()));
         }
         let provider = Provider::new(&tx);
-        let meta = Extension::Unknown(
-            GROUP_META_EXTENSION,
-            UnknownExtension(name.as_bytes().to_vec()),
-        );
-        let config = MlsGroupCreateConfig::builder()
-            .ciphersuite(CIPHERSUITE)
-            .use_ratchet_tree_extension(true)
-            .max_past_epochs(MAX_PAST_EPOCHS)
-            .capabilities(capabilities())
-            .with_group_context_extensions(Extensions::single(meta).map_err(mls)?)
-            .build();
+        let config = create_config(name).map_err(mls)?;
         let credential = openmls::prelude::CredentialWithKey {
             credential: BasicCredential::new(self.username.as_bytes().to_vec()).into(),
             signature_key: self.identity.public_key().as_bytes().to_vec().into(),

@@ -8,11 +8,13 @@
 //! typed error ([`KeyPackageError`], [`IdentityError`]); such input is
 //! attacker-controlled and never panics.
 
+pub mod error;
 pub mod framing;
 pub mod group;
 pub mod identity;
 pub mod keypackage;
 pub mod message;
+mod mls_config;
 pub mod sqlcipher;
 pub mod state;
 

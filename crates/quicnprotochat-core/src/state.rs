@@ -23,7 +23,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::sqlcipher::Opened;
 
-use crate::identity::{Identity, IdentityError, IdentityKey};
+pub use crate::error::StateError;
+use crate::identity::{Identity, IdentityKey};
 
 /// File name of the profile database.
 pub const STATE_FILE: &str = "state.db";
@@ -65,42 +66,6 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
      ) WITHOUT ROWID;",
 ];
-
-/// Errors of the client state.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StateError {
-    /// the passphrase or key does not open the profile
-    #[error("the passphrase does not open this profile")]
-    WrongKey,
-    /// no profile at that path
-    #[error("no profile in {0}")]
-    NoProfile(String),
-    /// a profile already exists there
-    #[error("a profile already exists in {0}")]
-    Exists(String),
-    /// the SQLite library lacks SQLCipher
-    #[error("SQLCipher is not available; refusing to store state unencrypted")]
-    NoSqlCipher,
-    /// profile written by a newer client
-    #[error("profile schema {0} is newer than this client supports")]
-    TooNew(i64),
-    /// the stored identity is missing or damaged
-    #[error("the profile's identity is missing or damaged")]
-    Identity,
-    /// SQLite failure
-    #[error("profile database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// openmls storage failure
-    #[error("MLS storage: {0}")]
-    Storage(String),
-    /// file-system failure
-    #[error("profile directory: {0}")]
-    Io(#[from] std::io::Error),
-    /// identity key failure
-    #[error(transparent)]
-    Key(#[from] IdentityError),
-}
 
 /// The secret that opens a profile.
 #[derive(Clone)]
@@ -230,9 +195,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StateError> {
         tx.commit()?;
     }
     let mut storage = SqliteStorageProvider::<JsonCodec, &mut Connection>::new(conn);
-    storage
-        .run_migrations()
-        .map_err(|e| StateError::Storage(e.to_string()))?;
+    storage.run_migrations().map_err(StateError::storage)?;
     Ok(())
 }
 
@@ -267,7 +230,7 @@ impl Profile {
             identity
                 .key_pair()
                 .store(Provider::new(&tx).storage())
-                .map_err(|e| StateError::Storage(e.to_string()))?;
+                .map_err(StateError::storage)?;
             set_setting_on(&tx, "identity", identity.public_key().as_bytes())?;
             set_setting_on(&tx, "username", username.as_bytes())?;
             tx.commit()?;
