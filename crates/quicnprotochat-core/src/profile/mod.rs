@@ -7,65 +7,61 @@
 //! settings (server address, pinned fingerprint, access token), the queue
 //! cursor, processed message ids, and message history.
 //!
-//! Every operation that changes MLS state runs in one SQLite transaction, so
-//! a crash or a rejected input never leaves group state half-updated.
+//! Every operation that changes MLS state runs in one SQLite transaction:
+//! MLS state, history and bookkeeping change together or not at all, so a
+//! crash or a rejected input never leaves group state half-updated.  Input
+//! from peers that fails validation is a [`GroupError`] and leaves state
+//! untouched.  MLS groups stay in memory between operations under the rules
+//! in `transaction.rs` (the `PRAGMA data_version` check).
+//!
+//! Commits follow the delivery service's ordering: an operation that commits
+//! returns a [`CommitOutcome`](crate::CommitOutcome) while the commit stays
+//! *pending*; the caller sends it and then calls [`Profile::confirm_commit`]
+//! (the server accepted it) or [`Profile::abort_commit`] (the server answered
+//! `staleEpoch`: another member's commit won; process it, then retry).
+//!
+//! [`Profile`] is one type; its methods live in submodules by concern:
+//!
+//! - this module: opening and creating a profile, settings, key packages;
+//! - `db.rs`: the database file, schema migrations, the openmls provider;
+//! - `transaction.rs`: write transactions and the group cache;
+//! - `groups.rs`: create, invite, remove, self-update, commit proposals,
+//!   confirm or abort a commit, leave, send;
+//! - `outbox.rs`: messages to send again until the server stored them;
+//! - `peers.rs`: direct-connection addresses of members;
+//! - `history.rs`: stored messages, groups, members, processed message ids;
+//! - `process.rs`: incoming messages, joining from a Welcome;
+//! - `mls.rs`: small helpers over openmls members and messages.
+//!
+//! Imports run one way: this module builds on [`crate::group`] (the public
+//! data types), [`crate::error`], `mls_config` and [`crate::keypackage`],
+//! and none of those imports from here.
 
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::RustCrypto;
-use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::types::SignatureScheme;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::sqlcipher::Opened;
-
-pub use crate::error::StateError;
+use crate::error::StateError;
+use crate::group::GroupError;
 use crate::identity::{Identity, IdentityKey};
 
-/// File name of the profile database.
-pub const STATE_FILE: &str = "state.db";
+mod db;
+mod groups;
+mod history;
+mod mls;
+mod outbox;
+mod peers;
+mod process;
+mod transaction;
 
-/// Application schema migrations (openmls keeps its own tables and migrations).
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE settings (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-     CREATE TABLE groups (
-        group_id   BLOB PRIMARY KEY,
-        name       TEXT NOT NULL UNIQUE,
-        created_at INTEGER NOT NULL
-     );
-     CREATE TABLE messages (
-        id          INTEGER PRIMARY KEY,
-        group_id    BLOB NOT NULL,
-        message_id  BLOB NOT NULL,
-        sender      TEXT NOT NULL,
-        sender_key  BLOB NOT NULL,
-        sent_at     INTEGER NOT NULL,
-        received_at INTEGER NOT NULL,
-        body        TEXT NOT NULL,
-        UNIQUE (group_id, message_id)
-     );
-     CREATE TABLE processed (message_id BLOB PRIMARY KEY, at INTEGER NOT NULL) WITHOUT ROWID;",
-    // 2: peer-to-peer addresses announced by group members.
-    "CREATE TABLE peers (
-        identity    BLOB PRIMARY KEY,
-        endpoint_id BLOB NOT NULL,
-        addrs       TEXT NOT NULL,
-        relay_url   TEXT,
-        updated_at  INTEGER NOT NULL
-     ) WITHOUT ROWID;",
-    // 3: messages to send again until the server stored them (the Welcomes
-    // of confirmed commits).
-    "CREATE TABLE outbox (
-        message_id BLOB PRIMARY KEY,
-        recipients BLOB NOT NULL,
-        payload    BLOB NOT NULL,
-        created_at INTEGER NOT NULL
-     ) WITHOUT ROWID;",
-];
+pub use db::{JsonCodec, Provider, STATE_FILE};
+use db::{migrate, open_db};
+use transaction::GroupCache;
 
 /// The secret that opens a profile.
 #[derive(Clone)]
@@ -86,69 +82,13 @@ impl fmt::Debug for ProfileKey {
     }
 }
 
-/// JSON codec for openmls's SQLite storage (the crate ships none).
-#[derive(Debug, Default)]
-pub struct JsonCodec;
-
-impl Codec for JsonCodec {
-    type Error = serde_json::Error;
-
-    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
-        serde_json::to_vec(value)
-    }
-
-    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
-        serde_json::from_slice(slice)
-    }
-}
-
-/// An openmls provider over a (borrowed) keyed connection.
-pub struct Provider<'a> {
-    crypto: RustCrypto,
-    storage: SqliteStorageProvider<JsonCodec, &'a Connection>,
-}
-
-impl fmt::Debug for Provider<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Provider")
-    }
-}
-
-impl<'a> Provider<'a> {
-    /// A provider writing through `conn` (usually a transaction).
-    pub fn new(conn: &'a Connection) -> Self {
-        Self {
-            crypto: RustCrypto::default(),
-            storage: SqliteStorageProvider::new(conn),
-        }
-    }
-}
-
-impl<'a> OpenMlsProvider for Provider<'a> {
-    type CryptoProvider = RustCrypto;
-    type RandProvider = RustCrypto;
-    type StorageProvider = SqliteStorageProvider<JsonCodec, &'a Connection>;
-
-    fn storage(&self) -> &Self::StorageProvider {
-        &self.storage
-    }
-
-    fn crypto(&self) -> &Self::CryptoProvider {
-        &self.crypto
-    }
-
-    fn rand(&self) -> &Self::RandProvider {
-        &self.crypto
-    }
-}
-
 /// An open profile.
 pub struct Profile {
-    pub(crate) conn: Connection,
-    pub(crate) identity: Identity,
-    pub(crate) username: String,
-    /// MLS groups kept in memory between operations (see `group.rs`).
-    pub(crate) cache: crate::group::GroupCache,
+    conn: Connection,
+    identity: Identity,
+    username: String,
+    /// MLS groups kept in memory between operations (see `transaction.rs`).
+    cache: GroupCache,
     dir: PathBuf,
 }
 
@@ -160,43 +100,6 @@ impl fmt::Debug for Profile {
             .field("identity", &self.identity.public_key())
             .finish_non_exhaustive()
     }
-}
-
-fn open_db(path: &Path, key: &ProfileKey) -> Result<Connection, StateError> {
-    let key = match key {
-        ProfileKey::Passphrase(p) => p.clone(),
-        ProfileKey::Raw(raw) => format!("x'{}'", hex::encode(raw)),
-    };
-    let conn = match crate::sqlcipher::open_keyed(path, OpenFlags::default(), &key)? {
-        Opened::Open(conn, _) => conn,
-        Opened::WrongKey => return Err(StateError::WrongKey),
-        Opened::NoSqlCipher => return Err(StateError::NoSqlCipher),
-    };
-    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "secure_delete", "ON")?;
-    Ok(conn)
-}
-
-fn migrate(conn: &mut Connection) -> Result<(), StateError> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    if current > supported {
-        return Err(StateError::TooNew(current));
-    }
-    for (i, sql) in MIGRATIONS
-        .iter()
-        .enumerate()
-        .skip(usize::try_from(current).unwrap_or(0))
-    {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
-    }
-    let mut storage = SqliteStorageProvider::<JsonCodec, &mut Connection>::new(conn);
-    storage.run_migrations().map_err(StateError::storage)?;
-    Ok(())
 }
 
 impl Profile {
@@ -239,7 +142,7 @@ impl Profile {
             conn,
             identity,
             username: username.to_string(),
-            cache: crate::group::GroupCache::default(),
+            cache: GroupCache::default(),
             dir: dir.to_path_buf(),
         })
     }
@@ -270,7 +173,7 @@ impl Profile {
             conn,
             identity,
             username,
-            cache: crate::group::GroupCache::default(),
+            cache: GroupCache::default(),
             dir: dir.to_path_buf(),
         })
     }
@@ -321,7 +224,7 @@ impl Profile {
         count: usize,
         last_resort: bool,
         lifetime_secs: u64,
-    ) -> Result<Vec<Vec<u8>>, crate::group::GroupError> {
+    ) -> Result<Vec<Vec<u8>>, GroupError> {
         let tx = self.conn.transaction().map_err(StateError::from)?;
         let provider = Provider::new(&tx);
         let mut out = Vec::with_capacity(count + usize::from(last_resort));
@@ -337,9 +240,14 @@ impl Profile {
         tx.commit().map_err(StateError::from)?;
         Ok(out)
     }
+
+    /// Records that queue entries up to `seq` are processed (the cursor).
+    pub fn set_next_seq(&self, next: u64) -> Result<(), GroupError> {
+        Ok(self.set_setting("next_seq", &next.to_le_bytes())?)
+    }
 }
 
-pub(crate) fn set_setting_on(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StateError> {
+fn set_setting_on(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StateError> {
     conn.execute(
         "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         params![key, value],
@@ -347,7 +255,7 @@ pub(crate) fn set_setting_on(conn: &Connection, key: &str, value: &[u8]) -> Resu
     Ok(())
 }
 
-pub(crate) fn get_setting_on(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+fn get_setting_on(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StateError> {
     Ok(conn
         .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
             r.get(0)
