@@ -63,11 +63,33 @@ pub enum GroupError {
     /// no private key belongs to (see [`IdentityKey::check`])
     #[error("a member's identity key is not a canonical Ed25519 key of prime order")]
     WeakMemberKey,
-    /// input from a peer failed MLS validation (bad signature, replay, wrong
-    /// epoch, removed sender, garbage)
+    /// a Welcome for a group this client is in already
+    #[error("the Welcome is for a group this client is in already")]
+    AlreadyJoined,
+    /// [`crate::Profile::commit_pending`] found nothing to commit (built by
+    /// callers that need a commit where there may be none)
+    #[error("no proposals are pending in the group")]
+    NothingPending,
+    /// the pending proposals add members, which this client does not commit
+    /// (it would have no key package to send the Welcome with)
+    #[error("the pending proposals add members; committing them is not supported")]
+    ProposalsAddMembers,
+    /// the system random number generator failed
+    #[error("the system random number generator failed")]
+    Rng,
+    /// input from a peer failed validation: bytes that are no MLS message, a
+    /// message type that does not belong in a queue, a bad signature, a
+    /// replay, a wrong epoch, a removed sender, an application message from
+    /// a non-member, a Welcome that fails to verify.  The reason is openmls's
+    /// error as text, for logs: openmls's error types are generic over the
+    /// storage provider and nothing acts on the difference (the payload is
+    /// dropped either way).
     #[error("rejected input: {0}")]
     Rejected(String),
-    /// an MLS operation of our own failed
+    /// an MLS operation of our own failed inside openmls (creating a group,
+    /// committing, merging or clearing a pending commit, encrypting,
+    /// serialising).  openmls's error as text, for logs: these fail only on
+    /// a storage failure or a bug, and no caller acts on which.
     #[error("MLS operation failed: {0}")]
     Mls(String),
 }
@@ -267,7 +289,7 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) fn random_id() -> Result<[u8; 16], GroupError> {
     let mut id = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
-        .map_err(|_| GroupError::Mls("system RNG failed".into()))?;
+        .map_err(|_| GroupError::Rng)?;
     Ok(id)
 }
 

@@ -316,6 +316,39 @@ fn hostile_and_repeated_input_is_a_typed_error_and_changes_nothing() {
     ));
 }
 
+/// A Welcome for a group this client is in already (a redelivery under a new
+/// delivery id, which a last-resort key package lets openmls decrypt) is a
+/// typed error and changes nothing.
+#[test]
+fn a_redelivered_welcome_is_already_joined_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
+    alice.create_group("g").unwrap();
+    let kp = bob.generate_key_packages(0, true, 3600).unwrap().remove(0);
+    let out = alice.add_member("g", &kp, bob.identity_key()).unwrap();
+    net.commit(&mut alice, out).unwrap();
+    let (_, welcome) = net.queues.remove(&bob.identity_key()).unwrap().remove(0);
+    assert!(matches!(
+        bob.process(b"welcome-id-00001", &welcome)
+            .unwrap()
+            .as_slice(),
+        [Event::Joined { .. }]
+    ));
+    let before = bob.groups().unwrap();
+    assert!(matches!(
+        bob.process(b"welcome-id-00002", &welcome),
+        Err(GroupError::AlreadyJoined)
+    ));
+    assert_eq!(bob.groups().unwrap(), before);
+    net.send(&alice.send_text("g", "still here").unwrap())
+        .unwrap();
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("alice".into(), "still here".into())]
+    );
+}
+
 #[test]
 fn a_profile_open_twice_never_uses_stale_group_state() {
     // Two handles on one profile (a second process, say): each keeps groups

@@ -160,9 +160,7 @@ impl Profile {
                 .commit_to_pending_proposals(&op.provider, op.signer())
                 .map_err(GroupError::mls)?;
             if welcome.is_some() {
-                return Err(GroupError::Mls(
-                    "pending proposals add members; not supported".into(),
-                ));
+                return Err(GroupError::ProposalsAddMembers);
             }
             commit_outcome(op.group_id, recipients, &commit, None).map(Some)
         })

@@ -4,7 +4,7 @@
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     LeafNodeIndex, MlsGroup, MlsMessageBodyIn, MlsMessageIn, OpenMlsProvider,
-    ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, Sender,
+    ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, Sender, WelcomeError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -127,22 +127,15 @@ fn join(
 ) -> Result<(Vec<Event>, MlsGroup), GroupError> {
     let provider = Provider::new(tx);
     let processed = ProcessedWelcome::new_from_welcome(&provider, &join_config(), welcome)
-        .map_err(|e| {
-            let text = e.to_string();
-            if text.contains("No matching key package") || text.contains("key package") {
-                GroupError::WelcomeNotForUs
-            } else {
-                GroupError::Rejected(text)
-            }
-        })?;
+        .map_err(welcome_error)?;
     let staged = processed
         .into_staged_welcome(&provider, None)
-        .map_err(GroupError::rejected)?;
+        .map_err(welcome_error)?;
     let by = staged
         .welcome_sender()
         .map(|l| username_of(l.credential()))
         .unwrap_or_default();
-    let g = staged.into_group(&provider).map_err(GroupError::rejected)?;
+    let g = staged.into_group(&provider).map_err(welcome_error)?;
     // openmls verifies leaf signatures with plain Ed25519, which a weak key
     // passes; refuse a group with such a member before it is stored.
     for m in g.members() {
@@ -154,10 +147,10 @@ fn join(
         .and_then(|u| String::from_utf8(u.0.clone()).ok())
         .unwrap_or_else(|| "group".into());
     let group_id = g.group_id().as_slice().to_vec();
+    // openmls refuses a Welcome for a group it stores (`welcome_error`);
+    // this covers our own table.
     if name_by_group_id(tx, &group_id)?.is_some() {
-        return Err(GroupError::Rejected(
-            "already a member of this group".into(),
-        ));
+        return Err(GroupError::AlreadyJoined);
     }
     let name = unique_name(tx, &wanted)?;
     tx.execute(
@@ -194,6 +187,30 @@ fn unique_name(conn: &Connection, wanted: &str) -> Result<String, GroupError> {
         n += 1;
     }
     Ok(name)
+}
+
+/// What a Welcome that openmls refused means for us, from openmls's typed
+/// error (no text is matched).
+///
+/// A Welcome that names none of our key packages
+/// ([`WelcomeError::NoMatchingKeyPackage`]), or names one of ours under
+/// another ciphersuite than that package's
+/// ([`WelcomeError::CiphersuiteMismatch`]), was not made for a package we
+/// published: it is not for us.  A Welcome for a group we store already
+/// ([`WelcomeError::GroupAlreadyExists`]: a redelivery, which a last-resort
+/// key package lets get this far) is [`GroupError::AlreadyJoined`].  Any
+/// other failure is a Welcome for us that fails validation.
+fn welcome_error<S>(e: WelcomeError<S>) -> GroupError
+where
+    WelcomeError<S>: std::fmt::Display,
+{
+    match e {
+        WelcomeError::NoMatchingKeyPackage | WelcomeError::CiphersuiteMismatch => {
+            GroupError::WelcomeNotForUs
+        }
+        WelcomeError::GroupAlreadyExists => GroupError::AlreadyJoined,
+        e => GroupError::rejected(e),
+    }
 }
 
 /// Processes a commit, proposal or application message for `g` (active).
