@@ -14,7 +14,7 @@ pub mod group;
 pub mod identity;
 pub mod keypackage;
 pub mod message;
-mod mls_config;
+pub mod mls_config;
 pub mod profile;
 pub mod sqlcipher;
 

@@ -23,8 +23,9 @@ pub const GROUP_META_EXTENSION: u16 = 0xF0A1;
 pub const MAX_PAST_EPOCHS: usize = 3;
 
 /// The capabilities of our leaves: the last-resort key-package extension and
-/// the group-name extension, on top of what openmls always supports.
-pub(crate) fn capabilities() -> Capabilities {
+/// the group-name extension, on top of what openmls always supports.  Public
+/// for tests and tools that must build leaves the way this client does.
+pub fn capabilities() -> Capabilities {
     Capabilities::new(
         None,
         None,

@@ -11,6 +11,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::ProfileKey;
 use crate::error::StateError;
+use crate::group::now_ms;
 use crate::sqlcipher::Opened;
 
 /// File name of the profile database.
@@ -130,7 +131,7 @@ pub(super) fn open_db(path: &Path, key: &ProfileKey) -> Result<Connection, State
 /// Brings the schema (ours, then openmls's) up to date.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let supported = sql_int(MIGRATIONS.len());
     if current > supported {
         return Err(StateError::TooNew(current));
     }
@@ -147,4 +148,14 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     let mut storage = SqliteStorageProvider::<JsonCodec, &mut Connection>::new(conn);
     storage.run_migrations().map_err(StateError::storage)?;
     Ok(())
+}
+
+/// `v` as an SQLite integer (saturating: times and counts never get near).
+pub(super) fn sql_int(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+/// The current time as stored in the database: Unix milliseconds.
+pub(super) fn sql_now() -> i64 {
+    sql_int(now_ms())
 }

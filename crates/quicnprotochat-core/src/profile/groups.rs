@@ -6,11 +6,12 @@ use openmls::prelude::{
     BasicCredential, GroupId, KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup,
     MlsMessageOut, OpenMlsProvider, ProtocolVersion,
 };
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
+use super::db::sql_now;
 use super::history::{insert_message, mark_processed};
-use super::mls::{others, to_bytes, username_of};
-use super::transaction::{Target, begin, commit, group_id_by_name};
+use super::mls::{others, outgoing, username_of};
+use super::transaction::{Op, Target, begin, commit};
 use super::{Profile, Provider, outbox};
 use crate::group::{
     CommitOutcome, GroupError, Outgoing, StoredMessage, new_message_id, now_ms, random_id,
@@ -28,12 +29,7 @@ impl Profile {
             return Err(GroupError::BadName);
         }
         let tx = begin(&mut self.conn, &mut self.cache)?;
-        if tx
-            .prepare_cached("SELECT 1 FROM groups WHERE name = ?1")?
-            .query_row([name], |_| Ok(()))
-            .optional()?
-            .is_some()
-        {
+        if name_taken(&tx, name)? {
             return Err(GroupError::GroupExists(name.to_string()));
         }
         let provider = Provider::new(&tx);
@@ -51,10 +47,7 @@ impl Profile {
             credential,
         )
         .map_err(GroupError::mls)?;
-        tx.execute(
-            "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
-            params![group_id, name, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
-        )?;
+        insert_group(&tx, &group_id, name)?;
         commit(tx, &mut self.cache)?;
         self.cache.put(group_id.clone(), group);
         Ok(group_id)
@@ -62,12 +55,7 @@ impl Profile {
 
     /// Whether a local group named `name` exists.
     pub fn has_group(&self, name: &str) -> Result<bool, GroupError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM groups WHERE name = ?1")?
-            .query_row([name], |_| Ok(()))
-            .optional()?
-            .is_some())
+        name_taken(&self.conn, name)
     }
 
     /// Adds the owner of `key_package` (which must belong to `invitee`) to
@@ -212,11 +200,7 @@ impl Profile {
             let proposal = g
                 .leave_group(&provider, self.identity.key_pair())
                 .map_err(GroupError::mls)?;
-            Some(Outgoing {
-                recipients,
-                message_id: new_message_id()?,
-                payload: to_bytes(&proposal)?,
-            })
+            Some(outgoing(recipients, new_message_id()?, &proposal)?)
         } else {
             None
         };
@@ -236,9 +220,7 @@ impl Profile {
             let id = new_message_id()?;
             let now = now_ms();
             let body = AppMessage::text(id, now, text)?.encode()?;
-            let out = g
-                .create_message(&op.provider, op.signer(), &body)
-                .map_err(GroupError::mls)?;
+            let out = op.encrypt(g, others(g, me), id, &body)?;
             let stored = StoredMessage {
                 group: group.to_string(),
                 sender: op.username.to_string(),
@@ -249,12 +231,7 @@ impl Profile {
                 message_id: hex::encode(id),
             };
             insert_message(op.tx, op.group_id, &stored)?;
-            mark_processed(op.tx, &id)?;
-            Ok(Outgoing {
-                recipients: others(g, me),
-                message_id: id,
-                payload: to_bytes(&out)?,
-            })
+            Ok(out)
         })
     }
 }
@@ -268,18 +245,10 @@ fn commit_outcome(
     let commit = if recipients.is_empty() {
         None
     } else {
-        Some(Outgoing {
-            recipients,
-            message_id: new_message_id()?,
-            payload: to_bytes(commit)?,
-        })
+        Some(outgoing(recipients, new_message_id()?, commit)?)
     };
     let welcome = match welcome {
-        Some((to, w)) => Some(Outgoing {
-            recipients: to,
-            message_id: new_message_id()?,
-            payload: to_bytes(w)?,
-        }),
+        Some((to, w)) => Some(outgoing(to, new_message_id()?, w)?),
         None => None,
     };
     Ok(CommitOutcome {
@@ -287,4 +256,63 @@ fn commit_outcome(
         commit,
         welcome,
     })
+}
+
+impl Op<'_> {
+    /// Encrypts the application message `body` (delivery id `id`) in
+    /// `group` for `recipients`, and records the id as processed.
+    pub(super) fn encrypt(
+        &self,
+        group: &mut MlsGroup,
+        recipients: Vec<IdentityKey>,
+        id: [u8; 16],
+        body: &[u8],
+    ) -> Result<Outgoing, GroupError> {
+        let message = group
+            .create_message(&self.provider, self.signer(), body)
+            .map_err(GroupError::mls)?;
+        mark_processed(self.tx, &id)?;
+        outgoing(recipients, id, &message)
+    }
+}
+
+/// Whether a local group is named `name`.
+pub(super) fn name_taken(conn: &Connection, name: &str) -> Result<bool, GroupError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM groups WHERE name = ?1")?
+        .query_row([name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Records that we are in the group `group_id`, under the local `name`.
+pub(super) fn insert_group(
+    conn: &Connection,
+    group_id: &[u8],
+    name: &str,
+) -> Result<(), GroupError> {
+    conn.execute(
+        "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![group_id, name, sql_now()],
+    )?;
+    Ok(())
+}
+
+/// The id of the local group named `name`.
+pub(super) fn group_id_by_name(conn: &Connection, name: &str) -> Result<Vec<u8>, GroupError> {
+    conn.prepare_cached("SELECT group_id FROM groups WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| GroupError::NoSuchGroup(name.to_string()))
+}
+
+/// The local name of a group, if we are in it.
+pub(super) fn name_by_group_id(
+    conn: &Connection,
+    group_id: &[u8],
+) -> Result<Option<String>, GroupError> {
+    Ok(conn
+        .prepare_cached("SELECT name FROM groups WHERE group_id = ?1")?
+        .query_row([group_id], |r| r.get(0))
+        .optional()?)
 }

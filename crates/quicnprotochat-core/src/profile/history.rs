@@ -5,12 +5,14 @@
 use rusqlite::{Connection, params};
 
 use super::Profile;
+use super::db::{sql_int, sql_now};
+use super::groups::group_id_by_name;
 use super::mls::{member_key, others, username_of};
-use super::transaction::{group_id_by_name, load};
+use super::transaction::load;
 use crate::error::StateError;
 use crate::group::{
     GroupError, GroupSummary, MESSAGE_ID_TIME_BYTES, MemberInfo, PROCESSED_HORIZON_MS,
-    StoredMessage, now_ms,
+    StoredMessage,
 };
 use crate::identity::IdentityKey;
 
@@ -67,21 +69,18 @@ impl Profile {
                 "SELECT sender, sender_key, sent_at, received_at, body, message_id FROM messages
                  WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
             )?
-            .query_map(
-                params![group_id, i64::try_from(limit).unwrap_or(i64::MAX)],
-                |r| {
-                    let key: Vec<u8> = r.get(1)?;
-                    let id: Vec<u8> = r.get(5)?;
-                    Ok((
-                        r.get(0)?,
-                        key,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get(4)?,
-                        id,
-                    ))
-                },
-            )?
+            .query_map(params![group_id, sql_int(limit)], |r| {
+                let key: Vec<u8> = r.get(1)?;
+                let id: Vec<u8> = r.get(5)?;
+                Ok((
+                    r.get(0)?,
+                    key,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get(4)?,
+                    id,
+                ))
+            })?
             .map(|row| {
                 let (sender, key, sent, received, text, id): (
                     String,
@@ -123,8 +122,8 @@ pub(super) fn insert_message(
             id,
             m.sender,
             m.sender_key.as_bytes(),
-            i64::try_from(m.sent_at_ms).unwrap_or(i64::MAX),
-            i64::try_from(m.received_at_ms).unwrap_or(i64::MAX),
+            sql_int(m.sent_at_ms),
+            sql_int(m.received_at_ms),
             m.text
         ],
     )?;
@@ -134,17 +133,15 @@ pub(super) fn insert_message(
 /// Records that the message with this delivery id is processed.
 pub(super) fn mark_processed(conn: &Connection, message_id: &[u8]) -> Result<(), GroupError> {
     conn.prepare_cached("INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)")?
-        .execute(params![
-            message_id,
-            i64::try_from(now_ms()).unwrap_or(i64::MAX)
-        ])?;
+        .execute(params![message_id, sql_now()])?;
     Ok(())
 }
 
 /// Forgets processed ids whose time part is older than the horizon: a range
 /// at the start of the table's key order, so this reads only what it deletes.
-/// (An id not made by [`new_message_id`] sorts by its first bytes; if those
-/// read as an old time it is forgotten early, which MLS covers as above.)
+/// (An id not made by [`crate::new_message_id`] sorts by its first bytes; if
+/// those read as an old time it is forgotten early, which MLS covers: see
+/// [`PROCESSED_HORIZON_MS`].)
 pub(super) fn prune_processed(conn: &Connection, now_ms: u64) -> Result<usize, GroupError> {
     let cutoff = now_ms.saturating_sub(PROCESSED_HORIZON_MS).to_be_bytes();
     let mut bound = [0u8; 16];

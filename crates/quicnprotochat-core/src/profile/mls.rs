@@ -1,10 +1,10 @@
-//! Small helpers over openmls values: who a member is, and the bytes of a
-//! message to send.
+//! Small helpers over openmls values: who a member is, and a message to
+//! send.
 
 use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::{BasicCredential, Credential, Member, MlsGroup, MlsMessageOut};
 
-use crate::group::GroupError;
+use crate::group::{GroupError, Outgoing};
 use crate::identity::IdentityKey;
 
 /// The username in a basic credential (`<unknown>` for others).
@@ -36,7 +36,15 @@ pub(super) fn others(group: &MlsGroup, me: IdentityKey) -> Vec<IdentityKey> {
         .collect()
 }
 
-/// The wire bytes of an MLS message.
-pub(super) fn to_bytes(m: &MlsMessageOut) -> Result<Vec<u8>, GroupError> {
-    m.tls_serialize_detached().map_err(GroupError::mls)
+/// `message` for delivery to `recipients` under delivery id `message_id`.
+pub(super) fn outgoing(
+    recipients: Vec<IdentityKey>,
+    message_id: [u8; 16],
+    message: &MlsMessageOut,
+) -> Result<Outgoing, GroupError> {
+    Ok(Outgoing {
+        recipients,
+        message_id,
+        payload: message.tls_serialize_detached().map_err(GroupError::mls)?,
+    })
 }

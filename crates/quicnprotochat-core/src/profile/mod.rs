@@ -34,8 +34,8 @@
 //! - `mls.rs`: small helpers over openmls members and messages.
 //!
 //! Imports run one way: this module builds on [`crate::group`] (the public
-//! data types), [`crate::error`], `mls_config` and [`crate::keypackage`],
-//! and none of those imports from here.
+//! data types), [`crate::error`], [`crate::mls_config`] and
+//! [`crate::keypackage`], and none of those imports from here.
 
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};

@@ -4,8 +4,9 @@
 use rusqlite::{Connection, params};
 
 use super::Profile;
+use super::db::sql_now;
 use crate::error::StateError;
-use crate::group::{GroupError, Outgoing, now_ms};
+use crate::group::{GroupError, Outgoing};
 use crate::identity::IdentityKey;
 
 impl Profile {
@@ -64,7 +65,7 @@ pub(super) fn enqueue(conn: &Connection, message: &Outgoing) -> Result<(), Group
         &message.message_id[..],
         recipients,
         message.payload,
-        i64::try_from(now_ms()).unwrap_or(i64::MAX)
+        sql_now()
     ])?;
     Ok(())
 }

@@ -4,8 +4,8 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Profile;
-use super::history::mark_processed;
-use super::mls::{others, to_bytes};
+use super::db::sql_now;
+use super::mls::others;
 use super::transaction::{Target, load};
 use crate::group::{GroupError, Outgoing, new_message_id, now_ms};
 use crate::identity::IdentityKey;
@@ -26,15 +26,7 @@ impl Profile {
             }
             let id = new_message_id()?;
             let body = AppMessage::peer_address(id, now_ms(), peer).encode()?;
-            let out = g
-                .create_message(&op.provider, op.signer(), &body)
-                .map_err(GroupError::mls)?;
-            mark_processed(op.tx, &id)?;
-            Ok(Some(Outgoing {
-                recipients,
-                message_id: id,
-                payload: to_bytes(&out)?,
-            }))
+            op.encrypt(g, recipients, id, &body).map(Some)
         })
     }
 
@@ -112,7 +104,7 @@ pub(super) fn store_peer(
             peer.endpoint_id,
             addrs.join(","),
             peer.relay_url,
-            i64::try_from(now_ms()).unwrap_or(i64::MAX)
+            sql_now()
         ],
     )?;
     Ok(())

@@ -6,12 +6,13 @@ use openmls::prelude::{
     LeafNodeIndex, MlsGroup, MlsMessageBodyIn, MlsMessageIn, OpenMlsProvider,
     ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, Sender, WelcomeError,
 };
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension};
 
+use super::groups::{insert_group, name_by_group_id, name_taken};
 use super::history::{insert_message, mark_processed, prune_processed};
 use super::mls::{check_member_key, member_key, username_of};
 use super::peers::store_peer;
-use super::transaction::{GroupCache, begin, commit, name_by_group_id};
+use super::transaction::{GroupCache, begin, commit};
 use super::{Profile, Provider, set_setting_on};
 use crate::group::{
     Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, now_ms, valid_group_name,
@@ -153,10 +154,7 @@ fn join(
         return Err(GroupError::AlreadyJoined);
     }
     let name = unique_name(tx, &wanted)?;
-    tx.execute(
-        "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
-        params![group_id, name, i64::try_from(now_ms()).unwrap_or(i64::MAX)],
-    )?;
+    insert_group(tx, &group_id, &name)?;
     let members = g.members().map(|m| username_of(&m.credential)).collect();
     Ok((
         vec![Event::Joined {
@@ -178,11 +176,7 @@ fn unique_name(conn: &Connection, wanted: &str) -> Result<String, GroupError> {
     };
     let mut name = base.clone();
     let mut n = 2;
-    while conn
-        .query_row("SELECT 1 FROM groups WHERE name = ?1", [&name], |_| Ok(()))
-        .optional()?
-        .is_some()
-    {
+    while name_taken(conn, &name)? {
         name = format!("{base}-{n}");
         n += 1;
     }

@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use openmls::prelude::{GroupId, MlsGroup};
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_traits::OpenMlsProvider;
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 
+use super::groups::group_id_by_name;
 use super::{Profile, Provider};
 use crate::error::StateError;
 use crate::group::GroupError;
@@ -152,23 +153,4 @@ pub(super) fn load(conn: &Connection, group_id: &[u8]) -> Result<MlsGroup, Group
     )
     .map_err(|e| GroupError::State(StateError::storage(e)))?
     .ok_or(GroupError::UnknownGroup)
-}
-
-/// The id of the local group named `name`.
-pub(super) fn group_id_by_name(conn: &Connection, name: &str) -> Result<Vec<u8>, GroupError> {
-    conn.prepare_cached("SELECT group_id FROM groups WHERE name = ?1")?
-        .query_row([name], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| GroupError::NoSuchGroup(name.to_string()))
-}
-
-/// The local name of a group, if we are in it.
-pub(super) fn name_by_group_id(
-    conn: &Connection,
-    group_id: &[u8],
-) -> Result<Option<String>, GroupError> {
-    Ok(conn
-        .prepare_cached("SELECT name FROM groups WHERE group_id = ?1")?
-        .query_row([group_id], |r| r.get(0))
-        .optional()?)
 }
