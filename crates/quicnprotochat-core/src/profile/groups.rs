@@ -1,5 +1,6 @@
 //! Operations on one group: create, invite, remove, self-update, commit
-//! pending proposals, confirm or abort a pending commit, leave, send.
+//! pending proposals, confirm or abort a pending commit, leave, send; and
+//! the `groups` table that maps local group names to MLS group ids.
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
@@ -236,6 +237,8 @@ impl Profile {
     }
 }
 
+/// The pending `commit`, addressed to `recipients` (no message when there
+/// are none), and its Welcome, each under a fresh delivery id.
 fn commit_outcome(
     group_id: &[u8],
     recipients: Vec<IdentityKey>,

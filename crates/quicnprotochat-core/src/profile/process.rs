@@ -39,9 +39,10 @@ impl Profile {
     /// Each payload gets its own result: one that peers got wrong (garbage,
     /// a bad signature, a replay, an unknown group) is rolled back alone and
     /// the others still apply.  Ids of processed messages older than
-    /// [`PROCESSED_HORIZON_MS`] are forgotten here, so that record stays
-    /// bounded.  The outer error is a storage failure; then
-    /// nothing of the batch applied and the cursor did not move.
+    /// [`PROCESSED_HORIZON_MS`](crate::group::PROCESSED_HORIZON_MS) are
+    /// forgotten here, so that record stays bounded.  The outer error is a
+    /// storage failure; then nothing of the batch applied and the cursor did
+    /// not move.
     pub fn process_batch(
         &mut self,
         batch: &[Delivered<'_>],
