@@ -811,13 +811,11 @@ impl Messenger {
             events.extend(
                 Box::pin(self.commit_with(profile, |p| {
                     p.commit_pending(&group_id)?
-                        .ok_or_else(|| GroupError::Mls("nothing pending".into()))
+                        .ok_or(GroupError::NothingPending)
                 }))
                 .await
                 .or_else(|e| match e {
-                    MessengerError::Group(GroupError::Mls(ref m)) if m == "nothing pending" => {
-                        Ok(Vec::new())
-                    }
+                    MessengerError::Group(GroupError::NothingPending) => Ok(Vec::new()),
                     e => Err(e),
                 })?,
             );
@@ -887,7 +885,7 @@ impl Messenger {
                     match self
                         .commit_with(&mut profile, |p| {
                             p.commit_pending(&group_id)?
-                                .ok_or_else(|| GroupError::Mls("nothing pending".into()))
+                                .ok_or(GroupError::NothingPending)
                         })
                         .await
                     {

@@ -121,7 +121,7 @@ pub fn build<P: OpenMlsProvider>(
     };
     let mut builder = KeyPackage::builder()
         .key_package_lifetime(Lifetime::new(lifetime_secs))
-        .leaf_node_capabilities(crate::group::capabilities());
+        .leaf_node_capabilities(crate::mls_config::capabilities());
     if last_resort {
         builder = builder.mark_as_last_resort();
     }

@@ -9,14 +9,17 @@
 //! attacker-controlled and never panics.
 
 pub mod clock;
+pub mod error;
 pub mod framing;
 pub mod group;
 pub mod identity;
 pub mod keypackage;
 pub mod message;
+pub mod mls_config;
+pub mod profile;
 pub mod sqlcipher;
-pub mod state;
 
+pub use error::StateError;
 pub use group::{
     CommitOutcome, Delivered, Event, GroupError, GroupSummary, MemberInfo, Outgoing, StoredMessage,
     new_message_id,
@@ -24,7 +27,7 @@ pub use group::{
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};
 pub use message::PeerInfo;
-pub use state::{Profile, ProfileKey, StateError};
+pub use profile::{Profile, ProfileKey};
 
 /// The ciphersuite quicnprotochat uses by default (RFC 9420 §17.1, the
 /// mandatory-to-implement suite).

@@ -93,6 +93,27 @@ fn alice_and_bob_in_g(dir: &std::path::Path) -> (Net, Profile, Profile) {
     (net, alice, bob)
 }
 
+/// Alice makes a group "g" and adds Bob with one of his key packages (his
+/// last-resort one if `last_resort`); Bob's Welcome is taken off the net,
+/// unprocessed.
+fn alice_invites_bob(
+    dir: &std::path::Path,
+    last_resort: bool,
+) -> (Net, Profile, Profile, Delivery) {
+    let mut net = Net::new();
+    let (mut alice, mut bob) = (profile(dir, "alice"), profile(dir, "bob"));
+    alice.create_group("g").unwrap();
+    let one_time = usize::from(!last_resort);
+    let kp = bob
+        .generate_key_packages(one_time, last_resort, 3600)
+        .unwrap()
+        .remove(0);
+    let out = alice.add_member("g", &kp, bob.identity_key()).unwrap();
+    net.commit(&mut alice, out).unwrap();
+    let welcome = net.queues.remove(&bob.identity_key()).unwrap().remove(0);
+    (net, alice, bob, welcome)
+}
+
 fn texts(events: &[Event]) -> Vec<(String, String)> {
     events
         .iter()
@@ -316,6 +337,33 @@ fn hostile_and_repeated_input_is_a_typed_error_and_changes_nothing() {
     ));
 }
 
+/// A Welcome for a group this client is in already (a redelivery under a new
+/// delivery id, which a last-resort key package lets openmls decrypt) is a
+/// typed error and changes nothing.
+#[test]
+fn a_redelivered_welcome_is_already_joined_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut net, mut alice, mut bob, (_, welcome)) = alice_invites_bob(dir.path(), true);
+    assert!(matches!(
+        bob.process(b"welcome-id-00001", &welcome)
+            .unwrap()
+            .as_slice(),
+        [Event::Joined { .. }]
+    ));
+    let before = bob.groups().unwrap();
+    assert!(matches!(
+        bob.process(b"welcome-id-00002", &welcome),
+        Err(GroupError::AlreadyJoined)
+    ));
+    assert_eq!(bob.groups().unwrap(), before);
+    net.send(&alice.send_text("g", "still here").unwrap())
+        .unwrap();
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("alice".into(), "still here".into())]
+    );
+}
+
 #[test]
 fn a_profile_open_twice_never_uses_stale_group_state() {
     // Two handles on one profile (a second process, say): each keeps groups
@@ -361,13 +409,7 @@ fn a_profile_open_twice_never_uses_stale_group_state() {
 #[test]
 fn a_batch_applies_good_payloads_skips_bad_ones_and_moves_the_cursor() {
     let dir = tempfile::tempdir().unwrap();
-    let mut net = Net::new();
-    let (mut alice, mut bob) = (profile(dir.path(), "alice"), profile(dir.path(), "bob"));
-    alice.create_group("g").unwrap();
-    let kp = bob.generate_key_packages(1, false, 3600).unwrap().remove(0);
-    let out = alice.add_member("g", &kp, bob.identity_key()).unwrap();
-    net.commit(&mut alice, out).unwrap();
-    let (welcome_id, welcome) = net.queues.remove(&bob.identity_key()).unwrap().remove(0);
+    let (_net, mut alice, mut bob, (welcome_id, welcome)) = alice_invites_bob(dir.path(), false);
     let one = alice.send_text("g", "one").unwrap();
     let mut tampered = alice.send_text("g", "lost").unwrap().payload;
     let last = tampered.len() - 1;

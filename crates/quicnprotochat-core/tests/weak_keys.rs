@@ -14,9 +14,8 @@ use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::IsIdentity as _;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
-    BasicCredential, Capabilities, CredentialWithKey, Extension, ExtensionType, Extensions,
-    KeyPackage, KeyPackageIn, MlsGroup, MlsGroupCreateConfig, MlsMessageOut, OpenMlsProvider,
-    ProtocolVersion, UnknownExtension,
+    BasicCredential, CredentialWithKey, Extension, Extensions, KeyPackage, KeyPackageIn, MlsGroup,
+    MlsGroupCreateConfig, MlsMessageOut, OpenMlsProvider, ProtocolVersion, UnknownExtension,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
@@ -24,6 +23,7 @@ use openmls_traits::signatures::{Signer, SignerError};
 use openmls_traits::types::SignatureScheme;
 use quicnprotochat_core::group::GROUP_META_EXTENSION;
 use quicnprotochat_core::keypackage::{self, KeyPackageError};
+use quicnprotochat_core::mls_config::capabilities;
 use quicnprotochat_core::{CIPHERSUITE, GroupError, IdentityKey, Profile, ProfileKey};
 use ring::rand::SecureRandom as _;
 
@@ -80,19 +80,6 @@ impl Signer for TorsionSigner {
     }
 }
 
-fn caps() -> Capabilities {
-    Capabilities::new(
-        None,
-        None,
-        Some(&[
-            ExtensionType::LastResort,
-            ExtensionType::Unknown(GROUP_META_EXTENSION),
-        ]),
-        None,
-        None,
-    )
-}
-
 fn torsion_key_package(provider: &OpenMlsRustCrypto) -> (TorsionSigner, KeyPackage) {
     let signer = TorsionSigner::new();
     let credential = CredentialWithKey {
@@ -100,7 +87,7 @@ fn torsion_key_package(provider: &OpenMlsRustCrypto) -> (TorsionSigner, KeyPacka
         signature_key: signer.public.to_vec().into(),
     };
     let kp = KeyPackage::builder()
-        .leaf_node_capabilities(caps())
+        .leaf_node_capabilities(capabilities())
         .build(CIPHERSUITE, provider, &signer, credential)
         .unwrap()
         .key_package()
@@ -127,7 +114,7 @@ impl Mallory {
         let config = MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
             .use_ratchet_tree_extension(true)
-            .capabilities(caps())
+            .capabilities(capabilities())
             .with_group_context_extensions(Extensions::single(meta).unwrap())
             .build();
         let group = MlsGroup::new(&provider, &signer, &config, credential).unwrap();

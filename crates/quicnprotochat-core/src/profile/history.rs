@@ -1,0 +1,152 @@
+//! What a profile remembers of its groups: message history, the group
+//! list, members, and the ids of processed messages (bounded by
+//! [`PROCESSED_HORIZON_MS`]).
+
+use rusqlite::{Connection, params};
+
+use super::Profile;
+use super::db::{sql_int, sql_now};
+use super::groups::group_id_by_name;
+use super::mls::{member_key, others, username_of};
+use super::transaction::load;
+use crate::error::StateError;
+use crate::group::{
+    GroupError, GroupSummary, MESSAGE_ID_TIME_BYTES, MemberInfo, PROCESSED_HORIZON_MS,
+    StoredMessage,
+};
+use crate::identity::IdentityKey;
+
+impl Profile {
+    /// Members of a group.
+    pub fn members(&self, group: &str) -> Result<Vec<MemberInfo>, GroupError> {
+        let me = self.identity_key();
+        let group_id = group_id_by_name(&self.conn, group)?;
+        let g = load(&self.conn, &group_id)?;
+        Ok(g.members()
+            .filter_map(|m| {
+                let key = member_key(&m)?;
+                Some(MemberInfo {
+                    username: username_of(&m.credential),
+                    key,
+                    is_self: key == me,
+                })
+            })
+            .collect())
+    }
+
+    /// Identity keys of the other members of a group.
+    pub fn recipients(&self, group: &str) -> Result<Vec<IdentityKey>, GroupError> {
+        let group_id = group_id_by_name(&self.conn, group)?;
+        Ok(others(&load(&self.conn, &group_id)?, self.identity_key()))
+    }
+
+    /// All local groups.
+    pub fn groups(&self) -> Result<Vec<GroupSummary>, GroupError> {
+        let rows: Vec<(Vec<u8>, String)> = self
+            .conn
+            .prepare("SELECT group_id, name FROM groups ORDER BY name")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(group_id, name)| {
+                let g = load(&self.conn, &group_id)?;
+                Ok(GroupSummary {
+                    members: g.members().map(|m| username_of(&m.credential)).collect(),
+                    epoch: g.epoch().as_u64(),
+                    group_id,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// The last `limit` messages of a group, oldest first.
+    pub fn history(&self, group: &str, limit: usize) -> Result<Vec<StoredMessage>, GroupError> {
+        let group_id = group_id_by_name(&self.conn, group)?;
+        let mut rows: Vec<StoredMessage> = self
+            .conn
+            .prepare(
+                "SELECT sender, sender_key, sent_at, received_at, body, message_id FROM messages
+                 WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?
+            .query_map(params![group_id, sql_int(limit)], |r| {
+                let key: Vec<u8> = r.get(1)?;
+                let id: Vec<u8> = r.get(5)?;
+                Ok((
+                    r.get(0)?,
+                    key,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get(4)?,
+                    id,
+                ))
+            })?
+            .map(|row| {
+                let (sender, key, sent, received, text, id): (
+                    String,
+                    Vec<u8>,
+                    i64,
+                    i64,
+                    String,
+                    Vec<u8>,
+                ) = row?;
+                Ok(StoredMessage {
+                    group: group.to_string(),
+                    sender,
+                    sender_key: IdentityKey::from_slice(&key).map_err(StateError::from)?,
+                    sent_at_ms: u64::try_from(sent).unwrap_or(0),
+                    received_at_ms: u64::try_from(received).unwrap_or(0),
+                    text,
+                    message_id: hex::encode(id),
+                })
+            })
+            .collect::<Result<_, GroupError>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+}
+
+/// Stores a message in the history; `false` if it was there already.
+pub(super) fn insert_message(
+    conn: &Connection,
+    group_id: &[u8],
+    m: &StoredMessage,
+) -> Result<bool, GroupError> {
+    let id = hex::decode(&m.message_id).map_err(GroupError::rejected)?;
+    let n = conn.prepare_cached(
+        "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+            group_id,
+            id,
+            m.sender,
+            m.sender_key.as_bytes(),
+            sql_int(m.sent_at_ms),
+            sql_int(m.received_at_ms),
+            m.text
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Records that the message with this delivery id is processed.
+pub(super) fn mark_processed(conn: &Connection, message_id: &[u8]) -> Result<(), GroupError> {
+    conn.prepare_cached("INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)")?
+        .execute(params![message_id, sql_now()])?;
+    Ok(())
+}
+
+/// Forgets processed ids whose time part is older than the horizon: a range
+/// at the start of the table's key order, so this reads only what it deletes.
+/// (An id not made by [`crate::new_message_id`] sorts by its first bytes; if
+/// those read as an old time it is forgotten early, which MLS covers: see
+/// [`PROCESSED_HORIZON_MS`].)
+pub(super) fn prune_processed(conn: &Connection, now_ms: u64) -> Result<usize, GroupError> {
+    let cutoff = now_ms.saturating_sub(PROCESSED_HORIZON_MS).to_be_bytes();
+    let mut bound = [0u8; 16];
+    bound[..MESSAGE_ID_TIME_BYTES].copy_from_slice(&cutoff[cutoff.len() - MESSAGE_ID_TIME_BYTES..]);
+    Ok(conn
+        .prepare_cached("DELETE FROM processed WHERE message_id < ?1")?
+        .execute([&bound[..]])?)
+}

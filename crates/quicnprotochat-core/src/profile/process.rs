@@ -1,0 +1,343 @@
+//! Incoming messages: Welcomes (joining a group), commits, proposals and
+//! application messages, one at a time or as a batch in one transaction.
+
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    LeafNodeIndex, MlsGroup, MlsMessageBodyIn, MlsMessageIn, OpenMlsProvider,
+    ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, Sender, WelcomeError,
+};
+use rusqlite::{Connection, OptionalExtension};
+
+use super::groups::{insert_group, name_by_group_id, name_taken};
+use super::history::{insert_message, mark_processed, prune_processed};
+use super::mls::{check_member_key, member_key, username_of};
+use super::peers::store_peer;
+use super::transaction::{GroupCache, begin, commit};
+use super::{Profile, Provider, set_setting_on};
+use crate::group::{
+    Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, now_ms, valid_group_name,
+};
+use crate::message::{AppMessage, Content, PeerInfo};
+use crate::mls_config::join_config;
+
+impl Profile {
+    /// Processes one delivered payload (Welcome, commit, proposal or
+    /// application message) identified by its delivery `message_id`.  A
+    /// payload already processed is ignored (shown once).  On error nothing
+    /// changes.
+    pub fn process(&mut self, message_id: &[u8], payload: &[u8]) -> Result<Vec<Event>, GroupError> {
+        let tx = begin(&mut self.conn, &mut self.cache)?;
+        let events = process_in(&tx, &mut self.cache, message_id, payload)?;
+        commit(tx, &mut self.cache)?;
+        Ok(events)
+    }
+
+    /// Processes delivered payloads in queue order in one transaction (one
+    /// durable write for the whole batch) and moves the queue cursor past the
+    /// last of them in the same transaction.
+    ///
+    /// Each payload gets its own result: one that peers got wrong (garbage,
+    /// a bad signature, a replay, an unknown group) is rolled back alone and
+    /// the others still apply.  Ids of processed messages older than
+    /// [`PROCESSED_HORIZON_MS`](crate::group::PROCESSED_HORIZON_MS) are
+    /// forgotten here, so that record stays bounded.  The outer error is a
+    /// storage failure; then nothing of the batch applied and the cursor did
+    /// not move.
+    pub fn process_batch(
+        &mut self,
+        batch: &[Delivered<'_>],
+    ) -> Result<Vec<Result<Vec<Event>, GroupError>>, GroupError> {
+        let Some(last) = batch.iter().map(|d| d.seq).max() else {
+            return Ok(Vec::new());
+        };
+        let mut tx = begin(&mut self.conn, &mut self.cache)?;
+        let mut results = Vec::with_capacity(batch.len());
+        let outcome = (|| {
+            prune_processed(&tx, now_ms())?;
+            for d in batch {
+                let sp = tx.savepoint()?;
+                match process_in(&sp, &mut self.cache, d.message_id, d.payload) {
+                    Ok(events) => {
+                        sp.commit()?;
+                        results.push(Ok(events));
+                    }
+                    // Storage failed: stop; nothing of the batch applies.
+                    Err(e @ GroupError::State(_)) => return Err(e),
+                    // Dropping the savepoint rolls back this payload alone.
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+            set_setting_on(&tx, "next_seq", &last.saturating_add(1).to_le_bytes())?;
+            Ok::<_, GroupError>(())
+        })();
+        if let Err(e) = outcome {
+            self.cache.clear();
+            return Err(e);
+        }
+        commit(tx, &mut self.cache)?;
+        Ok(results)
+    }
+}
+
+/// Processes one payload on `conn` (a transaction or a savepoint).  Groups
+/// it changed are back in `cache`; the caller clears the cache if `conn`
+/// does not commit.
+fn process_in(
+    conn: &Connection,
+    cache: &mut GroupCache,
+    message_id: &[u8],
+    payload: &[u8],
+) -> Result<Vec<Event>, GroupError> {
+    let seen = conn
+        .prepare_cached("SELECT 1 FROM processed WHERE message_id = ?1")?
+        .query_row([message_id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if seen {
+        return Ok(Vec::new());
+    }
+    let msg = MlsMessageIn::tls_deserialize_exact(payload).map_err(GroupError::rejected)?;
+    let pm = match msg.extract() {
+        MlsMessageBodyIn::Welcome(welcome) => {
+            let (events, group) = join(conn, welcome)?;
+            mark_processed(conn, message_id)?;
+            cache.put(group.group_id().as_slice().to_vec(), group);
+            return Ok(events);
+        }
+        MlsMessageBodyIn::PrivateMessage(m) => ProtocolMessage::from(m),
+        MlsMessageBodyIn::PublicMessage(m) => ProtocolMessage::from(m),
+        _ => return Err(GroupError::Rejected("unexpected MLS message type".into())),
+    };
+    let group_id = pm.group_id().as_slice().to_vec();
+    let name = name_by_group_id(conn, &group_id)?.ok_or(GroupError::UnknownGroup)?;
+    let mut group = cache.take(conn, &group_id)?;
+    if !group.is_active() {
+        // Put back unchanged: a removed member's group stays readable.
+        cache.put(group_id, group);
+        return Err(GroupError::Inactive);
+    }
+    let events = handle_protocol(conn, &name, &group_id, &mut group, pm)?;
+    mark_processed(conn, message_id)?;
+    cache.put(group_id, group);
+    Ok(events)
+}
+
+/// Joins from a Welcome; returns the events and the group.
+fn join(
+    tx: &Connection,
+    welcome: openmls::prelude::Welcome,
+) -> Result<(Vec<Event>, MlsGroup), GroupError> {
+    let provider = Provider::new(tx);
+    let processed = ProcessedWelcome::new_from_welcome(&provider, &join_config(), welcome)
+        .map_err(welcome_error)?;
+    let staged = processed
+        .into_staged_welcome(&provider, None)
+        .map_err(welcome_error)?;
+    let by = staged
+        .welcome_sender()
+        .map(|l| username_of(l.credential()))
+        .unwrap_or_default();
+    let g = staged.into_group(&provider).map_err(welcome_error)?;
+    // openmls verifies leaf signatures with plain Ed25519, which a weak key
+    // passes; refuse a group with such a member before it is stored.
+    for m in g.members() {
+        check_member_key(m.signature_key.as_slice())?;
+    }
+    let wanted = g
+        .extensions()
+        .unknown(GROUP_META_EXTENSION)
+        .and_then(|u| String::from_utf8(u.0.clone()).ok())
+        .unwrap_or_else(|| "group".into());
+    let group_id = g.group_id().as_slice().to_vec();
+    // openmls refuses a Welcome for a group it stores (`welcome_error`);
+    // this covers our own table.
+    if name_by_group_id(tx, &group_id)?.is_some() {
+        return Err(GroupError::AlreadyJoined);
+    }
+    let name = unique_name(tx, &wanted)?;
+    insert_group(tx, &group_id, &name)?;
+    let members = g.members().map(|m| username_of(&m.credential)).collect();
+    Ok((
+        vec![Event::Joined {
+            group: name,
+            by,
+            members,
+        }],
+        g,
+    ))
+}
+
+/// `wanted` if no local group has that name, else `wanted-2`, `wanted-3`...
+/// (`group` if `wanted` is not a valid name).
+fn unique_name(conn: &Connection, wanted: &str) -> Result<String, GroupError> {
+    let base = if valid_group_name(wanted) {
+        wanted.to_string()
+    } else {
+        "group".to_string()
+    };
+    let mut name = base.clone();
+    let mut n = 2;
+    while name_taken(conn, &name)? {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    Ok(name)
+}
+
+/// What a Welcome that openmls refused means for us, from openmls's typed
+/// error (no text is matched).
+///
+/// A Welcome that names none of our key packages
+/// ([`WelcomeError::NoMatchingKeyPackage`]), or names one of ours under
+/// another ciphersuite than that package's
+/// ([`WelcomeError::CiphersuiteMismatch`]), was not made for a package we
+/// published: it is not for us.  A Welcome for a group we store already
+/// ([`WelcomeError::GroupAlreadyExists`]: a redelivery, which a last-resort
+/// key package lets get this far) is [`GroupError::AlreadyJoined`].  Any
+/// other failure is a Welcome for us that fails validation.
+fn welcome_error<S>(e: WelcomeError<S>) -> GroupError
+where
+    WelcomeError<S>: std::fmt::Display,
+{
+    match e {
+        WelcomeError::NoMatchingKeyPackage | WelcomeError::CiphersuiteMismatch => {
+            GroupError::WelcomeNotForUs
+        }
+        WelcomeError::GroupAlreadyExists => GroupError::AlreadyJoined,
+        e => GroupError::rejected(e),
+    }
+}
+
+/// Processes a commit, proposal or application message for `g` (active).
+fn handle_protocol(
+    tx: &Connection,
+    name: &str,
+    group_id: &[u8],
+    g: &mut MlsGroup,
+    pm: ProtocolMessage,
+) -> Result<Vec<Event>, GroupError> {
+    let provider = Provider::new(tx);
+    let processed = g
+        .process_message(&provider, pm)
+        .map_err(GroupError::rejected)?;
+    let by = username_of(processed.credential());
+    let sender_key = match processed.sender() {
+        Sender::Member(idx) => g
+            .members()
+            .find(|m| m.index == *idx)
+            .and_then(|m| member_key(&m)),
+        _ => None,
+    };
+    let mut events = Vec::new();
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(app) => {
+            let sender_key = sender_key.ok_or_else(|| {
+                GroupError::Rejected("application message from a non-member".into())
+            })?;
+            let m = AppMessage::decode(&app.into_bytes())?;
+            let text = match m.content {
+                Content::Text { text } => text,
+                Content::PeerAddress {
+                    endpoint_id,
+                    addrs,
+                    relay_url,
+                } => {
+                    let peer = PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref())?;
+                    store_peer(tx, sender_key, &peer)?;
+                    events.push(Event::PeerAnnounced {
+                        group: name.to_string(),
+                        member: by,
+                        key: sender_key,
+                        endpoint_id: peer.endpoint_id,
+                    });
+                    return Ok(events);
+                }
+                _ => "[unsupported content]".to_string(),
+            };
+            let stored = StoredMessage {
+                group: name.to_string(),
+                sender: by,
+                sender_key,
+                sent_at_ms: m.ts,
+                received_at_ms: now_ms(),
+                text,
+                message_id: m.id,
+            };
+            if insert_message(tx, group_id, &stored)? {
+                events.push(Event::Message(stored));
+            }
+        }
+        ProcessedMessageContent::ProposalMessage(p) => {
+            g.store_pending_proposal(provider.storage(), *p)
+                .map_err(GroupError::mls)?;
+            events.push(Event::ProposalsPending {
+                group: name.to_string(),
+                group_id: group_id.to_vec(),
+            });
+        }
+        ProcessedMessageContent::StagedCommitMessage(sc) => {
+            let added: Vec<String> = sc
+                .add_proposals()
+                .map(|a| username_of(a.add_proposal().key_package().leaf_node().credential()))
+                .collect();
+            let removed_idx: Vec<LeafNodeIndex> = sc
+                .remove_proposals()
+                .map(|r| r.remove_proposal().removed())
+                .collect();
+            let removed: Vec<String> = g
+                .members()
+                .filter(|m| removed_idx.contains(&m.index))
+                .map(|m| username_of(&m.credential))
+                .collect();
+            // Every leaf the commit brings in (added members, updated leaves,
+            // the committer's new path leaf) must carry a strong key.
+            for a in sc.add_proposals() {
+                check_member_key(
+                    a.add_proposal()
+                        .key_package()
+                        .leaf_node()
+                        .signature_key()
+                        .as_slice(),
+                )?;
+            }
+            for u in sc.update_proposals() {
+                check_member_key(u.update_proposal().leaf_node().signature_key().as_slice())?;
+            }
+            if let Some(leaf) = sc.update_path_leaf_node() {
+                check_member_key(leaf.signature_key().as_slice())?;
+            }
+            let self_removed = sc.self_removed();
+            let updated =
+                sc.update_path_leaf_node().is_some() && added.is_empty() && removed.is_empty();
+            g.merge_staged_commit(&provider, *sc)
+                .map_err(GroupError::rejected)?;
+            if !added.is_empty() {
+                events.push(Event::MembersAdded {
+                    group: name.to_string(),
+                    by: by.clone(),
+                    members: added,
+                });
+            }
+            if self_removed {
+                events.push(Event::Removed {
+                    group: name.to_string(),
+                    by: by.clone(),
+                });
+            } else if !removed.is_empty() {
+                events.push(Event::MembersRemoved {
+                    group: name.to_string(),
+                    by: by.clone(),
+                    members: removed,
+                });
+            }
+            if updated {
+                events.push(Event::KeyUpdated {
+                    group: name.to_string(),
+                    by,
+                });
+            }
+        }
+        _ => {}
+    }
+    Ok(events)
+}
