@@ -13,6 +13,9 @@ pub enum StateError {
     /// the passphrase or key does not open the profile
     #[error("the passphrase does not open this profile")]
     WrongKey,
+    /// the profile's database file is damaged (the passphrase is right)
+    #[error("the profile's database is damaged: {0}")]
+    Damaged(String),
     /// no profile at that path
     #[error("no profile in {0}")]
     NoProfile(String),

@@ -46,6 +46,10 @@ pub enum Opened {
     /// The key opens the database under neither setting: a wrong key, or
     /// not a database.
     WrongKey,
+    /// The file is damaged: truncated to a partial page, or some pages fail
+    /// authentication under the key while the others pass (so the key is
+    /// right).  The text says which.
+    Damaged(String),
     /// The SQLite library is not SQLCipher: `PRAGMA key` did nothing.
     NoSqlCipher,
 }
@@ -54,10 +58,61 @@ pub enum Opened {
 /// or `x'…'` for a raw key), under the current settings and, if the file
 /// does not open under them, SQLCipher 4's defaults.
 pub fn open_keyed(path: &Path, flags: OpenFlags, key: &str) -> rusqlite::Result<Opened> {
+    // SQLite writes whole pages: a partial one means the file was cut
+    // short, whatever page 1 says (SQLite would open it and fail later, on
+    // whichever read reaches past the end).
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if !len.is_multiple_of(PAGE_SIZE) {
+        return Ok(Opened::Damaged(format!(
+            "{len} bytes is not a whole number of {PAGE_SIZE}-byte pages: the file is truncated or damaged"
+        )));
+    }
     for settings in [CipherSettings::Current, CipherSettings::Sqlcipher4Defaults] {
         match open_with(path, flags, key, settings)? {
             Opened::WrongKey => continue,
             other => return Ok(other),
+        }
+    }
+    diagnose(path, flags, key)
+}
+
+/// SQLCipher's page size (its default, which quicnprotochat keeps).
+const PAGE_SIZE: u64 = 4096;
+
+/// Tells a damaged file from a wrong key, for a file no setting opened:
+/// pages that authenticate under the key beside pages that do not mean the
+/// key is right and the file damaged (`PRAGMA cipher_integrity_check`
+/// checks every page's HMAC).  Anything else reads as a wrong key.
+fn diagnose(path: &Path, flags: OpenFlags, key: &str) -> rusqlite::Result<Opened> {
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let pages = len / PAGE_SIZE;
+    for settings in [CipherSettings::Current, CipherSettings::Sqlcipher4Defaults] {
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.pragma_update(None, "key", key)?;
+        conn.pragma_update(None, "cipher_log_level", "NONE")?;
+        settings.apply(&conn)?;
+        let failed: Vec<u64> = conn
+            .prepare("PRAGMA cipher_integrity_check")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .filter_map(|row| {
+                row.ok()?
+                    .strip_prefix("HMAC verification failed for page ")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let failed_count = u64::try_from(failed.len()).unwrap_or(u64::MAX);
+        if !failed.is_empty() && failed_count < pages {
+            let shown: Vec<String> = failed.iter().take(5).map(|p| p.to_string()).collect();
+            return Ok(Opened::Damaged(format!(
+                "{failed_count} of its {pages} pages fail authentication under this key while the others pass (pages {}{}): the key is right and the file is damaged",
+                shown.join(", "),
+                if failed.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            )));
         }
     }
     Ok(Opened::WrongKey)
@@ -123,6 +178,48 @@ mod tests {
 
     fn read(c: &Connection) -> String {
         c.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_damaged_file_is_told_from_a_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "x'0707070707070707070707070707070707070707070707070707070707070707'";
+        let wrong = "x'0808080808080808080808080808080808080808080808080808080808080808'";
+        let path = dir.path().join("d.db");
+        match open_keyed(&path, flags(), key).unwrap() {
+            Opened::Open(c, _) => {
+                c.execute_batch("CREATE TABLE t (v BLOB)").unwrap();
+                for _ in 0..50 {
+                    c.execute("INSERT INTO t VALUES (randomblob(1000))", [])
+                        .unwrap();
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        let good = std::fs::read(&path).unwrap();
+        // A wrong key stays a wrong key.
+        assert!(matches!(
+            open_keyed(&path, flags(), wrong).unwrap(),
+            Opened::WrongKey
+        ));
+        // The first page damaged: the right key is not called wrong.
+        let mut bytes = good.clone();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        match open_keyed(&path, flags(), key).unwrap() {
+            Opened::Damaged(why) => assert!(why.contains("pages 1)"), "{why}"),
+            other => panic!("expected Damaged, got {other:?}"),
+        }
+        assert!(matches!(
+            open_keyed(&path, flags(), wrong).unwrap(),
+            Opened::WrongKey
+        ));
+        // Truncated to a partial page.
+        std::fs::write(&path, &good[..good.len() - 1000]).unwrap();
+        match open_keyed(&path, flags(), key).unwrap() {
+            Opened::Damaged(why) => assert!(why.contains("truncated"), "{why}"),
+            other => panic!("expected Damaged, got {other:?}"),
+        }
     }
 
     #[test]

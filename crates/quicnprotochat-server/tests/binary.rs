@@ -157,8 +157,14 @@ fn a_start_up_error_is_one_line_with_its_cause_once() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
-    first.kill().unwrap();
-    first.wait().unwrap();
+    // SIGTERM: the server closes its store, which checkpoints the WAL into
+    // the database file.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(first.wait().unwrap().success());
 
     let out = run(&"22".repeat(32));
     assert!(!out.status.success());
@@ -172,4 +178,27 @@ fn a_start_up_error_is_one_line_with_its_cause_once() {
         !line.contains(&"22".repeat(32)),
         "the key must not appear: {line}"
     );
+
+    // The right key on a file whose first page is damaged: called damaged,
+    // not "wrong key".
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(
+        bytes.len() >= 8192,
+        "the database has pages: {}",
+        bytes.len()
+    );
+    bytes[100] ^= 0xff;
+    std::fs::write(&db, &bytes).unwrap();
+    let out = run(&"11".repeat(32));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("damaged") && line.contains("backup"),
+        "{line}"
+    );
+    assert!(!line.contains("does not open"), "{line}");
 }

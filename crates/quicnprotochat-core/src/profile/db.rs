@@ -120,6 +120,7 @@ pub(super) fn open_db(path: &Path, key: &ProfileKey) -> Result<Connection, State
     let conn = match crate::sqlcipher::open_keyed(path, OpenFlags::default(), &key)? {
         Opened::Open(conn, _) => conn,
         Opened::WrongKey => return Err(StateError::WrongKey),
+        Opened::Damaged(detail) => return Err(StateError::Damaged(detail)),
         Opened::NoSqlCipher => return Err(StateError::NoSqlCipher),
     };
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;

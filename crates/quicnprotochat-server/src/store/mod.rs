@@ -30,6 +30,15 @@ pub enum StoreError {
         /// the database file
         path: String,
     },
+    /// the database file is damaged (truncated, or pages that do not
+    /// authenticate under the right key): restore it from a backup
+    #[error("the database file {path} is damaged: {detail}; restore it from a backup")]
+    Damaged {
+        /// the database file
+        path: String,
+        /// what is damaged
+        detail: String,
+    },
     /// the SQLite library is not SQLCipher, so encryption would silently be off
     #[error("SQLCipher is not available in this build; refusing to store data unencrypted")]
     NoSqlCipher,

@@ -412,6 +412,12 @@ fn open_connection(
                         path: path.display().to_string(),
                     });
                 }
+                Opened::Damaged(detail) => {
+                    return Err(StoreError::Damaged {
+                        path: path.display().to_string(),
+                        detail,
+                    });
+                }
                 Opened::NoSqlCipher => return Err(StoreError::NoSqlCipher),
             }
         }
