@@ -23,8 +23,9 @@ use quicnprotochat_p2p::{Inbound, Node, NodeConfig, PeerAddr};
 use quicnprotochat_proto::transport::ServerAuth;
 use tokio::sync::{Mutex, RwLock, broadcast, mpsc};
 
-use crate::connection::{Client, ClientConfig, Envelope};
+use crate::connection::Client;
 use crate::error::{ClientError, ServerErrorCode};
+use crate::types::{ClientConfig, Envelope};
 
 /// One-time key packages published at registration and on replenishment.
 pub const KEY_PACKAGE_BATCH: usize = 20;
