@@ -349,9 +349,10 @@ impl Messenger {
         Err(last)
     }
 
-    /// Enqueues with one reconnect-and-retry on a lost connection (safe:
-    /// the message id makes the retry idempotent).
-    async fn deliver(&self, identity: &Identity, out: &Outgoing) -> Result<(), ClientError> {
+    /// Sends `out` to the server (enqueue), with one reconnect-and-retry on
+    /// a lost connection (safe: the message id makes the retry idempotent).
+    /// Named for what it does: the schema's `Listener.deliver` receives.
+    async fn send_outgoing(&self, identity: &Identity, out: &Outgoing) -> Result<(), ClientError> {
         if out.recipients.is_empty() {
             return Ok(());
         }
@@ -418,7 +419,7 @@ impl Messenger {
         for _ in 0..MAX_COMMIT_ATTEMPTS {
             let outcome = make(profile)?;
             if let Some(commit) = &outcome.commit {
-                match self.deliver(profile.identity(), commit).await {
+                match self.send_outgoing(profile.identity(), commit).await {
                     Ok(()) => {}
                     Err(e) => {
                         profile.abort_commit(&outcome.group_id)?;
@@ -520,7 +521,7 @@ impl Messenger {
     pub async fn leave(&self, group: &str) -> Result<(), MessengerError> {
         let mut profile = self.inner.profile.lock().await;
         if let Some(out) = profile.leave(group)? {
-            self.deliver(profile.identity(), &out).await?;
+            self.send_outgoing(profile.identity(), &out).await?;
         }
         Ok(())
     }
@@ -536,7 +537,7 @@ impl Messenger {
                 recipients: remaining,
                 ..out
             };
-            self.deliver(profile.identity(), &rest).await?;
+            self.send_outgoing(profile.identity(), &rest).await?;
         }
         Ok(())
     }
@@ -642,7 +643,7 @@ impl Messenger {
         };
         let mut profile = self.inner.profile.lock().await;
         if let Some(out) = profile.announce_peer(group, &peer)? {
-            self.deliver(profile.identity(), &out).await?;
+            self.send_outgoing(profile.identity(), &out).await?;
         }
         Ok(())
     }
@@ -754,7 +755,7 @@ impl Messenger {
         profile: &mut Profile,
         out: &Outgoing,
     ) -> Result<(), MessengerError> {
-        match self.deliver(profile.identity(), out).await {
+        match self.send_outgoing(profile.identity(), out).await {
             Ok(()) => Ok(profile.outbox_sent(&out.message_id)?),
             Err(e)
                 if matches!(
