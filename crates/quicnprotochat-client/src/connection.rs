@@ -1,27 +1,47 @@
-//! The connection worker and the `Send` handle in front of it.
+//! The connection: one authenticated QUIC connection to a delivery server,
+//! and the client's only module that knows Cap'n Proto (the tidy test
+//! `only_proto_and_one_adapter_per_side_know_capnp` enforces it).
+//!
+//! The RPC session (capnp-rpc) is `!Send`, so it lives on a worker thread of
+//! its own, on a current-thread runtime inside a `LocalSet`.  [`Client`] is
+//! the `Send` handle in front of it.  Every RPC is one method of `Client`:
+//! it hands [`Client::call`] a closure that captures only `Send` data (the
+//! arguments); the closure travels to the worker over the bounded command
+//! queue, and the future it returns is spawned there as a task of its own
+//! (so independent calls pipeline).  That future builds the request, awaits
+//! the answer, turns it into Rust types (the server's typed errors through
+//! `check!`) and the job sends the result back over a oneshot channel.
+//! Adding an RPC is adding one method.
+//!
+//! Push: [`Client::subscribe`] serves a `Listener` on the worker that passes
+//! each envelope into a bounded channel and returns only when all are in, so
+//! a slow reader slows the server down instead of filling memory.
+//!
+//! The plain Rust types the methods take and return (configuration,
+//! results) are in `types.rs`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures::future::LocalBoxFuture;
 use quicnprotochat_core::{Identity, IdentityKey};
+use quicnprotochat_proto::auth;
 use quicnprotochat_proto::capnp;
 use quicnprotochat_proto::capnp_rpc;
 use quicnprotochat_proto::limits::{KEY_LEN, NONCE_LEN};
 use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
 use quicnprotochat_proto::schema::{ErrorCode, error, listener, service, session, subscription};
-use quicnprotochat_proto::transport::{self, ServerAuth};
-use quicnprotochat_proto::{ALPN, WIRE_VERSION, auth};
+use quicnprotochat_proto::transport;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ClientError, ServerErrorCode};
-
-/// Client keep-alive: under half the server's 60 s idle timeout.
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+use crate::types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Health};
 
 /// Pushed messages buffered per subscription before the server is slowed down.
 const SUBSCRIPTION_BUFFER: usize = 1024;
@@ -29,158 +49,19 @@ const SUBSCRIPTION_BUFFER: usize = 1024;
 /// Commands queued to the worker before callers wait.
 const COMMAND_QUEUE: usize = 1024;
 
-/// How to reach and authenticate to a server.
-#[derive(Clone)]
-pub struct ClientConfig {
-    /// server UDP address
-    pub server_addr: SocketAddr,
-    /// TLS server name (SNI; checked against the certificate with CA roots)
-    pub server_name: String,
-    /// how the server certificate is verified
-    pub server_auth: ServerAuth,
-    /// the deployment's access token
-    pub access_token: Vec<u8>,
-    /// wire version announced (tests override it)
-    pub wire_version: u16,
-    /// ALPN offered (tests override it)
-    pub alpn: Vec<u8>,
-    /// QUIC keep-alive interval
-    pub keep_alive: Duration,
-}
-
-impl fmt::Debug for ClientConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientConfig")
-            .field("server_addr", &self.server_addr)
-            .field("server_name", &self.server_name)
-            .field("server_auth", &self.server_auth)
-            .field("access_token", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
-
-impl ClientConfig {
-    /// A configuration with protocol defaults.
-    pub fn new(
-        server_addr: SocketAddr,
-        server_auth: ServerAuth,
-        access_token: impl Into<Vec<u8>>,
-    ) -> Self {
-        Self {
-            server_addr,
-            server_name: "localhost".into(),
-            server_auth,
-            access_token: access_token.into(),
-            wire_version: WIRE_VERSION,
-            alpn: ALPN.to_vec(),
-            keep_alive: DEFAULT_KEEP_ALIVE,
-        }
-    }
-}
-
-/// `Service.health` result.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
-    /// ready
-    pub ok: bool,
-    /// server software version
-    pub server_version: String,
-    /// server wire version
-    pub wire_version: u16,
-    /// the store answered
-    pub store_reachable: bool,
-}
-
-/// A queued message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// per-recipient sequence number
-    pub seq: u64,
-    /// sender-chosen id
-    pub message_id: Vec<u8>,
-    /// opaque ciphertext
-    pub payload: Vec<u8>,
-    /// server receive time, Unix ms
-    pub enqueued_at_ms: u64,
-}
-
-/// A server challenge bound to one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuthChallenge {
-    /// the server's single-use nonce
-    pub nonce: [u8; NONCE_LEN],
-    /// TLS keying material exported from this connection
-    pub exporter: [u8; auth::EXPORTER_LEN],
-}
-
-impl AuthChallenge {
-    /// The bytes to sign with the identity key.
-    pub fn transcript(&self, key: &IdentityKey) -> Vec<u8> {
-        auth::transcript(&self.nonce, &self.exporter, key.as_bytes())
-    }
-}
-
-/// Result of an enqueue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnqueueResult {
-    /// stored; per-recipient sequence numbers
-    Stored(Vec<u64>),
-    /// this (sender, message id) was already stored
-    Duplicate,
-}
-
-type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
-
+/// Work for the worker thread, sent over the bounded command queue.
 enum Cmd {
-    Health(Reply<Health>),
-    Challenge(Reply<([u8; NONCE_LEN], [u8; auth::EXPORTER_LEN])>),
-    Authenticate {
-        key: IdentityKey,
-        signature: Vec<u8>,
-        reply: Reply<()>,
-    },
-    Register {
-        username: String,
-        reply: Reply<()>,
-    },
-    Resolve {
-        username: String,
-        reply: Reply<IdentityKey>,
-    },
-    Publish {
-        packages: Vec<Vec<u8>>,
-        reply: Reply<u32>,
-    },
-    FetchKeyPackage {
-        identity: IdentityKey,
-        reply: Reply<(Vec<u8>, bool)>,
-    },
-    KeyPackageCount(Reply<(u32, bool)>),
-    Enqueue {
-        recipients: Vec<IdentityKey>,
-        message_id: [u8; 16],
-        payload: Vec<u8>,
-        reply: Reply<EnqueueResult>,
-    },
-    Fetch {
-        recipient: IdentityKey,
-        from_seq: u64,
-        limit: u32,
-        reply: Reply<Vec<Envelope>>,
-    },
-    Ack {
-        recipient: IdentityKey,
-        up_to: u64,
-        reply: Reply<u32>,
-    },
-    Subscribe {
-        recipient: IdentityKey,
-        from_seq: u64,
-        events: mpsc::Sender<Envelope>,
-        reply: Reply<u64>,
-    },
+    /// One RPC: a job the worker runs as a task of its own.
+    Call(Job),
+    /// Cancels the subscription with this id (sent by `Subscription::drop`).
     Unsubscribe(u64),
 }
+
+/// One RPC for the worker.  The closure is built on the caller's thread and
+/// captures only `Send` data (the arguments and the oneshot reply sender);
+/// the future it returns runs on the worker, where it builds the Cap'n Proto
+/// request (which is `!Send`), awaits the answer and sends the result back.
+type Job = Box<dyn FnOnce(Rc<Worker>) -> LocalBoxFuture<'static, ()> + Send>;
 
 /// A connection to a delivery server.  Cheap to share (`Arc` inside); every
 /// method is a `Send` future.
@@ -232,6 +113,79 @@ impl Drop for Subscription {
     }
 }
 
+// ---------------------------------------------------------------------------
+// From the wire: the server's typed errors and the values calls return
+
+fn server_error(e: error::Reader<'_>) -> ClientError {
+    let code = match e.get_code() {
+        Ok(ErrorCode::Unauthenticated) => ServerErrorCode::Unauthenticated,
+        Ok(ErrorCode::Forbidden) => ServerErrorCode::Forbidden,
+        Ok(ErrorCode::InvalidArgument) => ServerErrorCode::InvalidArgument,
+        Ok(ErrorCode::TooLarge) => ServerErrorCode::TooLarge,
+        Ok(ErrorCode::RateLimited) => ServerErrorCode::RateLimited,
+        Ok(ErrorCode::QueueFull) => ServerErrorCode::QueueFull,
+        Ok(ErrorCode::NotFound) => ServerErrorCode::NotFound,
+        Ok(ErrorCode::VersionMismatch) => ServerErrorCode::VersionMismatch,
+        Ok(ErrorCode::Internal) => ServerErrorCode::Internal,
+        Ok(ErrorCode::Conflict) => ServerErrorCode::Conflict,
+        Ok(ErrorCode::StaleEpoch) => ServerErrorCode::StaleEpoch,
+        Ok(ErrorCode::Unspecified) | Err(_) => ServerErrorCode::Unknown,
+    };
+    let message = e
+        .get_message()
+        .ok()
+        .and_then(|m| m.to_string().ok())
+        .unwrap_or_default();
+    let retry_after = match e.get_retry_after_ms() {
+        0 => None,
+        ms => Some(Duration::from_millis(u64::from(ms))),
+    };
+    ClientError::Server {
+        code,
+        message,
+        retry_after,
+    }
+}
+
+/// Returns the server's typed error if the result carries one.
+macro_rules! check {
+    ($r:expr) => {
+        if $r.has_error() {
+            return Err(server_error($r.get_error()?));
+        }
+    };
+}
+
+impl From<quicnprotochat_proto::capnp::Error> for ClientError {
+    fn from(e: quicnprotochat_proto::capnp::Error) -> Self {
+        Self::Rpc(e.to_string())
+    }
+}
+
+fn key_from(bytes: &[u8]) -> Result<IdentityKey, ClientError> {
+    if bytes.len() != KEY_LEN {
+        return Err(ClientError::InvalidResponse(
+            "identity key of the wrong length",
+        ));
+    }
+    IdentityKey::from_slice(bytes).map_err(|_| ClientError::InvalidResponse("identity key"))
+}
+
+fn read_envelopes(
+    list: capnp::struct_list::Reader<'_, quicnprotochat_proto::schema::envelope::Owned>,
+) -> Result<Vec<Envelope>, ClientError> {
+    list.iter()
+        .map(|e| {
+            Ok(Envelope {
+                seq: e.get_seq(),
+                message_id: e.get_message_id()?.to_vec(),
+                payload: e.get_payload()?.to_vec(),
+                enqueued_at_ms: e.get_enqueued_at_ms(),
+            })
+        })
+        .collect()
+}
+
 impl Client {
     /// Connects (QUIC + TLS + RPC bootstrap).  Nothing is authenticated yet:
     /// call [`Client::init_auth`] before any session method.
@@ -261,11 +215,26 @@ impl Client {
         self.inner.identity.get().copied()
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, ClientError> {
+    /// Runs `rpc` on the worker thread and waits for its result: the one
+    /// path from a `Send` method to the `!Send` RPC session.  `rpc` moves to
+    /// the worker with its (`Send`) arguments; the future it returns builds
+    /// the request there.  A full queue makes the caller wait; a worker that
+    /// is gone (or drops the job) is [`ClientError::Disconnected`].
+    async fn call<T, F, Fut>(&self, rpc: F) -> Result<T, ClientError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<Worker>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, ClientError>> + 'static,
+    {
         let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(move |worker| {
+            Box::pin(async move {
+                let _ = reply.send(rpc(worker).await);
+            })
+        });
         self.inner
             .tx
-            .send(make(reply))
+            .send(Cmd::Call(job))
             .await
             .map_err(|_| ClientError::Disconnected)?;
         rx.await.map_err(|_| ClientError::Disconnected)?
@@ -277,7 +246,17 @@ impl Client {
 
     /// `Service.health`: needs no authentication.
     pub async fn health(&self) -> Result<Health, ClientError> {
-        self.call(Cmd::Health).await
+        self.call(|w| async move {
+            let resp = w.svc.health_request().send().promise.await?;
+            let h = resp.get()?.get_health()?;
+            Ok(Health {
+                ok: h.get_ok(),
+                server_version: h.get_server_version()?.to_string().unwrap_or_default(),
+                wire_version: h.get_wire_version(),
+                store_reachable: h.get_store_reachable(),
+            })
+        })
+        .await
     }
 
     /// Authenticates `identity`: fetches a nonce, signs the transcript bound
@@ -292,8 +271,23 @@ impl Client {
     /// First half of [`Client::init_auth`]: a fresh server nonce and this
     /// connection's TLS exporter value.
     pub async fn auth_challenge(&self) -> Result<AuthChallenge, ClientError> {
-        let (nonce, exporter) = self.call(Cmd::Challenge).await?;
-        Ok(AuthChallenge { nonce, exporter })
+        self.call(|w| async move {
+            let mut req = w.svc.challenge_request();
+            req.get().set_wire_version(w.wire_version);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            let nonce: [u8; NONCE_LEN] = r
+                .get_nonce()?
+                .try_into()
+                .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
+            let mut exporter = [0; auth::EXPORTER_LEN];
+            w.conn
+                .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
+                .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
+            Ok(AuthChallenge { nonce, exporter })
+        })
+        .await
     }
 
     /// Second half of [`Client::init_auth`]: presents the token, the identity
@@ -303,10 +297,20 @@ impl Client {
         key: IdentityKey,
         signature: Vec<u8>,
     ) -> Result<(), ClientError> {
-        self.call(|reply| Cmd::Authenticate {
-            key,
-            signature,
-            reply,
+        self.call(move |w| async move {
+            let mut req = w.svc.authenticate_request();
+            {
+                let mut a = req.get().init_request();
+                a.set_wire_version(w.wire_version);
+                a.set_access_token(&w.token);
+                a.set_identity_key(key.as_bytes());
+                a.set_signature(&signature);
+            }
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            *w.session.borrow_mut() = Some(r.get_session()?);
+            Ok(())
         })
         .await?;
         let _ = self.inner.identity.set(key);
@@ -316,18 +320,46 @@ impl Client {
     /// Binds this identity to `username`.
     pub async fn register(&self, username: &str) -> Result<(), ClientError> {
         let username = username.to_string();
-        self.call(|reply| Cmd::Register { username, reply }).await
+        self.call(move |w| async move {
+            let mut req = w.session()?.register_request();
+            req.get().set_username(username.as_str());
+            let resp = req.send().promise.await?;
+            check!(resp.get()?);
+            Ok(())
+        })
+        .await
     }
 
     /// Looks a username up.
     pub async fn resolve(&self, username: &str) -> Result<IdentityKey, ClientError> {
         let username = username.to_string();
-        self.call(|reply| Cmd::Resolve { username, reply }).await
+        self.call(move |w| async move {
+            let mut req = w.session()?.resolve_request();
+            req.get().set_username(username.as_str());
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            key_from(r.get_identity_key()?)
+        })
+        .await
     }
 
     /// Publishes TLS-serialized key packages; returns how many were stored.
     pub async fn publish_key_packages(&self, packages: Vec<Vec<u8>>) -> Result<u32, ClientError> {
-        self.call(|reply| Cmd::Publish { packages, reply }).await
+        self.call(move |w| async move {
+            let mut req = w.session()?.publish_key_packages_request();
+            let mut list = req
+                .get()
+                .init_key_packages(u32::try_from(packages.len()).unwrap_or(u32::MAX));
+            for (i, p) in packages.iter().enumerate() {
+                list.set(u32::try_from(i).unwrap_or(u32::MAX), p);
+            }
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok(r.get_stored())
+        })
+        .await
     }
 
     /// Claims one key package of `identity`: `(package, is_last_resort)`.
@@ -335,14 +367,32 @@ impl Client {
         &self,
         identity: IdentityKey,
     ) -> Result<(Vec<u8>, bool), ClientError> {
-        self.call(|reply| Cmd::FetchKeyPackage { identity, reply })
-            .await
+        self.call(move |w| async move {
+            let mut req = w.session()?.fetch_key_package_request();
+            req.get().set_identity_key(identity.as_bytes());
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok((r.get_key_package()?.to_vec(), r.get_last_resort()))
+        })
+        .await
     }
 
     /// This identity's unexpired one-time packages on the server, and whether
     /// a last-resort package is there.
     pub async fn key_package_count(&self) -> Result<(u32, bool), ClientError> {
-        self.call(Cmd::KeyPackageCount).await
+        self.call(|w| async move {
+            let resp = w
+                .session()?
+                .key_package_count_request()
+                .send()
+                .promise
+                .await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok((r.get_count(), r.get_has_last_resort()))
+        })
+        .await
     }
 
     /// Stores `payload` for every recipient (atomically).
@@ -353,11 +403,27 @@ impl Client {
         payload: Vec<u8>,
     ) -> Result<EnqueueResult, ClientError> {
         let recipients = recipients.to_vec();
-        self.call(|reply| Cmd::Enqueue {
-            recipients,
-            message_id,
-            payload,
-            reply,
+        self.call(move |w| async move {
+            let mut req = w.session()?.enqueue_request();
+            {
+                let mut p = req.get();
+                let mut list = p
+                    .reborrow()
+                    .init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
+                for (i, r) in recipients.iter().enumerate() {
+                    list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
+                }
+                p.set_message_id(&message_id);
+                p.set_payload(&payload);
+            }
+            drop(payload);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            if r.get_duplicate() {
+                return Ok(EnqueueResult::Duplicate);
+            }
+            Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
         })
         .await
     }
@@ -376,11 +442,18 @@ impl Client {
         from_seq: u64,
         limit: u32,
     ) -> Result<Vec<Envelope>, ClientError> {
-        self.call(|reply| Cmd::Fetch {
-            recipient,
-            from_seq,
-            limit,
-            reply,
+        self.call(move |w| async move {
+            let mut req = w.session()?.fetch_request();
+            {
+                let mut p = req.get();
+                p.set_recipient(recipient.as_bytes());
+                p.set_from_seq(from_seq);
+                p.set_limit(limit);
+            }
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            read_envelopes(r.get_messages()?)
         })
         .await
     }
@@ -393,10 +466,14 @@ impl Client {
 
     /// Acknowledges on the queue of `recipient` (only one's own is allowed).
     pub async fn ack_queue(&self, recipient: IdentityKey, up_to: u64) -> Result<u32, ClientError> {
-        self.call(|reply| Cmd::Ack {
-            recipient,
-            up_to,
-            reply,
+        self.call(move |w| async move {
+            let mut req = w.session()?.ack_request();
+            req.get().set_recipient(recipient.as_bytes());
+            req.get().set_up_to_seq(up_to);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok(r.get_removed())
         })
         .await
     }
@@ -416,11 +493,23 @@ impl Client {
     ) -> Result<Subscription, ClientError> {
         let (events, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let id = self
-            .call(|reply| Cmd::Subscribe {
-                recipient,
-                from_seq,
-                events,
-                reply,
+            .call(move |w| async move {
+                let mut req = w.session()?.subscribe_request();
+                let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events });
+                {
+                    let mut p = req.get();
+                    p.set_recipient(recipient.as_bytes());
+                    p.set_from_seq(from_seq);
+                    p.set_listener(listener);
+                }
+                let resp = req.send().promise.await?;
+                let r = resp.get()?;
+                check!(r);
+                let sub = r.get_subscription()?;
+                let id = w.next_sub.get();
+                w.next_sub.set(id + 1);
+                w.subs.borrow_mut().insert(id, sub);
+                Ok(id)
             })
             .await?;
         Ok(Subscription {
@@ -432,16 +521,35 @@ impl Client {
 }
 
 // ---------------------------------------------------------------------------
-// Worker (single-threaded: Cap'n Proto RPC is !Send)
+// The worker thread (single-threaded: Cap'n Proto RPC is !Send)
 
+/// The RPC objects of one connection, shared by the worker's tasks (`Rc`:
+/// they all run on the worker thread; `RefCell`s are never held across an
+/// await).
 struct Worker {
+    /// the bootstrap capability (`health`, `challenge`, `authenticate`)
     svc: service::Client,
+    /// the session capability, once authenticated
     session: RefCell<Option<session::Client>>,
+    /// the access token presented on `authenticate`
     token: Vec<u8>,
+    /// the wire version announced
     wire_version: u16,
+    /// the QUIC connection (for the TLS exporter)
     conn: quinn::Connection,
+    /// live subscriptions by id: dropping one cancels it on the server
     subs: RefCell<HashMap<u64, subscription::Client>>,
+    /// the next subscription id
     next_sub: Cell<u64>,
+}
+
+impl Worker {
+    fn session(&self) -> Result<session::Client, ClientError> {
+        self.session
+            .borrow()
+            .clone()
+            .ok_or(ClientError::NotAuthenticated)
+    }
 }
 
 fn worker_main(
@@ -530,312 +638,16 @@ async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSyst
 
 async fn run_commands(worker: Rc<Worker>, mut rx: mpsc::Receiver<Cmd>) {
     while let Some(cmd) = rx.recv().await {
-        if let Cmd::Unsubscribe(id) = cmd {
-            worker.subs.borrow_mut().remove(&id);
-            continue;
-        }
-        // Commands run concurrently, so independent calls pipeline.
-        tokio::task::spawn_local(handle(worker.clone(), cmd));
-    }
-}
-
-fn server_error(e: error::Reader<'_>) -> ClientError {
-    let code = match e.get_code() {
-        Ok(ErrorCode::Unauthenticated) => ServerErrorCode::Unauthenticated,
-        Ok(ErrorCode::Forbidden) => ServerErrorCode::Forbidden,
-        Ok(ErrorCode::InvalidArgument) => ServerErrorCode::InvalidArgument,
-        Ok(ErrorCode::TooLarge) => ServerErrorCode::TooLarge,
-        Ok(ErrorCode::RateLimited) => ServerErrorCode::RateLimited,
-        Ok(ErrorCode::QueueFull) => ServerErrorCode::QueueFull,
-        Ok(ErrorCode::NotFound) => ServerErrorCode::NotFound,
-        Ok(ErrorCode::VersionMismatch) => ServerErrorCode::VersionMismatch,
-        Ok(ErrorCode::Internal) => ServerErrorCode::Internal,
-        Ok(ErrorCode::Conflict) => ServerErrorCode::Conflict,
-        Ok(ErrorCode::StaleEpoch) => ServerErrorCode::StaleEpoch,
-        Ok(ErrorCode::Unspecified) | Err(_) => ServerErrorCode::Unknown,
-    };
-    let message = e
-        .get_message()
-        .ok()
-        .and_then(|m| m.to_string().ok())
-        .unwrap_or_default();
-    let retry_after = match e.get_retry_after_ms() {
-        0 => None,
-        ms => Some(Duration::from_millis(u64::from(ms))),
-    };
-    ClientError::Server {
-        code,
-        message,
-        retry_after,
-    }
-}
-
-/// Returns the server's typed error if the result carries one.
-macro_rules! check {
-    ($r:expr) => {
-        if $r.has_error() {
-            return Err(server_error($r.get_error()?));
-        }
-    };
-}
-
-impl From<quicnprotochat_proto::capnp::Error> for ClientError {
-    fn from(e: quicnprotochat_proto::capnp::Error) -> Self {
-        Self::Rpc(e.to_string())
-    }
-}
-
-fn key_from(bytes: &[u8]) -> Result<IdentityKey, ClientError> {
-    if bytes.len() != KEY_LEN {
-        return Err(ClientError::InvalidResponse(
-            "identity key of the wrong length",
-        ));
-    }
-    IdentityKey::from_slice(bytes).map_err(|_| ClientError::InvalidResponse("identity key"))
-}
-
-fn read_envelopes(
-    list: capnp::struct_list::Reader<'_, quicnprotochat_proto::schema::envelope::Owned>,
-) -> Result<Vec<Envelope>, ClientError> {
-    list.iter()
-        .map(|e| {
-            Ok(Envelope {
-                seq: e.get_seq(),
-                message_id: e.get_message_id()?.to_vec(),
-                payload: e.get_payload()?.to_vec(),
-                enqueued_at_ms: e.get_enqueued_at_ms(),
-            })
-        })
-        .collect()
-}
-
-impl Worker {
-    fn session(&self) -> Result<session::Client, ClientError> {
-        self.session
-            .borrow()
-            .clone()
-            .ok_or(ClientError::NotAuthenticated)
-    }
-}
-
-async fn handle(w: Rc<Worker>, cmd: Cmd) {
-    match cmd {
-        Cmd::Health(reply) => {
-            let _ = reply.send(health(&w).await);
-        }
-        Cmd::Challenge(reply) => {
-            let _ = reply.send(challenge(&w).await);
-        }
-        Cmd::Authenticate {
-            key,
-            signature,
-            reply,
-        } => {
-            let _ = reply.send(authenticate(&w, key, signature).await);
-        }
-        Cmd::Register { username, reply } => {
-            let r = async {
-                let mut req = w.session()?.register_request();
-                req.get().set_username(username.as_str());
-                let resp = req.send().promise.await?;
-                check!(resp.get()?);
-                Ok(())
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Resolve { username, reply } => {
-            let r = async {
-                let mut req = w.session()?.resolve_request();
-                req.get().set_username(username.as_str());
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                key_from(r.get_identity_key()?)
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Publish { packages, reply } => {
-            let r = async {
-                let mut req = w.session()?.publish_key_packages_request();
-                let mut list = req
-                    .get()
-                    .init_key_packages(u32::try_from(packages.len()).unwrap_or(u32::MAX));
-                for (i, p) in packages.iter().enumerate() {
-                    list.set(u32::try_from(i).unwrap_or(u32::MAX), p);
-                }
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                Ok(r.get_stored())
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::FetchKeyPackage { identity, reply } => {
-            let r = async {
-                let mut req = w.session()?.fetch_key_package_request();
-                req.get().set_identity_key(identity.as_bytes());
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                Ok((r.get_key_package()?.to_vec(), r.get_last_resort()))
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::KeyPackageCount(reply) => {
-            let r = async {
-                let resp = w
-                    .session()?
-                    .key_package_count_request()
-                    .send()
-                    .promise
-                    .await?;
-                let r = resp.get()?;
-                check!(r);
-                Ok((r.get_count(), r.get_has_last_resort()))
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Enqueue {
-            recipients,
-            message_id,
-            payload,
-            reply,
-        } => {
-            let r = async {
-                let mut req = w.session()?.enqueue_request();
-                {
-                    let mut p = req.get();
-                    let mut list = p
-                        .reborrow()
-                        .init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
-                    for (i, r) in recipients.iter().enumerate() {
-                        list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
-                    }
-                    p.set_message_id(&message_id);
-                    p.set_payload(&payload);
-                }
-                drop(payload);
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                if r.get_duplicate() {
-                    return Ok(EnqueueResult::Duplicate);
-                }
-                Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Fetch {
-            recipient,
-            from_seq,
-            limit,
-            reply,
-        } => {
-            let r = async {
-                let mut req = w.session()?.fetch_request();
-                {
-                    let mut p = req.get();
-                    p.set_recipient(recipient.as_bytes());
-                    p.set_from_seq(from_seq);
-                    p.set_limit(limit);
-                }
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                read_envelopes(r.get_messages()?)
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Ack {
-            recipient,
-            up_to,
-            reply,
-        } => {
-            let r = async {
-                let mut req = w.session()?.ack_request();
-                req.get().set_recipient(recipient.as_bytes());
-                req.get().set_up_to_seq(up_to);
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                Ok(r.get_removed())
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Subscribe {
-            recipient,
-            from_seq,
-            events,
-            reply,
-        } => {
-            let r = async {
-                let mut req = w.session()?.subscribe_request();
-                let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events });
-                {
-                    let mut p = req.get();
-                    p.set_recipient(recipient.as_bytes());
-                    p.set_from_seq(from_seq);
-                    p.set_listener(listener);
-                }
-                let resp = req.send().promise.await?;
-                let r = resp.get()?;
-                check!(r);
-                let sub = r.get_subscription()?;
-                let id = w.next_sub.get();
-                w.next_sub.set(id + 1);
-                w.subs.borrow_mut().insert(id, sub);
-                Ok(id)
-            };
-            let _ = reply.send(r.await);
-        }
-        Cmd::Unsubscribe(id) => {
-            w.subs.borrow_mut().remove(&id);
+        match cmd {
+            // Calls run as tasks of their own, so independent calls pipeline.
+            Cmd::Call(job) => {
+                tokio::task::spawn_local(job(worker.clone()));
+            }
+            Cmd::Unsubscribe(id) => {
+                worker.subs.borrow_mut().remove(&id);
+            }
         }
     }
-}
-
-async fn health(w: &Worker) -> Result<Health, ClientError> {
-    let resp = w.svc.health_request().send().promise.await?;
-    let h = resp.get()?.get_health()?;
-    Ok(Health {
-        ok: h.get_ok(),
-        server_version: h.get_server_version()?.to_string().unwrap_or_default(),
-        wire_version: h.get_wire_version(),
-        store_reachable: h.get_store_reachable(),
-    })
-}
-
-async fn challenge(w: &Worker) -> Result<([u8; NONCE_LEN], [u8; auth::EXPORTER_LEN]), ClientError> {
-    let mut req = w.svc.challenge_request();
-    req.get().set_wire_version(w.wire_version);
-    let resp = req.send().promise.await?;
-    let r = resp.get()?;
-    check!(r);
-    let nonce: [u8; NONCE_LEN] = r
-        .get_nonce()?
-        .try_into()
-        .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
-    let mut exporter = [0; auth::EXPORTER_LEN];
-    w.conn
-        .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
-        .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
-    Ok((nonce, exporter))
-}
-
-async fn authenticate(w: &Worker, key: IdentityKey, signature: Vec<u8>) -> Result<(), ClientError> {
-    let mut req = w.svc.authenticate_request();
-    {
-        let mut a = req.get().init_request();
-        a.set_wire_version(w.wire_version);
-        a.set_access_token(&w.token);
-        a.set_identity_key(key.as_bytes());
-        a.set_signature(&signature);
-    }
-    let resp = req.send().promise.await?;
-    let r = resp.get()?;
-    check!(r);
-    *w.session.borrow_mut() = Some(r.get_session()?);
-    Ok(())
 }
 
 struct ListenerImpl {

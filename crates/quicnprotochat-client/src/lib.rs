@@ -11,11 +11,11 @@ mod error;
 #[cfg(feature = "test-harness")]
 pub mod harness;
 mod messenger;
+mod types;
 
-pub use connection::{
-    AuthChallenge, Client, ClientConfig, EnqueueResult, Envelope, Health, Subscription,
-};
+pub use connection::{Client, Subscription};
 pub use error::{ClientError, ServerErrorCode};
 pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
 pub use quicnprotochat_core::{Event, ProfileKey};
 pub use quicnprotochat_proto::transport::ServerAuth;
+pub use types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Health};

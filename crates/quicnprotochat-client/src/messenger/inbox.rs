@@ -1,0 +1,76 @@
+//! Reading the server queue into the profile: fetching it in batches,
+//! processing envelopes, acknowledging what is stored.
+//!
+//! The caller holds the profile (`&mut Profile`) for the whole operation.
+//! A batch is processed in one transaction that also moves the queue
+//! cursor, and acknowledged only after that transaction committed, so the
+//! server deletes nothing the profile has not stored.
+
+use quicnprotochat_core::{Delivered, Event, Profile};
+
+use super::error::MessengerError;
+use super::supervisor::Supervisor;
+use crate::types::Envelope;
+
+/// Messages fetched per `fetch` call while syncing.
+const SYNC_BATCH: u32 = 256;
+
+/// Fetches, processes and acknowledges everything queued past the profile's
+/// cursor, in order.
+pub(super) async fn drain(
+    link: &Supervisor,
+    profile: &mut Profile,
+) -> Result<Vec<Event>, MessengerError> {
+    let mut events = Vec::new();
+    loop {
+        let next = profile.next_seq()?;
+        let batch = link.client().await.fetch(next, SYNC_BATCH).await?;
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            break;
+        };
+        // One transaction for the batch, cursor included.
+        events.extend(process_envelopes(profile, &batch)?);
+        link.client().await.ack(last).await?;
+    }
+    Ok(events)
+}
+
+/// The groups with proposals waiting for a commit from us.
+pub(super) fn pending_groups(events: &[Event]) -> Vec<Vec<u8>> {
+    let mut ids: Vec<Vec<u8>> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ProposalsPending { group_id, .. } => Some(group_id.clone()),
+            _ => None,
+        })
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// Processes envelopes in one transaction that also moves the queue cursor
+/// past them; a bad one is logged and skipped (the others apply).  The error
+/// is a storage failure, after which none applied.
+pub(super) fn process_envelopes(
+    profile: &mut Profile,
+    batch: &[Envelope],
+) -> Result<Vec<Event>, MessengerError> {
+    let delivered: Vec<Delivered<'_>> = batch
+        .iter()
+        .map(|env| Delivered {
+            seq: env.seq,
+            message_id: &env.message_id,
+            payload: &env.payload,
+        })
+        .collect();
+    let mut events = Vec::new();
+    for (env, result) in batch.iter().zip(profile.process_batch(&delivered)?) {
+        match result {
+            Ok(more) => events.extend(more),
+            Err(e) => {
+                tracing::warn!(seq = env.seq, error = %e, "ignored an undecryptable or invalid message");
+            }
+        }
+    }
+    Ok(events)
+}

@@ -1,0 +1,334 @@
+//! The messenger: an encrypted profile plus a server connection.
+//!
+//! [`Messenger`] is what applications use: it registers identities, creates
+//! groups, invites members (fetching their key packages), sends messages,
+//! and turns everything arriving in the queue into [`Event`]s.  Commits go
+//! through the server's one-commit-per-epoch ordering: a commit that loses
+//! (`staleEpoch`) is discarded, the winner is processed, and the operation
+//! is retried.  Lost connections are re-established with exponential
+//! backoff; enqueues are idempotent (message ids), so a retry never
+//! duplicates a message.
+//!
+//! This file is the facade: [`Messenger`], which holds the parts, and its
+//! public methods, each a short composition of the parts.  `receive.rs` is
+//! the facade's other half (its background loops, in an `impl Messenger`).
+//! Every other part owns one job.  Imports run one way, down this list: a
+//! part knows only the parts below it, and uses them through their
+//! `pub(super)` functions and methods, never their fields.
+//!
+//! | part | job |
+//! |---|---|
+//! | `receive.rs` | the push listener, direct messages, publishing events and reacting to them (the facade's background half) |
+//! | `routing.rs` | application messages directly to peers or through the server; peer announcements; the iroh endpoint |
+//! | `commits.rs` | commits under the epoch ordering: retry after `staleEpoch`, catch up, the Welcome outbox |
+//! | `inbox.rs` | fetching the queue, processing envelopes into the profile, acknowledging |
+//! | `directory.rs` | checking invitees and members against the server's directory |
+//! | `keypackages.rs` | keeping key packages on the server |
+//! | `supervisor.rs` | the connection: connect, authenticate, reconnect with backoff, send with one retry |
+//! | `settings.rs` | the server and peer-to-peer key stored in the profile |
+//! | `events.rs` | the event bus and [`EventStream`] |
+//! | `error.rs` | [`MessengerError`] |
+//!
+//! Invariants:
+//! - The profile lock is held for a whole operation (a commit with its
+//!   retries, a sync, one pushed or direct message), so an incoming message
+//!   cannot interleave with a pending commit.  Parts that need it for a
+//!   whole operation take `&mut Profile`, so the caller holds the lock.
+//! - No other lock is held across a round trip to the server: the
+//!   connection is cloned out of the supervisor's lock.  The router's lock
+//!   is held, as a reader, across direct sends only.  Lock order: the
+//!   profile, then the router.
+//! - Follow-ups that talk to the network (announcing, directory checks,
+//!   key-package refills) run after the profile lock is released.
+
+mod commits;
+mod directory;
+mod error;
+mod events;
+mod inbox;
+mod keypackages;
+mod receive;
+mod routing;
+mod settings;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use quicnprotochat_core::{
+    Event, GroupSummary, IdentityKey, MemberInfo, Profile, ProfileKey, StateError, StoredMessage,
+};
+use quicnprotochat_p2p::PeerAddr;
+use tokio::sync::Mutex;
+
+pub use error::MessengerError;
+pub use events::EventStream;
+pub use routing::P2pOptions;
+
+use self::events::EventBus;
+use self::routing::Router;
+use self::supervisor::Supervisor;
+use crate::types::ClientConfig;
+
+/// A profile connected to its server.
+#[derive(Clone)]
+pub struct Messenger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// the direct path (declared first: dropped first, closing the endpoint
+    /// before anything else goes)
+    router: Router,
+    /// the profile: one lock for a whole operation
+    profile: Mutex<Profile>,
+    /// the server connection
+    link: Supervisor,
+    /// where processed events go
+    bus: EventBus,
+    /// the profile directory (for `Debug`)
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Messenger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messenger")
+            .field("profile", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Messenger {
+    /// Creates a profile in `dir` for `username`, registers it with the
+    /// server and publishes key packages.
+    pub async fn register(
+        dir: &Path,
+        key: &ProfileKey,
+        server: ClientConfig,
+        username: &str,
+    ) -> Result<Self, MessengerError> {
+        let dir_buf = dir.to_path_buf();
+        let (key, name) = (key.clone(), username.to_string());
+        let profile = blocking(move || Profile::create(&dir_buf, &key, &name)).await?;
+        settings::save_server(&profile, &server)?;
+        let link = Supervisor::connect(server, profile.identity().clone()).await?;
+        link.client().await.register(username).await?;
+        let m = Self::assemble(profile, link, dir);
+        m.replenish_key_packages(true).await?;
+        Ok(m)
+    }
+
+    /// Opens the profile in `dir` and connects to its server (or to
+    /// `server`, which is then saved).
+    pub async fn open(
+        dir: &Path,
+        key: &ProfileKey,
+        server: Option<ClientConfig>,
+    ) -> Result<Self, MessengerError> {
+        let dir_buf = dir.to_path_buf();
+        let key = key.clone();
+        let profile = blocking(move || Profile::open(&dir_buf, &key)).await?;
+        let server = match server {
+            Some(s) => {
+                settings::save_server(&profile, &s)?;
+                s
+            }
+            None => settings::load_server(&profile)?,
+        };
+        let link = Supervisor::connect(server, profile.identity().clone()).await?;
+        Ok(Self::assemble(profile, link, dir))
+    }
+
+    fn assemble(profile: Profile, link: Supervisor, dir: &Path) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                router: Router::new(),
+                profile: Mutex::new(profile),
+                link,
+                bus: EventBus::new(),
+                dir: dir.to_path_buf(),
+            }),
+        }
+    }
+
+    /// This client's username.
+    pub async fn username(&self) -> String {
+        self.inner.profile.lock().await.username().to_string()
+    }
+
+    /// This client's identity key.
+    pub async fn identity_key(&self) -> IdentityKey {
+        self.inner.profile.lock().await.identity_key()
+    }
+
+    /// Publishes key packages when fewer than the low-water mark remain
+    /// (always when `force`), plus a last-resort package when none is there.
+    pub async fn replenish_key_packages(&self, force: bool) -> Result<u32, MessengerError> {
+        keypackages::replenish(&self.inner.link, &self.inner.profile, force).await
+    }
+
+    /// Creates a group with this client as its only member.
+    pub async fn create_group(&self, name: &str) -> Result<(), MessengerError> {
+        self.inner.profile.lock().await.create_group(name)?;
+        Ok(())
+    }
+
+    /// Invites `username` to `group` (creating the group if it does not
+    /// exist): claims one of their key packages, commits the add, routes the
+    /// commit to existing members and the Welcome to the invitee.
+    pub async fn invite(&self, group: &str, username: &str) -> Result<Vec<Event>, MessengerError> {
+        let client = self.inner.link.client().await;
+        let (invitee, kp) = directory::claim_invitee(&client, username).await?;
+        let events = {
+            let mut profile = self.inner.profile.lock().await;
+            if !profile.has_group(group)? {
+                profile.create_group(group)?;
+            }
+            commits::commit_with(&self.inner.link, &mut profile, |p| {
+                p.add_member(group, &kp, invitee)
+            })
+            .await?
+        };
+        // The new member does not know how to reach us directly yet.
+        self.announce(group).await?;
+        Ok(events)
+    }
+
+    /// Members of `group` whose credential names a user the server's
+    /// directory binds to another key (or does not know).
+    pub async fn verify_members(&self, group: &str) -> Result<Vec<MemberInfo>, MessengerError> {
+        let members = self.members(group).await?;
+        directory::mismatches(&self.inner.link.client().await, members).await
+    }
+
+    /// Our direct address, when peer-to-peer delivery is enabled.
+    pub async fn p2p_addr(&self) -> Option<PeerAddr> {
+        self.inner.router.addr().await
+    }
+
+    /// Removes `username` from `group`.
+    pub async fn remove(&self, group: &str, username: &str) -> Result<Vec<Event>, MessengerError> {
+        let mut profile = self.inner.profile.lock().await;
+        commits::commit_with(&self.inner.link, &mut profile, |p| {
+            p.remove_member(group, username)
+        })
+        .await
+    }
+
+    /// Refreshes this client's keys in `group` (post-compromise security).
+    pub async fn update(&self, group: &str) -> Result<Vec<Event>, MessengerError> {
+        let mut profile = self.inner.profile.lock().await;
+        commits::commit_with(&self.inner.link, &mut profile, |p| p.self_update(group)).await
+    }
+
+    /// Leaves `group`: asks the others to remove us, forgets it locally.
+    pub async fn leave(&self, group: &str) -> Result<(), MessengerError> {
+        let mut profile = self.inner.profile.lock().await;
+        if let Some(out) = profile.leave(group)? {
+            self.inner.link.send_outgoing(&out).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a text message to `group`: directly to members reachable
+    /// peer-to-peer (when enabled), through the server to the rest.
+    pub async fn send(&self, group: &str, text: &str) -> Result<(), MessengerError> {
+        let mut profile = self.inner.profile.lock().await;
+        let out = profile.send_text(group, text)?;
+        routing::send(&self.inner.router, &self.inner.link, &profile, out).await?;
+        Ok(())
+    }
+
+    /// Starts peer-to-peer delivery: binds the iroh endpoint with the
+    /// profile's stable key, accepts direct messages from members of our
+    /// groups, and (unless opted out) announces our address in every group.
+    /// Returns our endpoint id.
+    pub async fn enable_p2p(&self, options: P2pOptions) -> Result<[u8; 32], MessengerError> {
+        let (secret, allowed, groups) = {
+            let profile = self.inner.profile.lock().await;
+            let secret = settings::p2p_secret(&profile)?;
+            let groups: Vec<String> = profile.groups()?.into_iter().map(|g| g.name).collect();
+            (secret, profile.allowed_endpoint_ids()?, groups)
+        };
+        let announce = options.announce;
+        let this = self.clone();
+        let id = self
+            .inner
+            .router
+            .start(secret, options, allowed, |rx| {
+                tokio::spawn(this.inbound_loop(rx))
+            })
+            .await?;
+        if announce {
+            for g in groups {
+                self.announce(&g).await?;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Stops peer-to-peer delivery (later messages go through the server).
+    pub async fn disable_p2p(&self) {
+        self.inner.router.stop().await;
+    }
+
+    /// Announces our direct address to the members of `group` (through the
+    /// server: they may not know us yet).
+    async fn announce(&self, group: &str) -> Result<(), MessengerError> {
+        routing::announce(
+            &self.inner.router,
+            &self.inner.link,
+            &self.inner.profile,
+            group,
+        )
+        .await
+    }
+
+    /// Local groups.
+    pub async fn groups(&self) -> Result<Vec<GroupSummary>, MessengerError> {
+        Ok(self.inner.profile.lock().await.groups()?)
+    }
+
+    /// Members of a group.
+    pub async fn members(&self, group: &str) -> Result<Vec<MemberInfo>, MessengerError> {
+        Ok(self.inner.profile.lock().await.members(group)?)
+    }
+
+    /// The last `limit` messages of a group, oldest first.
+    pub async fn history(
+        &self,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, MessengerError> {
+        Ok(self.inner.profile.lock().await.history(group, limit)?)
+    }
+
+    /// Fetches and processes everything queued since the last run, in order.
+    pub async fn sync(&self) -> Result<Vec<Event>, MessengerError> {
+        let mut profile = self.inner.profile.lock().await;
+        let events = commits::catch_up(&self.inner.link, &mut profile).await?;
+        drop(profile);
+        self.after_events(&events).await?;
+        self.publish(&events).await;
+        Ok(events)
+    }
+
+    /// Listens for new messages via the server's push subscription, from
+    /// where the last run stopped, and keeps doing so across reconnects.
+    /// Direct (peer-to-peer) messages arrive on the same stream.
+    pub async fn listen(&self) -> Result<EventStream, MessengerError> {
+        let rx = self.inner.bus.subscribe();
+        self.sync().await?;
+        let task = tokio::spawn(self.clone().listen_loop());
+        Ok(EventStream::new(rx, task))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StateError> + Send + 'static,
+) -> Result<T, MessengerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| MessengerError::NotConfigured("profile task failed"))?
+        .map_err(MessengerError::from)
+}

@@ -1,0 +1,118 @@
+//! The connection supervisor: owns the one [`Client`] the messenger talks
+//! through and replaces it when the connection is lost.
+//!
+//! - [`Supervisor::connect`] opens a connection and authenticates the
+//!   profile's identity on it (challenge, signature, token).
+//! - [`Supervisor::reconnect`] opens a new one with exponential backoff and
+//!   authenticates again; a push subscription belongs to its connection, so
+//!   the listener subscribes again after every reconnect (`receive.rs`).
+//! - [`Supervisor::send_outgoing`] enqueues a message, reconnecting and
+//!   retrying once on a lost connection: the message id makes the retry
+//!   idempotent, so the server never stores it twice.
+//!
+//! The lock around the client is held only to clone or swap the handle,
+//! never across a network round trip: a caller keeps the handle it cloned,
+//! and a call on a connection that died fails with a connection error.
+
+use std::time::Duration;
+
+use quicnprotochat_core::{Identity, Outgoing};
+use tokio::sync::RwLock;
+
+use crate::connection::Client;
+use crate::error::ClientError;
+use crate::types::ClientConfig;
+
+/// Reconnect backoff: first delay and cap.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Attempts to reconnect before a failed enqueue is reported.
+const SEND_RECONNECT_ATTEMPTS: usize = 3;
+
+/// The messenger's connection to its server.
+pub(super) struct Supervisor {
+    server: ClientConfig,
+    identity: Identity,
+    client: RwLock<Client>,
+}
+
+impl Supervisor {
+    /// Connects to `server` and authenticates `identity`.
+    pub(super) async fn connect(
+        server: ClientConfig,
+        identity: Identity,
+    ) -> Result<Self, ClientError> {
+        let client = connect(&server, &identity).await?;
+        Ok(Self {
+            server,
+            identity,
+            client: RwLock::new(client),
+        })
+    }
+
+    /// The current connection.
+    pub(super) async fn client(&self) -> Client {
+        self.client.read().await.clone()
+    }
+
+    /// Replaces the connection, retrying with exponential backoff until
+    /// `attempts` are used up.
+    pub(super) async fn reconnect(&self, attempts: usize) -> Result<(), ClientError> {
+        let mut delay = BACKOFF_START;
+        let mut last = ClientError::Disconnected;
+        for _ in 0..attempts.max(1) {
+            match connect(&self.server, &self.identity).await {
+                Ok(c) => {
+                    *self.client.write().await = c;
+                    tracing::info!("reconnected");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, ?delay, "reconnect failed");
+                    last = e;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends `out` to the server (enqueue) with one reconnect-and-retry on a
+    /// lost connection (safe: the message id makes the retry idempotent).
+    pub(super) async fn send_outgoing(&self, out: &Outgoing) -> Result<(), ClientError> {
+        if out.recipients.is_empty() {
+            return Ok(());
+        }
+        let first = self.enqueue(out).await;
+        match first {
+            Err(e) if is_connection_error(&e) => {
+                self.reconnect(SEND_RECONNECT_ATTEMPTS).await?;
+                self.enqueue(out).await
+            }
+            r => r,
+        }
+    }
+
+    async fn enqueue(&self, out: &Outgoing) -> Result<(), ClientError> {
+        self.client()
+            .await
+            .enqueue(&out.recipients, out.message_id, out.payload.clone())
+            .await
+            .map(|_| ())
+    }
+}
+
+async fn connect(server: &ClientConfig, identity: &Identity) -> Result<Client, ClientError> {
+    let client = Client::connect(server.clone()).await?;
+    client.init_auth(identity).await?;
+    Ok(client)
+}
+
+fn is_connection_error(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Disconnected | ClientError::Rpc(_) | ClientError::Connect { .. }
+    )
+}

@@ -1,0 +1,118 @@
+//! The client's plain Rust types: how to reach a server ([`ClientConfig`])
+//! and what its calls return.
+//!
+//! Nothing here knows Cap'n Proto: `connection.rs` converts between these
+//! types and the wire, and is the client's only module that may (the tidy
+//! test `only_proto_and_one_adapter_per_side_know_capnp` enforces it).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quicnprotochat_core::IdentityKey;
+use quicnprotochat_proto::limits::NONCE_LEN;
+use quicnprotochat_proto::transport::ServerAuth;
+use quicnprotochat_proto::{ALPN, WIRE_VERSION, auth};
+
+/// Client keep-alive: under half the server's 60 s idle timeout.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// How to reach and authenticate to a server.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// server UDP address
+    pub server_addr: SocketAddr,
+    /// TLS server name (SNI; checked against the certificate with CA roots)
+    pub server_name: String,
+    /// how the server certificate is verified
+    pub server_auth: ServerAuth,
+    /// the deployment's access token
+    pub access_token: Vec<u8>,
+    /// wire version announced (tests override it)
+    pub wire_version: u16,
+    /// ALPN offered (tests override it)
+    pub alpn: Vec<u8>,
+    /// QUIC keep-alive interval
+    pub keep_alive: Duration,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server_addr", &self.server_addr)
+            .field("server_name", &self.server_name)
+            .field("server_auth", &self.server_auth)
+            .field("access_token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// A configuration with protocol defaults.
+    pub fn new(
+        server_addr: SocketAddr,
+        server_auth: ServerAuth,
+        access_token: impl Into<Vec<u8>>,
+    ) -> Self {
+        Self {
+            server_addr,
+            server_name: "localhost".into(),
+            server_auth,
+            access_token: access_token.into(),
+            wire_version: WIRE_VERSION,
+            alpn: ALPN.to_vec(),
+            keep_alive: DEFAULT_KEEP_ALIVE,
+        }
+    }
+}
+
+/// `Service.health` result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// ready
+    pub ok: bool,
+    /// server software version
+    pub server_version: String,
+    /// server wire version
+    pub wire_version: u16,
+    /// the store answered
+    pub store_reachable: bool,
+}
+
+/// A queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// per-recipient sequence number
+    pub seq: u64,
+    /// sender-chosen id
+    pub message_id: Vec<u8>,
+    /// opaque ciphertext
+    pub payload: Vec<u8>,
+    /// server receive time, Unix ms
+    pub enqueued_at_ms: u64,
+}
+
+/// A server challenge bound to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthChallenge {
+    /// the server's single-use nonce
+    pub nonce: [u8; NONCE_LEN],
+    /// TLS keying material exported from this connection
+    pub exporter: [u8; auth::EXPORTER_LEN],
+}
+
+impl AuthChallenge {
+    /// The bytes to sign with the identity key.
+    pub fn transcript(&self, key: &IdentityKey) -> Vec<u8> {
+        auth::transcript(&self.nonce, &self.exporter, key.as_bytes())
+    }
+}
+
+/// Result of an enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueResult {
+    /// stored; per-recipient sequence numbers
+    Stored(Vec<u64>),
+    /// this (sender, message id) was already stored
+    Duplicate,
+}
