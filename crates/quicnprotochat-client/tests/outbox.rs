@@ -20,7 +20,9 @@ async fn a_welcome_refused_for_a_full_queue_is_sent_by_a_later_sync() {
     // Someone fills bob's queue to the cap.
     let filler = server.client("filler").await.unwrap();
     for i in 0..2u8 {
-        let id = quicnprotochat_core::new_message_id().unwrap();
+        let id =
+            quicnprotochat_core::new_message_id(&quicnprotochat_core::clock::SystemClock::new())
+                .unwrap();
         filler
             .client
             .enqueue(&[bob_key], id, vec![i; 8])

@@ -7,8 +7,7 @@
 //! [`crate::profile`]), which builds on this module; this module knows
 //! nothing of the profile.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
+use crate::clock::Clock;
 use crate::error::StateError;
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
@@ -277,14 +276,6 @@ pub const MESSAGE_ID_TIME_BYTES: usize = 6;
 /// so such a message fails to decrypt or to apply.
 pub const PROCESSED_HORIZON_MS: u64 = 30 * 24 * 3600 * 1000;
 
-/// The current Unix time in milliseconds (0 before 1970).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// 16 random bytes from the system RNG.
 pub(crate) fn random_id() -> Result<[u8; 16], GroupError> {
     let mut id = [0u8; 16];
@@ -301,9 +292,14 @@ pub(crate) fn random_id() -> Result<[u8; 16], GroupError> {
 /// at their right edge instead of touching a random page per message.  The
 /// time says nothing the server and the recipients do not already know: the
 /// server sees when a message arrives, recipients read the time inside it.
-pub fn new_message_id() -> Result<[u8; 16], GroupError> {
+pub fn new_message_id(clock: &dyn Clock) -> Result<[u8; 16], GroupError> {
+    message_id_at(clock.unix_ms())
+}
+
+/// A new delivery message id for the time `now_ms` (see [`new_message_id`]).
+pub(crate) fn message_id_at(now_ms: u64) -> Result<[u8; 16], GroupError> {
     let mut id = random_id()?;
-    let ms = now_ms().to_be_bytes();
+    let ms = now_ms.to_be_bytes();
     id[..MESSAGE_ID_TIME_BYTES].copy_from_slice(&ms[ms.len() - MESSAGE_ID_TIME_BYTES..]);
     Ok(id)
 }

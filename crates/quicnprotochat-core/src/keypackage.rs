@@ -1,8 +1,6 @@
 //! MLS key packages: building them (client side) and inspecting them
 //! (server side, before storing one in the directory).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
     BasicCredential, CredentialWithKey, KeyPackage, KeyPackageIn, Lifetime, OpenMlsProvider,
@@ -134,17 +132,10 @@ pub fn build<P: OpenMlsProvider>(
         .map_err(|e| KeyPackageError::Build(e.to_string()))
 }
 
-/// Current Unix time in seconds (0 if the clock is before 1970).
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Clock as _;
     use openmls::prelude::Capabilities;
     use openmls_rust_crypto::OpenMlsRustCrypto;
 
@@ -157,7 +148,8 @@ mod tests {
         assert_eq!(info.identity, id.public_key());
         assert_eq!(info.username.as_deref(), Some("alice"));
         assert!(!info.last_resort);
-        assert!(info.not_after > unix_now() && info.not_after <= unix_now() + 3600);
+        let now = crate::clock::SystemClock::new().unix_secs();
+        assert!(info.not_after > now && info.not_after <= now + 3600);
         let lr = inspect(&build(&p, &id, "alice", true, 3600).unwrap()).unwrap();
         assert!(lr.last_resort);
     }

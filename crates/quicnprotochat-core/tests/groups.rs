@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use quicnprotochat_core::clock::{Clock as _, ManualClock};
 use quicnprotochat_core::framing::{self, FrameKind};
 use quicnprotochat_core::{
     CommitOutcome, Delivered, Event, GroupError, IdentityKey, Outgoing, Profile, ProfileKey,
@@ -503,34 +504,31 @@ fn message_ids_sort_by_send_time_and_stay_unique() {
         be[8 - MESSAGE_ID_TIME_BYTES..].copy_from_slice(&id[..MESSAGE_ID_TIME_BYTES]);
         u64::from_be_bytes(be)
     }
-    fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    }
-
     let dir = tempfile::tempdir().unwrap();
     let (mut net, mut alice, mut bob) = alice_and_bob_in_g(dir.path());
+    // Alice's clock moves only when the test says so.
+    let clock = std::sync::Arc::new(ManualClock::starting_now());
+    alice.set_clock(clock.clone());
 
-    let before = now();
+    let before = clock.unix_ms();
     let mut ids = Vec::new();
     for i in 0..40 {
         let out = alice.send_text("g", &format!("m{i}")).unwrap();
         net.send(&out).unwrap();
         ids.push(out.message_id);
         if i % 10 == 9 {
-            std::thread::sleep(std::time::Duration::from_millis(3));
+            clock.advance(std::time::Duration::from_millis(3));
         }
     }
-    let after = now();
     for pair in ids.windows(2) {
         assert!(
             millis(&pair[0]) <= millis(&pair[1]),
             "ids out of send order"
         );
     }
-    assert!(millis(&ids[0]) >= before && millis(&ids[39]) <= after);
+    // The time part is the clock's: three steps of 3 ms before the last id.
+    assert_eq!(millis(&ids[0]), before);
+    assert_eq!(millis(&ids[39]), before + 9);
     assert!(
         millis(&ids[39]) > millis(&ids[0]),
         "the time part never moved"
@@ -554,12 +552,11 @@ fn processed_ids_are_forgotten_after_the_horizon_and_redeliveries_still_show_not
         id[..MESSAGE_ID_TIME_BYTES].copy_from_slice(&ms.to_be_bytes()[8 - MESSAGE_ID_TIME_BYTES..]);
         id
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     let dir = tempfile::tempdir().unwrap();
     let (_net, mut alice, mut bob) = alice_and_bob_in_g(dir.path());
+    let clock = std::sync::Arc::new(ManualClock::starting_now());
+    bob.set_clock(clock.clone());
+    let now = clock.unix_ms();
     let old = alice.send_text("g", "old").unwrap();
     let recent = alice.send_text("g", "recent").unwrap();
     // Delivery ids as if sent 31 days and 1 day ago.

@@ -84,7 +84,9 @@ impl Bench {
         // As the server sees them: ids as clients make them (time first),
         // SHA-256(sender || id) beside them.
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let message_id = quicnprotochat_core::new_message_id().must();
+        let message_id =
+            quicnprotochat_core::new_message_id(&quicnprotochat_core::clock::SystemClock::new())
+                .must();
         let mut dedup_key = [0u8; 32];
         dedup_key.copy_from_slice(
             ring::digest::digest(&ring::digest::SHA256, &n.to_le_bytes()).as_ref(),

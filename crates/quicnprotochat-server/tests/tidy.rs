@@ -109,3 +109,50 @@ fn the_delivery_service_knows_neither_capnp_nor_quic() {
         leaks.join("\n")
     );
 }
+
+/// Library code reads the time only through `quicnprotochat_core::clock`,
+/// so tests can advance it.  Runtime timers (`tokio::time`, which tokio's
+/// test utilities can pause) are not clocks in this sense; the load
+/// generator (`src/bin/`) measures real elapsed time on purpose.
+#[test]
+fn only_the_clock_module_reads_the_system_clock() {
+    let root = workspace_root();
+    let mut offenders = Vec::new();
+    for krate in ["proto", "core", "server", "client", "p2p"] {
+        let mut files = Vec::new();
+        rust_files(
+            &root.join(format!("crates/quicnprotochat-{krate}/src")),
+            &mut files,
+        );
+        for file in files {
+            let rel = file
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            if rel == "crates/quicnprotochat-core/src/clock.rs" || rel.contains("/src/bin/") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            // A bare `Instant` is std's when the file imports std's.
+            let std_instant = text
+                .lines()
+                .any(|l| l.trim_start().starts_with("use std::time::") && l.contains("Instant"));
+            for (n, line) in code_lines(&text) {
+                let reads_clock = line.contains("SystemTime::now")
+                    || line.contains("std::time::Instant::now")
+                    || (std_instant
+                        && line.contains("Instant::now")
+                        && !line.contains("tokio::time::Instant::now"));
+                if reads_clock {
+                    offenders.push(format!("{rel}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "read the time through quicnprotochat_core::clock instead:\n{}",
+        offenders.join("\n")
+    );
+}

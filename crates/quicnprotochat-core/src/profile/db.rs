@@ -11,7 +11,6 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::ProfileKey;
 use crate::error::StateError;
-use crate::group::now_ms;
 use crate::sqlcipher::Opened;
 
 /// File name of the profile database.
@@ -154,9 +153,4 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), StateError> {
 /// `v` as an SQLite integer (saturating: times and counts never get near).
 pub(super) fn sql_int(v: impl TryInto<i64>) -> i64 {
     v.try_into().unwrap_or(i64::MAX)
-}
-
-/// The current time as stored in the database: Unix milliseconds.
-pub(super) fn sql_now() -> i64 {
-    sql_int(now_ms())
 }

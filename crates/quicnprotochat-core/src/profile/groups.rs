@@ -9,14 +9,13 @@ use openmls::prelude::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::db::sql_now;
+use super::db::sql_int;
 use super::history::{insert_message, mark_processed};
 use super::mls::{others, outgoing, username_of};
 use super::transaction::{Op, Target, begin, commit};
 use super::{Profile, Provider, outbox};
 use crate::group::{
-    CommitOutcome, GroupError, Outgoing, StoredMessage, new_message_id, now_ms, random_id,
-    valid_group_name,
+    CommitOutcome, GroupError, Outgoing, StoredMessage, message_id_at, random_id, valid_group_name,
 };
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
@@ -48,7 +47,7 @@ impl Profile {
             credential,
         )
         .map_err(GroupError::mls)?;
-        insert_group(&tx, &group_id, name)?;
+        insert_group(&tx, &group_id, name, self.clock.unix_ms())?;
         commit(tx, &mut self.cache)?;
         self.cache.put(group_id.clone(), group);
         Ok(group_id)
@@ -95,6 +94,7 @@ impl Profile {
                 recipients,
                 &commit,
                 Some((vec![invitee], &welcome)),
+                op.now_ms,
             )
         })
     }
@@ -122,7 +122,7 @@ impl Profile {
             let (commit, _welcome, _info) = g
                 .remove_members(&op.provider, op.signer(), &target)
                 .map_err(GroupError::mls)?;
-            commit_outcome(op.group_id, recipients, &commit, None)
+            commit_outcome(op.group_id, recipients, &commit, None, op.now_ms)
         })
     }
 
@@ -134,7 +134,7 @@ impl Profile {
                 .self_update(&op.provider, op.signer(), LeafNodeParameters::default())
                 .map_err(GroupError::mls)?;
             let (commit, _welcome, _info) = bundle.into_contents();
-            commit_outcome(op.group_id, recipients, &commit, None)
+            commit_outcome(op.group_id, recipients, &commit, None, op.now_ms)
         })
     }
 
@@ -151,7 +151,7 @@ impl Profile {
             if welcome.is_some() {
                 return Err(GroupError::ProposalsAddMembers);
             }
-            commit_outcome(op.group_id, recipients, &commit, None).map(Some)
+            commit_outcome(op.group_id, recipients, &commit, None, op.now_ms).map(Some)
         })
     }
 
@@ -173,7 +173,7 @@ impl Profile {
             g.merge_pending_commit(&op.provider)
                 .map_err(GroupError::mls)?;
             if let Some(w) = &outcome.welcome {
-                outbox::enqueue(op.tx, w)?;
+                outbox::enqueue(op.tx, w, op.now_ms)?;
             }
             Ok(())
         })
@@ -191,6 +191,7 @@ impl Profile {
     /// Returns the proposal to send (none if we were alone).
     pub fn leave(&mut self, group: &str) -> Result<Option<Outgoing>, GroupError> {
         let me = self.identity_key();
+        let now_ms = self.clock.unix_ms();
         let tx = begin(&mut self.conn, &mut self.cache)?;
         let group_id = group_id_by_name(&tx, group)?;
         let provider = Provider::new(&tx);
@@ -201,7 +202,7 @@ impl Profile {
             let proposal = g
                 .leave_group(&provider, self.identity.key_pair())
                 .map_err(GroupError::mls)?;
-            Some(outgoing(recipients, new_message_id()?, &proposal)?)
+            Some(outgoing(recipients, message_id_at(now_ms)?, &proposal)?)
         } else {
             None
         };
@@ -218,8 +219,8 @@ impl Profile {
                 return Err(GroupError::Inactive);
             }
             let me = op.me();
-            let id = new_message_id()?;
-            let now = now_ms();
+            let id = message_id_at(op.now_ms)?;
+            let now = op.now_ms;
             let body = AppMessage::text(id, now, text)?.encode()?;
             let out = op.encrypt(g, others(g, me), id, &body)?;
             let stored = StoredMessage {
@@ -244,14 +245,15 @@ fn commit_outcome(
     recipients: Vec<IdentityKey>,
     commit: &MlsMessageOut,
     welcome: Option<(Vec<IdentityKey>, &MlsMessageOut)>,
+    now_ms: u64,
 ) -> Result<CommitOutcome, GroupError> {
     let commit = if recipients.is_empty() {
         None
     } else {
-        Some(outgoing(recipients, new_message_id()?, commit)?)
+        Some(outgoing(recipients, message_id_at(now_ms)?, commit)?)
     };
     let welcome = match welcome {
-        Some((to, w)) => Some(outgoing(to, new_message_id()?, w)?),
+        Some((to, w)) => Some(outgoing(to, message_id_at(now_ms)?, w)?),
         None => None,
     };
     Ok(CommitOutcome {
@@ -274,7 +276,7 @@ impl Op<'_> {
         let message = group
             .create_message(&self.provider, self.signer(), body)
             .map_err(GroupError::mls)?;
-        mark_processed(self.tx, &id)?;
+        mark_processed(self.tx, &id, self.now_ms)?;
         outgoing(recipients, id, &message)
     }
 }
@@ -293,10 +295,11 @@ pub(super) fn insert_group(
     conn: &Connection,
     group_id: &[u8],
     name: &str,
+    now_ms: u64,
 ) -> Result<(), GroupError> {
     conn.execute(
         "INSERT INTO groups (group_id, name, created_at) VALUES (?1, ?2, ?3)",
-        params![group_id, name, sql_now()],
+        params![group_id, name, sql_int(now_ms)],
     )?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 use rusqlite::{Connection, params};
 
 use super::Profile;
-use super::db::{sql_int, sql_now};
+use super::db::sql_int;
 use super::groups::group_id_by_name;
 use super::mls::{member_key, others, username_of};
 use super::transaction::load;
@@ -131,9 +131,13 @@ pub(super) fn insert_message(
 }
 
 /// Records that the message with this delivery id is processed.
-pub(super) fn mark_processed(conn: &Connection, message_id: &[u8]) -> Result<(), GroupError> {
+pub(super) fn mark_processed(
+    conn: &Connection,
+    message_id: &[u8],
+    now_ms: u64,
+) -> Result<(), GroupError> {
     conn.prepare_cached("INSERT OR IGNORE INTO processed (message_id, at) VALUES (?1, ?2)")?
-        .execute(params![message_id, sql_now()])?;
+        .execute(params![message_id, sql_int(now_ms)])?;
     Ok(())
 }
 

@@ -37,6 +37,7 @@
 //! data types), [`crate::error`], [`crate::mls_config`] and
 //! [`crate::keypackage`], and none of those imports from here.
 
+use crate::clock::SharedClock;
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
@@ -90,6 +91,9 @@ pub struct Profile {
     /// MLS groups kept in memory between operations (see `transaction.rs`).
     cache: GroupCache,
     dir: PathBuf,
+    /// tells the time of every operation (message times and ids, history,
+    /// the processed-id horizon)
+    clock: SharedClock,
 }
 
 impl fmt::Debug for Profile {
@@ -144,6 +148,7 @@ impl Profile {
             username: username.to_string(),
             cache: GroupCache::default(),
             dir: dir.to_path_buf(),
+            clock: crate::clock::system(),
         })
     }
 
@@ -175,7 +180,19 @@ impl Profile {
             username,
             cache: GroupCache::default(),
             dir: dir.to_path_buf(),
+            clock: crate::clock::system(),
         })
+    }
+
+    /// Tells time by `clock` from now on (the system clock by default):
+    /// tests advance a [`crate::clock::ManualClock`] instead of sleeping.
+    pub fn set_clock(&mut self, clock: SharedClock) {
+        self.clock = clock;
+    }
+
+    /// The clock this profile tells time by.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// The profile directory.

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, params};
 
 use super::Profile;
-use super::db::sql_now;
+use super::db::sql_int;
 use crate::error::StateError;
 use crate::group::{GroupError, Outgoing};
 use crate::identity::IdentityKey;
@@ -51,7 +51,11 @@ impl Profile {
 
 /// Puts `message` in the outbox (once: a message id already there stays as
 /// it is).
-pub(super) fn enqueue(conn: &Connection, message: &Outgoing) -> Result<(), GroupError> {
+pub(super) fn enqueue(
+    conn: &Connection,
+    message: &Outgoing,
+    now_ms: u64,
+) -> Result<(), GroupError> {
     let recipients: Vec<u8> = message
         .recipients
         .iter()
@@ -65,7 +69,7 @@ pub(super) fn enqueue(conn: &Connection, message: &Outgoing) -> Result<(), Group
         &message.message_id[..],
         recipients,
         message.payload,
-        sql_now()
+        sql_int(now_ms)
     ])?;
     Ok(())
 }

@@ -4,10 +4,10 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Profile;
-use super::db::sql_now;
+use super::db::sql_int;
 use super::mls::others;
 use super::transaction::{Target, load};
-use crate::group::{GroupError, Outgoing, new_message_id, now_ms};
+use crate::group::{GroupError, Outgoing, message_id_at};
 use crate::identity::IdentityKey;
 use crate::message::{AppMessage, PeerInfo};
 
@@ -24,8 +24,8 @@ impl Profile {
             if !g.is_active() || recipients.is_empty() {
                 return Ok(None);
             }
-            let id = new_message_id()?;
-            let body = AppMessage::peer_address(id, now_ms(), peer).encode()?;
+            let id = message_id_at(op.now_ms)?;
+            let body = AppMessage::peer_address(id, op.now_ms, peer).encode()?;
             op.encrypt(g, recipients, id, &body).map(Some)
         })
     }
@@ -93,6 +93,7 @@ pub(super) fn store_peer(
     conn: &Connection,
     key: IdentityKey,
     peer: &PeerInfo,
+    now_ms: u64,
 ) -> Result<(), GroupError> {
     let addrs: Vec<String> = peer.addrs.iter().map(ToString::to_string).collect();
     conn.execute(
@@ -104,7 +105,7 @@ pub(super) fn store_peer(
             peer.endpoint_id,
             addrs.join(","),
             peer.relay_url,
-            sql_now()
+            sql_int(now_ms)
         ],
     )?;
     Ok(())

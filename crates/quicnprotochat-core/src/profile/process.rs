@@ -15,7 +15,7 @@ use super::peers::store_peer;
 use super::transaction::{GroupCache, begin, commit};
 use super::{Profile, Provider, set_setting_on};
 use crate::group::{
-    Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, now_ms, valid_group_name,
+    Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, valid_group_name,
 };
 use crate::message::{AppMessage, Content, PeerInfo};
 use crate::mls_config::join_config;
@@ -27,7 +27,13 @@ impl Profile {
     /// changes.
     pub fn process(&mut self, message_id: &[u8], payload: &[u8]) -> Result<Vec<Event>, GroupError> {
         let tx = begin(&mut self.conn, &mut self.cache)?;
-        let events = process_in(&tx, &mut self.cache, message_id, payload)?;
+        let events = process_in(
+            &tx,
+            &mut self.cache,
+            message_id,
+            payload,
+            self.clock.unix_ms(),
+        )?;
         commit(tx, &mut self.cache)?;
         Ok(events)
     }
@@ -50,13 +56,14 @@ impl Profile {
         let Some(last) = batch.iter().map(|d| d.seq).max() else {
             return Ok(Vec::new());
         };
+        let now_ms = self.clock.unix_ms();
         let mut tx = begin(&mut self.conn, &mut self.cache)?;
         let mut results = Vec::with_capacity(batch.len());
         let outcome = (|| {
-            prune_processed(&tx, now_ms())?;
+            prune_processed(&tx, now_ms)?;
             for d in batch {
                 let sp = tx.savepoint()?;
-                match process_in(&sp, &mut self.cache, d.message_id, d.payload) {
+                match process_in(&sp, &mut self.cache, d.message_id, d.payload, now_ms) {
                     Ok(events) => {
                         sp.commit()?;
                         results.push(Ok(events));
@@ -87,6 +94,7 @@ fn process_in(
     cache: &mut GroupCache,
     message_id: &[u8],
     payload: &[u8],
+    now_ms: u64,
 ) -> Result<Vec<Event>, GroupError> {
     let seen = conn
         .prepare_cached("SELECT 1 FROM processed WHERE message_id = ?1")?
@@ -99,8 +107,8 @@ fn process_in(
     let msg = MlsMessageIn::tls_deserialize_exact(payload).map_err(GroupError::rejected)?;
     let pm = match msg.extract() {
         MlsMessageBodyIn::Welcome(welcome) => {
-            let (events, group) = join(conn, welcome)?;
-            mark_processed(conn, message_id)?;
+            let (events, group) = join(conn, welcome, now_ms)?;
+            mark_processed(conn, message_id, now_ms)?;
             cache.put(group.group_id().as_slice().to_vec(), group);
             return Ok(events);
         }
@@ -116,8 +124,8 @@ fn process_in(
         cache.put(group_id, group);
         return Err(GroupError::Inactive);
     }
-    let events = handle_protocol(conn, &name, &group_id, &mut group, pm)?;
-    mark_processed(conn, message_id)?;
+    let events = handle_protocol(conn, &name, &group_id, &mut group, pm, now_ms)?;
+    mark_processed(conn, message_id, now_ms)?;
     cache.put(group_id, group);
     Ok(events)
 }
@@ -126,6 +134,7 @@ fn process_in(
 fn join(
     tx: &Connection,
     welcome: openmls::prelude::Welcome,
+    now_ms: u64,
 ) -> Result<(Vec<Event>, MlsGroup), GroupError> {
     let provider = Provider::new(tx);
     let processed = ProcessedWelcome::new_from_welcome(&provider, &join_config(), welcome)
@@ -155,7 +164,7 @@ fn join(
         return Err(GroupError::AlreadyJoined);
     }
     let name = unique_name(tx, &wanted)?;
-    insert_group(tx, &group_id, &name)?;
+    insert_group(tx, &group_id, &name, now_ms)?;
     let members = g.members().map(|m| username_of(&m.credential)).collect();
     Ok((
         vec![Event::Joined {
@@ -215,6 +224,7 @@ fn handle_protocol(
     group_id: &[u8],
     g: &mut MlsGroup,
     pm: ProtocolMessage,
+    now_ms: u64,
 ) -> Result<Vec<Event>, GroupError> {
     let provider = Provider::new(tx);
     let processed = g
@@ -243,7 +253,7 @@ fn handle_protocol(
                     relay_url,
                 } => {
                     let peer = PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref())?;
-                    store_peer(tx, sender_key, &peer)?;
+                    store_peer(tx, sender_key, &peer, now_ms)?;
                     events.push(Event::PeerAnnounced {
                         group: name.to_string(),
                         member: by,
@@ -259,7 +269,7 @@ fn handle_protocol(
                 sender: by,
                 sender_key,
                 sent_at_ms: m.ts,
-                received_at_ms: now_ms(),
+                received_at_ms: now_ms,
                 text,
                 message_id: m.id,
             };

@@ -103,6 +103,9 @@ pub(super) struct Op<'a> {
     pub(super) identity: &'a Identity,
     pub(super) username: &'a str,
     pub(super) group_id: &'a [u8],
+    /// the operation's time, Unix milliseconds, read once from the
+    /// profile's clock
+    pub(super) now_ms: u64,
 }
 
 impl Op<'_> {
@@ -136,6 +139,7 @@ impl Profile {
                 identity: &self.identity,
                 username: &self.username,
                 group_id: &group_id,
+                now_ms: self.clock.unix_ms(),
             },
             &mut group,
         )?;

@@ -265,7 +265,8 @@ async fn send_lane(
     let mut n = 0u64;
     while n < max && pace.within(start, offset, n, deadline) {
         let stamp = pace.slot(base, start, offset, n).await;
-        let id = quicnprotochat_core::new_message_id()?;
+        let id =
+            quicnprotochat_core::new_message_id(&quicnprotochat_core::clock::SystemClock::new())?;
         client
             .enqueue(&[to], id, payload(size, stamp))
             .await

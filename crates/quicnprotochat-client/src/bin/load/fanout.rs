@@ -158,7 +158,9 @@ async fn server_side(
         senders.push(tokio::spawn(async move {
             let mut k = 0u64;
             while k < per_lane && Instant::now() < until {
-                let id = quicnprotochat_core::new_message_id()?;
+                let id = quicnprotochat_core::new_message_id(
+                    &quicnprotochat_core::clock::SystemClock::new(),
+                )?;
                 client.enqueue(&recipients, id, stamped(size, base)).await?;
                 sent.fetch_add(1, Ordering::Relaxed);
                 k += 1;

@@ -183,7 +183,8 @@ async fn server_path(bin: &Path, core: Option<usize>, a: &P2pArgs) -> anyhow::Re
     let until = Instant::now() + Duration::from_secs(a.p2p_latency_secs);
     let mut n = 0u64;
     while n < a.p2p_max_messages && Instant::now() < until {
-        let id = quicnprotochat_core::new_message_id()?;
+        let id =
+            quicnprotochat_core::new_message_id(&quicnprotochat_core::clock::SystemClock::new())?;
         let t0 = Instant::now();
         sender.enqueue(&[to], id, vec![0x5a; a.p2p_size]).await?;
         let e = tokio::time::timeout(Duration::from_secs(10), sub.next())

@@ -99,7 +99,9 @@ async fn fill(p: &Proc, a: &ColdArgs) -> anyhow::Result<u64> {
                 if k >= enqueues {
                     break;
                 }
-                let id = quicnprotochat_core::new_message_id()?;
+                let id = quicnprotochat_core::new_message_id(
+                    &quicnprotochat_core::clock::SystemClock::new(),
+                )?;
                 c.enqueue(&to, id, vec![0x5a; 256]).await?;
             }
             anyhow::Ok(())
