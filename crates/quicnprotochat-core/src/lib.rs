@@ -10,12 +10,12 @@
 
 pub mod clock;
 pub mod error;
-pub mod framing;
 pub mod group;
 pub mod identity;
 pub mod keypackage;
 pub mod message;
 pub mod mls_config;
+pub mod mls_header;
 pub mod profile;
 pub mod sqlcipher;
 

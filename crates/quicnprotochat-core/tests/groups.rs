@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use quicnprotochat_core::clock::{Clock as _, ManualClock};
-use quicnprotochat_core::framing::{self, FrameKind};
+use quicnprotochat_core::mls_header::{self, FrameKind};
 use quicnprotochat_core::{
     CommitOutcome, Delivered, Event, GroupError, IdentityKey, Outgoing, Profile, ProfileKey,
 };
@@ -28,7 +28,7 @@ impl Net {
 
     /// Mirrors the server: a commit is accepted only if no commit of its epoch was.
     fn send(&mut self, out: &Outgoing) -> Result<(), &'static str> {
-        let info = framing::inspect(&out.payload);
+        let info = mls_header::inspect(&out.payload);
         if info.kind == FrameKind::Commit {
             let (gid, epoch) = (info.group_id.unwrap(), info.epoch.unwrap());
             if self.epochs.get(&gid).is_some_and(|last| *last >= epoch) {

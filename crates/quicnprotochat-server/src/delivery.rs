@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use quicnprotochat_core::IdentityKey;
 use quicnprotochat_core::clock::SharedClock;
-use quicnprotochat_core::framing::{self, FrameKind};
+use quicnprotochat_core::mls_header::{self, FrameKind};
 use quicnprotochat_proto::limits::{
     KEY_LEN, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES,
     MAX_KEY_PACKAGES_PER_BATCH, MAX_RECIPIENTS, MAX_USERNAME_LEN, MESSAGE_ID_LEN, NONCE_LEN,
@@ -233,7 +233,7 @@ fn dedup_key(sender: IdentityKey, message_id: &[u8; MESSAGE_ID_LEN]) -> [u8; 32]
 /// (group id, epoch) when `payload` is an MLS commit: the store accepts one
 /// per group epoch (protocol 9.8).
 fn commit_of(payload: &[u8]) -> Option<(Vec<u8>, u64)> {
-    let frame = framing::inspect(payload);
+    let frame = mls_header::inspect(payload);
     match (frame.kind, frame.group_id, frame.epoch) {
         (FrameKind::Commit, Some(group_id), Some(epoch)) => Some((group_id, epoch)),
         _ => None,

@@ -13,7 +13,7 @@
 //! while the caller holds the profile); nothing locks the profile while it
 //! holds the router's lock, so the two cannot deadlock.
 
-use quicnprotochat_core::framing::{self, FrameKind};
+use quicnprotochat_core::mls_header::{self, FrameKind};
 use quicnprotochat_core::{Event, IdentityKey, Outgoing, PeerInfo, Profile};
 use quicnprotochat_p2p::{Inbound, Node, NodeConfig, P2pError, PeerAddr};
 use tokio::sync::{Mutex, RwLock, mpsc};
@@ -222,7 +222,7 @@ pub(super) async fn announce(
 /// Whether a direct message may be processed: only application messages
 /// may bypass the server (commits need its one-per-epoch ordering).
 pub(super) fn admissible(m: &Inbound) -> bool {
-    framing::inspect(&m.payload).kind == FrameKind::Application
+    mls_header::inspect(&m.payload).kind == FrameKind::Application
 }
 
 fn to_peer_addr(p: &PeerInfo) -> PeerAddr {

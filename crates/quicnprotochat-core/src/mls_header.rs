@@ -1,7 +1,9 @@
-//! Reading the cleartext part of MLS framing (RFC 9420 §6): what the delivery
+//! Reading the cleartext header of MLS messages (RFC 9420 §6): what the delivery
 //! service may know about a payload.  A `PrivateMessage` exposes its group id,
 //! epoch and content type in the clear; the server uses them to accept at
 //! most one commit per group epoch.  Nothing here decrypts anything.
+//! (Not to be confused with `quicnprotochat_proto::framing`, the bounded
+//! Cap'n Proto stream framing of the RPC transport.)
 
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{ContentType, MlsMessageBodyIn, MlsMessageIn};
