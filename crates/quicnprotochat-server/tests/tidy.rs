@@ -36,6 +36,29 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// (path relative to the root, text) of every source file under
+/// `crates/quicnprotochat-<krate>/src` for each of `crates`.
+fn sources(root: &Path, crates: &[&str]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for krate in crates {
+        let mut files = Vec::new();
+        rust_files(
+            &root.join(format!("crates/quicnprotochat-{krate}/src")),
+            &mut files,
+        );
+        assert!(!files.is_empty(), "no sources found for {krate}");
+        for file in files {
+            let rel = file
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            out.push((rel, std::fs::read_to_string(&file).unwrap()));
+        }
+    }
+    out
+}
+
 /// Lines of `text` that are code (not comments).
 fn code_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
     text.lines().enumerate().filter(|(_, l)| {
@@ -49,33 +72,19 @@ fn only_proto_and_one_adapter_per_side_know_capnp() {
     let root = workspace_root();
     let mut offenders = Vec::new();
     let mut seen_adapters = 0;
-    for krate in ["server", "client", "core", "p2p"] {
-        let mut files = Vec::new();
-        rust_files(
-            &root.join(format!("crates/quicnprotochat-{krate}/src")),
-            &mut files,
-        );
-        assert!(!files.is_empty(), "no sources found for {krate}");
-        for file in files {
-            let rel = file
-                .strip_prefix(&root)
-                .unwrap()
-                .to_string_lossy()
-                .replace('\\', "/");
-            let text = std::fs::read_to_string(&file).unwrap();
-            let uses = code_lines(&text)
-                .filter(|(_, l)| CAPNP_MARKERS.iter().any(|m| l.contains(m)))
-                .map(|(n, l)| format!("{rel}:{}: {}", n + 1, l.trim()))
-                .collect::<Vec<_>>();
-            if CAPNP_ADAPTERS.contains(&rel.as_str()) {
-                assert!(
-                    !uses.is_empty(),
-                    "{rel} is listed as an adapter but uses no Cap'n Proto"
-                );
-                seen_adapters += 1;
-            } else {
-                offenders.extend(uses);
-            }
+    for (rel, text) in sources(&root, &["server", "client", "core", "p2p"]) {
+        let uses = code_lines(&text)
+            .filter(|(_, l)| CAPNP_MARKERS.iter().any(|m| l.contains(m)))
+            .map(|(n, l)| format!("{rel}:{}: {}", n + 1, l.trim()))
+            .collect::<Vec<_>>();
+        if CAPNP_ADAPTERS.contains(&rel.as_str()) {
+            assert!(
+                !uses.is_empty(),
+                "{rel} is listed as an adapter but uses no Cap'n Proto"
+            );
+            seen_adapters += 1;
+        } else {
+            offenders.extend(uses);
         }
     }
     assert_eq!(
@@ -118,35 +127,22 @@ fn the_delivery_service_knows_neither_capnp_nor_quic() {
 fn only_the_clock_module_reads_the_system_clock() {
     let root = workspace_root();
     let mut offenders = Vec::new();
-    for krate in ["proto", "core", "server", "client", "p2p"] {
-        let mut files = Vec::new();
-        rust_files(
-            &root.join(format!("crates/quicnprotochat-{krate}/src")),
-            &mut files,
-        );
-        for file in files {
-            let rel = file
-                .strip_prefix(&root)
-                .unwrap()
-                .to_string_lossy()
-                .replace('\\', "/");
-            if rel == "crates/quicnprotochat-core/src/clock.rs" || rel.contains("/src/bin/") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&file).unwrap();
-            // A bare `Instant` is std's when the file imports std's.
-            let std_instant = text
-                .lines()
-                .any(|l| l.trim_start().starts_with("use std::time::") && l.contains("Instant"));
-            for (n, line) in code_lines(&text) {
-                let reads_clock = line.contains("SystemTime::now")
-                    || line.contains("std::time::Instant::now")
-                    || (std_instant
-                        && line.contains("Instant::now")
-                        && !line.contains("tokio::time::Instant::now"));
-                if reads_clock {
-                    offenders.push(format!("{rel}:{}: {}", n + 1, line.trim()));
-                }
+    for (rel, text) in sources(&root, &["proto", "core", "server", "client", "p2p"]) {
+        if rel == "crates/quicnprotochat-core/src/clock.rs" || rel.contains("/src/bin/") {
+            continue;
+        }
+        // A bare `Instant` is std's when the file imports std's.
+        let std_instant = text
+            .lines()
+            .any(|l| l.trim_start().starts_with("use std::time::") && l.contains("Instant"));
+        for (n, line) in code_lines(&text) {
+            let reads_clock = line.contains("SystemTime::now")
+                || line.contains("std::time::Instant::now")
+                || (std_instant
+                    && line.contains("Instant::now")
+                    && !line.contains("tokio::time::Instant::now"));
+            if reads_clock {
+                offenders.push(format!("{rel}:{}: {}", n + 1, line.trim()));
             }
         }
     }
