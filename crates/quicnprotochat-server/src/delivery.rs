@@ -12,7 +12,7 @@
 //! Everything here runs on the server's `LocalSet` (`Rc`, `Cell`); store
 //! work happens on the store's own threads.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -58,6 +58,11 @@ pub(crate) struct Delivery {
     hub: Hub,
     rng: ring::rand::SystemRandom,
     clock: SharedClock,
+    /// what is damaged in the database, once anything was found to be
+    /// (sticky: damage does not heal; readiness stays false until restart)
+    damage: RefCell<Option<String>>,
+    /// the last health probe failed (logged once per change)
+    probe_failing: Cell<bool>,
 }
 
 /// What the service knows of one connection: its address, the outstanding
@@ -115,6 +120,8 @@ pub(crate) struct EnqueueCall<'a> {
 /// The answer to a health probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Health {
+    /// ready to serve
+    pub(crate) ok: bool,
     pub(crate) store_reachable: bool,
     pub(crate) server_version: &'static str,
     pub(crate) wire_version: u16,
@@ -295,6 +302,31 @@ impl Delivery {
             hub: Hub::default(),
             rng: ring::rand::SystemRandom::new(),
             clock,
+            damage: RefCell::new(None),
+            probe_failing: Cell::new(false),
+        }
+    }
+
+    /// Records that the database is damaged; logs it the first time only.
+    fn note_damage(&self, detail: String) {
+        if self.damage.borrow().is_some() {
+            return;
+        }
+        tracing::error!(
+            %detail,
+            "the database is damaged: this server reports not ready; restore the database from a backup (operations guide, \"A damaged database\")"
+        );
+        *self.damage.borrow_mut() = Some(detail);
+    }
+
+    /// Checks every page of the store (at start-up, in the background):
+    /// damage found makes the server not ready.
+    pub(crate) async fn check_integrity(&self) {
+        match self.store.integrity_check().await {
+            Ok(None) => tracing::debug!("store integrity check passed"),
+            Ok(Some(detail)) => self.note_damage(detail),
+            Err(e) if e.is_damage() => self.note_damage(e.to_string()),
+            Err(e) => tracing::warn!(error = %e, "the store integrity check could not run"),
         }
     }
 
@@ -308,18 +340,46 @@ impl Delivery {
         fut: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
     ) -> Result<T, ApiError> {
         match tokio::time::timeout(self.request_timeout(), fut).await {
-            Ok(r) => Ok(r?),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_damage() {
+                    self.note_damage(e.to_string());
+                }
+                Err(e.into())
+            }
             Err(_) => Err(ApiError::Internal("store operation timed out".into())),
         }
     }
 
-    /// `Service.health`: needs no authentication.
+    /// `Service.health`: needs no authentication.  Ready means the store
+    /// took a write and a read within the deadline and nothing in it was
+    /// found damaged; a change of the probe's outcome is logged once.
     pub(crate) async fn health(&self) -> Health {
-        let store_reachable = matches!(
-            tokio::time::timeout(HEALTH_STORE_DEADLINE, self.store.ping()).await,
-            Ok(Ok(()))
-        );
+        let probe = match tokio::time::timeout(HEALTH_STORE_DEADLINE, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                if e.is_damage() {
+                    self.note_damage(e.to_string());
+                }
+                Err(e.to_string())
+            }
+            Err(_) => Err(format!(
+                "no answer within {} s",
+                HEALTH_STORE_DEADLINE.as_secs()
+            )),
+        };
+        match (&probe, self.probe_failing.get()) {
+            (Err(reason), false) => tracing::warn!(
+                %reason,
+                "health: the store does not take a write and a read; this server reports not ready"
+            ),
+            (Ok(()), true) => tracing::info!("health: the store takes writes and reads again"),
+            _ => {}
+        }
+        self.probe_failing.set(probe.is_err());
+        let store_reachable = probe.is_ok();
         Health {
+            ok: store_reachable && self.damage.borrow().is_none(),
             store_reachable,
             server_version: SOFTWARE_VERSION,
             wire_version: WIRE_VERSION,

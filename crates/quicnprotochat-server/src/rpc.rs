@@ -192,7 +192,7 @@ impl service::Server for ServiceImpl {
     ) -> Result<(), capnp::Error> {
         let health = self.delivery.health().await;
         let mut h = results.get().init_health();
-        h.set_ok(health.store_reachable);
+        h.set_ok(health.ok);
         h.set_server_version(health.server_version);
         h.set_wire_version(health.wire_version);
         h.set_store_reachable(health.store_reachable);

@@ -147,6 +147,12 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let table = Rc::new(RefCell::new(ConnTable::default()));
         let sweeper = tokio::task::spawn_local(sweep_loop(self.delivery.clone()));
+        // Every page checked once, in the background: start-up stays fast,
+        // and damage found makes the server report not ready.
+        let checker = {
+            let delivery = self.delivery.clone();
+            tokio::task::spawn_local(async move { delivery.check_integrity().await })
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -159,6 +165,7 @@ impl Server {
         }
         tracing::info!("shutting down");
         sweeper.abort();
+        checker.abort();
         self.endpoint.close(
             VarInt::from_u32(close_code::SHUTDOWN),
             b"server shutting down",

@@ -556,3 +556,51 @@ async fn a_subscription_started_during_an_enqueue_is_woken_by_it() {
         drop(sub);
     }
 }
+
+#[tokio::test]
+async fn a_damaged_page_in_the_middle_of_the_store_makes_the_server_not_ready() {
+    let mut server = TestServer::start().unwrap();
+    let (alice, bob, _) = trio(&server).await;
+    let b = bob.identity.public_key();
+    for i in 0..200 {
+        alice
+            .client
+            .enqueue(&[b], msg_id(i), vec![i as u8; 4000])
+            .await
+            .unwrap();
+    }
+    let h = server.connect().await.unwrap().health().await.unwrap();
+    assert!(h.ok && h.store_reachable, "{h:?}");
+    drop((alice, bob));
+
+    // Stopped cleanly, the store's log is folded into the database file.
+    server.stop();
+    let db = server.data_dir().join("quicnprotochat.db");
+    let wal = server.data_dir().join("quicnprotochat.db-wal");
+    assert!(std::fs::metadata(&wal).map(|m| m.len() == 0).unwrap_or(true));
+    let mut bytes = std::fs::read(&db).unwrap();
+    let pages = bytes.len() / 4096;
+    assert!(pages > 100, "the queue fills pages: {pages}");
+    // One byte of a page in the middle (page 1 stays intact, so the server
+    // starts).
+    bytes[(pages / 2) * 4096 + 200] ^= 0x01;
+    std::fs::write(&db, &bytes).unwrap();
+
+    server.restart().unwrap();
+    let c = server.connect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let health = loop {
+        let h = c.health().await.unwrap();
+        if !h.ok || tokio::time::Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !health.ok,
+        "a damaged store must make the server report not ready: {health:?}"
+    );
+    // The store itself still takes writes and reads: the probe is not what
+    // failed.
+    assert!(health.store_reachable, "{health:?}");
+}

@@ -64,6 +64,22 @@ pub enum StoreError {
     Commit(String),
 }
 
+impl StoreError {
+    /// Whether the error means the database file is damaged (SQLite's
+    /// "corrupt" or "not a database" on a file that opened): it does not
+    /// heal by retrying; the operator restores a backup.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            Self::Damaged { .. } => true,
+            Self::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Result of registering a username.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegisterOutcome {
@@ -186,8 +202,15 @@ pub struct SweepStats {
 
 /// The delivery service's storage.
 pub trait Store: Send + Sync + 'static {
-    /// Probes the store with a trivial query.
+    /// Probes the store: a small write that must commit (durably), then a
+    /// read of it.  A full disk, a read-only file or a stalled writer fail
+    /// it.
     fn ping(&self) -> StoreFuture<'_, ()>;
+
+    /// Checks every page of the database: `Some(what)` names the damage
+    /// when pages fail their check (authentication under the key for an
+    /// encrypted store), `None` when all pass.  Reads the whole file.
+    fn integrity_check(&self) -> StoreFuture<'_, Option<String>>;
 
     /// Binds `username` to `identity`.
     fn register(&self, username: String, identity: IdentityKey)

@@ -31,7 +31,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -215,6 +215,10 @@ pub struct SqliteStore {
     threads: Vec<JoinHandle<()>>,
     /// Unix ms until which idempotency keys of the old form may be live.
     legacy_dedup_until: i64,
+    /// encrypted with SQLCipher (decides how pages are checked)
+    encrypted: bool,
+    /// health probes made, the value each writes
+    probes: AtomicU64,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -266,6 +270,8 @@ impl SqliteStore {
             next_reader: AtomicUsize::new(0),
             threads,
             legacy_dedup_until,
+            encrypted: matches!(options.key, DbKey::Raw(_)),
+            probes: AtomicU64::new(0),
         })
     }
 
@@ -489,9 +495,57 @@ fn identity_from_blob(bytes: Vec<u8>) -> Result<IdentityKey, StoreError> {
 
 impl Store for SqliteStore {
     fn ping(&self) -> StoreFuture<'_, ()> {
-        self.read(|c| {
-            c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+        let probe = self.probes.fetch_add(1, Ordering::Relaxed);
+        let probe = i64::try_from(probe).unwrap_or(i64::MAX);
+        let written = self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO meta (name, value) VALUES ('health_probe', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([probe])?;
             Ok(())
+        });
+        Box::pin(async move {
+            written.await?;
+            self.read(|c| {
+                c.query_row(
+                    "SELECT value FROM meta WHERE name = 'health_probe'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?;
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn integrity_check(&self) -> StoreFuture<'_, Option<String>> {
+        let encrypted = self.encrypted;
+        self.read(move |c| {
+            // SQLCipher checks each page's HMAC; plain SQLite its b-trees.
+            let pragma = if encrypted {
+                "PRAGMA cipher_integrity_check"
+            } else {
+                "PRAGMA quick_check"
+            };
+            let problems: Vec<String> = c
+                .prepare(pragma)?
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<_, _>>()?;
+            let problems: Vec<String> = problems.into_iter().filter(|p| p != "ok").collect();
+            Ok((!problems.is_empty()).then(|| {
+                let shown = problems
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if problems.len() > 3 {
+                    format!("{} problems: {shown}; …", problems.len())
+                } else {
+                    shown
+                }
+            }))
         })
     }
 
