@@ -295,7 +295,8 @@ impl Out {
     }
 }
 
-async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
+/// The profile directory, which must hold a profile, and its key.
+fn existing_profile(cli: &Cli) -> anyhow::Result<(PathBuf, ProfileKey)> {
     let dir = profile_dir(cli)?;
     if !quicnprotochat_core::Profile::exists(&dir) {
         bail!(
@@ -303,11 +304,23 @@ async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
             dir.display()
         );
     }
-    let key = profile_key()?;
+    Ok((dir, profile_key()?))
+}
+
+/// The profile with its connection to the server.
+async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
+    let (dir, key) = existing_profile(cli)?;
     let server = server_config(&cli.server, false)?;
     Messenger::open(&dir, &key, server)
         .await
         .context("opening the profile")
+}
+
+/// The profile alone, for commands that need nothing from the server
+/// (`groups`, `members`, `history`): they work with the server down.
+fn open_local(cli: &Cli) -> anyhow::Result<quicnprotochat_core::Profile> {
+    let (dir, key) = existing_profile(cli)?;
+    quicnprotochat_core::Profile::open(&dir, &key).context("opening the profile")
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -378,8 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Groups => {
-            let m = open(&cli).await?;
-            for g in m.groups().await? {
+            for g in open_local(&cli)?.groups()? {
                 out.line(
                     format!(
                         "{} (epoch {}, members: {})",
@@ -392,8 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Members { group } => {
-            let m = open(&cli).await?;
-            for mem in m.members(group).await? {
+            for mem in open_local(&cli)?.members(group)? {
                 let me = if mem.is_self { " (you)" } else { "" };
                 out.line(
                     format!("{}{me} {}", mem.username, mem.key),
@@ -402,8 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::History { group, limit } => {
-            let m = open(&cli).await?;
-            for msg in m.history(group, *limit).await? {
+            for msg in open_local(&cli)?.history(group, *limit)? {
                 out.event(&Event::Message(msg));
             }
         }

@@ -47,7 +47,7 @@ fn register(server: &TestServer, profile: &Path, name: &str) {
 
 #[test]
 fn two_clients_chat_through_the_command_line() {
-    let server = TestServer::start().unwrap();
+    let mut server = TestServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     register(&server, &alice, "alice");
@@ -110,6 +110,15 @@ fn two_clients_chat_through_the_command_line() {
     assert_eq!(g["members"], serde_json::json!(["alice", "bob"]));
     let history = run_ok(cli(&server, &bob).args(["history", "friends"]));
     assert_eq!(history.lines().count(), 3);
+
+    // Commands that read only the profile work with the server down.
+    server.stop();
+    let history = run_ok(cli(&server, &bob).args(["history", "friends"]));
+    assert_eq!(history.lines().count(), 3);
+    let groups = run_ok(cli(&server, &alice).args(["groups"]));
+    assert!(groups.starts_with("friends (epoch "), "{groups}");
+    let members = run_ok(cli(&server, &alice).args(["members", "friends"]));
+    assert_eq!(members.lines().count(), 2, "{members}");
 }
 
 #[test]

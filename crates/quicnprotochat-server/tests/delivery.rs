@@ -577,7 +577,11 @@ async fn a_damaged_page_in_the_middle_of_the_store_makes_the_server_not_ready() 
     server.stop();
     let db = server.data_dir().join("quicnprotochat.db");
     let wal = server.data_dir().join("quicnprotochat.db-wal");
-    assert!(std::fs::metadata(&wal).map(|m| m.len() == 0).unwrap_or(true));
+    assert!(
+        std::fs::metadata(&wal)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true)
+    );
     let mut bytes = std::fs::read(&db).unwrap();
     let pages = bytes.len() / 4096;
     assert!(pages > 100, "the queue fills pages: {pages}");
