@@ -232,12 +232,18 @@ impl Client {
                 let _ = reply.send(rpc(worker).await);
             })
         });
-        self.inner
-            .tx
-            .send(Cmd::Call(job))
+        let after = self.inner.config.call_timeout;
+        let answer = async {
+            self.inner
+                .tx
+                .send(Cmd::Call(job))
+                .await
+                .map_err(|_| ClientError::Disconnected)?;
+            rx.await.map_err(|_| ClientError::Disconnected)?
+        };
+        tokio::time::timeout(after, answer)
             .await
-            .map_err(|_| ClientError::Disconnected)?;
-        rx.await.map_err(|_| ClientError::Disconnected)?
+            .map_err(|_| ClientError::Timeout { after })?
     }
 
     fn own_identity(&self) -> Result<IdentityKey, ClientError> {
@@ -573,10 +579,18 @@ fn worker_main(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let (endpoint, worker, rpc) = match open(&config).await {
-            Ok(parts) => parts,
-            Err(e) => {
+        let opened = tokio::time::timeout(config.connect_timeout, open(&config)).await;
+        let (endpoint, worker, rpc) = match opened {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => {
                 let _ = ready.send(Err(e));
+                return;
+            }
+            Err(_) => {
+                let _ = ready.send(Err(ClientError::Unreachable {
+                    addr,
+                    after: config.connect_timeout,
+                }));
                 return;
             }
         };

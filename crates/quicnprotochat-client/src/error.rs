@@ -64,6 +64,21 @@ pub enum ClientError {
     /// the connection worker is gone (closed or disconnected)
     #[error("disconnected from the server")]
     Disconnected,
+    /// connecting got no answer within the deadline: the server is down or
+    /// out of reach
+    #[error("server {addr} unreachable: no answer within {} s", after.as_secs_f32())]
+    Unreachable {
+        /// server address
+        addr: std::net::SocketAddr,
+        /// the deadline that passed
+        after: Duration,
+    },
+    /// a call got no answer within the deadline
+    #[error("the server did not answer within {} s", after.as_secs_f32())]
+    Timeout {
+        /// the deadline that passed
+        after: Duration,
+    },
     /// the server sent something that violates the protocol
     #[error("invalid response from server: {0}")]
     InvalidResponse(&'static str),

@@ -17,6 +17,17 @@ use quicnprotochat_proto::{ALPN, WIRE_VERSION, auth};
 /// Client keep-alive: under half the server's 60 s idle timeout.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// How long connecting (QUIC and TLS handshake, RPC stream) may take before
+/// the server counts as unreachable.  A handshake to a server that is down
+/// gets no answer at all; without a deadline it waits for QUIC's idle
+/// timeout (30 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one call may wait for its answer: longer than the server's own
+/// store deadline (15 s by default), so a slow server answers `internal`
+/// before the client gives up.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How to reach and authenticate to a server.
 #[derive(Clone)]
 pub struct ClientConfig {
@@ -34,6 +45,10 @@ pub struct ClientConfig {
     pub alpn: Vec<u8>,
     /// QUIC keep-alive interval
     pub keep_alive: Duration,
+    /// deadline for connecting (see [`DEFAULT_CONNECT_TIMEOUT`])
+    pub connect_timeout: Duration,
+    /// deadline for each call's answer (see [`DEFAULT_CALL_TIMEOUT`])
+    pub call_timeout: Duration,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -62,6 +77,8 @@ impl ClientConfig {
             wire_version: WIRE_VERSION,
             alpn: ALPN.to_vec(),
             keep_alive: DEFAULT_KEEP_ALIVE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         }
     }
 }

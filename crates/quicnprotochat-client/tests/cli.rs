@@ -119,6 +119,27 @@ fn two_clients_chat_through_the_command_line() {
     assert!(groups.starts_with("friends (epoch "), "{groups}");
     let members = run_ok(cli(&server, &alice).args(["members", "friends"]));
     assert_eq!(members.lines().count(), 2, "{members}");
+
+    // Commands that need the server fail with one clear line within the
+    // connect deadline (5 s), not QUIC's 30 s idle timeout.
+    for args in [
+        &["send", "friends", "anyone there?"][..],
+        &["listen", "--timeout", "3"][..],
+    ] {
+        let started = std::time::Instant::now();
+        let out = cli(&server, &alice).args(args).output().unwrap();
+        let took = started.elapsed();
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded with the server down"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("unreachable"), "{args:?}: {stderr}");
+        assert!(
+            took < Duration::from_secs(15),
+            "{args:?} took {took:?} to report a dead server"
+        );
+    }
 }
 
 #[test]

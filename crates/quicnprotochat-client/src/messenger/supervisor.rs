@@ -113,6 +113,10 @@ async fn connect(server: &ClientConfig, identity: &Identity) -> Result<Client, C
 fn is_connection_error(e: &ClientError) -> bool {
     matches!(
         e,
-        ClientError::Disconnected | ClientError::Rpc(_) | ClientError::Connect { .. }
+        ClientError::Disconnected
+            | ClientError::Rpc(_)
+            | ClientError::Connect { .. }
+            | ClientError::Unreachable { .. }
+            | ClientError::Timeout { .. }
     )
 }
