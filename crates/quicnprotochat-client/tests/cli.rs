@@ -209,3 +209,36 @@ fn errors_are_one_clear_line() {
         "no group named",
     );
 }
+
+#[test]
+fn a_failed_registration_leaves_nothing_and_the_retry_succeeds() {
+    let server = TestServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    register(&server, &dir.path().join("first"), "alice");
+    // The name is taken: refused, and nothing is left in the profile's place.
+    let second = dir.path().join("second");
+    let pin = hex::encode(server.fingerprint());
+    let out = cli(&server, &second)
+        .args([
+            "register",
+            "alice",
+            "--server",
+            &server.addr().to_string(),
+            "--pin",
+            &pin,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("taken"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !second.exists(),
+        "a failed registration left a profile behind"
+    );
+    // Another name in the same place works at once.
+    register(&server, &second, "alice2");
+}

@@ -110,9 +110,24 @@ impl Messenger {
         let dir_buf = dir.to_path_buf();
         let (key, name) = (key.clone(), username.to_string());
         let profile = blocking(move || Profile::create(&dir_buf, &key, &name)).await?;
-        settings::save_server(&profile, &server)?;
-        let link = Supervisor::connect(server, profile.identity().clone()).await?;
-        link.client().await.register(username).await?;
+        // Until the server took the name, a failure leaves nothing behind,
+        // so a retry (another name, the server back up) starts clean.
+        let registered = async {
+            settings::save_server(&profile, &server)?;
+            let link = Supervisor::connect(server, profile.identity().clone()).await?;
+            link.client().await.register(username).await?;
+            Ok::<_, MessengerError>(link)
+        }
+        .await;
+        let link = match registered {
+            Ok(link) => link,
+            Err(e) => {
+                if let Err(cleanup) = profile.discard() {
+                    tracing::warn!(error = %cleanup, "could not remove the unregistered profile");
+                }
+                return Err(e);
+            }
+        };
         let m = Self::assemble(profile, link, dir);
         m.replenish_key_packages(true).await?;
         Ok(m)

@@ -184,6 +184,25 @@ impl Profile {
         })
     }
 
+    /// Deletes this profile: its database files, and its directory when
+    /// nothing else is left in it.  For a registration that did not
+    /// complete, so that a retry starts clean.
+    pub fn discard(self) -> Result<(), StateError> {
+        let dir = self.dir.clone();
+        // Closes the database before its files go.
+        drop(self);
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            match std::fs::remove_file(dir.join(format!("{STATE_FILE}{suffix}"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StateError::Io(e)),
+            }
+        }
+        // Only an empty directory goes; anything else in it is not ours.
+        let _ = std::fs::remove_dir(&dir);
+        Ok(())
+    }
+
     /// Tells time by `clock` from now on (the system clock by default):
     /// tests advance a [`crate::clock::ManualClock`] instead of sleeping.
     pub fn set_clock(&mut self, clock: SharedClock) {
