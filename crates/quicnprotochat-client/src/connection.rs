@@ -156,6 +156,26 @@ macro_rules! check {
     };
 }
 
+/// How long a call waits out `rateLimited` answers in all before it
+/// reports the refusal: long enough that a person typing never sees one,
+/// bounded so that a server that keeps refusing is reported.
+pub const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits out a `rateLimited` refusal (and returns to retry) while the total
+/// stays within [`RATE_LIMIT_PATIENCE`]; any other error, or one past the
+/// budget, is returned.
+pub(crate) async fn wait_out(e: ClientError, waited: &mut Duration) -> Result<(), ClientError> {
+    match e.rate_limited_for() {
+        Some(wait) if *waited + wait <= RATE_LIMIT_PATIENCE => {
+            tracing::debug!(?wait, "rate limited; waiting as the server asks");
+            tokio::time::sleep(wait).await;
+            *waited += wait;
+            Ok(())
+        }
+        _ => Err(e),
+    }
+}
+
 impl From<quicnprotochat_proto::capnp::Error> for ClientError {
     fn from(e: quicnprotochat_proto::capnp::Error) -> Self {
         Self::Rpc(e.to_string())
@@ -267,11 +287,26 @@ impl Client {
 
     /// Authenticates `identity`: fetches a nonce, signs the transcript bound
     /// to this connection, and presents it with the access token.
+    ///
+    /// A `rateLimited` answer is waited out as the protocol says (section
+    /// 5.4): `challenge` is asked again, `authenticate` retried with the same
+    /// proof, for at most [`RATE_LIMIT_PATIENCE`] of waiting in all.
     pub async fn init_auth(&self, identity: &Identity) -> Result<(), ClientError> {
-        let challenge = self.auth_challenge().await?;
         let key = identity.public_key();
+        let mut waited = Duration::ZERO;
+        let challenge = loop {
+            match self.auth_challenge().await {
+                Err(e) => wait_out(e, &mut waited).await?,
+                Ok(c) => break c,
+            }
+        };
         let signature = identity.sign(&challenge.transcript(&key))?;
-        self.auth_respond(key, signature).await
+        loop {
+            match self.auth_respond(key, signature.clone()).await {
+                Err(e) => wait_out(e, &mut waited).await?,
+                Ok(()) => return Ok(()),
+            }
+        }
     }
 
     /// First half of [`Client::init_auth`]: a fresh server nonce and this

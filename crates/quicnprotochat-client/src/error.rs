@@ -88,6 +88,19 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// For a `rateLimited` refusal, how long to wait before the call can
+    /// succeed (at least 1 ms).
+    pub fn rate_limited_for(&self) -> Option<Duration> {
+        match self {
+            Self::Server {
+                code: ServerErrorCode::RateLimited,
+                retry_after,
+                ..
+            } => Some(retry_after.unwrap_or(Duration::from_millis(1))),
+            _ => None,
+        }
+    }
+
     /// The server's error code, if this is a server-side refusal.
     pub fn server_code(&self) -> Option<ServerErrorCode> {
         match self {

@@ -13,7 +13,7 @@ pub mod harness;
 mod messenger;
 mod types;
 
-pub use connection::{Client, Subscription};
+pub use connection::{Client, RATE_LIMIT_PATIENCE, Subscription};
 pub use error::{ClientError, ServerErrorCode};
 pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
 pub use quicnprotochat_core::{Event, ProfileKey};

@@ -9,3 +9,5 @@ mod docs_reference;
 mod outbox;
 #[cfg(test)]
 mod p2p;
+#[cfg(test)]
+mod rate_limits;

@@ -95,12 +95,21 @@ impl Supervisor {
         }
     }
 
+    /// Enqueues `out`, waiting out `rateLimited` answers (bounded): what a
+    /// user typed is sent late rather than dropped.
     async fn enqueue(&self, out: &Outgoing) -> Result<(), ClientError> {
-        self.client()
-            .await
-            .enqueue(&out.recipients, out.message_id, out.payload.clone())
-            .await
-            .map(|_| ())
+        let mut waited = Duration::ZERO;
+        loop {
+            let sent = self
+                .client()
+                .await
+                .enqueue(&out.recipients, out.message_id, out.payload.clone())
+                .await;
+            match sent {
+                Ok(_) => return Ok(()),
+                Err(e) => crate::connection::wait_out(e, &mut waited).await?,
+            }
+        }
     }
 }
 
