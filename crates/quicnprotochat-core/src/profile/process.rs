@@ -4,7 +4,7 @@
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     LeafNodeIndex, MlsGroup, MlsMessageBodyIn, MlsMessageIn, OpenMlsProvider,
-    ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, Sender, WelcomeError,
+    ProcessedMessageContent, ProcessedWelcome, ProtocolMessage, Sender, StagedCommit, WelcomeError,
 };
 use rusqlite::{Connection, OptionalExtension};
 
@@ -17,6 +17,7 @@ use super::{Profile, Provider, set_setting_on};
 use crate::group::{
     Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, valid_group_name,
 };
+use crate::identity::IdentityKey;
 use crate::message::{AppMessage, Content, PeerInfo};
 use crate::mls_config::join_config;
 
@@ -238,116 +239,150 @@ fn handle_protocol(
             .and_then(|m| member_key(&m)),
         _ => None,
     };
-    let mut events = Vec::new();
+    let at = Received {
+        tx,
+        name,
+        group_id,
+        by,
+        now_ms,
+    };
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => {
             let sender_key = sender_key.ok_or_else(|| {
                 GroupError::Rejected("application message from a non-member".into())
             })?;
-            let m = AppMessage::decode(&app.into_bytes())?;
-            let text = match m.content {
-                Content::Text { text } => text,
-                Content::PeerAddress {
-                    endpoint_id,
-                    addrs,
-                    relay_url,
-                } => {
-                    let peer = PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref())?;
-                    store_peer(tx, sender_key, &peer, now_ms)?;
-                    events.push(Event::PeerAnnounced {
-                        group: name.to_string(),
-                        member: by,
-                        key: sender_key,
-                        endpoint_id: peer.endpoint_id,
-                    });
-                    return Ok(events);
-                }
-                _ => "[unsupported content]".to_string(),
-            };
-            let stored = StoredMessage {
-                group: name.to_string(),
-                sender: by,
-                sender_key,
-                sent_at_ms: m.ts,
-                received_at_ms: now_ms,
-                text,
-                message_id: m.id,
-            };
-            if insert_message(tx, group_id, &stored)? {
-                events.push(Event::Message(stored));
-            }
+            receive_application(&at, sender_key, &app.into_bytes())
         }
         ProcessedMessageContent::ProposalMessage(p) => {
             g.store_pending_proposal(provider.storage(), *p)
                 .map_err(GroupError::mls)?;
-            events.push(Event::ProposalsPending {
+            Ok(vec![Event::ProposalsPending {
                 group: name.to_string(),
                 group_id: group_id.to_vec(),
-            });
+            }])
         }
-        ProcessedMessageContent::StagedCommitMessage(sc) => {
-            let added: Vec<String> = sc
-                .add_proposals()
-                .map(|a| username_of(a.add_proposal().key_package().leaf_node().credential()))
-                .collect();
-            let removed_idx: Vec<LeafNodeIndex> = sc
-                .remove_proposals()
-                .map(|r| r.remove_proposal().removed())
-                .collect();
-            let removed: Vec<String> = g
-                .members()
-                .filter(|m| removed_idx.contains(&m.index))
-                .map(|m| username_of(&m.credential))
-                .collect();
-            // Every leaf the commit brings in (added members, updated leaves,
-            // the committer's new path leaf) must carry a strong key.
-            for a in sc.add_proposals() {
-                check_member_key(
-                    a.add_proposal()
-                        .key_package()
-                        .leaf_node()
-                        .signature_key()
-                        .as_slice(),
-                )?;
-            }
-            for u in sc.update_proposals() {
-                check_member_key(u.update_proposal().leaf_node().signature_key().as_slice())?;
-            }
-            if let Some(leaf) = sc.update_path_leaf_node() {
-                check_member_key(leaf.signature_key().as_slice())?;
-            }
-            let self_removed = sc.self_removed();
-            let updated =
-                sc.update_path_leaf_node().is_some() && added.is_empty() && removed.is_empty();
-            g.merge_staged_commit(&provider, *sc)
-                .map_err(GroupError::rejected)?;
-            if !added.is_empty() {
-                events.push(Event::MembersAdded {
-                    group: name.to_string(),
-                    by: by.clone(),
-                    members: added,
-                });
-            }
-            if self_removed {
-                events.push(Event::Removed {
-                    group: name.to_string(),
-                    by: by.clone(),
-                });
-            } else if !removed.is_empty() {
-                events.push(Event::MembersRemoved {
-                    group: name.to_string(),
-                    by: by.clone(),
-                    members: removed,
-                });
-            }
-            if updated {
-                events.push(Event::KeyUpdated {
-                    group: name.to_string(),
-                    by,
-                });
-            }
+        ProcessedMessageContent::StagedCommitMessage(sc) => apply_commit(&at, &provider, g, *sc),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Where and from whom a processed message came.
+struct Received<'a> {
+    tx: &'a Connection,
+    /// the group's local name
+    name: &'a str,
+    group_id: &'a [u8],
+    /// the sender's username
+    by: String,
+    now_ms: u64,
+}
+
+/// An application message from `sender_key`: a text goes into the history
+/// (once), a peer address into the peer table.
+fn receive_application(
+    at: &Received<'_>,
+    sender_key: IdentityKey,
+    bytes: &[u8],
+) -> Result<Vec<Event>, GroupError> {
+    let m = AppMessage::decode(bytes)?;
+    let text = match m.content {
+        Content::Text { text } => text,
+        Content::PeerAddress {
+            endpoint_id,
+            addrs,
+            relay_url,
+        } => {
+            let peer = PeerInfo::from_content(&endpoint_id, &addrs, relay_url.as_deref())?;
+            store_peer(at.tx, sender_key, &peer, at.now_ms)?;
+            return Ok(vec![Event::PeerAnnounced {
+                group: at.name.to_string(),
+                member: at.by.clone(),
+                key: sender_key,
+                endpoint_id: peer.endpoint_id,
+            }]);
         }
-        _ => {}
+        _ => "[unsupported content]".to_string(),
+    };
+    let stored = StoredMessage {
+        group: at.name.to_string(),
+        sender: at.by.clone(),
+        sender_key,
+        sent_at_ms: m.ts,
+        received_at_ms: at.now_ms,
+        text,
+        message_id: m.id,
+    };
+    Ok(if insert_message(at.tx, at.group_id, &stored)? {
+        vec![Event::Message(stored)]
+    } else {
+        Vec::new()
+    })
+}
+
+/// Merges a commit, after checking that every leaf it brings in (added
+/// members, updated leaves, the committer's new path leaf) carries a strong
+/// key; returns who was added, removed or updated their keys.
+fn apply_commit(
+    at: &Received<'_>,
+    provider: &Provider<'_>,
+    g: &mut MlsGroup,
+    sc: StagedCommit,
+) -> Result<Vec<Event>, GroupError> {
+    for a in sc.add_proposals() {
+        check_member_key(
+            a.add_proposal()
+                .key_package()
+                .leaf_node()
+                .signature_key()
+                .as_slice(),
+        )?;
+    }
+    for u in sc.update_proposals() {
+        check_member_key(u.update_proposal().leaf_node().signature_key().as_slice())?;
+    }
+    if let Some(leaf) = sc.update_path_leaf_node() {
+        check_member_key(leaf.signature_key().as_slice())?;
+    }
+    let added: Vec<String> = sc
+        .add_proposals()
+        .map(|a| username_of(a.add_proposal().key_package().leaf_node().credential()))
+        .collect();
+    let removed_idx: Vec<LeafNodeIndex> = sc
+        .remove_proposals()
+        .map(|r| r.remove_proposal().removed())
+        .collect();
+    let removed: Vec<String> = g
+        .members()
+        .filter(|m| removed_idx.contains(&m.index))
+        .map(|m| username_of(&m.credential))
+        .collect();
+    let self_removed = sc.self_removed();
+    let updated = sc.update_path_leaf_node().is_some() && added.is_empty() && removed.is_empty();
+    g.merge_staged_commit(provider, sc)
+        .map_err(GroupError::rejected)?;
+    let (group, by) = (at.name.to_string(), at.by.clone());
+    let mut events = Vec::new();
+    if !added.is_empty() {
+        events.push(Event::MembersAdded {
+            group: group.clone(),
+            by: by.clone(),
+            members: added,
+        });
+    }
+    if self_removed {
+        events.push(Event::Removed {
+            group: group.clone(),
+            by: by.clone(),
+        });
+    } else if !removed.is_empty() {
+        events.push(Event::MembersRemoved {
+            group: group.clone(),
+            by: by.clone(),
+            members: removed,
+        });
+    }
+    if updated {
+        events.push(Event::KeyUpdated { group, by });
     }
     Ok(events)
 }
