@@ -364,32 +364,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let m = open(&cli).await?;
             m.sync().await?.iter().for_each(|e| out.event(e));
         }
-        Cmd::Listen { count, timeout } => {
-            let m = open(&cli).await?;
-            if let Some(opts) = cli.p2p.options(true) {
-                m.enable_p2p(opts).await?;
-            }
-            let mut events = m.listen().await?;
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
-            let mut messages = 0;
-            loop {
-                if count.is_some_and(|c| messages >= c) {
-                    break;
-                }
-                let next = match deadline {
-                    Some(d) => match tokio::time::timeout_at(d, events.next()).await {
-                        Ok(e) => e,
-                        Err(_) => break,
-                    },
-                    None => events.next().await,
-                };
-                let Some(e) = next else { break };
-                if matches!(e, Event::Message(_)) {
-                    messages += 1;
-                }
-                out.event(&e);
-            }
-        }
+        Cmd::Listen { count, timeout } => listen(&cli, &out, *count, *timeout).await?,
         Cmd::Groups => {
             for g in open_local(&cli)?.groups()? {
                 out.line(
@@ -444,6 +419,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.ok(format!("left {group}"), json!({"ok": true, "left": group}));
         }
         Cmd::Chat { group } => chat(&cli, &out, group).await?,
+    }
+    Ok(())
+}
+
+/// Runs `fut` until `deadline` (none: to completion); `None` when the
+/// deadline came first.
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// `listen`: prints what arrives until `count` messages or `timeout`
+/// seconds, counted from the start: connecting and catching up count too.
+async fn listen(
+    cli: &Cli,
+    out: &Out,
+    count: Option<usize>,
+    timeout: Option<u64>,
+) -> anyhow::Result<()> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
+    let Some(m) = within(deadline, open(cli)).await else {
+        bail!(
+            "server unreachable: no connection within the --timeout of {} s",
+            timeout.unwrap_or_default()
+        );
+    };
+    let m = m?;
+    let started = within(deadline, async {
+        if let Some(opts) = cli.p2p.options(true) {
+            m.enable_p2p(opts).await?;
+        }
+        Ok::<_, anyhow::Error>(m.listen().await?)
+    })
+    .await;
+    // The time ran out while catching up: what arrived was printed.
+    let Some(started) = started else {
+        return Ok(());
+    };
+    let mut events = started?;
+    let mut messages = 0;
+    loop {
+        if count.is_some_and(|c| messages >= c) {
+            break;
+        }
+        let Some(next) = within(deadline, events.next()).await else {
+            break;
+        };
+        let Some(e) = next else { break };
+        if matches!(e, Event::Message(_)) {
+            messages += 1;
+        }
+        out.event(&e);
     }
     Ok(())
 }
