@@ -412,6 +412,18 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        Self::merge(args, file)
+    }
+
+    /// Parses and validates the text of a configuration file as
+    /// [`Config::resolve`] does when no flag or environment variable is set.
+    /// Errors name the file `<string>`.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::merge(&ServerArgs::default(), parse_file(text, "<string>")?)
+    }
+
+    /// Flags/environment over `file` over the defaults, validated.
+    fn merge(args: &ServerArgs, file: FileConfig) -> Result<Self, ConfigError> {
         let listen = match args.listen.or(file.listen) {
             Some(a) => a,
             None => DEFAULT_LISTEN
@@ -468,8 +480,12 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.display().to_string(),
+    parse_file(&text, &path.display().to_string())
+}
+
+fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
         // The message names the key and line; it does not echo values.
         message: e.message().to_string(),
     })
@@ -600,6 +616,26 @@ mod tests {
         };
         let err = Config::resolve(&bad).unwrap_err().to_string();
         assert!(err.contains("db_key") && !err.contains("abcd"), "{err}");
+    }
+
+    #[test]
+    fn a_file_given_as_text_resolves_like_a_file_on_disk() {
+        let c = Config::from_toml_str("listen = \"127.0.0.1:5000\"\n[limits]\nqueue_depth = 7\n")
+            .unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.limits.queue_depth, 7);
+        assert_eq!(c.db_key, DbKeySetting::DevGenerated);
+        assert!(matches!(
+            Config::from_toml_str("lisen = 1"),
+            Err(ConfigError::Parse { path, .. }) if path == "<string>"
+        ));
+        assert!(matches!(
+            Config::from_toml_str("[limits]\nqueue_depth = 0\n"),
+            Err(ConfigError::Invalid {
+                setting: "limits.queue_depth",
+                ..
+            })
+        ));
     }
 
     #[test]
