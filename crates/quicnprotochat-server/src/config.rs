@@ -54,6 +54,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline for each store operation behind a request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Longest value of each `*_timeout_secs` limit: one day, far above any
+/// useful timeout (the defaults are seconds to a minute) and far below the
+/// values whose deadline (now + timeout) overflows the clock.
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+
 /// How long a (sender, message id) pair is remembered to drop retries: one
 /// week, longer than any client's retry horizon.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -536,24 +541,24 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         "must be at least 1",
     )?;
     check(
-        l.auth_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.auth_timeout_secs),
         "limits.auth_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
-        l.idle_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.idle_timeout_secs),
         "limits.idle_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
-        l.frame_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.frame_timeout_secs),
         "limits.frame_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
-        l.request_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.request_timeout_secs),
         "limits.request_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
         l.connection_window_bytes >= 64 * 1024,
@@ -636,6 +641,32 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// The server_config fuzz target's invariant (every accepted timeout fits
+    /// in a deadline) failed on this file.
+    #[test]
+    fn timeouts_too_long_for_a_deadline_are_refused() {
+        let input: &[u8] = b"[limits]\nframe_timeout_secs = 9223372036854775807\n";
+        let text = std::str::from_utf8(input).unwrap();
+        assert!(matches!(
+            Config::from_toml_str(text),
+            Err(ConfigError::Invalid {
+                setting: "limits.frame_timeout_secs",
+                ..
+            })
+        ));
+        for key in [
+            "auth_timeout_secs",
+            "idle_timeout_secs",
+            "frame_timeout_secs",
+            "request_timeout_secs",
+        ] {
+            let day = format!("[limits]\n{key} = {MAX_TIMEOUT_SECS}\n");
+            assert!(Config::from_toml_str(&day).is_ok(), "{key}");
+            let more = format!("[limits]\n{key} = {}\n", MAX_TIMEOUT_SECS + 1);
+            assert!(Config::from_toml_str(&more).is_err(), "{key}");
+        }
     }
 
     #[test]
