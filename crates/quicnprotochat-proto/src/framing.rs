@@ -85,7 +85,7 @@ impl<R> FrameGuard<R> {
         while !bytes.is_empty() {
             if !self.in_frame {
                 self.in_frame = true;
-                let when = Instant::now() + self.limits.frame_timeout;
+                let when = deadline(self.limits.frame_timeout);
                 self.deadline.as_mut().reset(when);
             }
             match &mut self.phase {
@@ -139,6 +139,18 @@ impl<R> FrameGuard<R> {
         self.phase = Phase::Header { have: 0, need: 4 };
         self.in_frame = false;
     }
+}
+
+/// Farthest deadline: a timeout too long to be added to the clock means no
+/// deadline in practice (tokio's own "far future" is 30 years too).
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + timeout`, or [`FAR_FUTURE`] from now when that overflows the clock.
+fn deadline(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
 }
 
 fn word(buf: &[u8], at: usize) -> [u8; 4] {
@@ -251,6 +263,20 @@ mod tests {
             read_all(many, limits()).await.unwrap_err().kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    /// The server_config fuzz target's invariant (every accepted timeout
+    /// fits in a deadline) fails on its dictionary's boundary value
+    /// `frame_timeout_secs = 9223372036854775807`; with that limit the
+    /// first byte of any frame panicked (`now + timeout` overflowed).
+    #[tokio::test]
+    async fn a_frame_timeout_too_long_for_a_deadline_is_no_deadline() {
+        let limits = FrameLimits {
+            max_frame_bytes: 1024,
+            frame_timeout: Duration::from_secs(9_223_372_036_854_775_807),
+        };
+        let bytes = frame(&[1]);
+        assert_eq!(read_all(bytes.clone(), limits).await.unwrap(), bytes);
     }
 
     #[tokio::test(start_paused = true)]

@@ -56,6 +56,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline for each store operation behind a request.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Longest value of each `*_timeout_secs` limit: one day, far above any
+/// useful timeout (the defaults are seconds to a minute) and far below the
+/// values whose deadline (now + timeout) overflows the clock.
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+
 /// How long a (sender, message id) pair is remembered to drop retries: one
 /// week, longer than any client's retry horizon.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -419,6 +424,18 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        Self::merge(args, file)
+    }
+
+    /// Parses and validates the text of a configuration file as
+    /// [`Config::resolve`] does when no flag or environment variable is set.
+    /// Errors name the file `<string>`.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::merge(&ServerArgs::default(), parse_file(text, "<string>")?)
+    }
+
+    /// Flags/environment over `file` over the defaults, validated.
+    fn merge(args: &ServerArgs, file: FileConfig) -> Result<Self, ConfigError> {
         let listen = match args.listen.or(file.listen) {
             Some(a) => a,
             None => DEFAULT_LISTEN
@@ -476,8 +493,12 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.display().to_string(),
+    parse_file(&text, &path.display().to_string())
+}
+
+fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
         // The message names the key and line; it does not echo values.
         message: e.message().to_string(),
     })
@@ -528,24 +549,24 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         "must be at least 1",
     )?;
     check(
-        l.auth_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.auth_timeout_secs),
         "limits.auth_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
-        l.idle_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.idle_timeout_secs),
         "limits.idle_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
-        l.frame_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.frame_timeout_secs),
         "limits.frame_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
-        l.request_timeout_secs >= 1,
+        (1..=MAX_TIMEOUT_SECS).contains(&l.request_timeout_secs),
         "limits.request_timeout_secs",
-        "must be at least 1",
+        "must be between 1 and 86400 (one day)",
     )?;
     check(
         l.connection_window_bytes >= 64 * 1024,
@@ -608,6 +629,52 @@ mod tests {
         };
         let err = Config::resolve(&bad).unwrap_err().to_string();
         assert!(err.contains("db_key") && !err.contains("abcd"), "{err}");
+    }
+
+    #[test]
+    fn a_file_given_as_text_resolves_like_a_file_on_disk() {
+        let c = Config::from_toml_str("listen = \"127.0.0.1:5000\"\n[limits]\nqueue_depth = 7\n")
+            .unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.limits.queue_depth, 7);
+        assert_eq!(c.db_key, DbKeySetting::DevGenerated);
+        assert!(matches!(
+            Config::from_toml_str("lisen = 1"),
+            Err(ConfigError::Parse { path, .. }) if path == "<string>"
+        ));
+        assert!(matches!(
+            Config::from_toml_str("[limits]\nqueue_depth = 0\n"),
+            Err(ConfigError::Invalid {
+                setting: "limits.queue_depth",
+                ..
+            })
+        ));
+    }
+
+    /// The server_config fuzz target's invariant (every accepted timeout fits
+    /// in a deadline) failed on this file.
+    #[test]
+    fn timeouts_too_long_for_a_deadline_are_refused() {
+        let input: &[u8] = b"[limits]\nframe_timeout_secs = 9223372036854775807\n";
+        let text = std::str::from_utf8(input).unwrap();
+        assert!(matches!(
+            Config::from_toml_str(text),
+            Err(ConfigError::Invalid {
+                setting: "limits.frame_timeout_secs",
+                ..
+            })
+        ));
+        for key in [
+            "auth_timeout_secs",
+            "idle_timeout_secs",
+            "frame_timeout_secs",
+            "request_timeout_secs",
+        ] {
+            let day = format!("[limits]\n{key} = {MAX_TIMEOUT_SECS}\n");
+            assert!(Config::from_toml_str(&day).is_ok(), "{key}");
+            let more = format!("[limits]\n{key} = {}\n", MAX_TIMEOUT_SECS + 1);
+            assert!(Config::from_toml_str(&more).is_err(), "{key}");
+        }
     }
 
     #[test]
