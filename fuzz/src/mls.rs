@@ -1,8 +1,8 @@
 //! Targets `mls_framing` and `key_package`: what the server parses of an
 //! enqueued payload and of a published key package.
 
-use quicnprotochat_core::mls_header::{self, FrameKind};
 use quicnprotochat_core::keypackage;
+use quicnprotochat_core::mls_header::{self, FrameKind};
 
 /// `mls_header::inspect` never fails; its answer must be self-consistent.
 pub fn check_framing(data: &[u8]) {
