@@ -573,15 +573,29 @@ async fn a_damaged_page_in_the_middle_of_the_store_makes_the_server_not_ready() 
     assert!(h.ok && h.store_reachable, "{h:?}");
     drop((alice, bob));
 
-    // Stopped cleanly, the store's log is folded into the database file.
     server.stop();
+    // Fold the write-ahead log into the database file, so that the page
+    // damaged below is the one every read sees (a page still in the log
+    // would be read from there).
     let db = server.data_dir().join("quicnprotochat.db");
-    let wal = server.data_dir().join("quicnprotochat.db-wal");
-    assert!(
-        std::fs::metadata(&wal)
-            .map(|m| m.len() == 0)
-            .unwrap_or(true)
-    );
+    let key = std::fs::read_to_string(
+        server
+            .data_dir()
+            .join(quicnprotochat_server::server::DEV_DB_KEY_FILE),
+    )
+    .unwrap();
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE;
+    match quicnprotochat_core::sqlcipher::open_keyed(&db, flags, &format!("x'{}'", key.trim()))
+        .unwrap()
+    {
+        quicnprotochat_core::sqlcipher::Opened::Open(c, _) => {
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
     let mut bytes = std::fs::read(&db).unwrap();
     let pages = bytes.len() / 4096;
     assert!(pages > 100, "the queue fills pages: {pages}");
