@@ -69,9 +69,10 @@ impl Supervisor {
                     return Ok(());
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, ?delay, "reconnect failed");
+                    let wait = jittered(delay);
+                    tracing::debug!(error = %e, ?wait, "reconnect failed");
                     last = e;
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(wait).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                 }
             }
@@ -113,6 +114,19 @@ impl Supervisor {
     }
 }
 
+/// A wait drawn uniformly from the upper half of `delay` ("equal
+/// jitter"), so clients cut off together by a server restart do not all
+/// come back in the same instant.  Without randomness (the RNG failing) it
+/// is `delay` itself.
+fn jittered(delay: Duration) -> Duration {
+    let mut b = [0u8; 4];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return delay;
+    }
+    let fraction = f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX);
+    delay / 2 + delay.mul_f64(fraction / 2.0)
+}
+
 async fn connect(server: &ClientConfig, identity: &Identity) -> Result<Client, ClientError> {
     let client = Client::connect(server.clone()).await?;
     client.init_auth(identity).await?;
@@ -128,4 +142,33 @@ fn is_connection_error(e: &ClientError) -> bool {
             | ClientError::Unreachable { .. }
             | ClientError::Timeout { .. }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_are_spread_over_the_upper_half_of_the_delay() {
+        let delay = Duration::from_millis(1000);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(delay)).collect();
+        assert!(waits.iter().all(|w| *w >= delay / 2 && *w <= delay));
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(
+            distinct.len() > 150,
+            "waits are not spread: {}",
+            distinct.len()
+        );
+        let (lo, hi) = (
+            waits
+                .iter()
+                .filter(|w| **w < Duration::from_millis(750))
+                .count(),
+            waits
+                .iter()
+                .filter(|w| **w >= Duration::from_millis(750))
+                .count(),
+        );
+        assert!(lo > 40 && hi > 40, "lower {lo}, upper {hi}");
+    }
 }
