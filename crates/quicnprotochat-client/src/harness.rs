@@ -100,6 +100,17 @@ pub async fn next_messages(
     Ok(out)
 }
 
+/// The texts of the messages among `events`, in order.
+pub fn message_texts(events: Vec<Event>) -> Vec<String> {
+    events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m.text),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Fails if a message arrives within `quiet`.
 pub async fn expect_no_message(
     stream: &mut EventStream,

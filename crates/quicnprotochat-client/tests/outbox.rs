@@ -2,7 +2,7 @@
 //! sync (after a restart too) sends it again, so an invitee is never left
 //! out of a group that its other members already count them in.
 
-use quicnprotochat_client::harness::TestServer;
+use quicnprotochat_client::harness::{TestServer, message_texts};
 use quicnprotochat_client::{Event, MessengerError, ServerErrorCode};
 
 fn joined(events: &[Event]) -> bool {
@@ -56,16 +56,7 @@ async fn a_welcome_refused_for_a_full_queue_is_sent_by_a_later_sync() {
     // ...and bob joins and reads.
     assert!(joined(&bob.sync().await.unwrap()));
     alice.send("g", "welcome, finally").await.unwrap();
-    let got: Vec<_> = bob
-        .sync()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.text),
-            _ => None,
-        })
-        .collect();
+    let got = message_texts(bob.sync().await.unwrap());
     assert_eq!(got, ["welcome, finally"]);
     // Sent once: a further sync sends nothing more.
     alice.sync().await.unwrap();

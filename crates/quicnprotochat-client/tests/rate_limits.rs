@@ -1,8 +1,7 @@
 //! The client waits out the server's rate limits as the protocol says,
 //! instead of dropping what a user typed or failing a login.
 
-use quicnprotochat_client::Event;
-use quicnprotochat_client::harness::TestServer;
+use quicnprotochat_client::harness::{TestServer, message_texts};
 
 #[tokio::test]
 async fn messages_typed_faster_than_the_send_limit_are_all_sent_in_order() {
@@ -20,16 +19,7 @@ async fn messages_typed_faster_than_the_send_limit_are_all_sent_in_order() {
     for line in &sent {
         alice.send("g", line).await.unwrap();
     }
-    let got: Vec<String> = bob
-        .sync()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.text),
-            _ => None,
-        })
-        .collect();
+    let got = message_texts(bob.sync().await.unwrap());
     assert_eq!(got, sent);
 }
 
