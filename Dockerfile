@@ -55,6 +55,7 @@ RUN set -eux; \
         crates/quicnprotochat-server/src/main.rs \
         crates/quicnprotochat-client/src/main.rs \
         crates/quicnprotochat-client/src/bin/load.rs \
+        crates/quicnprotochat-client/src/bin/soak.rs \
         crates/quicnprotochat-core/benches/mls.rs \
         crates/quicnprotochat-server/benches/store.rs; \
     do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done

@@ -3,7 +3,7 @@
 //! starts a real server on port 0 in a temporary data directory, and creates
 //! authenticated, registered clients.
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -294,8 +294,17 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `bin` (the `quicnprotochat-server` executable) on a free port.
     pub fn start(bin: impl AsRef<Path>) -> Result<Self, HarnessError> {
+        Self::start_with(bin, tempfile::tempdir()?)
+    }
+
+    /// Like [`ServerProcess::start`], with the temporary directory (and so
+    /// the data directory) under `parent`, e.g. on a small file system.
+    pub fn start_in(bin: impl AsRef<Path>, parent: &Path) -> Result<Self, HarnessError> {
+        Self::start_with(bin, tempfile::tempdir_in(parent)?)
+    }
+
+    fn start_with(bin: impl AsRef<Path>, dir: tempfile::TempDir) -> Result<Self, HarnessError> {
         install_crypto_provider();
-        let dir = tempfile::tempdir()?;
         let mut p = Self {
             bin: bin.as_ref().to_path_buf(),
             dir,
@@ -329,8 +338,14 @@ impl ServerProcess {
             .take()
             .ok_or_else(|| HarnessError::Process("no stderr".into()))?;
         let (tx, rx) = std::sync::mpsc::channel();
+        // Every start appends to one log beside the data directory.
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
                 if line.contains("listening")
                     && let Some(rest) = line.split("addr=").nth(1)
                 {
@@ -363,6 +378,11 @@ impl ServerProcess {
         self.dir.path().join("data")
     }
 
+    /// The server's log (standard error of every start, appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
     /// SHA-256 fingerprint of the server's development certificate.
     pub fn fingerprint(&self) -> Result<[u8; 32], HarnessError> {
         use quicnprotochat_proto::rustls::pki_types::CertificateDer;
@@ -379,6 +399,14 @@ impl ServerProcess {
             ServerAuth::Pinned(self.fingerprint()?),
             TEST_TOKEN,
         ))
+    }
+
+    /// Whether the server process is still running (false once killed or
+    /// after it exited by itself).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills the server with SIGKILL: no shutdown code runs.
