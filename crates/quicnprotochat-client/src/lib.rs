@@ -11,6 +11,7 @@ mod error;
 #[cfg(feature = "test-harness")]
 pub mod harness;
 mod messenger;
+pub mod tui;
 mod types;
 
 pub use connection::{Client, RATE_LIMIT_PATIENCE, Subscription};

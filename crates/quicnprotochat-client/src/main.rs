@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use quicnprotochat_client::{ClientConfig, Event, Messenger, P2pOptions, ProfileKey, ServerAuth};
+use quicnprotochat_core::Verification;
 use quicnprotochat_proto::rustls::RootCertStore;
 use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
@@ -130,6 +131,17 @@ enum Cmd {
     Leave { group: String },
     /// Interactive chat in GROUP: typed lines are sent, arriving messages are printed.
     Chat { group: String },
+    /// Full-screen chat: groups, messages and members side by side, live.
+    Tui,
+    /// Show your safety number with USER, to compare with them in person or
+    /// over a call you trust; --confirm once the numbers matched.
+    Verify {
+        user: String,
+        /// The numbers matched: mark USER's key verified (you are warned
+        /// if it ever changes).
+        #[arg(long)]
+        confirm: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -278,6 +290,11 @@ impl Out {
                 format!("! WARNING: in {group}, a member calls itself {member} but its key {key} is not {member}'s key on the server"),
                 json!({"event": "directory_mismatch", "group": group, "member": member, "key": key.to_string()}),
             ),
+            Event::VerifiedKeyChanged { group, member, key, verified } => self.line(
+                format!("! WARNING: in {group}, {member} now has the identity key {key}, not the key {verified} you verified. Someone may be impersonating {member}; compare safety numbers again (`quicnprotochat verify {member}`)."),
+                json!({"event": "verified_key_changed", "group": group, "member": member,
+                       "identity": key.to_string(), "verified_identity": verified.to_string()}),
+            ),
             Event::PeerAnnounced { group, member, .. } => self.line(
                 format!("* {member} can be reached directly (announced in {group})"),
                 json!({"event": "peer_announced", "group": group, "member": member}),
@@ -379,11 +396,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Members { group } => {
-            for mem in open_local(&cli)?.members(group)? {
-                let me = if mem.is_self { " (you)" } else { "" };
+            let profile = open_local(&cli)?;
+            for mem in profile.members(group)? {
+                let state = match (mem.is_self, profile.verification(&mem.username, &mem.key)?) {
+                    (true, _) => "you",
+                    (false, Verification::Verified) => "verified",
+                    (false, Verification::Changed { .. }) => "KEY CHANGED",
+                    (false, _) => "not verified",
+                };
+                let text = if mem.is_self {
+                    format!("{} (you) {}", mem.username, mem.key)
+                } else {
+                    format!("{} {} ({state})", mem.username, mem.key)
+                };
                 out.line(
-                    format!("{}{me} {}", mem.username, mem.key),
-                    json!({"username": mem.username, "identity": mem.key.to_string(), "self": mem.is_self}),
+                    text,
+                    json!({"username": mem.username, "identity": mem.key.to_string(), "self": mem.is_self, "verification": state}),
                 );
             }
         }
@@ -419,6 +447,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.ok(format!("left {group}"), json!({"ok": true, "left": group}));
         }
         Cmd::Chat { group } => chat(&cli, &out, group).await?,
+        Cmd::Tui => {
+            let m = open(&cli).await?;
+            quicnprotochat_client::tui::run(m).await?;
+        }
+        Cmd::Verify { user, confirm } => verify(&cli, &out, user, *confirm).await?,
+    }
+    Ok(())
+}
+
+/// `verify`: the safety number with `user` from our groups (offline), or
+/// from the server's directory when we share no group.
+async fn verify(cli: &Cli, out: &Out, user: &str, confirm: bool) -> anyhow::Result<()> {
+    let mut profile = open_local(cli)?;
+    let mut contacts = profile.contacts_named(user)?;
+    if contacts.is_empty() {
+        drop(profile);
+        let m = open(cli).await?;
+        contacts = m.contacts_named(user).await?;
+        if confirm && let [c] = contacts.as_slice() {
+            m.mark_verified(c).await?;
+        }
+        profile = open_local(cli)?;
+    } else if confirm && let [c] = contacts.as_slice() {
+        profile.mark_verified(&c.username, &c.key)?;
+    }
+    if contacts.len() > 1 {
+        out.line(
+            format!("! WARNING: members of your groups with {} different keys all call themselves {user}; at most one of them is {user}. Compare each number below with {user} in person.", contacts.len()),
+            json!({"event": "ambiguous_contact", "username": user, "keys": contacts.len()}),
+        );
+    }
+    for c in &contacts {
+        let state = profile.verification(&c.username, &c.key)?;
+        let (label, advice) = match state {
+            Verification::Verified => ("verified".to_string(), String::new()),
+            Verification::Unverified => (
+                "not verified".to_string(),
+                format!(
+                    "\nCompare this number with {user} in person or over a call you trust; if it matches, run `quicnprotochat verify {user} --confirm`."
+                ),
+            ),
+            Verification::Changed { verified } => (
+                format!("KEY CHANGED (you verified {verified})"),
+                format!(
+                    "\n! WARNING: this is not the key you verified for {user}. Someone may be impersonating {user}, or {user} started over with a new identity. Compare the new number with {user} before confirming it."
+                ),
+            ),
+            _ => ("unknown".to_string(), String::new()),
+        };
+        out.line(
+            format!(
+                "safety number with {user} ({}):\n{}\n{label}{advice}",
+                c.key, c.safety_number
+            ),
+            json!({"username": user, "identity": c.key.to_string(),
+            "safety_number": c.safety_number.digits(), "state": match state {
+                Verification::Verified => "verified",
+                Verification::Changed { .. } => "changed",
+                _ => "unverified",
+            }}),
+        );
+    }
+    if confirm && contacts.len() > 1 {
+        bail!("not confirmed: {user} is ambiguous (more than one key); remove the impostor first");
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use quicnprotochat_client::harness::{TEST_TOKEN, TestServer};
 const CLI: &str = env!("CARGO_BIN_EXE_quicnprotochat");
 const PASS: &str = "cli-test-passphrase";
 
-fn cli(server: &TestServer, profile: &Path) -> Command {
+pub(crate) fn cli(server: &TestServer, profile: &Path) -> Command {
     let mut cmd = Command::new(CLI);
     cmd.env_clear()
         .env("QUICNPROTOCHAT_PASSPHRASE", PASS)
@@ -21,7 +21,7 @@ fn cli(server: &TestServer, profile: &Path) -> Command {
     cmd
 }
 
-fn run_ok(cmd: &mut Command) -> String {
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
     let out: Output = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -32,7 +32,7 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn register(server: &TestServer, profile: &Path, name: &str) {
+pub(crate) fn register(server: &TestServer, profile: &Path, name: &str) {
     let pin = hex::encode(server.fingerprint());
     let out = run_ok(cli(server, profile).args([
         "register",

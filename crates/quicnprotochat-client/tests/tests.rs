@@ -11,3 +11,7 @@ mod outbox;
 mod p2p;
 #[cfg(test)]
 mod rate_limits;
+#[cfg(test)]
+mod tui;
+#[cfg(test)]
+mod verify;

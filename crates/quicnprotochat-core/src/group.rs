@@ -221,6 +221,26 @@ pub enum Event {
         /// the member's actual key in the group
         key: IdentityKey,
     },
+    /// a member's credential names a contact the user verified, but the
+    /// member's identity key is not the verified one: someone may be
+    /// impersonating `member`, or they started over with a new identity
+    VerifiedKeyChanged {
+        /// group
+        group: String,
+        /// the name the member's credential claims
+        member: String,
+        /// the member's key in the group
+        key: IdentityKey,
+        /// the key the user verified for that name
+        verified: IdentityKey,
+    },
+    /// the connection to the server was lost; the client reconnects by itself
+    Disconnected {
+        /// why, for people
+        reason: String,
+    },
+    /// the connection to the server is back (after [`Event::Disconnected`])
+    Reconnected,
     /// proposals arrived (e.g. a member leaving) that a commit must cover;
     /// call [`crate::Profile::commit_pending`]
     ProposalsPending {

@@ -17,6 +17,7 @@ pub mod message;
 pub mod mls_config;
 pub mod mls_header;
 pub mod profile;
+pub mod safety;
 pub mod sqlcipher;
 
 pub use error::StateError;
@@ -27,7 +28,8 @@ pub use group::{
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};
 pub use message::PeerInfo;
-pub use profile::{Profile, ProfileKey};
+pub use profile::{Contact, Profile, ProfileKey, Verification};
+pub use safety::SafetyNumber;
 
 /// The ciphersuite quicnprotochat uses by default (RFC 9420 §17.1, the
 /// mandatory-to-implement suite).

@@ -32,6 +32,16 @@ pub(super) async fn claim_invitee(
     Ok((invitee, kp))
 }
 
+/// The identity key the directory binds to `username`.
+pub(super) async fn resolve(
+    client: &Client,
+    username: &str,
+) -> Result<IdentityKey, MessengerError> {
+    not_found_as(client.resolve(username).await, || {
+        MessengerError::NoSuchUser(username.to_string())
+    })
+}
+
 /// The `members` (other than ourselves) whose credential names a user the
 /// directory binds to another key, or does not know.
 pub(super) async fn mismatches(

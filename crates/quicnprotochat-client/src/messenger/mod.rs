@@ -22,6 +22,7 @@
 //! | `routing.rs` | application messages directly to peers or through the server; peer announcements; the iroh endpoint |
 //! | `commits.rs` | commits under the epoch ordering: retry after `staleEpoch`, catch up, the Welcome outbox |
 //! | `inbox.rs` | fetching the queue, processing envelopes into the profile, acknowledging |
+//! | `contacts.rs` | safety numbers, verified contacts, and verified contacts whose key changed |
 //! | `directory.rs` | checking invitees and members against the server's directory |
 //! | `keypackages.rs` | keeping key packages on the server |
 //! | `supervisor.rs` | the connection: connect, authenticate, reconnect with backoff, send with one retry |
@@ -42,6 +43,7 @@
 //!   key-package refills) run after the profile lock is released.
 
 mod commits;
+mod contacts;
 mod directory;
 mod error;
 mod events;

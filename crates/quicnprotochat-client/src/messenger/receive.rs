@@ -34,9 +34,13 @@ impl Messenger {
             }
             // The subscription ended (the connection is gone) or never
             // started. Reconnect.
+            self.inner.bus.emit(Event::Disconnected {
+                reason: "the connection to the server was lost".into(),
+            });
             if self.inner.link.reconnect(usize::MAX).await.is_err() {
                 return;
             }
+            self.inner.bus.emit(Event::Reconnected);
         }
     }
 
@@ -138,6 +142,17 @@ impl Messenger {
                 Err(e) => {
                     tracing::debug!(error = %e, "checking members against the directory failed")
                 }
+            }
+            match self.verified_key_changes(&g).await {
+                Ok(changes) => {
+                    for e in changes {
+                        if let Event::VerifiedKeyChanged { member, .. } = &e {
+                            tracing::warn!(group = %g, member = %member, "a verified contact's identity key changed");
+                        }
+                        self.inner.bus.emit(e);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "checking verified contacts failed"),
             }
         }
     }

@@ -52,6 +52,12 @@ const MIGRATIONS: &[&str] = &[
         payload    BLOB NOT NULL,
         created_at INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 4: contacts whose identity key the user verified (safety numbers).
+    "CREATE TABLE verified (
+        username    TEXT PRIMARY KEY,
+        identity    BLOB NOT NULL,
+        verified_at INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

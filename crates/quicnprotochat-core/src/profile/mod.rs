@@ -59,6 +59,9 @@ mod outbox;
 mod peers;
 mod process;
 mod transaction;
+mod verified;
+
+pub use verified::{Contact, Verification};
 
 pub use db::{JsonCodec, Provider, STATE_FILE};
 use db::{migrate, open_db};
