@@ -133,6 +133,16 @@ enum Cmd {
     Chat { group: String },
     /// Full-screen chat: groups, messages and members side by side, live.
     Tui,
+    /// Show or set when this client refreshes its keys in each group by
+    /// itself (automatic key updates).
+    KeyUpdates {
+        /// After this many messages sent in a group.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        messages: Option<u64>,
+        /// Or after this many days.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=365))]
+        days: Option<u64>,
+    },
     /// Show your safety number with USER, to compare with them in person or
     /// over a call you trust; --confirm once the numbers matched.
     Verify {
@@ -447,6 +457,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.ok(format!("left {group}"), json!({"ok": true, "left": group}));
         }
         Cmd::Chat { group } => chat(&cli, &out, group).await?,
+        Cmd::KeyUpdates { messages, days } => {
+            let profile = open_local(&cli)?;
+            let mut p = profile.key_update_policy()?;
+            if let Some(n) = messages {
+                p.after_messages = *n;
+            }
+            if let Some(d) = days {
+                p.after_ms = d.saturating_mul(24 * 3_600_000);
+            }
+            if messages.is_some() || days.is_some() {
+                profile.set_key_update_policy(p)?;
+            }
+            let days = p.after_ms as f64 / 86_400_000.0;
+            out.line(
+                format!(
+                    "keys are refreshed in each group after {} messages sent or {days} days",
+                    p.after_messages
+                ),
+                json!({"after_messages": p.after_messages, "after_days": days}),
+            );
+        }
         Cmd::Tui => {
             let m = open(&cli).await?;
             quicnprotochat_client::tui::run(m).await?;

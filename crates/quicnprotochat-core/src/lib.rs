@@ -28,7 +28,7 @@ pub use group::{
 pub use identity::{Identity, IdentityError, IdentityKey};
 pub use keypackage::{KeyPackageError, KeyPackageInfo};
 pub use message::PeerInfo;
-pub use profile::{Contact, Profile, ProfileKey, Verification};
+pub use profile::{Contact, KeyUpdatePolicy, Profile, ProfileKey, Verification};
 pub use safety::SafetyNumber;
 
 /// The ciphersuite quicnprotochat uses by default (RFC 9420 §17.1, the

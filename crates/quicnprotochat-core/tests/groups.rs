@@ -595,3 +595,103 @@ fn processed_ids_are_forgotten_after_the_horizon_and_redeliveries_still_show_not
         again[1]
     );
 }
+
+/// Copies a profile's files, as a thief with the device's storage and the
+/// passphrase would.
+fn steal(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_member_whose_keys_were_stolen_is_healed_by_its_key_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut net, mut alice, mut bob) = alice_and_bob_in_g(dir.path());
+    // Eve copies Bob's profile and passphrase.
+    steal(&dir.path().join("bob"), &dir.path().join("eve"));
+    let mut eve = Profile::open(
+        &dir.path().join("eve"),
+        &ProfileKey::Passphrase("pw-bob".into()),
+    )
+    .unwrap();
+
+    // Before Bob's update Eve reads what Bob reads: the theft is real.
+    let before = alice.send_text("g", "before the update").unwrap();
+    net.send(&before).unwrap();
+    let queued = net.queues.get(&bob.identity_key()).unwrap().clone();
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("alice".into(), "before the update".into())]
+    );
+    let mut eve_read = Vec::new();
+    for (id, payload) in &queued {
+        if let Ok(events) = eve.process(id, payload) {
+            eve_read.extend(texts(&events));
+        }
+    }
+    assert_eq!(
+        eve_read,
+        [("alice".to_string(), "before the update".to_string())]
+    );
+
+    // Bob refreshes his keys; Alice processes his commit and writes.
+    let update = bob.self_update("g").unwrap();
+    let commit = update.commit.clone().unwrap();
+    net.commit(&mut bob, update).unwrap();
+    net.drain(&mut alice);
+    let after = alice.send_text("g", "after the update").unwrap();
+    net.send(&after).unwrap();
+    assert_eq!(
+        texts(&net.drain(&mut bob)),
+        [("alice".into(), "after the update".into())]
+    );
+
+    // Eve, who sees Bob's commit and Alice's message go by, reads nothing
+    // after the update: its secrets came from Bob's fresh keys.
+    let mut eve_read = Vec::new();
+    for out in [&commit, &after] {
+        if let Ok(events) = eve.process(&out.message_id, &out.payload) {
+            eve_read.extend(texts(&events));
+        }
+    }
+    assert!(eve_read.is_empty(), "{eve_read:?}");
+}
+
+#[test]
+fn key_updates_come_due_after_the_message_count_or_the_age() {
+    use quicnprotochat_core::KeyUpdatePolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(ManualClock::new(std::time::SystemTime::now()));
+    let (mut net, mut alice, _bob) = alice_and_bob_in_g(dir.path());
+    alice.set_clock(clock.clone());
+    let policy = KeyUpdatePolicy {
+        after_messages: 3,
+        after_ms: 7 * 24 * 3_600_000,
+    };
+    assert_eq!(alice.key_update_policy().unwrap(), KeyUpdatePolicy::DEFAULT);
+    alice.set_key_update_policy(policy).unwrap();
+    assert_eq!(alice.key_update_policy().unwrap(), policy);
+    assert!(alice.key_updates_due(policy).unwrap().is_empty());
+    for i in 0..3 {
+        let out = alice.send_text("g", &format!("m{i}")).unwrap();
+        net.send(&out).unwrap();
+        let due = alice.key_updates_due(policy).unwrap();
+        assert_eq!(
+            due.len(),
+            usize::from(i == 2),
+            "after {} messages: {due:?}",
+            i + 1
+        );
+    }
+    alice.record_key_update("g").unwrap();
+    assert!(alice.key_updates_due(policy).unwrap().is_empty());
+
+    // Age: not before 7 days, always after 7 days plus the largest spread.
+    clock.advance(std::time::Duration::from_secs(7 * 24 * 3600 - 60));
+    assert!(alice.key_updates_due(policy).unwrap().is_empty());
+    clock.advance(std::time::Duration::from_secs(17 * 3600 + 60));
+    assert_eq!(alice.key_updates_due(policy).unwrap(), ["g"]);
+}

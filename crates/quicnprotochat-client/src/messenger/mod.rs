@@ -25,6 +25,7 @@
 //! | `contacts.rs` | safety numbers, verified contacts, and verified contacts whose key changed |
 //! | `directory.rs` | checking invitees and members against the server's directory |
 //! | `keypackages.rs` | keeping key packages on the server |
+//! | `keyupdates.rs` | automatic key updates: a self-update when our keys in a group are old or have sent many messages |
 //! | `supervisor.rs` | the connection: connect, authenticate, reconnect with backoff, send with one retry |
 //! | `settings.rs` | the server and peer-to-peer key stored in the profile |
 //! | `events.rs` | the event bus and [`EventStream`] |
@@ -49,6 +50,7 @@ mod error;
 mod events;
 mod inbox;
 mod keypackages;
+mod keyupdates;
 mod receive;
 mod routing;
 mod settings;
@@ -235,7 +237,10 @@ impl Messenger {
     /// Refreshes this client's keys in `group` (post-compromise security).
     pub async fn update(&self, group: &str) -> Result<Vec<Event>, MessengerError> {
         let mut profile = self.inner.profile.lock().await;
-        commits::commit_with(&self.inner.link, &mut profile, |p| p.self_update(group)).await
+        let events =
+            commits::commit_with(&self.inner.link, &mut profile, |p| p.self_update(group)).await?;
+        profile.record_key_update(group)?;
+        Ok(events)
     }
 
     /// Leaves `group`: asks the others to remove us, forgets it locally.
@@ -250,9 +255,12 @@ impl Messenger {
     /// Sends a text message to `group`: directly to members reachable
     /// peer-to-peer (when enabled), through the server to the rest.
     pub async fn send(&self, group: &str, text: &str) -> Result<(), MessengerError> {
-        let mut profile = self.inner.profile.lock().await;
-        let out = profile.send_text(group, text)?;
-        routing::send(&self.inner.router, &self.inner.link, &profile, out).await?;
+        {
+            let mut profile = self.inner.profile.lock().await;
+            let out = profile.send_text(group, text)?;
+            routing::send(&self.inner.router, &self.inner.link, &profile, out).await?;
+        }
+        self.update_due_keys_quietly().await;
         Ok(())
     }
 
@@ -336,7 +344,14 @@ impl Messenger {
     pub async fn listen(&self) -> Result<EventStream, MessengerError> {
         let rx = self.inner.bus.subscribe();
         self.sync().await?;
-        let task = tokio::spawn(self.clone().listen_loop());
+        let (listener, keys) = (self.clone(), self.clone());
+        let task = tokio::spawn(async move {
+            // The key-update checks end with the listener.
+            tokio::select! {
+                () = listener.listen_loop() => {}
+                () = keys.key_update_loop() => {}
+            }
+        });
         Ok(EventStream::new(rx, task))
     }
 }

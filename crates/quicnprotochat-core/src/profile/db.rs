@@ -58,6 +58,12 @@ const MIGRATIONS: &[&str] = &[
         identity    BLOB NOT NULL,
         verified_at INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 5: how old our own keys are in each group (automatic key updates).
+    "CREATE TABLE key_updates (
+        group_id   BLOB PRIMARY KEY,
+        updated_at INTEGER NOT NULL,
+        sent_since INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

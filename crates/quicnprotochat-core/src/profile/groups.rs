@@ -13,7 +13,7 @@ use super::db::sql_int;
 use super::history::{insert_message, mark_processed};
 use super::mls::{others, outgoing, username_of};
 use super::transaction::{Op, Target, begin, commit};
-use super::{Profile, Provider, outbox};
+use super::{Profile, Provider, keyage, outbox};
 use crate::group::{
     CommitOutcome, GroupError, Outgoing, StoredMessage, message_id_at, random_id, valid_group_name,
 };
@@ -233,6 +233,7 @@ impl Profile {
                 message_id: hex::encode(id),
             };
             insert_message(op.tx, op.group_id, &stored)?;
+            keyage::count_sent(op.tx, op.group_id)?;
             Ok(out)
         })
     }

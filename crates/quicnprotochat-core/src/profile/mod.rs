@@ -54,6 +54,7 @@ use crate::identity::{Identity, IdentityKey};
 mod db;
 mod groups;
 mod history;
+mod keyage;
 mod mls;
 mod outbox;
 mod peers;
@@ -61,6 +62,7 @@ mod process;
 mod transaction;
 mod verified;
 
+pub use keyage::KeyUpdatePolicy;
 pub use verified::{Contact, Verification};
 
 pub use db::{JsonCodec, Provider, STATE_FILE};
