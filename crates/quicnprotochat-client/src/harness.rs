@@ -290,6 +290,7 @@ pub struct ServerProcess {
     child: Option<Child>,
     addr: SocketAddr,
     env: Vec<(String, String)>,
+    umask: Option<String>,
 }
 
 impl ServerProcess {
@@ -315,6 +316,24 @@ impl ServerProcess {
                 .iter()
                 .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
                 .collect(),
+            umask: None,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// Starts `bin` under the file-creation mask `umask` (octal, e.g.
+    /// `000`), set by `/bin/sh` before it executes the server.
+    pub fn start_with_umask(bin: impl AsRef<Path>, umask: &str) -> Result<Self, HarnessError> {
+        install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let mut p = Self {
+            bin: bin.as_ref().to_path_buf(),
+            dir,
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            env: Vec::new(),
+            umask: Some(umask.to_string()),
         };
         p.spawn()?;
         Ok(p)
@@ -333,8 +352,15 @@ impl ServerProcess {
     }
 
     fn spawn(&mut self) -> Result<(), HarnessError> {
-        let mut child = self
-            .command()
+        let mut cmd = self.command();
+        if let Some(umask) = &self.umask {
+            let bin = std::mem::replace(&mut cmd, Command::new("/bin/sh"));
+            cmd.env_clear()
+                .envs(bin.get_envs().filter_map(|(k, v)| Some((k, v?))))
+                .args(["-c", "umask \"$0\" && exec \"$@\"", umask])
+                .arg(&self.bin);
+        }
+        let mut child = cmd
             .args(["serve", "--listen", &self.addr.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

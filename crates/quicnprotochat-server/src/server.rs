@@ -81,6 +81,12 @@ impl Server {
         }
         create_private_dir(&config.data_dir)?;
         production::check_writable(&config.data_dir)?;
+        match production::check_private_dir(&config.data_dir) {
+            Err(ServerError::Production { reason, .. }) if !production => {
+                tracing::warn!(%reason, "DEVELOPMENT SHORTCUT: the data directory is not private");
+            }
+            r => r?,
+        }
         let token = access_token(config);
         let key = database_key(config)?;
         let (chain, private_key) = tls_material(config)?;

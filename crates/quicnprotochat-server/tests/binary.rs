@@ -368,3 +368,51 @@ async fn an_enqueue_cut_off_at_the_drain_deadline_fails_retryably_and_is_stored_
     assert_eq!(got.len(), 1, "stored exactly once ({retried:?})");
     assert_eq!(got[0].payload, b"in flight");
 }
+
+/// The mode bits of `path`.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The store's files are readable by the server's user only, whatever the
+/// umask: a server started under umask 000 creates its data directory 0700
+/// and every file in it 0600 (the database, its write-ahead log and
+/// shared-memory file, the development key and certificate), and a store
+/// whose files others could read is narrowed to 0600 at the next start.
+#[tokio::test]
+async fn store_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut server = ServerProcess::start_with_umask(BIN, "000").unwrap();
+    let alice = Identity::generate().unwrap();
+    let a = client(&server, &alice).await;
+    // A committed write: the write-ahead log and shared-memory file exist.
+    a.register("alice").await.unwrap();
+    let data = server.data_dir();
+    let db = data.join("quicnprotochat.db");
+    let companions = [
+        db.clone(),
+        data.join("quicnprotochat.db-wal"),
+        data.join("quicnprotochat.db-shm"),
+    ];
+    assert_eq!(mode(&data), 0o700, "data directory");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        seen.push(path);
+    }
+    for file in &companions {
+        assert!(seen.contains(file), "{} exists: {seen:?}", file.display());
+    }
+
+    drop(a);
+    server.kill();
+    for file in &companions {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    server.restart().unwrap();
+    for file in &companions {
+        assert_eq!(mode(file), 0o600, "narrowed at start: {}", file.display());
+    }
+}
