@@ -68,7 +68,7 @@ COPY . .
 RUN find crates -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p quicnprotochat-server --bin quicnprotochat-server \
  && install -D -m 0755 target/release/quicnprotochat-server /out/quicnprotochat-server \
- && install -d -m 0700 /out/data
+ && install -d -m 0700 /out/rootfs/data
 
 ########################################################################
 # Runtime: distroless, no shell, no package manager. cc-debian12 ships glibc,
@@ -82,8 +82,10 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 # runAsNonRoot can verify it; no /etc/passwd entry is needed.
 COPY --from=builder /out/quicnprotochat-server /usr/local/bin/quicnprotochat-server
 # The data directory (SQLCipher database, WAL) is owned by the service user and
-# mode 0700; a named volume mounted here inherits that ownership.
-COPY --from=builder --chown=10001:10001 /out/data /data
+# mode 0700; a named volume mounted here inherits both. COPY of a directory
+# copies its contents and creates the destination 0755, so the directory is
+# copied from its parent: then it is content and keeps its own mode.
+COPY --from=builder --chown=10001:10001 /out/rootfs/ /
 
 # Production by default: without QUICNPROTOCHAT_AUTH_TOKEN (>= 32 bytes),
 # QUICNPROTOCHAT_DB_KEY (64 hex) and QUICNPROTOCHAT_CERT/QUICNPROTOCHAT_KEY

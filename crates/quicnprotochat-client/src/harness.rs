@@ -289,27 +289,54 @@ pub struct ServerProcess {
     dir: tempfile::TempDir,
     child: Option<Child>,
     addr: SocketAddr,
+    env: Vec<(String, String)>,
+    umask: Option<String>,
 }
 
 impl ServerProcess {
     /// Starts `bin` (the `quicnprotochat-server` executable) on a free port.
     pub fn start(bin: impl AsRef<Path>) -> Result<Self, HarnessError> {
-        Self::start_with(bin, tempfile::tempdir()?)
+        Self::start_with(bin, tempfile::tempdir()?, &[], None)
     }
 
     /// Like [`ServerProcess::start`], with the temporary directory (and so
     /// the data directory) under `parent`, e.g. on a small file system.
     pub fn start_in(bin: impl AsRef<Path>, parent: &Path) -> Result<Self, HarnessError> {
-        Self::start_with(bin, tempfile::tempdir_in(parent)?)
+        Self::start_with(bin, tempfile::tempdir_in(parent)?, &[], None)
     }
 
-    fn start_with(bin: impl AsRef<Path>, dir: tempfile::TempDir) -> Result<Self, HarnessError> {
+    /// Starts `bin` with these environment variables added (settings such
+    /// as `QUICNPROTOCHAT_DRAIN_TIMEOUT_SECS`); they apply to restarts too.
+    pub fn start_with_env(
+        bin: impl AsRef<Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
+        Self::start_with(bin, tempfile::tempdir()?, env, None)
+    }
+
+    /// Starts `bin` under the file-creation mask `umask` (octal, e.g.
+    /// `000`), set by `/bin/sh` before it executes the server.
+    pub fn start_with_umask(bin: impl AsRef<Path>, umask: &str) -> Result<Self, HarnessError> {
+        Self::start_with(bin, tempfile::tempdir()?, &[], Some(umask))
+    }
+
+    fn start_with(
+        bin: impl AsRef<Path>,
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        umask: Option<&str>,
+    ) -> Result<Self, HarnessError> {
         install_crypto_provider();
         let mut p = Self {
             bin: bin.as_ref().to_path_buf(),
             dir,
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            umask: umask.map(str::to_string),
         };
         p.spawn()?;
         Ok(p)
@@ -322,13 +349,21 @@ impl ServerProcess {
         cmd.env_clear()
             .env("QUICNPROTOCHAT_DATA_DIR", self.data_dir())
             .env("QUICNPROTOCHAT_AUTH_TOKEN", TEST_TOKEN)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
     fn spawn(&mut self) -> Result<(), HarnessError> {
-        let mut child = self
-            .command()
+        let mut cmd = self.command();
+        if let Some(umask) = &self.umask {
+            let bin = std::mem::replace(&mut cmd, Command::new("/bin/sh"));
+            cmd.env_clear()
+                .envs(bin.get_envs().filter_map(|(k, v)| Some((k, v?))))
+                .args(["-c", "umask \"$0\" && exec \"$@\"", umask])
+                .arg(&self.bin);
+        }
+        let mut child = cmd
             .args(["serve", "--listen", &self.addr.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -415,6 +450,43 @@ impl ServerProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends the signal `name` (`TERM`, `INT`, …) to the server process,
+    /// through the system's `kill` command.
+    pub fn signal(&self, name: &str) -> Result<(), HarnessError> {
+        let child = self.child.as_ref().ok_or(HarnessError::Stopped)?;
+        let status = Command::new("kill")
+            .args(["-s", name, &child.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::Process(format!(
+                "kill -s {name} failed: {status}"
+            )))
+        }
+    }
+
+    /// Waits up to `within` for the server process to exit and returns its
+    /// status; `None` if it still runs then (it is left running).
+    pub fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<std::process::ExitStatus>, HarnessError> {
+        const POLL: Duration = Duration::from_millis(20);
+        let child = self.child.as_mut().ok_or(HarnessError::Stopped)?;
+        // No portable way to wait for a child with a deadline: poll, at
+        // most `within` worth of times.
+        let polls = within.as_millis() / POLL.as_millis() + 1;
+        for _ in 0..polls {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(None)
     }
 
     /// Kills and starts the server again on the same data directory and port.

@@ -61,6 +61,13 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// values whose deadline (now + timeout) overflows the clock.
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 
+/// How long a stopping server (SIGTERM, SIGINT) lets the calls in flight
+/// run to their answer before it closes the connections still busy.  Calls
+/// take milliseconds; 5 s covers a slow commit, and with the 3 s the server
+/// then allows for the close to reach clients it stays inside the 10 s
+/// `docker stop` waits before SIGKILL (Kubernetes waits 30 s).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a (sender, message id) pair is remembered to drop retries: one
 /// week, longer than any client's retry horizon.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -216,6 +223,8 @@ pub struct FileConfig {
     pub key_path: Option<PathBuf>,
     /// `full` or `normal`
     pub db_synchronous: Option<Synchronous>,
+    /// seconds; see [`DEFAULT_DRAIN_TIMEOUT`]
+    pub drain_timeout_secs: Option<u64>,
     /// limits
     pub limits: Option<Limits>,
 }
@@ -303,6 +312,11 @@ pub struct ServerArgs {
     /// TLS private key (PEM).
     #[arg(long, env = "QUICNPROTOCHAT_KEY", global = true)]
     pub key_path: Option<PathBuf>,
+    /// Seconds a stopping server (SIGTERM, SIGINT) lets calls in flight
+    /// finish before it closes the connections still busy; 0 closes them at
+    /// once [default: 5].
+    #[arg(long, env = "QUICNPROTOCHAT_DRAIN_TIMEOUT_SECS", global = true)]
+    pub drain_timeout_secs: Option<u64>,
 }
 
 /// Flags of `health`.
@@ -395,6 +409,8 @@ pub struct Config {
     pub tls_paths: Option<(PathBuf, PathBuf)>,
     /// commit durability
     pub db_synchronous: Synchronous,
+    /// how long a stopping server lets calls in flight finish
+    pub drain_timeout: Duration,
     /// limits
     pub limits: Limits,
     /// the clock the server tells time by (the system clock; tests set a
@@ -413,6 +429,7 @@ impl Config {
             db_key: DbKeySetting::DevGenerated,
             tls_paths: None,
             db_synchronous: Synchronous::Full,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             limits: Limits::default(),
             clock: quicnprotochat_core::clock::system(),
         }
@@ -470,6 +487,16 @@ impl Config {
         };
         let limits = file.limits.unwrap_or_default();
         validate_limits(&limits)?;
+        let drain_timeout_secs = args
+            .drain_timeout_secs
+            .or(file.drain_timeout_secs)
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT.as_secs());
+        if drain_timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(ConfigError::Invalid {
+                setting: "drain_timeout_secs",
+                reason: "must be between 0 and 86400 (one day)".into(),
+            });
+        }
         Ok(Self {
             mode: args.mode.or(file.mode).unwrap_or_default(),
             listen,
@@ -482,6 +509,7 @@ impl Config {
             db_key,
             tls_paths,
             db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),
+            drain_timeout: Duration::from_secs(drain_timeout_secs),
             limits,
             clock: quicnprotochat_core::clock::system(),
         })
@@ -675,6 +703,33 @@ mod tests {
             let more = format!("[limits]\n{key} = {}\n", MAX_TIMEOUT_SECS + 1);
             assert!(Config::from_toml_str(&more).is_err(), "{key}");
         }
+    }
+
+    #[test]
+    fn the_drain_timeout_comes_from_flag_or_file_and_is_bounded() {
+        assert_eq!(
+            Config::from_toml_str("").unwrap().drain_timeout,
+            DEFAULT_DRAIN_TIMEOUT
+        );
+        let c = Config::from_toml_str("drain_timeout_secs = 0\n").unwrap();
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+        let args = ServerArgs {
+            drain_timeout_secs: Some(12),
+            ..Default::default()
+        };
+        let file = parse_file("drain_timeout_secs = 3\n", "<string>").unwrap();
+        assert_eq!(
+            Config::merge(&args, file).unwrap().drain_timeout,
+            Duration::from_secs(12)
+        );
+        let day = format!("drain_timeout_secs = {}\n", MAX_TIMEOUT_SECS + 1);
+        assert!(matches!(
+            Config::from_toml_str(&day),
+            Err(ConfigError::Invalid {
+                setting: "drain_timeout_secs",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod config;
 mod delivery;
+mod drain;
 pub mod error;
 pub mod health;
 mod hub;

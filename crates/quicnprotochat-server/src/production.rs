@@ -8,8 +8,10 @@
 //! such as all zeros; certificate and key files
 //! that load, match each other, are within their validity period and are not
 //! the development certificate (by its subject, or by being the development
-//! files of the data directory); a writable data directory.  In development mode the same shortcuts are
-//! allowed and each one in use is logged as a warning at start-up.
+//! files of the data directory); a writable data directory that only the
+//! server's user may enter (no permission for group or others).  In
+//! development mode the same shortcuts are allowed and each one in use is
+//! logged as a warning at start-up.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -126,6 +128,34 @@ pub fn check_writable(dir: &Path) -> Result<(), ServerError> {
             path: dir.display().to_string(),
             source,
         })
+}
+
+/// Refuses a data directory that group or others may read, write or enter
+/// (any mode beyond 0700): the server creates it 0700 and its files 0600,
+/// but a directory created beforehand (a bind mount, a volume, an image
+/// layer) keeps the mode it was given.
+pub fn check_private_dir(dir: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)
+        .map_err(|source| ServerError::File {
+            what: "data directory",
+            path: dir.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(refuse(
+        "data_dir",
+        format!(
+            "{} is mode {mode:04o}: group or others may enter it; \
+             make it private to the server's user (chmod 700)",
+            dir.display()
+        ),
+    ))
 }
 
 /// Subject common name of the certificate development mode generates: the

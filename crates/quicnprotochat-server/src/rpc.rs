@@ -22,26 +22,79 @@ use tokio::sync::oneshot;
 use crate::delivery::{
     AuthFields, AuthRequest, Decoded, Delivery, EnqueueCall, Peer, Subscription,
 };
+use crate::drain::{CallGuard, Calls, DrainSignal};
 use crate::error::ApiError;
 use crate::health::HealthReport;
 use crate::store::{EnqueueOutcome, QueuedMessage};
 
-/// Serves one connection's RPC stream until the client or the stream ends:
-/// `Service` is the bootstrap capability.
-pub(crate) async fn serve(
-    delivery: Rc<Delivery>,
-    peer: Rc<Peer>,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    frame: FrameLimits,
-) -> Result<(), capnp::Error> {
-    let bootstrap: service::Client = capnp_rpc::new_client(ServiceImpl {
-        delivery,
-        peer,
-        conn,
-    });
-    rpc_system(recv, send, Side::Server, Some(bootstrap.client), frame).await
+/// One connection's RPC session, running as a task of its own on the
+/// `LocalSet`; dropping it ends the session at once.
+pub(crate) struct Rpc {
+    task: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+    disconnector: capnp_rpc::Disconnector<Side>,
+}
+
+impl Rpc {
+    /// Serves the connection's RPC stream (`Service` is the bootstrap
+    /// capability) until the client or the stream ends, counting each call
+    /// in `calls`.
+    pub(crate) fn start(
+        delivery: Rc<Delivery>,
+        peer: Rc<Peer>,
+        conn: quinn::Connection,
+        (send, recv): (quinn::SendStream, quinn::RecvStream),
+        frame: FrameLimits,
+        calls: Rc<Calls>,
+    ) -> Self {
+        let bootstrap: service::Client = capnp_rpc::new_client(ServiceImpl {
+            delivery,
+            peer,
+            conn,
+            calls,
+        });
+        let system = rpc_system(recv, send, Side::Server, Some(bootstrap.client), frame);
+        let disconnector = system.get_disconnector();
+        Self {
+            task: tokio::task::spawn_local(system),
+            disconnector,
+        }
+    }
+
+    /// Resolves when the session ended by itself: the client closed it
+    /// (`Ok`) or it failed (framing limits, malformed messages).
+    pub(crate) async fn ended(&mut self) -> Result<(), String> {
+        match (&mut self.task).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Ends the session cleanly: the answers already queued are written to
+    /// the stream, then the session stops and the stream is finished.
+    /// Answers of calls still running are lost, so call it once none is
+    /// in flight ([`Calls::idle`]).
+    pub(crate) async fn disconnect(&mut self) {
+        if let Err(e) = (&mut self.disconnector).await {
+            tracing::debug!(error = %e, "RPC session did not end cleanly");
+        }
+        // Dropping the session finishes the QUIC stream; what it wrote is
+        // still delivered.
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Rpc {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The refusal of a call that arrives while the server drains: a
+/// `disconnected` exception, which clients treat like a lost connection
+/// (reconnect, then retry).
+fn shutting_down() -> capnp::Error {
+    capnp::Error::disconnected("server shutting down".into())
 }
 
 /// The `health` subcommand's side: calls `Service.health` over `send` and
@@ -182,6 +235,12 @@ struct ServiceImpl {
     delivery: Rc<Delivery>,
     peer: Rc<Peer>,
     conn: quinn::Connection,
+    calls: Rc<Calls>,
+}
+
+/// Counts one call in flight, or refuses it while the server drains.
+fn begin(calls: &Rc<Calls>) -> Result<CallGuard, capnp::Error> {
+    calls.begin().ok_or_else(shutting_down)
 }
 
 impl service::Server for ServiceImpl {
@@ -190,6 +249,7 @@ impl service::Server for ServiceImpl {
         _params: service::HealthParams,
         mut results: service::HealthResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let health = self.delivery.health().await;
         let mut h = results.get().init_health();
         h.set_ok(health.ok);
@@ -204,6 +264,7 @@ impl service::Server for ServiceImpl {
         params: service::ChallengeParams,
         mut results: service::ChallengeResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let wire_version = || Ok(params.get()?.get_wire_version());
         let outcome = self.delivery.challenge(&self.peer, wire_version);
         answer(&mut results, "challenge", outcome, |r, nonce| {
@@ -216,6 +277,7 @@ impl service::Server for ServiceImpl {
         params: service::AuthenticateParams,
         mut results: service::AuthenticateResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let decode = || -> Decoded<AuthRequest<'_>> {
             let req = params.get()?.get_request()?;
             let fields = (|| {
@@ -243,6 +305,7 @@ impl service::Server for ServiceImpl {
                 delivery: self.delivery.clone(),
                 peer: self.peer.clone(),
                 identity,
+                calls: self.calls.clone(),
             });
             r.get().set_session(session);
         })
@@ -254,6 +317,7 @@ struct SessionImpl {
     delivery: Rc<Delivery>,
     peer: Rc<Peer>,
     identity: IdentityKey,
+    calls: Rc<Calls>,
 }
 
 impl session::Server for SessionImpl {
@@ -262,6 +326,7 @@ impl session::Server for SessionImpl {
         params: session::RegisterParams,
         mut results: session::RegisterResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = async {
             let name = text(params.get()?.get_username()?, "username")?;
             self.delivery.register(self.identity, name).await
@@ -275,6 +340,7 @@ impl session::Server for SessionImpl {
         params: session::ResolveParams,
         mut results: session::ResolveResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = async {
             let name = text(params.get()?.get_username()?, "username")?;
             self.delivery.resolve(name).await
@@ -290,6 +356,7 @@ impl session::Server for SessionImpl {
         params: session::PublishKeyPackagesParams,
         mut results: session::PublishKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = async {
             let list = params.get()?.get_key_packages()?;
             let list = list.iter().map(|kp| kp.map_err(ApiError::from)).collect();
@@ -308,6 +375,7 @@ impl session::Server for SessionImpl {
         params: session::FetchKeyPackageParams,
         mut results: session::FetchKeyPackageResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let target = || Ok(params.get()?.get_identity_key()?);
         let outcome = self
             .delivery
@@ -325,6 +393,7 @@ impl session::Server for SessionImpl {
         _params: session::KeyPackageCountParams,
         mut results: session::KeyPackageCountResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = self.delivery.key_package_count(self.identity).await;
         answer(
             &mut results,
@@ -343,6 +412,7 @@ impl session::Server for SessionImpl {
         params: session::EnqueueParams,
         mut results: session::EnqueueResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let decode = || -> Decoded<EnqueueCall<'_>> {
             let p = params.get()?;
             Ok(EnqueueCall {
@@ -380,6 +450,7 @@ impl session::Server for SessionImpl {
         params: session::FetchParams,
         mut results: session::FetchResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = async {
             let p = params.get()?;
             self.delivery
@@ -402,6 +473,7 @@ impl session::Server for SessionImpl {
         params: session::AckParams,
         mut results: session::AckResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = async {
             let p = params.get()?;
             self.delivery
@@ -417,6 +489,7 @@ impl session::Server for SessionImpl {
         params: session::SubscribeParams,
         mut results: session::SubscribeResults,
     ) -> Result<(), capnp::Error> {
+        let _call = begin(&self.calls)?;
         let outcome = params.get().map_err(ApiError::from).and_then(|p| {
             self.delivery.subscribe(
                 self.identity,
@@ -428,7 +501,8 @@ impl session::Server for SessionImpl {
         });
         answer(&mut results, "subscribe", outcome, |r, (sub, listener)| {
             let (cancel_tx, cancel_rx) = oneshot::channel();
-            tokio::task::spawn_local(push(sub, listener, cancel_rx));
+            let drain = self.calls.drain();
+            tokio::task::spawn_local(push(sub, listener, cancel_rx, drain));
             r.get()
                 .set_subscription(capnp_rpc::new_client(SubscriptionImpl {
                     _cancel: cancel_tx,
@@ -446,11 +520,14 @@ struct SubscriptionImpl {
 impl quicnprotochat_proto::schema::subscription::Server for SubscriptionImpl {}
 
 /// Pushes each batch of the subscription to the client's listener, one
-/// `deliver` at a time, until the client or the connection goes away.
+/// `deliver` at a time, until the client or the connection goes away or the
+/// server drains (the client resubscribes from its last sequence number on
+/// its next connection).
 async fn push(
     mut sub: Subscription,
     listener: listener::Client,
     mut cancel: oneshot::Receiver<()>,
+    mut drain: DrainSignal,
 ) {
     loop {
         let batch = match sub.next_batch().await {
@@ -467,12 +544,14 @@ async fn push(
             tokio::select! {
                 r = req.send().promise => if r.is_err() { break },
                 _ = &mut cancel => break,
+                _ = drain.wait() => break,
             }
             continue;
         }
         tokio::select! {
             changed = sub.changed() => if !changed { break },
             _ = &mut cancel => break,
+            _ = drain.wait() => break,
         }
     }
 }

@@ -25,6 +25,7 @@ use quinn::{IdleTimeout, VarInt};
 
 use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
 use crate::delivery::{Delivery, Peer};
+use crate::drain::{Calls, Drain, DrainSignal};
 use crate::error::ServerError;
 use crate::production;
 use crate::rpc;
@@ -59,6 +60,7 @@ pub struct Server {
     delivery: Rc<Delivery>,
     fingerprint: [u8; 32],
     limits_frame: FrameLimits,
+    drain_timeout: Duration,
 }
 
 impl std::fmt::Debug for Server {
@@ -79,6 +81,12 @@ impl Server {
         }
         create_private_dir(&config.data_dir)?;
         production::check_writable(&config.data_dir)?;
+        match production::check_private_dir(&config.data_dir) {
+            Err(ServerError::Production { reason, .. }) if !production => {
+                tracing::warn!(%reason, "DEVELOPMENT SHORTCUT: the data directory is not private");
+            }
+            r => r?,
+        }
         let token = access_token(config);
         let key = database_key(config)?;
         let (chain, private_key) = tls_material(config)?;
@@ -128,6 +136,7 @@ impl Server {
             delivery,
             fingerprint,
             limits_frame,
+            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -141,11 +150,18 @@ impl Server {
         self.fingerprint
     }
 
-    /// Accepts connections until `shutdown` resolves, then closes every
-    /// connection at once (calls in flight get no answer) and waits up to
-    /// 3 s for the close to reach the clients.  Must run in a `LocalSet`.
+    /// Accepts connections until `shutdown` resolves, then drains: new
+    /// connections are refused and calls that arrive are refused with a
+    /// `disconnected` exception (clients retry them elsewhere), the calls in
+    /// flight run to their answer, and each connection is closed (code
+    /// [`close_code::SHUTDOWN`]) as soon as it has no call in flight and the
+    /// client received its answers.  Connections still busy when the drain
+    /// timeout passes are closed then (their calls get no answer).  Finally
+    /// waits up to 3 s for the closes to reach the clients.  Must run in a
+    /// `LocalSet`.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let table = Rc::new(RefCell::new(ConnTable::default()));
+        let drain = Drain::new();
         let sweeper = tokio::task::spawn_local(sweep_loop(self.delivery.clone()));
         // Every page checked once, in the background: start-up stays fast,
         // and damage found makes the server report not ready.
@@ -157,15 +173,47 @@ impl Server {
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
-                    Some(incoming) => self.admit(incoming, &table),
+                    Some(incoming) => self.admit(incoming, &table, drain.signal()),
                     None => break,
                 },
                 () = &mut shutdown => break,
             }
         }
-        tracing::info!("shutting down");
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        tracing::info!(
+            connections = table.borrow().total,
+            drain_timeout_secs = self.drain_timeout.as_secs_f32(),
+            "shutting down: draining connections"
+        );
         sweeper.abort();
         checker.abort();
+        drain.start(deadline);
+        let closed = table.borrow().closed.clone();
+        let drained = async {
+            loop {
+                // Registered before the count is read: no close is missed.
+                let next_close = closed.notified();
+                if table.borrow().total == 0 {
+                    break;
+                }
+                next_close.await;
+            }
+        };
+        let refuse = async {
+            while let Some(incoming) = self.endpoint.accept().await {
+                incoming.refuse();
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, drained) => match r {
+                Ok(()) => tracing::info!("drained: every connection closed"),
+                Err(_) => tracing::warn!(
+                    connections = table.borrow().total,
+                    "drain timeout: closing connections with calls still in flight"
+                ),
+            },
+            () = refuse => {}
+        }
         self.endpoint.close(
             VarInt::from_u32(close_code::SHUTDOWN),
             b"server shutting down",
@@ -173,7 +221,7 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
     }
 
-    fn admit(&self, incoming: quinn::Incoming, table: &Rc<RefCell<ConnTable>>) {
+    fn admit(&self, incoming: quinn::Incoming, table: &Rc<RefCell<ConnTable>>, drain: DrainSignal) {
         let ip = incoming.remote_address().ip();
         let limits = &self.delivery.limits;
         let (total, from_ip) = table.borrow().counts(ip);
@@ -196,7 +244,14 @@ impl Server {
         tokio::task::spawn_local(async move {
             let _guard = guard;
             let auth_timeout = Duration::from_secs(delivery.limits.auth_timeout_secs);
-            let conn = match tokio::time::timeout(auth_timeout, incoming).await {
+            let mut draining = drain.clone();
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(auth_timeout, incoming) => r,
+                // A handshake still running when the drain starts is dropped
+                // (the endpoint's close reaches it).
+                _ = draining.wait() => return,
+            };
+            let conn = match handshake {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     tracing::debug!(%ip, error = %e, "handshake failed");
@@ -207,9 +262,19 @@ impl Server {
                     return;
                 }
             };
-            serve_connection(delivery, conn, frame, auth_timeout).await;
+            serve_connection(delivery, conn, frame, auth_timeout, drain).await;
         });
     }
+}
+
+/// How a connection's session ended.
+enum Ended {
+    /// the client closed the RPC stream
+    Normally,
+    /// the stream failed (framing limits, malformed messages)
+    Failed(String),
+    /// the server drained it
+    Shutdown,
 }
 
 async fn serve_connection(
@@ -217,18 +282,10 @@ async fn serve_connection(
     conn: quinn::Connection,
     frame: FrameLimits,
     auth_timeout: Duration,
+    drain: DrainSignal,
 ) {
     let peer = Rc::new(Peer::new(conn.remote_address().ip()));
-    let session = {
-        let peer = peer.clone();
-        let conn = conn.clone();
-        async move {
-            let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-            rpc::serve(delivery, peer, conn.clone(), send, recv, frame)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    };
+    let session = session(delivery, peer.clone(), conn.clone(), frame, drain);
     let watchdog = {
         let peer = peer.clone();
         async move {
@@ -239,18 +296,70 @@ async fn serve_connection(
         }
     };
     tokio::select! {
-        r = session => match r {
-            Ok(()) => conn.close(VarInt::from_u32(close_code::NORMAL), b"bye"),
-            Err(e) => {
+        ended = session => match ended {
+            Ended::Normally => conn.close(VarInt::from_u32(close_code::NORMAL), b"bye"),
+            Ended::Failed(e) => {
                 tracing::debug!(ip = %peer.ip, error = %e, "connection ended with an error");
                 conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), b"protocol error");
             }
+            Ended::Shutdown => conn.close(
+                VarInt::from_u32(close_code::SHUTDOWN),
+                b"server shutting down",
+            ),
         },
         () = watchdog => {
             tracing::info!(ip = %peer.ip, "closing connection: not authenticated in time");
             conn.close(VarInt::from_u32(close_code::AUTH_TIMEOUT), b"authentication timeout");
         }
     }
+}
+
+/// Runs the connection's RPC session until it ends or the server drains it:
+/// then the calls in flight are answered (new ones refused), the session
+/// ends once its answers are written, and the client has received them
+/// when this returns, unless the drain deadline came first.
+async fn session(
+    delivery: Rc<Delivery>,
+    peer: Rc<Peer>,
+    conn: quinn::Connection,
+    frame: FrameLimits,
+    mut drain: DrainSignal,
+) -> Ended {
+    let stream = tokio::select! {
+        s = conn.accept_bi() => s,
+        _ = drain.wait() => return Ended::Shutdown,
+    };
+    let (send, recv) = match stream {
+        Ok(s) => s,
+        Err(e) => return Ended::Failed(e.to_string()),
+    };
+    // Resolves once the stream is finished and the client acknowledged
+    // every byte of it.
+    let delivered = send.stopped();
+    let calls = Calls::new(drain.clone());
+    let mut rpc = rpc::Rpc::start(delivery, peer, conn, (send, recv), frame, calls.clone());
+    let deadline = tokio::select! {
+        r = rpc.ended() => return match r {
+            Ok(()) => Ended::Normally,
+            Err(e) => Ended::Failed(e),
+        },
+        deadline = drain.wait() => deadline,
+    };
+    let answered = async {
+        calls.idle().await;
+        // The last answer is queued by the session task as its call
+        // returns; let that task run before the session is ended.
+        tokio::task::yield_now().await;
+        rpc.disconnect().await;
+        let _ = delivered.await;
+    };
+    if tokio::time::timeout_at(deadline, answered).await.is_err() {
+        tracing::debug!(
+            in_flight = calls.in_flight(),
+            "drain deadline passed with calls in flight"
+        );
+    }
+    Ended::Shutdown
 }
 
 async fn sweep_loop(delivery: Rc<Delivery>) {
@@ -266,6 +375,8 @@ async fn sweep_loop(delivery: Rc<Delivery>) {
 struct ConnTable {
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
+    /// notified whenever a connection ends (the drain waits for the last)
+    closed: Rc<tokio::sync::Notify>,
 }
 
 impl ConnTable {
@@ -301,6 +412,7 @@ impl Drop for ConnGuard {
                 t.per_ip.remove(&self.ip);
             }
         }
+        t.closed.notify_waiters();
     }
 }
 

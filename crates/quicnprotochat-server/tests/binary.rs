@@ -1,12 +1,13 @@
-//! The real `quicnprotochat-server` binary: start-up, health probe and
-//! durability under `kill -9`.
+//! The real `quicnprotochat-server` binary: start-up, health probe,
+//! durability under `kill -9`, and draining on SIGTERM and SIGINT.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::time::Duration;
 
-use quicnprotochat_client::Client;
 use quicnprotochat_client::harness::ServerProcess;
-use quicnprotochat_core::Identity;
+use quicnprotochat_client::{Client, ClientError, EnqueueResult};
+use quicnprotochat_core::{Identity, IdentityKey};
 
 use crate::support::msg_id;
 
@@ -201,4 +202,217 @@ fn a_start_up_error_is_one_line_with_its_cause_once() {
         "{line}"
     );
     assert!(!line.contains("does not open"), "{line}");
+}
+
+/// The server's write lock, held by another connection to its database: the
+/// server's writer waits for it (up to its 5 s busy timeout), so a write
+/// stays in flight until the lock is dropped.
+struct StoreLock(rusqlite::Connection);
+
+impl StoreLock {
+    fn take(server: &ServerProcess) -> Self {
+        use quicnprotochat_core::sqlcipher::{Opened, open_keyed};
+        let data = server.data_dir();
+        let key = std::fs::read_to_string(data.join("dev-db.key")).unwrap();
+        let opened = open_keyed(
+            &data.join("quicnprotochat.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+            &format!("x'{}'", key.trim()),
+        )
+        .unwrap();
+        let Opened::Open(conn, _) = opened else {
+            panic!("the test cannot open the server's database")
+        };
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        Self(conn)
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
+    }
+}
+
+/// Errors after which a client reconnects and retries (the reference
+/// client's `Supervisor::send_outgoing` does, with the same message id).
+fn retryable(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Rpc(_) | ClientError::Disconnected | ClientError::Timeout { .. }
+    )
+}
+
+/// Starts an enqueue from `a` to `to` that waits on the store lock,
+/// and returns it once the server is running it: a `health` call sent after
+/// it on the same connection has been answered (not ready: the store is
+/// stalled), so the enqueue before it was taken up.
+async fn enqueue_in_flight<'a>(
+    a: &'a Client,
+    to: &'a [IdentityKey],
+    id: [u8; 16],
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<EnqueueResult, ClientError>> + 'a>>
+{
+    let mut enqueue = Box::pin(a.enqueue(to, id, b"in flight".to_vec()));
+    // The first poll queues the call on the connection.
+    assert!(futures::poll!(enqueue.as_mut()).is_pending());
+    let h = a.health().await.unwrap();
+    assert!(!h.ok, "the store is stalled, so the server is not ready");
+    enqueue
+}
+
+/// SIGTERM and SIGINT drain: the enqueue in flight is answered and durable,
+/// the subscription (a connection with no call in flight) ends at once, new
+/// connections are refused, and the server exits cleanly.
+async fn an_enqueue_in_flight_is_answered_and_durable_after(signal: &str) {
+    let mut server =
+        ServerProcess::start_with_env(BIN, &[("QUICNPROTOCHAT_DRAIN_TIMEOUT_SECS", "30")]).unwrap();
+    let (alice, bob) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    let a = client(&server, &alice).await;
+    a.register("alice").await.unwrap();
+    let b = client(&server, &bob).await;
+    b.register("bob").await.unwrap();
+    let mut pushed = b.subscribe(1).await.unwrap();
+
+    let lock = StoreLock::take(&server);
+    let to = [bob.public_key()];
+    let enqueue = enqueue_in_flight(&a, &to, msg_id(1)).await;
+    server.signal(signal).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), pushed.next()).await;
+    assert!(
+        matches!(ended, Ok(None)),
+        "the subscription ends as the drain starts: {ended:?}"
+    );
+    let refused = tokio::time::timeout(
+        Duration::from_secs(2),
+        Client::connect(server.client_config().unwrap()),
+    )
+    .await;
+    assert!(
+        matches!(refused, Ok(Err(ClientError::Connect { .. }))),
+        "a draining server refuses new connections: {refused:?}"
+    );
+    drop(lock);
+    let answer = tokio::time::timeout(Duration::from_secs(20), enqueue)
+        .await
+        .expect("the enqueue in flight is answered");
+    assert!(
+        matches!(answer, Ok(EnqueueResult::Stored(ref seqs)) if seqs == &[1]),
+        "the enqueue in flight at SIG{signal} is acknowledged: {answer:?}"
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .unwrap()
+        .expect("the server exits once drained");
+    assert!(status.success(), "{status}");
+
+    server.restart().unwrap();
+    let b = client(&server, &bob).await;
+    let got = b.fetch(0, 16).await.unwrap();
+    assert_eq!(got.len(), 1, "the acknowledged enqueue is durable");
+    assert_eq!(got[0].payload, b"in flight");
+}
+
+#[tokio::test]
+async fn sigterm_answers_the_enqueue_in_flight_before_closing() {
+    an_enqueue_in_flight_is_answered_and_durable_after("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_answers_the_enqueue_in_flight_before_closing() {
+    an_enqueue_in_flight_is_answered_and_durable_after("INT").await;
+}
+
+/// An enqueue still running when the drain deadline passes gets no answer:
+/// the client sees a connection error and retries with the same message id
+/// on the next server, which stores it exactly once whatever became of the
+/// first attempt.
+#[tokio::test]
+async fn an_enqueue_cut_off_at_the_drain_deadline_fails_retryably_and_is_stored_once() {
+    let mut server =
+        ServerProcess::start_with_env(BIN, &[("QUICNPROTOCHAT_DRAIN_TIMEOUT_SECS", "1")]).unwrap();
+    let (alice, bob) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+    let a = client(&server, &alice).await;
+    a.register("alice").await.unwrap();
+    let b = client(&server, &bob).await;
+    b.register("bob").await.unwrap();
+    drop(b);
+
+    let lock = StoreLock::take(&server);
+    let to = [bob.public_key()];
+    let enqueue = enqueue_in_flight(&a, &to, msg_id(7)).await;
+    server.signal("TERM").unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), enqueue)
+        .await
+        .expect("the connection is closed at the deadline");
+    match answer {
+        Err(e) => assert!(retryable(&e), "not a retryable error: {e:?}"),
+        Ok(r) => panic!("answered although the store was stalled: {r:?}"),
+    }
+    drop(lock);
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .unwrap()
+        .expect("the server exits after the drain deadline");
+    assert!(status.success(), "{status}");
+
+    server.restart().unwrap();
+    let a = client(&server, &alice).await;
+    let retried = a
+        .enqueue(&[bob.public_key()], msg_id(7), b"in flight".to_vec())
+        .await
+        .unwrap();
+    let b = client(&server, &bob).await;
+    let got = b.fetch(0, 16).await.unwrap();
+    assert_eq!(got.len(), 1, "stored exactly once ({retried:?})");
+    assert_eq!(got[0].payload, b"in flight");
+}
+
+/// The mode bits of `path`.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The store's files are readable by the server's user only, whatever the
+/// umask: a server started under umask 000 creates its data directory 0700
+/// and every file in it 0600 (the database, its write-ahead log and
+/// shared-memory file, the development key and certificate), and a store
+/// whose files others could read is narrowed to 0600 at the next start.
+#[tokio::test]
+async fn store_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut server = ServerProcess::start_with_umask(BIN, "000").unwrap();
+    let alice = Identity::generate().unwrap();
+    let a = client(&server, &alice).await;
+    // A committed write: the write-ahead log and shared-memory file exist.
+    a.register("alice").await.unwrap();
+    let data = server.data_dir();
+    let db = data.join("quicnprotochat.db");
+    let companions = [
+        db.clone(),
+        data.join("quicnprotochat.db-wal"),
+        data.join("quicnprotochat.db-shm"),
+    ];
+    assert_eq!(mode(&data), 0o700, "data directory");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        seen.push(path);
+    }
+    for file in &companions {
+        assert!(seen.contains(file), "{} exists: {seen:?}", file.display());
+    }
+
+    drop(a);
+    server.kill();
+    for file in &companions {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    server.restart().unwrap();
+    for file in &companions {
+        assert_eq!(mode(file), 0o600, "narrowed at start: {}", file.display());
+    }
 }

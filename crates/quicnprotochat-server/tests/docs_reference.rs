@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use quicnprotochat_server::config::{Config, FileConfig, Limits, ServerArgs};
+use quicnprotochat_server::config::{
+    Config, DEFAULT_DRAIN_TIMEOUT, FileConfig, Limits, ServerArgs,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quicnprotochat-server");
 const PAGE: &str = "docs/src/configuration.md";
@@ -259,5 +261,9 @@ fn configuration_page_lists_every_file_key_and_default() {
         config.limits,
         Limits::default(),
         "the complete example's limits differ from the built-in defaults"
+    );
+    assert_eq!(
+        config.drain_timeout, DEFAULT_DRAIN_TIMEOUT,
+        "the complete example's drain_timeout_secs differs from the built-in default"
     );
 }

@@ -473,12 +473,30 @@ fn image_runs_as_a_dedicated_numeric_user_owning_the_data_volume() {
         Some("/data")
     );
     assert_eq!(exec_form(&only(&stage, "VOLUME").args), ["/data"]);
-    let owned = stage.iter().any(|i| {
-        i.keyword == "COPY"
-            && i.args.contains(&format!("--chown={uid}:{gid}"))
-            && i.args.split_whitespace().last() == Some("/data")
+    // COPY of a directory creates the destination 0755 and copies only the
+    // contents: /data must arrive as the content of a copied parent, so it
+    // keeps the mode 0700 the builder gave it (the image gate of .ci/image
+    // checks the built image).
+    let parent = stage
+        .iter()
+        .filter(|i| i.keyword == "COPY" && i.args.contains(&format!("--chown={uid}:{gid}")))
+        .find_map(|i| {
+            let words: Vec<&str> = i.args.split_whitespace().collect();
+            match words.as_slice() {
+                [.., src, "/"] => src.strip_suffix('/').map(str::to_string),
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("/data must be copied, owned by {uid}:{gid}, as part of a parent directory copied to /"));
+    let made_private = stages(&read("Dockerfile"))[0].iter().any(|i| {
+        i.keyword == "RUN"
+            && i.args
+                .contains(&format!("install -d -m 0700 {parent}/data"))
     });
-    assert!(owned, "/data must be created owned by {uid}:{gid}");
+    assert!(
+        made_private,
+        "the builder creates {parent}/data with mode 0700"
+    );
 }
 
 #[test]

@@ -648,10 +648,60 @@ fn production_refuses_the_development_certificate() {
     // which development mode may regenerate.
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
-    std::fs::create_dir(&data_dir).unwrap();
+    // Private, as production requires of a data directory.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&data_dir)
+        .unwrap();
     let (in_cert, in_key) = (data_dir.join("dev-cert.pem"), data_dir.join("dev-key.pem"));
     std::fs::copy(&own_cert, &in_cert).unwrap();
     std::fs::copy(&own_key, &in_key).unwrap();
     check(&data_dir, &in_cert, &in_key, DB_KEY, "cert_path");
     check(&data_dir, &own_cert, &in_key, DB_KEY, "key_path");
+}
+
+/// A data directory that group or others may enter is refused in
+/// production (the one error line names `data_dir`, its mode and the fix)
+/// and only warned about in development; made private, it is accepted.
+#[test]
+fn production_refuses_a_data_directory_others_can_enter() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = pki.write_cert("cert.pem", 2099, &key);
+    let key_path = pki.write_key("key.pem", &key);
+    let (cert, key_path) = (cert.to_str().unwrap(), key_path.to_str().unwrap());
+    let production = [
+        ("QUICNPROTOCHAT_MODE", "production"),
+        ("QUICNPROTOCHAT_AUTH_TOKEN", STRONG),
+        ("QUICNPROTOCHAT_DB_KEY", DB_KEY),
+        ("QUICNPROTOCHAT_CERT", cert),
+        ("QUICNPROTOCHAT_KEY", key_path),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for open in [0o755, 0o750, 0o701] {
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(open)).unwrap();
+        let line = refusal(&data, &production);
+        assert!(
+            line.contains("data_dir")
+                && line.contains(&format!("mode {open:04o}"))
+                && line.contains("chmod 700"),
+            "{line}"
+        );
+    }
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (started, stderr) = run(&data, &[("QUICNPROTOCHAT_DB_KEY", DB_KEY)]);
+    assert!(started, "development mode only warns: {stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("DEVELOPMENT SHORTCUT") && l.contains("not private")),
+        "{stderr}"
+    );
+
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (started, stderr) = run(&data, &production);
+    assert!(started, "a private data directory is accepted: {stderr}");
 }

@@ -233,6 +233,7 @@ impl SqliteStore {
     /// Opens (creating if needed) and migrates the database, then starts the
     /// writer and reader threads.  A wrong key is [`StoreError::WrongKey`].
     pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
+        make_private(&options.path)?;
         let (writer_conn, settings) =
             open_connection(&options.path, &options.key, options.synchronous, None)?;
         migrate(&writer_conn)?;
@@ -397,6 +398,51 @@ fn reader_loop(conn: Connection, mut jobs: mpsc::Receiver<ReadJob>) {
     while let Some(job) = jobs.blocking_recv() {
         job(&conn);
     }
+}
+
+/// Makes the database file and its write-ahead log and shared-memory files
+/// readable and writable by the server's user only (mode 0600), whatever
+/// the umask: the database file is created here, before SQLite opens it,
+/// and given mode 0600 explicitly (a umask only narrows a mode at creation);
+/// SQLite creates the `-wal` and `-shm` files with the database file's mode.
+/// Existing files with any permission for group or others (left by an
+/// earlier version, or copied in) are narrowed to 0600.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let at = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: std::io::Error| {
+            StoreError::Io(std::io::Error::new(e.kind(), format!("{path}: {e}")))
+        }
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(at(path))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(at(path)(e)),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(at(&file))?;
+            tracing::info!(path = %file.display(), was = %format!("{mode:04o}"), "store file narrowed to mode 0600");
+        }
+    }
+    Ok(())
 }
 
 /// Opens one connection: key first, key check, then pragmas.  `settings`:
