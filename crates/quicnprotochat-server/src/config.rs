@@ -260,6 +260,28 @@ pub enum Command {
     Serve,
     /// Probe a running server's health RPC; exit 0 when it is ready, 1 otherwise.
     Health(HealthArgs),
+    /// Write a consistent copy of the database to a new file (safe while the
+    /// server runs).
+    Backup(BackupArgs),
+    /// Replace the database with a backup and give it a new store
+    /// incarnation; stop the server first.
+    Restore(RestoreArgs),
+}
+
+/// Arguments of `backup`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// The backup file to write (must not exist).
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+/// Arguments of `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The backup file to install (it is copied, not moved).
+    #[arg(long)]
+    pub from: PathBuf,
 }
 
 /// Flags and environment variables of `serve` (each also settable in the file).

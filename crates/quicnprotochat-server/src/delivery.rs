@@ -147,6 +147,11 @@ impl Drop for Subscription {
 }
 
 impl Subscription {
+    /// The store incarnation the pushed sequence numbers belong to.
+    pub(crate) fn incarnation(&self) -> [u8; 16] {
+        self.delivery.incarnation()
+    }
+
     /// The next batch to push, from the position after the last one:
     /// from memory when the hub holds it, else read from the store; empty
     /// when the queue holds nothing new yet.  Marks the current notification
@@ -328,6 +333,12 @@ impl Delivery {
             Err(e) if e.is_damage() => self.note_damage(e.to_string()),
             Err(e) => tracing::warn!(error = %e, "the store integrity check could not run"),
         }
+    }
+
+    /// The store's incarnation (protocol section 9.9): returned with every
+    /// sequence number a client reads.
+    pub(crate) fn incarnation(&self) -> [u8; 16] {
+        self.store.incarnation()
     }
 
     fn request_timeout(&self) -> Duration {
@@ -694,14 +705,23 @@ impl Delivery {
             .await
     }
 
-    /// `Session.ack`: deletes the caller's messages up to `up_to`.
+    /// `Session.ack`: deletes the caller's messages up to `up_to`, if
+    /// `incarnation` is empty (a client of minor version 1) or the store's:
+    /// a sequence number read before a restore must not delete what came
+    /// after it.
     pub(crate) async fn ack(
         &self,
         me: IdentityKey,
         recipient: &[u8],
         up_to: u64,
+        incarnation: &[u8],
     ) -> Result<u32, ApiError> {
         own_queue(me, recipient)?;
+        if !incarnation.is_empty() && incarnation != self.incarnation() {
+            return Err(ApiError::Conflict(
+                "the store was restored from a backup since these sequence numbers were read (its incarnation changed); nothing was deleted: read the queue from its start",
+            ));
+        }
         let n = self.store_call(self.store.ack(me, up_to)).await?;
         self.hub.acked(&me, up_to);
         Ok(n)
@@ -838,7 +858,21 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].payload, b"ciphertext");
         assert_eq!(got[0].message_id, id);
-        assert_eq!(d.ack(bob, bob.as_bytes(), got[0].seq).await.unwrap(), 1);
+        // An ack for another store incarnation (numbers read before a
+        // restore) deletes nothing.
+        let incarnation = d.incarnation();
+        assert_eq!(got[0].seq, 1);
+        assert!(matches!(
+            d.ack(bob, bob.as_bytes(), 1, &[0xee; 16]).await,
+            Err(ApiError::Conflict(_))
+        ));
+        assert_eq!(d.fetch(bob, bob.as_bytes(), 1, 0).await.unwrap().len(), 1);
+        assert_eq!(
+            d.ack(bob, bob.as_bytes(), got[0].seq, &incarnation)
+                .await
+                .unwrap(),
+            1
+        );
         assert!(d.fetch(bob, bob.as_bytes(), 1, 0).await.unwrap().is_empty());
     }
 

@@ -12,6 +12,7 @@ mod delivery;
 pub mod error;
 pub mod health;
 mod hub;
+pub mod maintenance;
 pub mod production;
 mod ratelimit;
 mod rpc;

@@ -167,6 +167,7 @@ fn text<'a>(t: capnp::text::Reader<'a>, what: &str) -> Result<&'a str, ApiError>
 fn write_envelopes(
     mut list: capnp::struct_list::Builder<'_, envelope::Owned>,
     msgs: &[QueuedMessage],
+    incarnation: &[u8],
 ) {
     for (i, m) in msgs.iter().enumerate() {
         let mut e = list.reborrow().get(list_len(i));
@@ -174,6 +175,7 @@ fn write_envelopes(
         e.set_message_id(&m.message_id);
         e.set_payload(&m.payload);
         e.set_enqueued_at_ms(m.enqueued_at_ms);
+        e.set_incarnation(incarnation);
     }
 }
 
@@ -392,8 +394,11 @@ impl session::Server for SessionImpl {
                 .await
         }
         .await;
+        let incarnation = self.delivery.incarnation();
         answer(&mut results, "fetch", outcome, |r, msgs| {
-            write_envelopes(r.get().init_messages(list_len(msgs.len())), &msgs)
+            let mut r = r.get();
+            r.set_incarnation(&incarnation);
+            write_envelopes(r.init_messages(list_len(msgs.len())), &msgs, &incarnation)
         })
     }
 
@@ -405,7 +410,12 @@ impl session::Server for SessionImpl {
         let outcome = async {
             let p = params.get()?;
             self.delivery
-                .ack(self.identity, p.get_recipient()?, p.get_up_to_seq())
+                .ack(
+                    self.identity,
+                    p.get_recipient()?,
+                    p.get_up_to_seq(),
+                    p.get_incarnation()?,
+                )
                 .await
         }
         .await;
@@ -428,11 +438,12 @@ impl session::Server for SessionImpl {
         });
         answer(&mut results, "subscribe", outcome, |r, (sub, listener)| {
             let (cancel_tx, cancel_rx) = oneshot::channel();
+            let mut r = r.get();
+            r.set_incarnation(&sub.incarnation());
             tokio::task::spawn_local(push(sub, listener, cancel_rx));
-            r.get()
-                .set_subscription(capnp_rpc::new_client(SubscriptionImpl {
-                    _cancel: cancel_tx,
-                }));
+            r.set_subscription(capnp_rpc::new_client(SubscriptionImpl {
+                _cancel: cancel_tx,
+            }));
         })
     }
 }
@@ -462,7 +473,11 @@ async fn push(
         };
         if !batch.is_empty() {
             let mut req = listener.deliver_request();
-            write_envelopes(req.get().init_messages(list_len(batch.len())), &batch);
+            write_envelopes(
+                req.get().init_messages(list_len(batch.len())),
+                &batch,
+                &sub.incarnation(),
+            );
             drop(batch);
             tokio::select! {
                 r = req.send().promise => if r.is_err() { break },

@@ -29,7 +29,20 @@ impl Messenger {
                 }
             };
             match self.inner.link.client().await.subscribe(from).await {
-                Ok(sub) => self.take_pushed(sub).await,
+                Ok(sub) => {
+                    let mut profile = self.inner.profile.lock().await;
+                    match inbox::restart_if_restored(&mut profile, sub.incarnation()) {
+                        // Subscribe again, from the start of the queue.
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot record the store incarnation; listener stops");
+                            return;
+                        }
+                    }
+                    drop(profile);
+                    self.take_pushed(sub).await
+                }
                 Err(e) => tracing::warn!(error = %e, "subscribe failed; reconnecting"),
             }
             // The subscription ended (the connection is gone) or never
@@ -62,7 +75,15 @@ impl Messenger {
                         continue;
                     }
                 };
-            let _ = self.inner.link.client().await.ack(env.seq).await;
+            // Acknowledged in the incarnation it was read in: after a
+            // restore (a new connection) the number means something else.
+            let _ = self
+                .inner
+                .link
+                .client()
+                .await
+                .ack_in(&env.incarnation, env.seq)
+                .await;
             for group_id in inbox::pending_groups(&events) {
                 match commits::commit_pending(&self.inner.link, &mut profile, &group_id).await {
                     Ok(more) => events.extend(more),

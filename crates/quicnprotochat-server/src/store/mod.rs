@@ -202,6 +202,11 @@ pub struct SweepStats {
 
 /// The delivery service's storage.
 pub trait Store: Send + Sync + 'static {
+    /// The store's incarnation: a random id made with the database and
+    /// changed when it is restored from a backup.  Sequence numbers are
+    /// comparable only within one incarnation.
+    fn incarnation(&self) -> [u8; 16];
+
     /// Probes the store: a small write that must commit (durably), then a
     /// read of it.  A full disk, a read-only file or a stalled writer fail
     /// it.

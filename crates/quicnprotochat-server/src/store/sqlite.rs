@@ -118,7 +118,18 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      INSERT INTO meta (name, value)
         SELECT 'dedup_legacy_until', coalesce(max(expires_at), 0) FROM dedup;",
+    // 4: the store's incarnation, a random id made with the database (or
+    // with this migration) and changed by a restore from a backup: sequence
+    // numbers are comparable only within one incarnation.
+    "CREATE TABLE incarnation (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        id   BLOB NOT NULL CHECK (length(id) = 16)
+     );
+     INSERT INTO incarnation (only, id) VALUES (1, randomblob(16));",
 ];
+
+/// Length of a store incarnation.
+pub const INCARNATION_LEN: usize = 16;
 
 /// Bytes of the message id that lead an idempotency key: the time part of
 /// the ids clients make ([`quicnprotochat_core::group::MESSAGE_ID_TIME_BYTES`]).
@@ -219,6 +230,9 @@ pub struct SqliteStore {
     encrypted: bool,
     /// health probes made, the value each writes
     probes: AtomicU64,
+    /// the store's incarnation (fixed while it is open: a restore needs
+    /// the server stopped)
+    incarnation: [u8; INCARNATION_LEN],
 }
 
 impl fmt::Debug for SqliteStore {
@@ -244,6 +258,7 @@ impl SqliteStore {
             )
             .optional()?
             .unwrap_or(0);
+        let incarnation = read_incarnation(&writer_conn)?;
         let mut threads = Vec::new();
         let (wtx, wrx) = mpsc::channel::<WriteJob>(JOB_QUEUE_DEPTH);
         let max_batch = options.max_batch.max(1);
@@ -272,6 +287,7 @@ impl SqliteStore {
             legacy_dedup_until,
             encrypted: matches!(options.key, DbKey::Raw(_)),
             probes: AtomicU64::new(0),
+            incarnation,
         })
     }
 
@@ -457,6 +473,81 @@ fn open_connection(
     Ok((conn, settings))
 }
 
+/// Reads the store's incarnation.
+fn read_incarnation(conn: &Connection) -> Result<[u8; INCARNATION_LEN], StoreError> {
+    let id: Vec<u8> = conn.query_row("SELECT id FROM incarnation WHERE only = 1", [], |r| {
+        r.get(0)
+    })?;
+    id.try_into().map_err(|_| StoreError::Damaged {
+        path: "incarnation".into(),
+        detail: "the store incarnation is not 16 bytes".into(),
+    })
+}
+
+/// Writes a consistent copy of the database at `path`, as it is at one
+/// moment, to `dest` (which must not exist), encrypted under the same key:
+/// the backup the operations guide describes.  Safe while a server uses the
+/// database: it reads one snapshot and writes nothing to it.
+pub fn backup(path: &Path, key: &DbKey, dest: &Path) -> Result<(), StoreError> {
+    let missing =
+        |what: String| StoreError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, what));
+    if !path.exists() {
+        return Err(missing(format!("no database at {}", path.display())));
+    }
+    if dest.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} already exists; a backup never overwrites a file",
+                dest.display()
+            ),
+        )));
+    }
+    let target = dest.to_str().ok_or_else(|| {
+        StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the backup path {} is not UTF-8", dest.display()),
+        ))
+    })?;
+    let (conn, _) = open_connection(path, key, Synchronous::Full, None)?;
+    conn.execute("VACUUM INTO ?1", [target])?;
+    Ok(())
+}
+
+/// Prepares a backup copy at `path` to replace the live database: opens it
+/// with `key` (a wrong key or a damaged copy fails here), brings its schema
+/// up to date, checks every page, and gives it a new incarnation, which it
+/// returns.  Afterwards `path` is one self-contained file.
+pub fn prepare_restore(path: &Path, key: &DbKey) -> Result<[u8; INCARNATION_LEN], StoreError> {
+    let (conn, _) = open_connection(path, key, Synchronous::Full, None)?;
+    migrate(&conn)?;
+    let pragma = if matches!(key, DbKey::Raw(_)) {
+        "PRAGMA cipher_integrity_check"
+    } else {
+        "PRAGMA quick_check"
+    };
+    let problems: Vec<String> = conn
+        .prepare(pragma)?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    if let Some(first) = problems.into_iter().find(|p| p != "ok") {
+        return Err(StoreError::Damaged {
+            path: path.display().to_string(),
+            detail: first,
+        });
+    }
+    conn.execute(
+        "UPDATE incarnation SET id = randomblob(16) WHERE only = 1",
+        [],
+    )?;
+    let incarnation = read_incarnation(&conn)?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    drop(conn);
+    Ok(incarnation)
+}
+
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
@@ -502,6 +593,10 @@ fn identity_from_blob(bytes: Vec<u8>) -> Result<IdentityKey, StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn incarnation(&self) -> [u8; 16] {
+        self.incarnation
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         let probe = self.probes.fetch_add(1, Ordering::Relaxed);
         let probe = i64::try_from(probe).unwrap_or(i64::MAX);
@@ -909,6 +1004,52 @@ mod tests {
                 .unwrap_or(true),
             "the write-ahead log still holds frames after a clean close"
         );
+    }
+
+    #[tokio::test]
+    async fn a_backup_restores_with_its_data_and_a_new_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_key = DbKey::Raw([7; 32]);
+        let s = open(dir.path(), db_key.clone()).unwrap();
+        let first = s.incarnation();
+        register_all(&s, &[1]).await;
+        s.enqueue(enqueue_req(&[key(1)], 1, b"kept", 10))
+            .await
+            .unwrap();
+        let live = dir.path().join(DB_FILE_NAME);
+        let copy = dir.path().join("backup.db");
+        // Taken while the store is open and serving.
+        backup(&live, &db_key, &copy).unwrap();
+        assert!(
+            backup(&live, &db_key, &copy).is_err(),
+            "a backup never overwrites a file"
+        );
+        s.enqueue(enqueue_req(&[key(1)], 2, b"after", 10))
+            .await
+            .unwrap();
+        s.close();
+        // The copy opens by itself under the same key, with the same
+        // incarnation until a restore prepares it.
+        let b = open_path(&copy, db_key.clone()).unwrap();
+        assert_eq!(b.incarnation(), first);
+        b.close();
+        assert!(matches!(
+            prepare_restore(&copy, &DbKey::Raw([8; 32])),
+            Err(StoreError::WrongKey { .. })
+        ));
+        let restored = prepare_restore(&copy, &db_key).unwrap();
+        assert_ne!(restored, first);
+        let b = open_path(&copy, db_key).unwrap();
+        assert_eq!(b.incarnation(), restored);
+        let got = b.fetch(key(1), 1, 10, 1 << 20).await.unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
+            [b"kept".as_slice()]
+        );
+    }
+
+    fn open_path(path: &Path, k: DbKey) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open(SqliteOptions::new(path, k))
     }
 
     #[tokio::test]
