@@ -103,13 +103,16 @@ interface Session {
   keyPackageCount @4 () -> (error :Error, count :UInt32, hasLastResort :Bool);
   # Unexpired one-time packages of this identity still on the server.
 
-  enqueue @5 (recipients :List(Data), messageId :Data, payload :Data)
+  enqueue @5 (recipients :List(Data), messageId :Data, payload :Data,
+              tokens :List(Data))
       -> (error :Error, duplicate :Bool, seqs :List(UInt64));
   # Stores `payload` once per recipient (32-byte keys, no repeats).  Atomic:
   # every recipient gets it or none does.  A retried (sender, messageId) is
   # not stored again: `duplicate` is true and `seqs` is empty.  Otherwise
   # `seqs[i]` is the sequence number in recipients[i]'s queue.  Durable when
-  # the call returns.
+  # the call returns.  `tokens` (since 2): empty, or one per recipient: the
+  # recipient's delivery token (32 bytes) or empty; a message without the
+  # recipient's current token counts against its small stranger lane.
 
   fetch @6 (recipient :Data, fromSeq :UInt64, limit :UInt32)
       -> (error :Error, messages :List(Envelope), incarnation :Data);
@@ -129,6 +132,11 @@ interface Session {
   # then new ones as they are stored, in order and without gaps.  Dropping
   # `subscription` (or the connection) ends it.  `incarnation` (since 2): the
   # store incarnation.
+
+  setDeliveryToken @9 (token :Data) -> (error :Error);
+  # Since 2.  Makes `token` (32 bytes) this identity's current delivery
+  # token; the one it replaces stays valid as the previous one.  The server
+  # keeps only their SHA-256 hashes.
 }
 
 interface Listener {

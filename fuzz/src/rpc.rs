@@ -105,6 +105,7 @@ fn read_as_every_struct(msg: message::Reader<OwnedSegments>) {
             data_list(r.get_recipients());
             data(r.get_message_id());
             data(r.get_payload());
+            data_list(r.get_tokens());
         },
         session::enqueue_results::Reader<'_> => |r| {
             error(r.get_error());
@@ -141,6 +142,8 @@ fn read_as_every_struct(msg: message::Reader<OwnedSegments>) {
             let _ = black_box(r.get_subscription());
             data(r.get_incarnation());
         },
+        session::set_delivery_token_params::Reader<'_> => |r| data(r.get_token()),
+        session::set_delivery_token_results::Reader<'_> => |r| error(r.get_error()),
         listener::deliver_params::Reader<'_> => |r| envelopes(r.get_messages()),
         listener::deliver_results::Reader<'_> => |_| {},
     );

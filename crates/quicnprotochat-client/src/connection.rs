@@ -34,7 +34,7 @@ use quicnprotochat_core::{Identity, IdentityKey};
 use quicnprotochat_proto::auth;
 use quicnprotochat_proto::capnp;
 use quicnprotochat_proto::capnp_rpc;
-use quicnprotochat_proto::limits::{KEY_LEN, NONCE_LEN};
+use quicnprotochat_proto::limits::{DELIVERY_TOKEN_LEN, KEY_LEN, NONCE_LEN};
 use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
 use quicnprotochat_proto::schema::{ErrorCode, error, listener, service, session, subscription};
 use quicnprotochat_proto::transport;
@@ -451,7 +451,27 @@ impl Client {
         message_id: [u8; 16],
         payload: Vec<u8>,
     ) -> Result<EnqueueResult, ClientError> {
+        self.enqueue_with_tokens(recipients, &[], message_id, payload)
+            .await
+    }
+
+    /// Stores `payload` for every recipient (atomically), presenting
+    /// `tokens[i]`, the delivery token `recipients[i]` announced to us, where
+    /// we have one (`tokens` is empty or one per recipient).
+    pub async fn enqueue_with_tokens(
+        &self,
+        recipients: &[IdentityKey],
+        tokens: &[Option<[u8; DELIVERY_TOKEN_LEN]>],
+        message_id: [u8; 16],
+        payload: Vec<u8>,
+    ) -> Result<EnqueueResult, ClientError> {
         let recipients = recipients.to_vec();
+        // Sent only when there is one to present (saves 8 bytes a recipient).
+        let tokens = if tokens.iter().any(Option::is_some) {
+            tokens.to_vec()
+        } else {
+            Vec::new()
+        };
         self.call(move |w| async move {
             let mut req = w.session()?.enqueue_request();
             {
@@ -461,6 +481,15 @@ impl Client {
                     .init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
                 for (i, r) in recipients.iter().enumerate() {
                     list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
+                }
+                let mut list = p
+                    .reborrow()
+                    .init_tokens(u32::try_from(tokens.len()).unwrap_or(u32::MAX));
+                for (i, t) in tokens.iter().enumerate() {
+                    list.set(
+                        u32::try_from(i).unwrap_or(u32::MAX),
+                        t.as_ref().map(|t| &t[..]).unwrap_or_default(),
+                    );
                 }
                 p.set_message_id(&message_id);
                 p.set_payload(&payload);
@@ -473,6 +502,24 @@ impl Client {
                 return Ok(EnqueueResult::Duplicate);
             }
             Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
+        })
+        .await
+    }
+
+    /// Registers `token` as this identity's delivery token (protocol
+    /// section 9.10); the one it replaces stays valid as the previous one.
+    pub async fn set_delivery_token(
+        &self,
+        token: &[u8; DELIVERY_TOKEN_LEN],
+    ) -> Result<(), ClientError> {
+        let token = *token;
+        self.call(move |w| async move {
+            let mut req = w.session()?.set_delivery_token_request();
+            req.get().set_token(&token);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok(())
         })
         .await
     }

@@ -137,6 +137,7 @@ error_slot!(
     session::FetchResults,
     session::AckResults,
     session::SubscribeResults,
+    session::SetDeliveryTokenResults,
 );
 
 /// Answers one call: `ok` encodes a success; an error goes in the results'
@@ -355,6 +356,11 @@ impl session::Server for SessionImpl {
                     .collect(),
                 message_id: p.get_message_id().map_err(ApiError::from),
                 payload: p.get_payload().map_err(ApiError::from),
+                tokens: p
+                    .get_tokens()?
+                    .iter()
+                    .map(|t| t.map_err(ApiError::from))
+                    .collect(),
             })
         };
         let outcome = self
@@ -375,6 +381,19 @@ impl session::Server for SessionImpl {
                 _ => r.get().set_duplicate(true),
             },
         )
+    }
+
+    async fn set_delivery_token(
+        self: Rc<Self>,
+        params: session::SetDeliveryTokenParams,
+        mut results: session::SetDeliveryTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let token = params
+            .get()
+            .and_then(|p| p.get_token())
+            .map_err(ApiError::from);
+        let outcome = self.delivery.set_delivery_token(self.identity, token).await;
+        answer(&mut results, "setDeliveryToken", outcome, |_, ()| {})
     }
 
     async fn fetch(

@@ -98,6 +98,36 @@ impl Messenger {
         }
     }
 
+    /// Tells the members of `group` named in `only` (everyone else when
+    /// `None`) our delivery token, inside the group.
+    pub(super) async fn announce_token(&self, group: &str, only: Option<&[String]>) {
+        let mut profile = self.inner.profile.lock().await;
+        let sent = match profile.announce_delivery_token(group, only) {
+            Ok(Some(out)) => self
+                .inner
+                .link
+                .send_outgoing(&out)
+                .await
+                .map_err(MessengerError::from),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "announcing our delivery token failed");
+        }
+    }
+
+    /// Takes the delivery token `member` announced (now in the profile)
+    /// into the tokens presented when sending.
+    async fn learn_token(&self, member: quicnprotochat_core::IdentityKey) {
+        let token = self.inner.profile.lock().await.delivery_token_of(member);
+        match token {
+            Ok(Some(t)) => self.inner.link.learn_token(member, t).await,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading an announced delivery token"),
+        }
+    }
+
     /// Processes direct messages from peers.
     pub(super) async fn inbound_loop(self, mut rx: mpsc::Receiver<Inbound>) {
         while let Some(m) = rx.recv().await {
@@ -134,14 +164,24 @@ impl Messenger {
     }
 
     /// Hands events to listeners and reacts to them: allow announced peers,
-    /// announce ourselves where members joined, and check those groups'
+    /// learn announced delivery tokens, announce ourselves (our address and
+    /// our delivery token) where members joined, and check those groups'
     /// members against the directory.
     pub(super) async fn publish(&self, events: &[Event]) {
         self.inner.router.allow_announced(events).await;
         let mut announce_in = Vec::new();
         for e in events {
-            if let Event::Joined { group, .. } | Event::MembersAdded { group, .. } = e {
-                announce_in.push(group.clone());
+            match e {
+                Event::Joined { group, .. } => {
+                    announce_in.push(group.clone());
+                    self.announce_token(group, None).await;
+                }
+                Event::MembersAdded { group, members, .. } => {
+                    announce_in.push(group.clone());
+                    self.announce_token(group, Some(members)).await;
+                }
+                Event::DeliveryTokenAnnounced { key, .. } => self.learn_token(*key).await,
+                _ => {}
             }
             self.inner.bus.emit(e.clone());
         }
