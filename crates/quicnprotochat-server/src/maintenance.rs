@@ -51,10 +51,7 @@ pub fn restore(config: &Config, from: &Path) -> Result<Restored, ServerError> {
     };
     remove_logs(&staging)?;
     let replaced = if live.exists() {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let stamp = config.clock.unix_secs();
         let aside = dir.join(format!("{DB_FILE_NAME}.replaced-{stamp}"));
         rename(&live, &aside)?;
         let wal = log_file(&live, "-wal");
