@@ -1,5 +1,5 @@
 @0x8c3621f714c7a694;
-# quicnprotochat wire contract, wire version 1.
+# quicnprotochat wire contract, wire version 1 (minor version 2).
 #
 # Transport: QUIC (RFC 9000) with TLS 1.3, ALPN "quicnprotochat/1".
 # The client opens exactly one bidirectional stream and runs a Cap'n Proto
@@ -13,8 +13,14 @@
 #   result fields are meaningless.  Cap'n Proto exceptions are reserved for
 #   transport and framing failures.
 # - Keys are raw 32-byte Ed25519 public keys.  Sequence numbers start at 1.
+# - Fields and methods added in a later minor version are optional: a server
+#   of minor version N accepts clients of minor versions 1 to N.
+# - The store incarnation is a 16-byte id of the server's store; it changes
+#   when the store is restored from a backup, and then sequence numbers may
+#   have gone back: a client that sees it change reads its queue from the
+#   start (docs/protocol.md, "Store incarnation").
 
-const wireVersion :UInt16 = 1;
+const wireVersion :UInt16 = 2;
 # Minor wire version spoken by this schema.  The major version is in the ALPN.
 
 enum ErrorCode {
@@ -57,6 +63,7 @@ struct Envelope {
   messageId @1 :Data;      # the 16-byte id the sender chose
   payload @2 :Data;        # opaque ciphertext
   enqueuedAtMs @3 :UInt64; # server receive time, Unix milliseconds
+  incarnation @4 :Data;    # since 2: the store incarnation `seq` belongs to
 }
 
 interface Service {
@@ -96,26 +103,40 @@ interface Session {
   keyPackageCount @4 () -> (error :Error, count :UInt32, hasLastResort :Bool);
   # Unexpired one-time packages of this identity still on the server.
 
-  enqueue @5 (recipients :List(Data), messageId :Data, payload :Data)
+  enqueue @5 (recipients :List(Data), messageId :Data, payload :Data,
+              tokens :List(Data))
       -> (error :Error, duplicate :Bool, seqs :List(UInt64));
   # Stores `payload` once per recipient (32-byte keys, no repeats).  Atomic:
   # every recipient gets it or none does.  A retried (sender, messageId) is
   # not stored again: `duplicate` is true and `seqs` is empty.  Otherwise
   # `seqs[i]` is the sequence number in recipients[i]'s queue.  Durable when
-  # the call returns.
+  # the call returns.  `tokens` (since 2): empty, or one per recipient: the
+  # recipient's delivery token (32 bytes) or empty; a message without the
+  # recipient's current token counts against its small stranger lane.
 
   fetch @6 (recipient :Data, fromSeq :UInt64, limit :UInt32)
-      -> (error :Error, messages :List(Envelope));
+      -> (error :Error, messages :List(Envelope), incarnation :Data);
   # Messages of the caller's own queue with seq >= fromSeq, ascending.
+  # `incarnation` (since 2): the store incarnation, also when `messages` is
+  # empty.
 
-  ack @7 (recipient :Data, upToSeq :UInt64) -> (error :Error, removed :UInt32);
-  # Deletes the caller's messages with seq <= upToSeq.
+  ack @7 (recipient :Data, upToSeq :UInt64, incarnation :Data)
+      -> (error :Error, removed :UInt32);
+  # Deletes the caller's messages with seq <= upToSeq.  A non-empty
+  # `incarnation` (since 2) that is not the store's fails with `conflict` and
+  # deletes nothing.
 
   subscribe @8 (recipient :Data, fromSeq :UInt64, listener :Listener)
-      -> (error :Error, subscription :Subscription);
+      -> (error :Error, subscription :Subscription, incarnation :Data);
   # Pushes every message with seq >= fromSeq to `listener`, first the backlog,
   # then new ones as they are stored, in order and without gaps.  Dropping
-  # `subscription` (or the connection) ends it.
+  # `subscription` (or the connection) ends it.  `incarnation` (since 2): the
+  # store incarnation.
+
+  setDeliveryToken @9 (token :Data) -> (error :Error);
+  # Since 2.  Makes `token` (32 bytes) this identity's current delivery
+  # token; the one it replaces stays valid as the previous one.  The server
+  # keeps only their SHA-256 hashes.
 }
 
 interface Listener {

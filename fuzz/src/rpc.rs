@@ -105,6 +105,7 @@ fn read_as_every_struct(msg: message::Reader<OwnedSegments>) {
             data_list(r.get_recipients());
             data(r.get_message_id());
             data(r.get_payload());
+            data_list(r.get_tokens());
         },
         session::enqueue_results::Reader<'_> => |r| {
             error(r.get_error());
@@ -120,10 +121,12 @@ fn read_as_every_struct(msg: message::Reader<OwnedSegments>) {
         session::fetch_results::Reader<'_> => |r| {
             error(r.get_error());
             envelopes(r.get_messages());
+            data(r.get_incarnation());
         },
         session::ack_params::Reader<'_> => |r| {
             data(r.get_recipient());
             black_box(r.get_up_to_seq());
+            data(r.get_incarnation());
         },
         session::ack_results::Reader<'_> => |r| {
             error(r.get_error());
@@ -137,7 +140,10 @@ fn read_as_every_struct(msg: message::Reader<OwnedSegments>) {
         session::subscribe_results::Reader<'_> => |r| {
             error(r.get_error());
             let _ = black_box(r.get_subscription());
+            data(r.get_incarnation());
         },
+        session::set_delivery_token_params::Reader<'_> => |r| data(r.get_token()),
+        session::set_delivery_token_results::Reader<'_> => |r| error(r.get_error()),
         listener::deliver_params::Reader<'_> => |r| envelopes(r.get_messages()),
         listener::deliver_results::Reader<'_> => |_| {},
     );
@@ -177,6 +183,7 @@ fn envelopes(l: capnp::Result<capnp::struct_list::Reader<'_, schema::envelope::O
             black_box((e.get_seq(), e.get_enqueued_at_ms()));
             data(e.get_message_id());
             data(e.get_payload());
+            data(e.get_incarnation());
         }
     }
 }

@@ -34,14 +34,14 @@ use quicnprotochat_core::{Identity, IdentityKey};
 use quicnprotochat_proto::auth;
 use quicnprotochat_proto::capnp;
 use quicnprotochat_proto::capnp_rpc;
-use quicnprotochat_proto::limits::{KEY_LEN, NONCE_LEN};
+use quicnprotochat_proto::limits::{DELIVERY_TOKEN_LEN, KEY_LEN, NONCE_LEN};
 use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
 use quicnprotochat_proto::schema::{ErrorCode, error, listener, service, session, subscription};
 use quicnprotochat_proto::transport;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ClientError, ServerErrorCode};
-use crate::types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Health};
+use crate::types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health};
 
 /// Pushed messages buffered per subscription before the server is slowed down.
 const SUBSCRIPTION_BUFFER: usize = 1024;
@@ -90,6 +90,7 @@ pub struct Subscription {
     rx: mpsc::Receiver<Envelope>,
     id: u64,
     tx: mpsc::Sender<Cmd>,
+    incarnation: Vec<u8>,
 }
 
 impl fmt::Debug for Subscription {
@@ -101,6 +102,12 @@ impl fmt::Debug for Subscription {
 }
 
 impl Subscription {
+    /// The store incarnation the pushed sequence numbers belong to (empty
+    /// from a server of wire version 1).
+    pub fn incarnation(&self) -> &[u8] {
+        &self.incarnation
+    }
+
     /// The next pushed message; `None` once the connection is gone.
     pub async fn next(&mut self) -> Option<Envelope> {
         self.rx.recv().await
@@ -201,6 +208,7 @@ fn read_envelopes(
                 message_id: e.get_message_id()?.to_vec(),
                 payload: e.get_payload()?.to_vec(),
                 enqueued_at_ms: e.get_enqueued_at_ms(),
+                incarnation: e.get_incarnation()?.to_vec(),
             })
         })
         .collect()
@@ -443,7 +451,27 @@ impl Client {
         message_id: [u8; 16],
         payload: Vec<u8>,
     ) -> Result<EnqueueResult, ClientError> {
+        self.enqueue_with_tokens(recipients, &[], message_id, payload)
+            .await
+    }
+
+    /// Stores `payload` for every recipient (atomically), presenting
+    /// `tokens[i]`, the delivery token `recipients[i]` announced to us, where
+    /// we have one (`tokens` is empty or one per recipient).
+    pub async fn enqueue_with_tokens(
+        &self,
+        recipients: &[IdentityKey],
+        tokens: &[Option<[u8; DELIVERY_TOKEN_LEN]>],
+        message_id: [u8; 16],
+        payload: Vec<u8>,
+    ) -> Result<EnqueueResult, ClientError> {
         let recipients = recipients.to_vec();
+        // Sent only when there is one to present (saves 8 bytes a recipient).
+        let tokens = if tokens.iter().any(Option::is_some) {
+            tokens.to_vec()
+        } else {
+            Vec::new()
+        };
         self.call(move |w| async move {
             let mut req = w.session()?.enqueue_request();
             {
@@ -453,6 +481,15 @@ impl Client {
                     .init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
                 for (i, r) in recipients.iter().enumerate() {
                     list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
+                }
+                let mut list = p
+                    .reborrow()
+                    .init_tokens(u32::try_from(tokens.len()).unwrap_or(u32::MAX));
+                for (i, t) in tokens.iter().enumerate() {
+                    list.set(
+                        u32::try_from(i).unwrap_or(u32::MAX),
+                        t.as_ref().map(|t| &t[..]).unwrap_or_default(),
+                    );
                 }
                 p.set_message_id(&message_id);
                 p.set_payload(&payload);
@@ -469,10 +506,50 @@ impl Client {
         .await
     }
 
+    /// Registers `token` as this identity's delivery token (protocol
+    /// section 9.10); the one it replaces stays valid as the previous one.
+    pub async fn set_delivery_token(
+        &self,
+        token: &[u8; DELIVERY_TOKEN_LEN],
+    ) -> Result<(), ClientError> {
+        let token = *token;
+        self.call(move |w| async move {
+            let mut req = w.session()?.set_delivery_token_request();
+            req.get().set_token(&token);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok(())
+        })
+        .await
+    }
+
     /// Reads this identity's queue from `from_seq`.
     pub async fn fetch(&self, from_seq: u64, limit: u32) -> Result<Vec<Envelope>, ClientError> {
+        Ok(self.fetch_batch(from_seq, limit).await?.messages)
+    }
+
+    /// Reads this identity's queue from `from_seq`, with the store
+    /// incarnation the sequence numbers belong to.
+    pub async fn fetch_batch(&self, from_seq: u64, limit: u32) -> Result<Fetched, ClientError> {
         let recipient = self.own_identity()?;
-        self.fetch_queue(recipient, from_seq, limit).await
+        self.call(move |w| async move {
+            let mut req = w.session()?.fetch_request();
+            {
+                let mut p = req.get();
+                p.set_recipient(recipient.as_bytes());
+                p.set_from_seq(from_seq);
+                p.set_limit(limit);
+            }
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok(Fetched {
+                incarnation: r.get_incarnation()?.to_vec(),
+                messages: read_envelopes(r.get_messages()?)?,
+            })
+        })
+        .await
     }
 
     /// Reads the queue of `recipient` (the server refuses any but one's own;
@@ -505,6 +582,25 @@ impl Client {
         self.ack_queue(recipient, up_to).await
     }
 
+    /// Deletes this identity's messages up to `up_to` (inclusive) if the
+    /// store's incarnation is still `incarnation`, the one `up_to` was read
+    /// in; otherwise fails with `conflict` and deletes nothing.
+    pub async fn ack_in(&self, incarnation: &[u8], up_to: u64) -> Result<u32, ClientError> {
+        let recipient = self.own_identity()?;
+        let incarnation = incarnation.to_vec();
+        self.call(move |w| async move {
+            let mut req = w.session()?.ack_request();
+            req.get().set_recipient(recipient.as_bytes());
+            req.get().set_up_to_seq(up_to);
+            req.get().set_incarnation(&incarnation);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok(r.get_removed())
+        })
+        .await
+    }
+
     /// Acknowledges on the queue of `recipient` (only one's own is allowed).
     pub async fn ack_queue(&self, recipient: IdentityKey, up_to: u64) -> Result<u32, ClientError> {
         self.call(move |w| async move {
@@ -533,7 +629,7 @@ impl Client {
         from_seq: u64,
     ) -> Result<Subscription, ClientError> {
         let (events, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let id = self
+        let (id, incarnation) = self
             .call(move |w| async move {
                 let mut req = w.session()?.subscribe_request();
                 let listener: listener::Client = capnp_rpc::new_client(ListenerImpl { events });
@@ -547,16 +643,18 @@ impl Client {
                 let r = resp.get()?;
                 check!(r);
                 let sub = r.get_subscription()?;
+                let incarnation = r.get_incarnation()?.to_vec();
                 let id = w.next_sub.get();
                 w.next_sub.set(id + 1);
                 w.subs.borrow_mut().insert(id, sub);
-                Ok(id)
+                Ok((id, incarnation))
             })
             .await?;
         Ok(Subscription {
             rx,
             id,
             tx: self.inner.tx.clone(),
+            incarnation,
         })
     }
 }

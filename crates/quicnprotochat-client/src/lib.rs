@@ -19,4 +19,4 @@ pub use error::{ClientError, ServerErrorCode};
 pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
 pub use quicnprotochat_core::{Event, ProfileKey};
 pub use quicnprotochat_proto::transport::ServerAuth;
-pub use types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Health};
+pub use types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health};

@@ -107,6 +107,19 @@ pub struct Envelope {
     pub payload: Vec<u8>,
     /// server receive time, Unix ms
     pub enqueued_at_ms: u64,
+    /// the store incarnation `seq` belongs to (empty from a server of wire
+    /// version 1)
+    pub incarnation: Vec<u8>,
+}
+
+/// A `fetch` result: the messages and the store incarnation their sequence
+/// numbers belong to (given also when there are none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// the store incarnation (empty from a server of wire version 1)
+    pub incarnation: Vec<u8>,
+    /// the messages, ascending
+    pub messages: Vec<Envelope>,
 }
 
 /// A server challenge bound to one connection.

@@ -13,7 +13,13 @@ fn joined(events: &[Event]) -> bool {
 
 #[tokio::test]
 async fn a_welcome_refused_for_a_full_queue_is_sent_by_a_later_sync() {
-    let server = TestServer::start_with(|c| c.limits.queue_depth = 2).unwrap();
+    // Bob is a stranger to the filler and to alice (until he joins): they
+    // share his stranger lane.
+    let server = TestServer::start_with(|c| {
+        c.limits.queue_depth = 2;
+        c.limits.stranger_queue_depth = 2;
+    })
+    .unwrap();
     let alice = server.messenger("alice").await.unwrap();
     let bob = server.messenger("bob").await.unwrap();
     let bob_key = bob.identity_key().await;

@@ -211,6 +211,16 @@ pub enum Event {
         /// their iroh endpoint id
         endpoint_id: [u8; 32],
     },
+    /// a member announced their delivery token (protocol section 9.10):
+    /// messages to them now count as a group member's
+    DeliveryTokenAnnounced {
+        /// group it was announced in
+        group: String,
+        /// the member
+        member: String,
+        /// their identity key
+        key: IdentityKey,
+    },
     /// a member's credential names a user whose key in the server's
     /// directory is different: someone may be impersonating `member`
     DirectoryMismatch {

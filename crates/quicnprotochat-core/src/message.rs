@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 /// Most addresses in one peer-address announcement.
 pub const MAX_PEER_ADDRS: usize = 16;
 
+/// Length of a delivery token (protocol section 9.10).
+pub const DELIVERY_TOKEN_LEN: usize = 32;
+
 /// How to reach a member directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -97,6 +100,13 @@ pub enum Content {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relay_url: Option<String>,
     },
+    /// the sender's delivery token: what lets the server tell the group's
+    /// messages to the sender from a stranger's (protocol section 9.10);
+    /// only the server-side hash of it is ever seen outside the group
+    DeliveryToken {
+        /// the token, 64 hex characters
+        token: String,
+    },
     /// a content type this client does not know
     #[serde(other)]
     Unsupported,
@@ -143,6 +153,18 @@ impl AppMessage {
         }
     }
 
+    /// A delivery-token announcement.
+    pub fn delivery_token(id: [u8; 16], ts: u64, token: &[u8; DELIVERY_TOKEN_LEN]) -> Self {
+        Self {
+            v: FORMAT_VERSION,
+            id: hex::encode(id),
+            ts,
+            content: Content::DeliveryToken {
+                token: hex::encode(token),
+            },
+        }
+    }
+
     /// Serializes the message.
     pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
         serde_json::to_vec(self).map_err(|e| MessageError::Malformed(e.to_string()))
@@ -163,8 +185,19 @@ impl AppMessage {
         {
             return Err(MessageError::TooLong);
         }
+        if let Content::DeliveryToken { token } = &m.content {
+            token_from_hex(token)?;
+        }
         Ok(m)
     }
+}
+
+/// A delivery token from its announced hex form.
+pub fn token_from_hex(token: &str) -> Result<[u8; DELIVERY_TOKEN_LEN], MessageError> {
+    hex::decode(token)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| MessageError::Malformed("bad delivery token".into()))
 }
 
 #[cfg(test)]
@@ -210,6 +243,28 @@ mod tests {
         assert!(
             PeerInfo::from_content(&"ab".repeat(32), &vec!["1.2.3.4:5".into(); 17], None).is_err()
         );
+    }
+
+    #[test]
+    fn delivery_tokens_round_trip_and_are_validated() {
+        let m = AppMessage::delivery_token([1; 16], 5, &[0xcd; 32]);
+        let bytes = m.encode().unwrap();
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            format!(
+                r#"{{"v":1,"id":"{}","ts":5,"content":{{"type":"delivery_token","token":"{}"}}}}"#,
+                "01".repeat(16),
+                "cd".repeat(32)
+            )
+        );
+        assert_eq!(AppMessage::decode(&bytes).unwrap(), m);
+        for bad in ["", "zz", &"ab".repeat(31), &"ab".repeat(33)] {
+            let raw = format!(
+                r#"{{"v":1,"id":"{}","ts":5,"content":{{"type":"delivery_token","token":"{bad}"}}}}"#,
+                "01".repeat(16)
+            );
+            assert!(AppMessage::decode(raw.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -16,6 +16,11 @@ pub const MESSAGE_ID_LEN: usize = 16;
 /// Length of the server's authentication nonce: 256 bits, never reused.
 pub const NONCE_LEN: usize = 32;
 
+/// Length of a delivery token: 256 random bits a recipient hands to the
+/// members of its groups, so the server can tell their messages from a
+/// stranger's without learning who shares a group with whom.
+pub const DELIVERY_TOKEN_LEN: usize = 32;
+
 /// Largest opaque payload in one enqueue: 5 MiB.  Large enough for an MLS
 /// commit or Welcome of a group of several thousand members; attachments are
 /// meant to travel outside the queue.

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use quicnprotochat_core::IdentityKey;
 use quicnprotochat_server::store::sqlite::{DbKey, SqliteOptions, SqliteStore};
-use quicnprotochat_server::store::{EnqueueOutcome, EnqueueRequest, Store};
+use quicnprotochat_server::store::{EnqueueOutcome, EnqueueRequest, Presented, Store};
 
 /// Ends the run: a failed step would make the figures meaningless.
 fn fail(what: &str) -> ! {
@@ -100,6 +100,10 @@ impl Bench {
             max_depth: u64::MAX,
             dedup_window_ms: 86_400_000,
             commit: None,
+            presented: vec![Presented::Nothing],
+            sender_tag: [0; 16],
+            stranger_depth: u64::MAX,
+            stranger_per_sender: u64::MAX,
         }
     }
 

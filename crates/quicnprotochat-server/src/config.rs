@@ -32,6 +32,16 @@ pub const DEV_AUTH_TOKEN: &str = "devtoken";
 /// with `queueFull`.
 pub const DEFAULT_QUEUE_DEPTH: u64 = 10_000;
 
+/// Messages from strangers (senders without the recipient's delivery
+/// token) one queue holds besides `queue_depth`: room for Welcomes and first
+/// messages, small enough that strangers cannot fill a queue.
+pub const DEFAULT_STRANGER_QUEUE_DEPTH: u64 = 1_000;
+
+/// Messages one stranger may have waiting in one queue: a Welcome and a
+/// few first messages, so that one flooder holds only a sliver of the
+/// stranger lane.
+pub const DEFAULT_STRANGER_MESSAGES_PER_SENDER: u64 = 20;
+
 /// Most one-time key packages one identity may keep on the server (XMTP and
 /// Wire keep on the order of 100; 1000 leaves room for bursts of invites).
 pub const DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY: u32 = 1_000;
@@ -159,6 +169,10 @@ impl Default for RateLimits {
 pub struct Limits {
     /// see [`DEFAULT_QUEUE_DEPTH`]
     pub queue_depth: u64,
+    /// see [`DEFAULT_STRANGER_QUEUE_DEPTH`]
+    pub stranger_queue_depth: u64,
+    /// see [`DEFAULT_STRANGER_MESSAGES_PER_SENDER`]
+    pub stranger_messages_per_sender: u64,
     /// largest payload, at most the protocol's 5 MiB
     pub max_payload_bytes: usize,
     /// see [`DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY`]
@@ -187,6 +201,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            stranger_queue_depth: DEFAULT_STRANGER_QUEUE_DEPTH,
+            stranger_messages_per_sender: DEFAULT_STRANGER_MESSAGES_PER_SENDER,
             max_payload_bytes: quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES,
             max_key_packages_per_identity: DEFAULT_MAX_KEY_PACKAGES_PER_IDENTITY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -269,6 +285,28 @@ pub enum Command {
     Serve,
     /// Probe a running server's health RPC; exit 0 when it is ready, 1 otherwise.
     Health(HealthArgs),
+    /// Write a consistent copy of the database to a new file (safe while the
+    /// server runs).
+    Backup(BackupArgs),
+    /// Replace the database with a backup and give it a new store
+    /// incarnation; stop the server first.
+    Restore(RestoreArgs),
+}
+
+/// Arguments of `backup`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// The backup file to write (must not exist).
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+/// Arguments of `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The backup file to install (it is copied, not moved).
+    #[arg(long)]
+    pub from: PathBuf,
 }
 
 /// Flags and environment variables of `serve` (each also settable in the file).
@@ -560,6 +598,16 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         l.queue_depth >= 1,
         "limits.queue_depth",
         "must be at least 1",
+    )?;
+    check(
+        l.stranger_queue_depth >= 1,
+        "limits.stranger_queue_depth",
+        "must be at least 1",
+    )?;
+    check(
+        (1..=l.stranger_queue_depth).contains(&l.stranger_messages_per_sender),
+        "limits.stranger_messages_per_sender",
+        "must be between 1 and limits.stranger_queue_depth",
     )?;
     check(
         (1..=quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES).contains(&l.max_payload_bytes),

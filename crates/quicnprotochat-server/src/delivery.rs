@@ -23,7 +23,7 @@ use quicnprotochat_core::IdentityKey;
 use quicnprotochat_core::clock::SharedClock;
 use quicnprotochat_core::mls_header::{self, FrameKind};
 use quicnprotochat_proto::limits::{
-    KEY_LEN, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES,
+    DELIVERY_TOKEN_LEN, KEY_LEN, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES,
     MAX_KEY_PACKAGES_PER_BATCH, MAX_RECIPIENTS, MAX_USERNAME_LEN, MESSAGE_ID_LEN, NONCE_LEN,
     SIGNATURE_LEN,
 };
@@ -36,8 +36,8 @@ use crate::error::ApiError;
 use crate::hub::{Hub, Pushed};
 use crate::ratelimit::Limiters;
 use crate::store::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, PublishOutcome, QueuedMessage, RegisterOutcome,
-    Store, TakenKeyPackage,
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueuedMessage,
+    RegisterOutcome, Store, TakenKeyPackage,
 };
 
 /// Minor wire versions this server accepts (the major version is in the ALPN).
@@ -63,6 +63,10 @@ pub(crate) struct Delivery {
     damage: RefCell<Option<String>>,
     /// the last health probe failed (logged once per change)
     probe_failing: Cell<bool>,
+    /// the key of the sender tags stored with strangers' messages, made on
+    /// first use and never stored: after a restart the tags of queued
+    /// messages no longer match anyone (protocol section 9.10)
+    sender_tag_key: std::cell::OnceCell<ring::hmac::Key>,
 }
 
 /// What the service knows of one connection: its address, the outstanding
@@ -115,6 +119,8 @@ pub(crate) struct EnqueueCall<'a> {
     pub(crate) recipients: Vec<Decoded<&'a [u8]>>,
     pub(crate) message_id: Decoded<&'a [u8]>,
     pub(crate) payload: Decoded<&'a [u8]>,
+    /// empty, or one per recipient (empty: no token)
+    pub(crate) tokens: Vec<Decoded<&'a [u8]>>,
 }
 
 /// The answer to a health probe.
@@ -147,6 +153,11 @@ impl Drop for Subscription {
 }
 
 impl Subscription {
+    /// The store incarnation the pushed sequence numbers belong to.
+    pub(crate) fn incarnation(&self) -> [u8; 16] {
+        self.delivery.incarnation()
+    }
+
     /// The next batch to push, from the position after the last one:
     /// from memory when the hub holds it, else read from the store; empty
     /// when the queue holds nothing new yet.  Marks the current notification
@@ -224,6 +235,14 @@ struct Checked<'a> {
     recipients: Vec<IdentityKey>,
     message_id: [u8; MESSAGE_ID_LEN],
     payload: &'a [u8],
+    /// SHA-256 of each recipient's presented token, if any
+    token_hashes: Vec<Option<[u8; 32]>>,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 /// SHA-256(sender ‖ message id), from which the store derives the
@@ -255,16 +274,20 @@ fn refusal(
 ) -> Result<EnqueueOutcome, ApiError> {
     match outcome {
         EnqueueOutcome::Stored { .. } | EnqueueOutcome::Duplicate => Ok(outcome),
-        EnqueueOutcome::QueueFull { index } => {
+        EnqueueOutcome::QueueFull { index, stranger } => {
             // Name the recipient as the caller gave it (its key), not by a
             // position the caller has to count.
             let key = recipients
                 .get(index)
                 .map(|k| k.to_string())
                 .unwrap_or_default();
-            Err(ApiError::QueueFull(format!(
-                "the queue of recipient {key} is full; nothing was stored"
-            )))
+            Err(ApiError::QueueFull(if stranger {
+                format!(
+                    "the queue of recipient {key} takes no more messages without its delivery token (from this sender, or from all such senders); nothing was stored"
+                )
+            } else {
+                format!("the queue of recipient {key} is full; nothing was stored")
+            }))
         }
         EnqueueOutcome::StaleEpoch { last_commit_epoch } => Err(ApiError::StaleEpoch(format!(
             "a commit for this epoch was already accepted (last accepted commit epoch {last_commit_epoch}); process it and retry"
@@ -304,7 +327,43 @@ impl Delivery {
             clock,
             damage: RefCell::new(None),
             probe_failing: Cell::new(false),
+            sender_tag_key: std::cell::OnceCell::new(),
         }
+    }
+
+    /// The sender tag stored with a stranger's message: the first 16
+    /// bytes of HMAC-SHA256 of the sender under a key that lives only in
+    /// this process.
+    fn sender_tag(&self, sender: IdentityKey) -> Result<[u8; 16], ApiError> {
+        let key = match self.sender_tag_key.get() {
+            Some(k) => k,
+            None => {
+                let k = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &self.rng)
+                    .map_err(|_| ApiError::Internal("system RNG failed".into()))?;
+                self.sender_tag_key.get_or_init(|| k)
+            }
+        };
+        let mut tag = [0; 16];
+        tag.copy_from_slice(&ring::hmac::sign(key, sender.as_bytes()).as_ref()[..16]);
+        Ok(tag)
+    }
+
+    /// `Session.setDeliveryToken`: `token` becomes the caller's current
+    /// delivery token (the server keeps its hash only).
+    pub(crate) async fn set_delivery_token(
+        &self,
+        me: IdentityKey,
+        token: Decoded<&[u8]>,
+    ) -> Result<(), ApiError> {
+        let token = token?;
+        if token.len() != DELIVERY_TOKEN_LEN {
+            return Err(ApiError::InvalidArgument(format!(
+                "a delivery token must be {DELIVERY_TOKEN_LEN} bytes, got {}",
+                token.len()
+            )));
+        }
+        self.store_call(self.store.set_delivery_token(me, sha256(token)))
+            .await
     }
 
     /// Records that the database is damaged; logs it the first time only.
@@ -328,6 +387,12 @@ impl Delivery {
             Err(e) if e.is_damage() => self.note_damage(e.to_string()),
             Err(e) => tracing::warn!(error = %e, "the store integrity check could not run"),
         }
+    }
+
+    /// The store's incarnation (protocol section 9.9): returned with every
+    /// sequence number a client reads.
+    pub(crate) fn incarnation(&self) -> [u8; 16] {
+        self.store.incarnation()
     }
 
     fn request_timeout(&self) -> Duration {
@@ -607,7 +672,17 @@ impl Delivery {
             recipients,
             message_id,
             payload,
+            token_hashes,
         } = self.check_enqueue(call()?)?;
+        let presented = recipients
+            .iter()
+            .zip(&token_hashes)
+            .map(|(r, t)| match t {
+                _ if *r == me => Presented::Own,
+                Some(h) => Presented::Token(*h),
+                None => Presented::Nothing,
+            })
+            .collect();
         let request = EnqueueRequest {
             recipients: recipients.clone(),
             message_id,
@@ -617,6 +692,10 @@ impl Delivery {
             max_depth: self.limits.queue_depth,
             dedup_window_ms: self.limits.dedup_window_secs.saturating_mul(1000),
             commit: commit_of(payload),
+            presented,
+            sender_tag: self.sender_tag(me)?,
+            stranger_depth: self.limits.stranger_queue_depth,
+            stranger_per_sender: self.limits.stranger_messages_per_sender,
         };
         // Kept for push subscriptions only if a recipient has one.
         let pushed = self.hub.any_subscribed(&recipients).then(|| {
@@ -669,10 +748,30 @@ impl Delivery {
                 self.limits.max_payload_bytes
             )));
         }
+        if !call.tokens.is_empty() && call.tokens.len() != recipients.len() {
+            return Err(ApiError::InvalidArgument(
+                "tokens must be empty or one per recipient".into(),
+            ));
+        }
+        let mut token_hashes = Vec::with_capacity(recipients.len());
+        for t in call.tokens {
+            token_hashes.push(match t? {
+                [] => None,
+                t if t.len() == DELIVERY_TOKEN_LEN => Some(sha256(t)),
+                t => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "a delivery token must be empty or {DELIVERY_TOKEN_LEN} bytes, got {}",
+                        t.len()
+                    )));
+                }
+            });
+        }
+        token_hashes.resize(recipients.len(), None);
         Ok(Checked {
             recipients,
             message_id,
             payload,
+            token_hashes,
         })
     }
 
@@ -694,14 +793,23 @@ impl Delivery {
             .await
     }
 
-    /// `Session.ack`: deletes the caller's messages up to `up_to`.
+    /// `Session.ack`: deletes the caller's messages up to `up_to`, if
+    /// `incarnation` is empty (a client of minor version 1) or the store's:
+    /// a sequence number read before a restore must not delete what came
+    /// after it.
     pub(crate) async fn ack(
         &self,
         me: IdentityKey,
         recipient: &[u8],
         up_to: u64,
+        incarnation: &[u8],
     ) -> Result<u32, ApiError> {
         own_queue(me, recipient)?;
+        if !incarnation.is_empty() && incarnation != self.incarnation() {
+            return Err(ApiError::Conflict(
+                "the store was restored from a backup since these sequence numbers were read (its incarnation changed); nothing was deleted: read the queue from its start",
+            ));
+        }
         let n = self.store_call(self.store.ack(me, up_to)).await?;
         self.hub.acked(&me, up_to);
         Ok(n)
@@ -819,6 +927,7 @@ mod tests {
                 recipients: vec![Ok(&bob.as_bytes()[..])],
                 message_id: Ok(&id[..]),
                 payload: Ok(&b"ciphertext"[..]),
+                tokens: Vec::new(),
             })
         };
         let stored = d.enqueue(alice, &alice_peer, call).await.unwrap();
@@ -838,7 +947,21 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].payload, b"ciphertext");
         assert_eq!(got[0].message_id, id);
-        assert_eq!(d.ack(bob, bob.as_bytes(), got[0].seq).await.unwrap(), 1);
+        // An ack for another store incarnation (numbers read before a
+        // restore) deletes nothing.
+        let incarnation = d.incarnation();
+        assert_eq!(got[0].seq, 1);
+        assert!(matches!(
+            d.ack(bob, bob.as_bytes(), 1, &[0xee; 16]).await,
+            Err(ApiError::Conflict(_))
+        ));
+        assert_eq!(d.fetch(bob, bob.as_bytes(), 1, 0).await.unwrap().len(), 1);
+        assert_eq!(
+            d.ack(bob, bob.as_bytes(), got[0].seq, &incarnation)
+                .await
+                .unwrap(),
+            1
+        );
         assert!(d.fetch(bob, bob.as_bytes(), 1, 0).await.unwrap().is_empty());
     }
 

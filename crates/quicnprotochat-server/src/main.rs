@@ -9,9 +9,11 @@ use clap::Parser as _;
 use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
 use quicnprotochat_proto::transport;
-use quicnprotochat_server::config::{Cli, Command, Config, HealthArgs, LogFormat, ServerArgs};
+use quicnprotochat_server::config::{
+    BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RestoreArgs, ServerArgs,
+};
 use quicnprotochat_server::server::DEV_CERT_FILE;
-use quicnprotochat_server::{Server, health};
+use quicnprotochat_server::{Server, health, maintenance};
 
 fn main() -> ExitCode {
     transport::install_default_provider();
@@ -22,6 +24,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None | Some(Command::Serve) => serve(&cli.options),
         Some(Command::Health(h)) => health_check(&cli.options, &h),
+        Some(Command::Backup(b)) => backup(&cli.options, &b),
+        Some(Command::Restore(r)) => restore(&cli.options, &r),
     };
     match result {
         Ok(code) => code,
@@ -138,6 +142,29 @@ fn health_check(args: &ServerArgs, h: &HealthArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn backup(args: &ServerArgs, b: &BackupArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args)?;
+    maintenance::backup(&config, &b.to)
+        .with_context(|| format!("writing the backup {}", b.to.display()))?;
+    println!("backup written to {}", b.to.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore(args: &ServerArgs, r: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args)?;
+    let restored = maintenance::restore(&config, &r.from)
+        .with_context(|| format!("restoring the backup {}", r.from.display()))?;
+    println!(
+        "restored {}: new store incarnation {}",
+        r.from.display(),
+        hex::encode(restored.incarnation)
+    );
+    if let Some(old) = restored.replaced {
+        println!("the replaced database is kept as {}", old.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn loopback_for(listen: SocketAddr) -> SocketAddr {

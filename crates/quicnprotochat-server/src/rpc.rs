@@ -190,6 +190,7 @@ error_slot!(
     session::FetchResults,
     session::AckResults,
     session::SubscribeResults,
+    session::SetDeliveryTokenResults,
 );
 
 /// Answers one call: `ok` encodes a success; an error goes in the results'
@@ -220,6 +221,7 @@ fn text<'a>(t: capnp::text::Reader<'a>, what: &str) -> Result<&'a str, ApiError>
 fn write_envelopes(
     mut list: capnp::struct_list::Builder<'_, envelope::Owned>,
     msgs: &[QueuedMessage],
+    incarnation: &[u8],
 ) {
     for (i, m) in msgs.iter().enumerate() {
         let mut e = list.reborrow().get(list_len(i));
@@ -227,6 +229,7 @@ fn write_envelopes(
         e.set_message_id(&m.message_id);
         e.set_payload(&m.payload);
         e.set_enqueued_at_ms(m.enqueued_at_ms);
+        e.set_incarnation(incarnation);
     }
 }
 
@@ -423,6 +426,11 @@ impl session::Server for SessionImpl {
                     .collect(),
                 message_id: p.get_message_id().map_err(ApiError::from),
                 payload: p.get_payload().map_err(ApiError::from),
+                tokens: p
+                    .get_tokens()?
+                    .iter()
+                    .map(|t| t.map_err(ApiError::from))
+                    .collect(),
             })
         };
         let outcome = self
@@ -445,6 +453,19 @@ impl session::Server for SessionImpl {
         )
     }
 
+    async fn set_delivery_token(
+        self: Rc<Self>,
+        params: session::SetDeliveryTokenParams,
+        mut results: session::SetDeliveryTokenResults,
+    ) -> Result<(), capnp::Error> {
+        let token = params
+            .get()
+            .and_then(|p| p.get_token())
+            .map_err(ApiError::from);
+        let outcome = self.delivery.set_delivery_token(self.identity, token).await;
+        answer(&mut results, "setDeliveryToken", outcome, |_, ()| {})
+    }
+
     async fn fetch(
         self: Rc<Self>,
         params: session::FetchParams,
@@ -463,8 +484,11 @@ impl session::Server for SessionImpl {
                 .await
         }
         .await;
+        let incarnation = self.delivery.incarnation();
         answer(&mut results, "fetch", outcome, |r, msgs| {
-            write_envelopes(r.get().init_messages(list_len(msgs.len())), &msgs)
+            let mut r = r.get();
+            r.set_incarnation(&incarnation);
+            write_envelopes(r.init_messages(list_len(msgs.len())), &msgs, &incarnation)
         })
     }
 
@@ -477,7 +501,12 @@ impl session::Server for SessionImpl {
         let outcome = async {
             let p = params.get()?;
             self.delivery
-                .ack(self.identity, p.get_recipient()?, p.get_up_to_seq())
+                .ack(
+                    self.identity,
+                    p.get_recipient()?,
+                    p.get_up_to_seq(),
+                    p.get_incarnation()?,
+                )
                 .await
         }
         .await;
@@ -502,11 +531,12 @@ impl session::Server for SessionImpl {
         answer(&mut results, "subscribe", outcome, |r, (sub, listener)| {
             let (cancel_tx, cancel_rx) = oneshot::channel();
             let drain = self.calls.drain();
+            let mut r = r.get();
+            r.set_incarnation(&sub.incarnation());
             tokio::task::spawn_local(push(sub, listener, cancel_rx, drain));
-            r.get()
-                .set_subscription(capnp_rpc::new_client(SubscriptionImpl {
-                    _cancel: cancel_tx,
-                }));
+            r.set_subscription(capnp_rpc::new_client(SubscriptionImpl {
+                _cancel: cancel_tx,
+            }));
         })
     }
 }
@@ -539,7 +569,11 @@ async fn push(
         };
         if !batch.is_empty() {
             let mut req = listener.deliver_request();
-            write_envelopes(req.get().init_messages(list_len(batch.len())), &batch);
+            write_envelopes(
+                req.get().init_messages(list_len(batch.len())),
+                &batch,
+                &sub.incarnation(),
+            );
             drop(batch);
             tokio::select! {
                 r = req.send().promise => if r.is_err() { break },

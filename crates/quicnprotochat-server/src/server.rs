@@ -439,7 +439,7 @@ fn access_token(config: &Config) -> String {
 
 /// The store's key: the configured one, the development key kept in the
 /// data directory, or none (each shortcut with a warning).
-fn database_key(config: &Config) -> Result<DbKey, ServerError> {
+pub(crate) fn database_key(config: &Config) -> Result<DbKey, ServerError> {
     Ok(match &config.db_key {
         DbKeySetting::Provided(k) => DbKey::Raw(k.0),
         DbKeySetting::DevGenerated => {

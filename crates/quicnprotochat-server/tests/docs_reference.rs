@@ -114,9 +114,11 @@ fn configuration_page_matches_help() {
     let top = help(&[]);
     let serve = help(&["serve"]);
     let health = help(&["health"]);
+    let backup = help(&["backup"]);
+    let restore = help(&["restore"]);
     let mut flags = BTreeSet::new();
     let mut env = BTreeSet::new();
-    for text in [&top, &serve, &health] {
+    for text in [&top, &serve, &health, &backup, &restore] {
         flags.extend(help_flags(text));
         env.extend(help_env(text));
     }

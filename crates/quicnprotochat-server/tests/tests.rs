@@ -20,6 +20,8 @@ mod packaging;
 #[cfg(test)]
 mod production;
 #[cfg(test)]
+mod restore;
+#[cfg(test)]
 mod support;
 #[cfg(test)]
 mod tidy;

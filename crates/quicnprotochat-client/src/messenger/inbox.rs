@@ -5,6 +5,12 @@
 //! A batch is processed in one transaction that also moves the queue
 //! cursor, and acknowledged only after that transaction committed, so the
 //! server deletes nothing the profile has not stored.
+//!
+//! Sequence numbers belong to the server store's incarnation; when it
+//! changes (the server was restored from a backup, so its numbers may have
+//! gone back) the cursor goes back to the start of the queue and everything
+//! queued is read again; what was already processed is recognised by its
+//! message id and not shown twice.
 
 use quicnprotochat_core::{Delivered, Event, Profile};
 
@@ -15,6 +21,37 @@ use crate::types::Envelope;
 /// Messages fetched per `fetch` call while syncing.
 const SYNC_BATCH: u32 = 256;
 
+/// Profile setting: the store incarnation the queue cursor belongs to.
+const INCARNATION_SETTING: &str = "queue_incarnation";
+
+/// Records the store `incarnation` the server reported with the cursor's
+/// sequence numbers; when it differs from the one recorded before, moves
+/// the cursor back to the start of the queue and returns `true`: read again
+/// from there.  An empty incarnation (a server of wire version 1) changes
+/// nothing.
+pub(super) fn restart_if_restored(
+    profile: &mut Profile,
+    incarnation: &[u8],
+) -> Result<bool, MessengerError> {
+    if incarnation.is_empty() {
+        return Ok(false);
+    }
+    let known = profile.setting(INCARNATION_SETTING)?;
+    if known.as_deref() == Some(incarnation) {
+        return Ok(false);
+    }
+    let restored = known.is_some();
+    if restored {
+        tracing::warn!(
+            "the server's store was restored from a backup (its incarnation changed): reading the queue again from its start"
+        );
+        // The cursor first: a crash between the two writes repeats this.
+        profile.set_next_seq(1)?;
+    }
+    profile.set_setting(INCARNATION_SETTING, incarnation)?;
+    Ok(restored)
+}
+
 /// Fetches, processes and acknowledges everything queued past the profile's
 /// cursor, in order.
 pub(super) async fn drain(
@@ -24,13 +61,20 @@ pub(super) async fn drain(
     let mut events = Vec::new();
     loop {
         let next = profile.next_seq()?;
-        let batch = link.client().await.fetch(next, SYNC_BATCH).await?;
+        let fetched = link.client().await.fetch_batch(next, SYNC_BATCH).await?;
+        if restart_if_restored(profile, &fetched.incarnation)? {
+            continue;
+        }
+        let batch = fetched.messages;
         let Some(last) = batch.last().map(|e| e.seq) else {
             break;
         };
         // One transaction for the batch, cursor included.
         events.extend(process_envelopes(profile, &batch)?);
-        link.client().await.ack(last).await?;
+        link.client()
+            .await
+            .ack_in(&fetched.incarnation, last)
+            .await?;
     }
     Ok(events)
 }

@@ -118,7 +118,13 @@ impl Messenger {
         // so a retry (another name, the server back up) starts clean.
         let registered = async {
             settings::save_server(&profile, &server)?;
-            let link = Supervisor::connect(server, profile.identity().clone()).await?;
+            let link = Supervisor::connect(
+                server,
+                profile.identity().clone(),
+                profile.delivery_token()?,
+                Vec::new(),
+            )
+            .await?;
             link.client().await.register(username).await?;
             Ok::<_, MessengerError>(link)
         }
@@ -154,7 +160,13 @@ impl Messenger {
             }
             None => settings::load_server(&profile)?,
         };
-        let link = Supervisor::connect(server, profile.identity().clone()).await?;
+        let link = Supervisor::connect(
+            server,
+            profile.identity().clone(),
+            profile.delivery_token()?,
+            profile.delivery_tokens()?,
+        )
+        .await?;
         Ok(Self::assemble(profile, link, dir))
     }
 
@@ -208,8 +220,11 @@ impl Messenger {
             })
             .await?
         };
-        // The new member does not know how to reach us directly yet.
+        // The new member does not know how to reach us directly yet, nor
+        // our delivery token.
         self.announce(group).await?;
+        self.announce_token(group, Some(&[username.to_string()]))
+            .await;
         Ok(events)
     }
 

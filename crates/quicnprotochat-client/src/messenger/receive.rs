@@ -29,7 +29,20 @@ impl Messenger {
                 }
             };
             match self.inner.link.client().await.subscribe(from).await {
-                Ok(sub) => self.take_pushed(sub).await,
+                Ok(sub) => {
+                    let mut profile = self.inner.profile.lock().await;
+                    match inbox::restart_if_restored(&mut profile, sub.incarnation()) {
+                        // Subscribe again, from the start of the queue.
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot record the store incarnation; listener stops");
+                            return;
+                        }
+                    }
+                    drop(profile);
+                    self.take_pushed(sub).await
+                }
                 Err(e) => tracing::warn!(error = %e, "subscribe failed; reconnecting"),
             }
             // The subscription ended (the connection is gone) or never
@@ -62,7 +75,15 @@ impl Messenger {
                         continue;
                     }
                 };
-            let _ = self.inner.link.client().await.ack(env.seq).await;
+            // Acknowledged in the incarnation it was read in: after a
+            // restore (a new connection) the number means something else.
+            let _ = self
+                .inner
+                .link
+                .client()
+                .await
+                .ack_in(&env.incarnation, env.seq)
+                .await;
             for group_id in inbox::pending_groups(&events) {
                 match commits::commit_pending(&self.inner.link, &mut profile, &group_id).await {
                     Ok(more) => events.extend(more),
@@ -74,6 +95,36 @@ impl Messenger {
                 tracing::warn!(error = %e, "follow-up after events failed");
             }
             self.publish(&events).await;
+        }
+    }
+
+    /// Tells the members of `group` named in `only` (everyone else when
+    /// `None`) our delivery token, inside the group.
+    pub(super) async fn announce_token(&self, group: &str, only: Option<&[String]>) {
+        let mut profile = self.inner.profile.lock().await;
+        let sent = match profile.announce_delivery_token(group, only) {
+            Ok(Some(out)) => self
+                .inner
+                .link
+                .send_outgoing(&out)
+                .await
+                .map_err(MessengerError::from),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "announcing our delivery token failed");
+        }
+    }
+
+    /// Takes the delivery token `member` announced (now in the profile)
+    /// into the tokens presented when sending.
+    async fn learn_token(&self, member: quicnprotochat_core::IdentityKey) {
+        let token = self.inner.profile.lock().await.delivery_token_of(member);
+        match token {
+            Ok(Some(t)) => self.inner.link.learn_token(member, t).await,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading an announced delivery token"),
         }
     }
 
@@ -113,14 +164,24 @@ impl Messenger {
     }
 
     /// Hands events to listeners and reacts to them: allow announced peers,
-    /// announce ourselves where members joined, and check those groups'
+    /// learn announced delivery tokens, announce ourselves (our address and
+    /// our delivery token) where members joined, and check those groups'
     /// members against the directory.
     pub(super) async fn publish(&self, events: &[Event]) {
         self.inner.router.allow_announced(events).await;
         let mut announce_in = Vec::new();
         for e in events {
-            if let Event::Joined { group, .. } | Event::MembersAdded { group, .. } = e {
-                announce_in.push(group.clone());
+            match e {
+                Event::Joined { group, .. } => {
+                    announce_in.push(group.clone());
+                    self.announce_token(group, None).await;
+                }
+                Event::MembersAdded { group, members, .. } => {
+                    announce_in.push(group.clone());
+                    self.announce_token(group, Some(members)).await;
+                }
+                Event::DeliveryTokenAnnounced { key, .. } => self.learn_token(*key).await,
+                _ => {}
             }
             self.inner.bus.emit(e.clone());
         }

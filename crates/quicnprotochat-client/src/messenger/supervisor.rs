@@ -9,14 +9,20 @@
 //! - [`Supervisor::send_outgoing`] enqueues a message, reconnecting and
 //!   retrying once on a lost connection: the message id makes the retry
 //!   idempotent, so the server never stores it twice.
+//! - Delivery tokens (protocol section 9.10): every connection registers
+//!   ours with the server, and every enqueue presents those the recipients
+//!   announced to us, so our messages to fellow members never compete with
+//!   strangers' for room in their queues.
 //!
 //! The lock around the client is held only to clone or swap the handle,
 //! never across a network round trip: a caller keeps the handle it cloned,
 //! and a call on a connection that died fails with a connection error.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use quicnprotochat_core::{Identity, Outgoing};
+use quicnprotochat_core::message::DELIVERY_TOKEN_LEN;
+use quicnprotochat_core::{Identity, IdentityKey, Outgoing};
 use tokio::sync::RwLock;
 
 use crate::connection::Client;
@@ -30,25 +36,42 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Attempts to reconnect before a failed enqueue is reported.
 const SEND_RECONNECT_ATTEMPTS: usize = 3;
 
+/// A delivery token.
+type Token = [u8; DELIVERY_TOKEN_LEN];
+
 /// The messenger's connection to its server.
 pub(super) struct Supervisor {
     server: ClientConfig,
     identity: Identity,
     client: RwLock<Client>,
+    /// our delivery token, registered on every connection
+    own_token: Token,
+    /// the delivery tokens members announced to us
+    tokens: RwLock<HashMap<IdentityKey, Token>>,
 }
 
 impl Supervisor {
-    /// Connects to `server` and authenticates `identity`.
+    /// Connects to `server`, authenticates `identity` and registers its
+    /// delivery token `own_token`; `tokens` are those members announced.
     pub(super) async fn connect(
         server: ClientConfig,
         identity: Identity,
+        own_token: Token,
+        tokens: Vec<(IdentityKey, Token)>,
     ) -> Result<Self, ClientError> {
-        let client = connect(&server, &identity).await?;
+        let client = connect(&server, &identity, &own_token).await?;
         Ok(Self {
             server,
             identity,
             client: RwLock::new(client),
+            own_token,
+            tokens: RwLock::new(tokens.into_iter().collect()),
         })
+    }
+
+    /// Remembers the delivery token `member` announced.
+    pub(super) async fn learn_token(&self, member: IdentityKey, token: Token) {
+        self.tokens.write().await.insert(member, token);
     }
 
     /// The current connection.
@@ -62,7 +85,7 @@ impl Supervisor {
         let mut delay = BACKOFF_START;
         let mut last = ClientError::Disconnected;
         for _ in 0..attempts.max(1) {
-            match connect(&self.server, &self.identity).await {
+            match connect(&self.server, &self.identity, &self.own_token).await {
                 Ok(c) => {
                     *self.client.write().await = c;
                     tracing::info!("reconnected");
@@ -99,12 +122,24 @@ impl Supervisor {
     /// Enqueues `out`, waiting out `rateLimited` answers (bounded): what a
     /// user typed is sent late rather than dropped.
     async fn enqueue(&self, out: &Outgoing) -> Result<(), ClientError> {
+        let tokens: Vec<Option<Token>> = {
+            let known = self.tokens.read().await;
+            out.recipients
+                .iter()
+                .map(|r| known.get(r).copied())
+                .collect()
+        };
         let mut waited = Duration::ZERO;
         loop {
             let sent = self
                 .client()
                 .await
-                .enqueue(&out.recipients, out.message_id, out.payload.clone())
+                .enqueue_with_tokens(
+                    &out.recipients,
+                    &tokens,
+                    out.message_id,
+                    out.payload.clone(),
+                )
                 .await;
             match sent {
                 Ok(_) => return Ok(()),
@@ -127,9 +162,18 @@ fn jittered(delay: Duration) -> Duration {
     delay / 2 + delay.mul_f64(fraction / 2.0)
 }
 
-async fn connect(server: &ClientConfig, identity: &Identity) -> Result<Client, ClientError> {
+async fn connect(
+    server: &ClientConfig,
+    identity: &Identity,
+    own_token: &Token,
+) -> Result<Client, ClientError> {
     let client = Client::connect(server.clone()).await?;
     client.init_auth(identity).await?;
+    // A server of wire version 1 does not know the method: messages to us
+    // then all count alike, as before.
+    if let Err(e) = client.set_delivery_token(own_token).await {
+        tracing::debug!(error = %e, "the server did not take our delivery token");
+    }
     Ok(client)
 }
 

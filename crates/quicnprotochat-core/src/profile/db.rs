@@ -64,6 +64,13 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL,
         sent_since INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 6: delivery tokens members announced to us (presented when we send
+    // them messages).
+    "CREATE TABLE delivery_tokens (
+        identity   BLOB PRIMARY KEY,
+        token      BLOB NOT NULL,
+        updated_at INTEGER NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

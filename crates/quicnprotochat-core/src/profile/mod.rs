@@ -29,6 +29,7 @@
 //!   confirm or abort a commit, leave, send;
 //! - `outbox.rs`: messages to send again until the server stored them;
 //! - `peers.rs`: direct-connection addresses of members;
+//! - `tokens.rs`: delivery tokens, ours and those members announced;
 //! - `history.rs`: stored messages, groups, members, processed message ids;
 //! - `process.rs`: incoming messages, joining from a Welcome;
 //! - `mls.rs`: small helpers over openmls members and messages.
@@ -59,6 +60,7 @@ mod mls;
 mod outbox;
 mod peers;
 mod process;
+mod tokens;
 mod transaction;
 mod verified;
 

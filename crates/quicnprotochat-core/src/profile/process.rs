@@ -12,13 +12,14 @@ use super::groups::{insert_group, name_by_group_id, name_taken};
 use super::history::{insert_message, mark_processed, prune_processed};
 use super::mls::{check_member_key, member_key, username_of};
 use super::peers::store_peer;
+use super::tokens::store_delivery_token;
 use super::transaction::{GroupCache, begin, commit};
 use super::{Profile, Provider, set_setting_on};
 use crate::group::{
     Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, valid_group_name,
 };
 use crate::identity::IdentityKey;
-use crate::message::{AppMessage, Content, PeerInfo};
+use crate::message::{AppMessage, Content, PeerInfo, token_from_hex};
 use crate::mls_config::join_config;
 
 impl Profile {
@@ -299,6 +300,14 @@ fn receive_application(
                 member: at.by.clone(),
                 key: sender_key,
                 endpoint_id: peer.endpoint_id,
+            }]);
+        }
+        Content::DeliveryToken { token } => {
+            store_delivery_token(at.tx, sender_key, &token_from_hex(&token)?, at.now_ms)?;
+            return Ok(vec![Event::DeliveryTokenAnnounced {
+                group: at.name.to_string(),
+                member: at.by.clone(),
+                key: sender_key,
             }]);
         }
         _ => "[unsupported content]".to_string(),

@@ -127,6 +127,18 @@ pub struct TakenKeyPackage {
     pub last_resort: bool,
 }
 
+/// What the sender of an enqueue showed for one recipient (protocol
+/// section 9.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presented {
+    /// the sender is the recipient: never a stranger
+    Own,
+    /// SHA-256 of the delivery token the sender presented
+    Token([u8; 32]),
+    /// no token
+    Nothing,
+}
+
 /// An enqueue request, already validated by the RPC layer.
 #[derive(Debug, Clone)]
 pub struct EnqueueRequest {
@@ -149,6 +161,16 @@ pub struct EnqueueRequest {
     /// commit per group epoch is accepted (RFC 9750 §5.2: the delivery
     /// service breaks commit ties).
     pub commit: Option<(Vec<u8>, u64)>,
+    /// per recipient, what the sender showed: a recipient with a delivery
+    /// token counts a message without it as a stranger's
+    pub presented: Vec<Presented>,
+    /// a keyed hash of the sender, stored with a stranger's message while it
+    /// is queued (to count its messages per sender); never the sender itself
+    pub sender_tag: [u8; 16],
+    /// most stranger messages one queue holds, besides `max_depth`
+    pub stranger_depth: u64,
+    /// most stranger messages from one sender in one queue
+    pub stranger_per_sender: u64,
 }
 
 /// Result of an enqueue.
@@ -165,6 +187,9 @@ pub enum EnqueueOutcome {
     QueueFull {
         /// index into `recipients`
         index: usize,
+        /// full for strangers: the stranger lane, or this sender's share of
+        /// it (members' room is untouched)
+        stranger: bool,
     },
     /// a commit for this group's epoch was already accepted; nothing stored
     StaleEpoch {
@@ -202,6 +227,11 @@ pub struct SweepStats {
 
 /// The delivery service's storage.
 pub trait Store: Send + Sync + 'static {
+    /// The store's incarnation: a random id made with the database and
+    /// changed when it is restored from a backup.  Sequence numbers are
+    /// comparable only within one incarnation.
+    fn incarnation(&self) -> [u8; 16];
+
     /// Probes the store: a small write that must commit (durably), then a
     /// read of it.  A full disk, a read-only file or a stalled writer fail
     /// it.
@@ -257,6 +287,14 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         max_bytes: usize,
     ) -> StoreFuture<'_, Vec<QueuedMessage>>;
+
+    /// Makes `token_hash` the current delivery token hash of `identity`;
+    /// the current one, if different, becomes the previous one.
+    fn set_delivery_token(
+        &self,
+        identity: IdentityKey,
+        token_hash: [u8; 32],
+    ) -> StoreFuture<'_, ()>;
 
     /// Deletes the messages of `recipient` with `seq <= up_to`; returns how many.
     fn ack(&self, recipient: IdentityKey, up_to: u64) -> StoreFuture<'_, u32>;

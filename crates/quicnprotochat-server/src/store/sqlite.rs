@@ -41,8 +41,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, PublishOutcome, QueuedMessage, RegisterOutcome,
-    Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage,
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueuedMessage,
+    RegisterOutcome, Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage,
 };
 
 /// File name of the database inside the data directory.
@@ -118,7 +118,29 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      INSERT INTO meta (name, value)
         SELECT 'dedup_legacy_until', coalesce(max(expires_at), 0) FROM dedup;",
+    // 4: the store's incarnation, a random id made with the database (or
+    // with this migration) and changed by a restore from a backup: sequence
+    // numbers are comparable only within one incarnation.
+    "CREATE TABLE incarnation (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        id   BLOB NOT NULL CHECK (length(id) = 16)
+     );
+     INSERT INTO incarnation (only, id) VALUES (1, randomblob(16));",
+    // 5: delivery tokens (hashes of the current and the previous one per
+    // identity), and the stranger lane: a stranger's queued message carries
+    // a keyed hash of its sender, and each queue counts them.
+    "CREATE TABLE delivery_tokens (
+        identity BLOB PRIMARY KEY,
+        current  BLOB NOT NULL,
+        previous BLOB
+     ) WITHOUT ROWID;
+     ALTER TABLE queue ADD COLUMN stranger BLOB;
+     ALTER TABLE queue_heads ADD COLUMN strangers INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX queue_by_stranger ON queue (recipient, stranger) WHERE stranger IS NOT NULL;",
 ];
+
+/// Length of a store incarnation.
+pub const INCARNATION_LEN: usize = 16;
 
 /// Bytes of the message id that lead an idempotency key: the time part of
 /// the ids clients make ([`quicnprotochat_core::group::MESSAGE_ID_TIME_BYTES`]).
@@ -219,6 +241,9 @@ pub struct SqliteStore {
     encrypted: bool,
     /// health probes made, the value each writes
     probes: AtomicU64,
+    /// the store's incarnation (fixed while it is open: a restore needs
+    /// the server stopped)
+    incarnation: [u8; INCARNATION_LEN],
 }
 
 impl fmt::Debug for SqliteStore {
@@ -245,6 +270,7 @@ impl SqliteStore {
             )
             .optional()?
             .unwrap_or(0);
+        let incarnation = read_incarnation(&writer_conn)?;
         let mut threads = Vec::new();
         let (wtx, wrx) = mpsc::channel::<WriteJob>(JOB_QUEUE_DEPTH);
         let max_batch = options.max_batch.max(1);
@@ -273,6 +299,7 @@ impl SqliteStore {
             legacy_dedup_until,
             encrypted: matches!(options.key, DbKey::Raw(_)),
             probes: AtomicU64::new(0),
+            incarnation,
         })
     }
 
@@ -503,6 +530,81 @@ fn open_connection(
     Ok((conn, settings))
 }
 
+/// Reads the store's incarnation.
+fn read_incarnation(conn: &Connection) -> Result<[u8; INCARNATION_LEN], StoreError> {
+    let id: Vec<u8> = conn.query_row("SELECT id FROM incarnation WHERE only = 1", [], |r| {
+        r.get(0)
+    })?;
+    id.try_into().map_err(|_| StoreError::Damaged {
+        path: "incarnation".into(),
+        detail: "the store incarnation is not 16 bytes".into(),
+    })
+}
+
+/// Writes a consistent copy of the database at `path`, as it is at one
+/// moment, to `dest` (which must not exist), encrypted under the same key:
+/// the backup the operations guide describes.  Safe while a server uses the
+/// database: it reads one snapshot and writes nothing to it.
+pub fn backup(path: &Path, key: &DbKey, dest: &Path) -> Result<(), StoreError> {
+    let missing =
+        |what: String| StoreError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, what));
+    if !path.exists() {
+        return Err(missing(format!("no database at {}", path.display())));
+    }
+    if dest.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{} already exists; a backup never overwrites a file",
+                dest.display()
+            ),
+        )));
+    }
+    let target = dest.to_str().ok_or_else(|| {
+        StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the backup path {} is not UTF-8", dest.display()),
+        ))
+    })?;
+    let (conn, _) = open_connection(path, key, Synchronous::Full, None)?;
+    conn.execute("VACUUM INTO ?1", [target])?;
+    Ok(())
+}
+
+/// Prepares a backup copy at `path` to replace the live database: opens it
+/// with `key` (a wrong key or a damaged copy fails here), brings its schema
+/// up to date, checks every page, and gives it a new incarnation, which it
+/// returns.  Afterwards `path` is one self-contained file.
+pub fn prepare_restore(path: &Path, key: &DbKey) -> Result<[u8; INCARNATION_LEN], StoreError> {
+    let (conn, _) = open_connection(path, key, Synchronous::Full, None)?;
+    migrate(&conn)?;
+    let pragma = if matches!(key, DbKey::Raw(_)) {
+        "PRAGMA cipher_integrity_check"
+    } else {
+        "PRAGMA quick_check"
+    };
+    let problems: Vec<String> = conn
+        .prepare(pragma)?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    if let Some(first) = problems.into_iter().find(|p| p != "ok") {
+        return Err(StoreError::Damaged {
+            path: path.display().to_string(),
+            detail: first,
+        });
+    }
+    conn.execute(
+        "UPDATE incarnation SET id = randomblob(16) WHERE only = 1",
+        [],
+    )?;
+    let incarnation = read_incarnation(&conn)?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    drop(conn);
+    Ok(incarnation)
+}
+
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
@@ -548,6 +650,10 @@ fn identity_from_blob(bytes: Vec<u8>) -> Result<IdentityKey, StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn incarnation(&self) -> [u8; 16] {
+        self.incarnation
+    }
+
     fn ping(&self) -> StoreFuture<'_, ()> {
         let probe = self.probes.fetch_add(1, Ordering::Relaxed);
         let probe = i64::try_from(probe).unwrap_or(i64::MAX);
@@ -771,22 +877,56 @@ impl Store for SqliteStore {
                     return Ok(EnqueueOutcome::StaleEpoch { last_commit_epoch: to_u64(last) });
                 }
             }
-            let mut head =
-                c.prepare_cached("SELECT next_seq, depth FROM queue_heads WHERE recipient = ?1")?;
+            let mut head = c.prepare_cached(
+                "SELECT next_seq, depth, strangers FROM queue_heads WHERE recipient = ?1",
+            )?;
             let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
+            let mut tokens =
+                c.prepare_cached("SELECT current, previous FROM delivery_tokens WHERE identity = ?1")?;
+            let mut waiting = c.prepare_cached(
+                "SELECT count(*) FROM queue WHERE recipient = ?1 AND stranger = ?2",
+            )?;
             let mut heads = Vec::with_capacity(req.recipients.len());
             for (index, r) in req.recipients.iter().enumerate() {
                 if !registered.exists([r.as_bytes()])? {
                     return Ok(EnqueueOutcome::UnknownRecipient { index });
                 }
-                let (next_seq, depth): (i64, i64) = head
-                    .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                let (next_seq, depth, strangers): (i64, i64, i64) = head
+                    .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                     .optional()?
-                    .unwrap_or((1, 0));
-                if to_u64(depth) >= req.max_depth {
-                    return Ok(EnqueueOutcome::QueueFull { index });
+                    .unwrap_or((1, 0, 0));
+                // A recipient without a delivery token has no stranger lane:
+                // every message counts alike (clients of wire version 1).
+                let presented = req.presented.get(index).copied().unwrap_or(Presented::Nothing);
+                let stranger = match presented {
+                    Presented::Own => false,
+                    Presented::Token(_) | Presented::Nothing => {
+                        let known: Option<(Vec<u8>, Option<Vec<u8>>)> = tokens
+                            .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                            .optional()?;
+                        match (known, presented) {
+                            (None, _) => false,
+                            (Some((current, previous)), Presented::Token(h)) => {
+                                current != h && previous.as_deref() != Some(&h[..])
+                            }
+                            (Some(_), _) => true,
+                        }
+                    }
+                };
+                if stranger {
+                    let mine: i64 = waiting.query_row(
+                        params![r.as_bytes(), &req.sender_tag[..]],
+                        |row| row.get(0),
+                    )?;
+                    if to_u64(strangers) >= req.stranger_depth
+                        || to_u64(mine) >= req.stranger_per_sender
+                    {
+                        return Ok(EnqueueOutcome::QueueFull { index, stranger: true });
+                    }
+                } else if to_u64(depth.saturating_sub(strangers)) >= req.max_depth {
+                    return Ok(EnqueueOutcome::QueueFull { index, stranger: false });
                 }
-                heads.push(next_seq);
+                heads.push((next_seq, stranger));
             }
             c.prepare_cached(
                 "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
@@ -808,17 +948,19 @@ impl Store for SqliteStore {
                 .execute(params![refs, req.payload])?;
             let payload_id = c.last_insert_rowid();
             let mut insert = c.prepare_cached(
-                "INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at, stranger)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut bump = c.prepare_cached(
-                "INSERT INTO queue_heads (recipient, next_seq, depth) VALUES (?1, ?2 + 1, 1)
-                 ON CONFLICT (recipient) DO UPDATE SET next_seq = ?2 + 1, depth = depth + 1",
+                "INSERT INTO queue_heads (recipient, next_seq, depth, strangers) VALUES (?1, ?2 + 1, 1, ?3)
+                 ON CONFLICT (recipient) DO UPDATE SET next_seq = ?2 + 1, depth = depth + 1,
+                     strangers = strangers + ?3",
             )?;
             let mut seqs = Vec::with_capacity(heads.len());
-            for (r, seq) in req.recipients.iter().zip(heads) {
-                insert.execute(params![r.as_bytes(), seq, payload_id, req.message_id, now])?;
-                bump.execute(params![r.as_bytes(), seq])?;
+            for (r, (seq, stranger)) in req.recipients.iter().zip(heads) {
+                let tag = stranger.then_some(&req.sender_tag[..]);
+                insert.execute(params![r.as_bytes(), seq, payload_id, req.message_id, now, tag])?;
+                bump.execute(params![r.as_bytes(), seq, i64::from(stranger)])?;
                 seqs.push(to_u64(seq));
             }
             Ok(EnqueueOutcome::Stored { seqs })
@@ -861,15 +1003,21 @@ impl Store for SqliteStore {
 
     fn ack(&self, recipient: IdentityKey, up_to: u64) -> StoreFuture<'_, u32> {
         self.write(move |c| {
-            let payload_ids: Vec<i64> = c
+            let removed_rows: Vec<(i64, bool)> = c
                 .prepare_cached(
-                    "DELETE FROM queue WHERE recipient = ?1 AND seq <= ?2 RETURNING payload_id",
+                    "DELETE FROM queue WHERE recipient = ?1 AND seq <= ?2
+                     RETURNING payload_id, stranger IS NOT NULL",
                 )?
-                .query_map(params![recipient.as_bytes(), to_i64(up_to)], |r| r.get(0))?
+                .query_map(params![recipient.as_bytes(), to_i64(up_to)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
                 .collect::<Result<_, _>>()?;
-            if payload_ids.is_empty() {
+            if removed_rows.is_empty() {
                 return Ok(0);
             }
+            let strangers =
+                i64::try_from(removed_rows.iter().filter(|(_, s)| *s).count()).unwrap_or(i64::MAX);
+            let payload_ids: Vec<i64> = removed_rows.into_iter().map(|(id, _)| id).collect();
             let mut release =
                 c.prepare_cached("UPDATE payloads SET refs = refs - 1 WHERE id = ?1")?;
             let mut drop_unused =
@@ -880,10 +1028,29 @@ impl Store for SqliteStore {
             }
             let removed = i64::try_from(payload_ids.len()).unwrap_or(i64::MAX);
             c.prepare_cached(
-                "UPDATE queue_heads SET depth = max(depth - ?2, 0) WHERE recipient = ?1",
+                "UPDATE queue_heads SET depth = max(depth - ?2, 0), strangers = max(strangers - ?3, 0)
+                 WHERE recipient = ?1",
             )?
-            .execute(params![recipient.as_bytes(), removed])?;
+            .execute(params![recipient.as_bytes(), removed, strangers])?;
             Ok(u32::try_from(removed).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn set_delivery_token(
+        &self,
+        identity: IdentityKey,
+        token_hash: [u8; 32],
+    ) -> StoreFuture<'_, ()> {
+        self.write(move |c| {
+            // Every right-hand side reads the row as it was.
+            c.prepare_cached(
+                "INSERT INTO delivery_tokens (identity, current, previous) VALUES (?1, ?2, NULL)
+                 ON CONFLICT (identity) DO UPDATE SET
+                     previous = CASE WHEN current = excluded.current THEN previous ELSE current END,
+                     current = excluded.current",
+            )?
+            .execute(params![identity.as_bytes(), &token_hash[..]])?;
+            Ok(())
         })
     }
 
@@ -930,6 +1097,10 @@ mod tests {
             max_depth: depth,
             dedup_window_ms: 60_000,
             commit: None,
+            presented: vec![Presented::Nothing; recipients.len()],
+            sender_tag: [id; 16],
+            stranger_depth: 1_000,
+            stranger_per_sender: 100,
         }
     }
 
@@ -955,6 +1126,52 @@ mod tests {
                 .unwrap_or(true),
             "the write-ahead log still holds frames after a clean close"
         );
+    }
+
+    #[tokio::test]
+    async fn a_backup_restores_with_its_data_and_a_new_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_key = DbKey::Raw([7; 32]);
+        let s = open(dir.path(), db_key.clone()).unwrap();
+        let first = s.incarnation();
+        register_all(&s, &[1]).await;
+        s.enqueue(enqueue_req(&[key(1)], 1, b"kept", 10))
+            .await
+            .unwrap();
+        let live = dir.path().join(DB_FILE_NAME);
+        let copy = dir.path().join("backup.db");
+        // Taken while the store is open and serving.
+        backup(&live, &db_key, &copy).unwrap();
+        assert!(
+            backup(&live, &db_key, &copy).is_err(),
+            "a backup never overwrites a file"
+        );
+        s.enqueue(enqueue_req(&[key(1)], 2, b"after", 10))
+            .await
+            .unwrap();
+        s.close();
+        // The copy opens by itself under the same key, with the same
+        // incarnation until a restore prepares it.
+        let b = open_path(&copy, db_key.clone()).unwrap();
+        assert_eq!(b.incarnation(), first);
+        b.close();
+        assert!(matches!(
+            prepare_restore(&copy, &DbKey::Raw([8; 32])),
+            Err(StoreError::WrongKey { .. })
+        ));
+        let restored = prepare_restore(&copy, &db_key).unwrap();
+        assert_ne!(restored, first);
+        let b = open_path(&copy, db_key).unwrap();
+        assert_eq!(b.incarnation(), restored);
+        let got = b.fetch(key(1), 1, 10, 1 << 20).await.unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
+            [b"kept".as_slice()]
+        );
+    }
+
+    fn open_path(path: &Path, k: DbKey) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open(SqliteOptions::new(path, k))
     }
 
     #[tokio::test]
@@ -1084,6 +1301,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn strangers_have_a_lane_beside_the_queue_and_a_share_of_it_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DbKey::Unencrypted).unwrap();
+        register_all(&s, &[1]).await;
+        let (old, new) = ([0x0a; 32], [0x0b; 32]);
+        let send = |id: u8, tag: u8, presented: Presented| {
+            s.enqueue(EnqueueRequest {
+                presented: vec![presented],
+                sender_tag: [tag; 16],
+                stranger_depth: 3,
+                stranger_per_sender: 2,
+                ..enqueue_req(&[key(1)], id, b"m", 2)
+            })
+        };
+        let stored = |out: EnqueueOutcome| matches!(out, EnqueueOutcome::Stored { .. });
+        let stranger_full = EnqueueOutcome::QueueFull {
+            index: 0,
+            stranger: true,
+        };
+        // Without a delivery token every message counts alike.
+        assert!(stored(send(1, 7, Presented::Nothing).await.unwrap()));
+        s.ack(key(1), 1).await.unwrap();
+        s.set_delivery_token(key(1), old).await.unwrap();
+        s.set_delivery_token(key(1), new).await.unwrap();
+        // Two from one stranger, then its share is used up.
+        assert!(stored(send(2, 7, Presented::Nothing).await.unwrap()));
+        assert!(stored(
+            send(3, 7, Presented::Token([0x0c; 32])).await.unwrap()
+        ));
+        assert_eq!(send(4, 7, Presented::Nothing).await.unwrap(), stranger_full);
+        // Another stranger gets the rest of the lane.
+        assert!(stored(send(5, 8, Presented::Nothing).await.unwrap()));
+        assert_eq!(send(6, 9, Presented::Nothing).await.unwrap(), stranger_full);
+        // Members (the current or the previous token) still have the whole
+        // queue, and the recipient's own messages count as a member's.
+        assert!(stored(send(7, 9, Presented::Token(new)).await.unwrap()));
+        assert!(stored(send(8, 9, Presented::Token(old)).await.unwrap()));
+        assert_eq!(
+            send(9, 9, Presented::Own).await.unwrap(),
+            EnqueueOutcome::QueueFull {
+                index: 0,
+                stranger: false
+            }
+        );
+        // Reading the queue frees both lanes.
+        s.ack(key(1), 100).await.unwrap();
+        assert!(stored(send(10, 7, Presented::Nothing).await.unwrap()));
+        assert!(stored(send(11, 9, Presented::Own).await.unwrap()));
+        // A third token retires the first: it now counts as none.
+        s.set_delivery_token(key(1), [0x0d; 32]).await.unwrap();
+        assert!(stored(send(12, 9, Presented::Token(new)).await.unwrap()));
+        assert!(stored(send(13, 9, Presented::Token(old)).await.unwrap()));
+        assert!(stored(send(14, 9, Presented::Token(old)).await.unwrap()));
+        assert_eq!(
+            send(15, 9, Presented::Token(old)).await.unwrap(),
+            stranger_full
+        );
+    }
+
+    #[tokio::test]
     async fn full_queue_stores_nothing_for_anyone() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), DbKey::Raw([1; 32])).unwrap();
@@ -1093,7 +1370,13 @@ mod tests {
             .enqueue(enqueue_req(&[key(1), key(2)], 2, b"b", 1))
             .await
             .unwrap();
-        assert_eq!(out, EnqueueOutcome::QueueFull { index: 1 });
+        assert_eq!(
+            out,
+            EnqueueOutcome::QueueFull {
+                index: 1,
+                stranger: false
+            }
+        );
         assert!(s.fetch(key(1), 0, 10, 1 << 20).await.unwrap().is_empty());
         // The failed attempt did not burn the idempotency key.
         s.ack(key(2), 1).await.unwrap();
