@@ -91,6 +91,21 @@ struct ServerArgs {
         global = true
     )]
     token: Option<String>,
+    /// Seconds to wait for a connection to the server (default 5).
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = seconds)]
+    connect_timeout: Option<Duration>,
+    /// Seconds to wait for each answer from the server (default 20).
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = seconds)]
+    call_timeout: Option<Duration>,
+}
+
+/// A positive number of seconds, at most a day (fractions allowed).
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err("must be more than 0 and at most 86400 seconds".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,7 +243,21 @@ fn server_config(args: &ServerArgs, required: bool) -> anyhow::Result<Option<Cli
         .context("--token (or QUICNPROTOCHAT_TOKEN) is required")?;
     let mut cfg = ClientConfig::new(addr, auth, token.into_bytes());
     cfg.server_name = args.server_name.clone();
+    args.tune(&mut cfg);
     Ok(Some(cfg))
+}
+
+impl ServerArgs {
+    /// Applies the deadlines given on the command line (they are not saved
+    /// in the profile).
+    fn tune(&self, cfg: &mut ClientConfig) {
+        if let Some(t) = self.connect_timeout {
+            cfg.connect_timeout = t;
+        }
+        if let Some(t) = self.call_timeout {
+            cfg.call_timeout = t;
+        }
+    }
 }
 
 struct Out {
@@ -236,15 +265,20 @@ struct Out {
 }
 
 impl Out {
-    fn line(&self, text: String, value: serde_json::Value) {
+    /// Writes one line and flushes it: once this returned `Ok`, the user
+    /// has it.
+    fn line(&self, text: String, value: serde_json::Value) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
         if self.json {
-            println!("{value}");
+            writeln!(stdout, "{value}")?;
         } else {
-            println!("{text}");
+            writeln!(stdout, "{text}")?;
         }
+        stdout.flush()
     }
 
-    fn event(&self, e: &Event) {
+    fn event(&self, e: &Event) -> std::io::Result<()> {
         match e {
             Event::Message(m) => self.line(
                 format!("[{}] {}: {}", m.group, m.sender, m.text),
@@ -286,14 +320,67 @@ impl Out {
                 format!("* pending changes in {group}"),
                 json!({"event": "proposals_pending", "group": group}),
             ),
-            _ => {}
+            _ => Ok(()),
         }
     }
 
-    fn ok(&self, text: String, value: serde_json::Value) {
-        self.line(text, value);
+    fn ok(&self, text: String, value: serde_json::Value) -> std::io::Result<()> {
+        self.line(text, value)
+    }
+
+    /// Prints `events` and then records the messages among them as shown
+    /// (only once every line is out: a failure in between shows them again
+    /// next time rather than never).
+    async fn show(&self, m: &Messenger, events: &[Event]) -> anyhow::Result<()> {
+        let mut shown = Vec::new();
+        for e in events {
+            self.event(e).context("writing to standard output")?;
+            if let Event::Message(msg) = e {
+                shown.push(msg.clone());
+            }
+        }
+        m.mark_shown(&shown).await?;
+        Ok(())
+    }
+
+    /// Prints the messages processed earlier that never reached the screen
+    /// (a run that stopped or lost its connection between processing and
+    /// printing them), oldest first.  Returns how many.
+    async fn show_unshown(&self, m: &Messenger) -> anyhow::Result<usize> {
+        let mut count = 0;
+        // Each round marks what it printed, so it ends.
+        loop {
+            let batch = m.unshown(UNSHOWN_BATCH).await?;
+            let n = batch.len();
+            let events: Vec<Event> = batch.into_iter().map(Event::Message).collect();
+            self.show(m, &events).await?;
+            count += n;
+            if n < UNSHOWN_BATCH {
+                return Ok(count);
+            }
+        }
+    }
+
+    /// Syncs and prints what arrived: first what earlier runs processed but
+    /// never printed, then the new events.  When the sync fails half-way,
+    /// what it processed before the failure is printed before the error.
+    async fn sync(&self, m: &Messenger) -> anyhow::Result<()> {
+        self.show_unshown(m).await?;
+        match m.sync().await {
+            Ok(events) => self.show(m, &events).await,
+            Err(e) => {
+                if let Err(shown) = self.show_unshown(m).await {
+                    tracing::warn!(error = %shown, "could not print what was processed");
+                }
+                Err(e.into())
+            }
+        }
     }
 }
+
+/// Messages read from the profile per round when printing what was not
+/// shown yet.
+const UNSHOWN_BATCH: usize = 512;
 
 /// The profile directory, which must hold a profile, and its key.
 fn existing_profile(cli: &Cli) -> anyhow::Result<(PathBuf, ProfileKey)> {
@@ -311,7 +398,7 @@ fn existing_profile(cli: &Cli) -> anyhow::Result<(PathBuf, ProfileKey)> {
 async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
     let (dir, key) = existing_profile(cli)?;
     let server = server_config(&cli.server, false)?;
-    Messenger::open(&dir, &key, server)
+    Messenger::open_tuned(&dir, &key, server, |cfg| cli.server.tune(cfg))
         .await
         .context("opening the profile")
 }
@@ -334,35 +421,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.ok(
                 format!("registered {username} ({})", m.identity_key().await),
                 json!({"ok": true, "username": username, "identity": m.identity_key().await.to_string()}),
-            );
+            )?;
         }
         Cmd::Invite { group, user } => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
-            m.invite(group, user)
-                .await?
-                .iter()
-                .for_each(|e| out.event(e));
+            out.sync(&m).await?;
+            out.show(&m, &m.invite(group, user).await?).await?;
             out.ok(
                 format!("invited {user} to {group}"),
                 json!({"ok": true, "group": group, "invited": user}),
-            );
+            )?;
         }
         Cmd::Send { group, text } => {
             let m = open(&cli).await?;
             if let Some(opts) = cli.p2p.options(false) {
                 m.enable_p2p(opts).await?;
             }
-            m.sync().await?.iter().for_each(|e| out.event(e));
+            out.sync(&m).await?;
             m.send(group, text).await?;
             out.ok(
                 format!("sent to {group}"),
                 json!({"ok": true, "group": group}),
-            );
+            )?;
         }
         Cmd::Sync => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
+            out.sync(&m).await?;
         }
         Cmd::Listen { count, timeout } => listen(&cli, &out, *count, *timeout).await?,
         Cmd::Groups => {
@@ -375,7 +459,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         g.members.join(", ")
                     ),
                     json!({"group": g.name, "epoch": g.epoch, "members": g.members}),
-                );
+                )?;
             }
         }
         Cmd::Members { group } => {
@@ -384,39 +468,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.line(
                     format!("{}{me} {}", mem.username, mem.key),
                     json!({"username": mem.username, "identity": mem.key.to_string(), "self": mem.is_self}),
-                );
+                )?;
             }
         }
         Cmd::History { group, limit } => {
             for msg in open_local(&cli)?.history(group, *limit)? {
-                out.event(&Event::Message(msg));
+                out.event(&Event::Message(msg))?;
             }
         }
         Cmd::Remove { group, user } => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
-            m.remove(group, user)
-                .await?
-                .iter()
-                .for_each(|e| out.event(e));
+            out.sync(&m).await?;
+            out.show(&m, &m.remove(group, user).await?).await?;
             out.ok(
                 format!("removed {user} from {group}"),
                 json!({"ok": true, "group": group, "removed": user}),
-            );
+            )?;
         }
         Cmd::Update { group } => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
-            m.update(group).await?.iter().for_each(|e| out.event(e));
+            out.sync(&m).await?;
+            out.show(&m, &m.update(group).await?).await?;
             out.ok(
                 format!("updated your keys in {group}"),
                 json!({"ok": true, "group": group}),
-            );
+            )?;
         }
         Cmd::Leave { group } => {
             let m = open(&cli).await?;
             m.leave(group).await?;
-            out.ok(format!("left {group}"), json!({"ok": true, "left": group}));
+            out.ok(format!("left {group}"), json!({"ok": true, "left": group}))?;
         }
         Cmd::Chat { group } => chat(&cli, &out, group).await?,
     }
@@ -455,15 +536,30 @@ async fn listen(
         if let Some(opts) = cli.p2p.options(true) {
             m.enable_p2p(opts).await?;
         }
-        Ok::<_, anyhow::Error>(m.listen().await?)
+        let earlier = out.show_unshown(&m).await?;
+        if count.is_some_and(|c| earlier >= c) {
+            return Ok(None);
+        }
+        match m.listen().await {
+            Ok(events) => Ok(Some((earlier, events))),
+            Err(e) => {
+                // What the catch-up processed before failing is printed.
+                if let Err(shown) = out.show_unshown(&m).await {
+                    tracing::warn!(error = %shown, "could not print what was processed");
+                }
+                Err(anyhow::Error::from(e))
+            }
+        }
     })
     .await;
-    // The time ran out while catching up: what arrived was printed.
+    // The time ran out while catching up: what arrived was printed, and
+    // what was processed but not printed is printed next time.
     let Some(started) = started else {
         return Ok(());
     };
-    let mut events = started?;
-    let mut messages = 0;
+    let Some((mut messages, mut events)) = started? else {
+        return Ok(());
+    };
     loop {
         if count.is_some_and(|c| messages >= c) {
             break;
@@ -475,7 +571,7 @@ async fn listen(
         if matches!(e, Event::Message(_)) {
             messages += 1;
         }
-        out.event(&e);
+        out.show(&m, std::slice::from_ref(&e)).await?;
     }
     Ok(())
 }
@@ -485,19 +581,35 @@ async fn chat(cli: &Cli, out: &Out, group: &str) -> anyhow::Result<()> {
     if let Some(opts) = cli.p2p.options(true) {
         m.enable_p2p(opts).await?;
     }
-    for msg in m.history(group, 20).await? {
-        out.event(&Event::Message(msg));
-    }
-    let mut events = m.listen().await?;
+    let recent: Vec<Event> = m
+        .history(group, 20)
+        .await?
+        .into_iter()
+        .map(Event::Message)
+        .collect();
+    out.show(&m, &recent).await?;
+    out.show_unshown(&m).await?;
+    let mut events = match m.listen().await {
+        Ok(events) => events,
+        Err(e) => {
+            if let Err(shown) = out.show_unshown(&m).await {
+                tracing::warn!(error = %shown, "could not print what was processed");
+            }
+            return Err(e.into());
+        }
+    };
     let me = m.username().await;
     if !out.json {
-        println!("-- chatting in {group} as {me}; type a line to send, /quit to leave --");
+        out.line(
+            format!("-- chatting in {group} as {me}; type a line to send, /quit to leave --"),
+            serde_json::Value::Null,
+        )?;
     }
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
             e = events.next() => match e {
-                Some(e) => out.event(&e),
+                Some(e) => out.show(&m, std::slice::from_ref(&e)).await?,
                 None => bail!("the connection to the server was lost"),
             },
             line = lines.next_line() => match line.context("reading input")? {

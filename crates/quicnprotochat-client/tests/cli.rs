@@ -10,7 +10,7 @@ use quicnprotochat_client::harness::{TEST_TOKEN, TestServer};
 const CLI: &str = env!("CARGO_BIN_EXE_quicnprotochat");
 const PASS: &str = "cli-test-passphrase";
 
-fn cli(server: &TestServer, profile: &Path) -> Command {
+pub(crate) fn cli(server: &TestServer, profile: &Path) -> Command {
     let mut cmd = Command::new(CLI);
     cmd.env_clear()
         .env("QUICNPROTOCHAT_PASSPHRASE", PASS)
@@ -21,7 +21,7 @@ fn cli(server: &TestServer, profile: &Path) -> Command {
     cmd
 }
 
-fn run_ok(cmd: &mut Command) -> String {
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
     let out: Output = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -33,12 +33,23 @@ fn run_ok(cmd: &mut Command) -> String {
 }
 
 fn register(server: &TestServer, profile: &Path, name: &str) {
+    register_via(server, profile, name, server.addr());
+}
+
+/// Registers `name` with the server reached at `addr` (the server itself,
+/// or a relay in front of it).
+pub(crate) fn register_via(
+    server: &TestServer,
+    profile: &Path,
+    name: &str,
+    addr: std::net::SocketAddr,
+) {
     let pin = hex::encode(server.fingerprint());
     let out = run_ok(cli(server, profile).args([
         "register",
         name,
         "--server",
-        &server.addr().to_string(),
+        &addr.to_string(),
         "--pin",
         &pin,
     ]));

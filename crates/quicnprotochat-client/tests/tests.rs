@@ -11,3 +11,5 @@ mod outbox;
 mod p2p;
 #[cfg(test)]
 mod rate_limits;
+#[cfg(test)]
+mod shown;

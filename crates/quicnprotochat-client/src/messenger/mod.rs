@@ -140,6 +140,17 @@ impl Messenger {
         key: &ProfileKey,
         server: Option<ClientConfig>,
     ) -> Result<Self, MessengerError> {
+        Self::open_tuned(dir, key, server, |_| {}).await
+    }
+
+    /// [`Messenger::open`], after `tune` adjusted what is not saved in the
+    /// profile (the deadlines, the keep-alive) in the server configuration.
+    pub async fn open_tuned(
+        dir: &Path,
+        key: &ProfileKey,
+        server: Option<ClientConfig>,
+        tune: impl FnOnce(&mut ClientConfig) + Send,
+    ) -> Result<Self, MessengerError> {
         let dir_buf = dir.to_path_buf();
         let key = key.clone();
         let profile = blocking(move || Profile::open(&dir_buf, &key)).await?;
@@ -150,6 +161,8 @@ impl Messenger {
             }
             None => settings::load_server(&profile)?,
         };
+        let mut server = server;
+        tune(&mut server);
         let link = Supervisor::connect(server, profile.identity().clone()).await?;
         Ok(Self::assemble(profile, link, dir))
     }
@@ -318,7 +331,24 @@ impl Messenger {
         Ok(self.inner.profile.lock().await.history(group, limit)?)
     }
 
+    /// Received messages not yet marked shown ([`Messenger::mark_shown`]),
+    /// oldest first, at most `limit`: those processed by an earlier run (or
+    /// by a sync that failed half-way) that never reached the user.
+    pub async fn unshown(&self, limit: usize) -> Result<Vec<StoredMessage>, MessengerError> {
+        Ok(self.inner.profile.lock().await.unshown(limit)?)
+    }
+
+    /// Records that `messages` reached the user: call it once they were
+    /// written out (and flushed), never before, so a crash in between shows
+    /// them again rather than never.
+    pub async fn mark_shown(&self, messages: &[StoredMessage]) -> Result<(), MessengerError> {
+        Ok(self.inner.profile.lock().await.mark_shown(messages)?)
+    }
+
     /// Fetches and processes everything queued since the last run, in order.
+    /// The messages among the events are stored as not yet shown (see
+    /// [`Messenger::unshown`]); when this fails half-way, what it processed
+    /// before the failure is there too.
     pub async fn sync(&self) -> Result<Vec<Event>, MessengerError> {
         let mut profile = self.inner.profile.lock().await;
         let events = commits::catch_up(&self.inner.link, &mut profile).await?;

@@ -52,6 +52,11 @@ const MIGRATIONS: &[&str] = &[
         payload    BLOB NOT NULL,
         created_at INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 4: whether a message was shown to the user.  Messages stored before
+    // this count as shown; received ones are stored unshown until the
+    // application says it showed them.
+    "ALTER TABLE messages ADD COLUMN shown INTEGER NOT NULL DEFAULT 1;
+     CREATE INDEX messages_unshown ON messages (id) WHERE shown = 0;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

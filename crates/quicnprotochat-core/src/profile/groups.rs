@@ -232,7 +232,8 @@ impl Profile {
                 text: text.to_string(),
                 message_id: hex::encode(id),
             };
-            insert_message(op.tx, op.group_id, &stored)?;
+            // Our own message: the user typed it.
+            insert_message(op.tx, op.group_id, &stored, true)?;
             Ok(out)
         })
     }

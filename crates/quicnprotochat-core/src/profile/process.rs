@@ -312,7 +312,7 @@ fn receive_application(
         text,
         message_id: m.id,
     };
-    Ok(if insert_message(at.tx, at.group_id, &stored)? {
+    Ok(if insert_message(at.tx, at.group_id, &stored, false)? {
         vec![Event::Message(stored)]
     } else {
         Vec::new()
