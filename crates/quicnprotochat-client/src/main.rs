@@ -316,6 +316,14 @@ impl Out {
                 format!("* {member} can be reached directly (announced in {group})"),
                 json!({"event": "peer_announced", "group": group, "member": member}),
             ),
+            Event::Undecryptable { group, kept, held } => {
+                let group_text = group.as_deref().unwrap_or("a group this profile is not in");
+                let fate = if *kept { "kept to retry when its epoch arrives" } else { "dropped" };
+                self.line(
+                    format!("! a message in {group_text} could not be decrypted; {fate} ({held} held)"),
+                    json!({"event": "undecryptable", "group": group, "kept": kept, "held": held}),
+                )
+            }
             Event::ProposalsPending { group, .. } => self.line(
                 format!("* pending changes in {group}"),
                 json!({"event": "proposals_pending", "group": group}),

@@ -12,4 +12,6 @@ mod p2p;
 #[cfg(test)]
 mod rate_limits;
 #[cfg(test)]
+mod recovery;
+#[cfg(test)]
 mod shown;

@@ -262,6 +262,14 @@ impl Messenger {
     /// peer-to-peer (when enabled), through the server to the rest.
     pub async fn send(&self, group: &str, text: &str) -> Result<(), MessengerError> {
         let mut profile = self.inner.profile.lock().await;
+        // A message must not go out in an epoch a commit of ours may have
+        // ended already: settle such a commit first.
+        if !profile.pending_commits()?.is_empty() {
+            let events = commits::resume_pending(&self.inner.link, &mut profile).await?;
+            for e in events {
+                self.inner.bus.emit(e);
+            }
+        }
         let out = profile.send_text(group, text)?;
         routing::send(&self.inner.router, &self.inner.link, &profile, out).await?;
         Ok(())

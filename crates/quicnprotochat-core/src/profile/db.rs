@@ -57,6 +57,28 @@ const MIGRATIONS: &[&str] = &[
     // application says it showed them.
     "ALTER TABLE messages ADD COLUMN shown INTEGER NOT NULL DEFAULT 1;
      CREATE INDEX messages_unshown ON messages (id) WHERE shown = 0;",
+    // 5: commits of ours not merged or discarded yet (sent again after a
+    // restart), and messages that could not be processed yet (kept for a
+    // retry when their group's epoch changes or the Welcome arrives).
+    "CREATE TABLE pending_commits (
+        group_id        BLOB PRIMARY KEY,
+        commit_id       BLOB,
+        commit_to       BLOB,
+        commit_payload  BLOB,
+        welcome_id      BLOB,
+        welcome_to      BLOB,
+        welcome_payload BLOB,
+        created_at      INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE held (
+        id         INTEGER PRIMARY KEY,
+        message_id BLOB NOT NULL UNIQUE,
+        group_id   BLOB NOT NULL,
+        epoch      INTEGER NOT NULL,
+        payload    BLOB NOT NULL,
+        held_at    INTEGER NOT NULL
+     );
+     CREATE INDEX held_group ON held (group_id, id);",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

@@ -28,6 +28,8 @@
 //! - `groups.rs`: create, invite, remove, self-update, commit proposals,
 //!   confirm or abort a commit, leave, send;
 //! - `outbox.rs`: messages to send again until the server stored them;
+//! - `held.rs`: messages kept until the epoch or Welcome they need arrives;
+//! - `pending.rs`: commits of ours not merged or discarded yet;
 //! - `peers.rs`: direct-connection addresses of members;
 //! - `history.rs`: stored messages, groups, members, processed message ids;
 //! - `process.rs`: incoming messages, joining from a Welcome;
@@ -53,15 +55,18 @@ use crate::identity::{Identity, IdentityKey};
 
 mod db;
 mod groups;
+mod held;
 mod history;
 mod mls;
 mod outbox;
 mod peers;
+mod pending;
 mod process;
 mod transaction;
 
 pub use db::{JsonCodec, Provider, STATE_FILE};
 use db::{migrate, open_db};
+pub use held::{HELD_MAX_AGE_MS, MAX_HELD};
 use transaction::GroupCache;
 
 /// The secret that opens a profile.
