@@ -6,6 +6,8 @@ mod cli;
 #[cfg(test)]
 mod docs_reference;
 #[cfg(test)]
+mod locks;
+#[cfg(test)]
 mod outbox;
 #[cfg(test)]
 mod p2p;

@@ -2,10 +2,11 @@
 //! listener, the direct-message receiver, and what follows processing
 //! (handing events to the bus and reacting to them).
 //!
-//! Both loops process under the profile lock and let go of it before the
-//! follow-ups, which make network round trips of their own (announcing,
-//! checking the directory, refilling key packages).  The listener
-//! subscribes again after every reconnect, from the profile's cursor.
+//! Both loops lock the profile only to process (on the blocking pool) and
+//! make their round trips (acknowledging, committing pending proposals,
+//! announcing, checking the directory, refilling key packages) with the
+//! profile free.  The listener subscribes again after every reconnect,
+//! from the profile's cursor.
 
 use quicnprotochat_core::Event;
 use quicnprotochat_p2p::Inbound;
@@ -21,7 +22,7 @@ impl Messenger {
     /// the profile cannot be read or reconnecting gives up.
     pub(super) async fn listen_loop(self) {
         loop {
-            let from = match self.inner.profile.lock().await.next_seq() {
+            let from = match self.inner.local.run(|p| p.next_seq()).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the queue cursor; listener stops");
@@ -44,28 +45,35 @@ impl Messenger {
     /// it ends.
     async fn take_pushed(&self, mut sub: Subscription) {
         while let Some(env) = sub.next().await {
-            let mut profile = self.inner.profile.lock().await;
-            let next = profile.next_seq().unwrap_or(1);
-            if env.seq < next {
-                continue; // already processed (e.g. by a concurrent sync)
-            }
-            let mut events =
-                match inbox::process_envelopes(&mut profile, std::slice::from_ref(&env)) {
-                    Ok(events) => events,
-                    Err(e) => {
-                        // Not acknowledged: the next sync fetches it again.
-                        tracing::error!(error = %e, "cannot store a received message");
-                        continue;
+            let seq = env.seq;
+            let processed = self
+                .inner
+                .local
+                .run(move |p| {
+                    if env.seq < p.next_seq()? {
+                        // Already processed (e.g. by a concurrent sync).
+                        return Ok(None);
                     }
-                };
-            let _ = self.inner.link.client().await.ack(env.seq).await;
+                    inbox::process_envelopes(p, std::slice::from_ref(&env)).map(Some)
+                })
+                .await;
+            let mut events = match processed {
+                Ok(Some(events)) => events,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Not acknowledged: the next sync fetches it again.
+                    tracing::error!(error = %e, "cannot store a received message");
+                    continue;
+                }
+            };
+            let _ = self.inner.link.client().await.ack(seq).await;
             for group_id in inbox::pending_groups(&events) {
-                match commits::commit_pending(&self.inner.link, &mut profile, &group_id).await {
+                match commits::commit_pending(&self.inner.link, &self.inner.local, &group_id).await
+                {
                     Ok(more) => events.extend(more),
                     Err(e) => tracing::debug!(error = %e, "committing pending proposals"),
                 }
             }
-            drop(profile);
             if let Err(e) = self.after_events(&events).await {
                 tracing::warn!(error = %e, "follow-up after events failed");
             }
@@ -81,12 +89,12 @@ impl Messenger {
                 m.reject();
                 continue;
             }
+            let (id, payload) = (m.message_id, m.payload.clone());
             let result = self
                 .inner
-                .profile
-                .lock()
-                .await
-                .process(&m.message_id, &m.payload);
+                .local
+                .run(move |p| p.process(&id, &payload))
+                .await;
             match result {
                 Ok(events) => {
                     m.accept();

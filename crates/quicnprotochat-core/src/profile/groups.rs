@@ -170,6 +170,10 @@ impl Profile {
         outcome: &CommitOutcome,
     ) -> Result<Vec<Event>, GroupError> {
         self.with_group(Target::Id(&outcome.group_id), |op, g| {
+            // Settled already (a retry got there first): nothing to do.
+            if !pending::is_pending(op.tx, outcome)? {
+                return Ok(());
+            }
             g.merge_pending_commit(&op.provider)
                 .map_err(GroupError::mls)?;
             pending::forget(op.tx, op.group_id)?;
@@ -183,6 +187,20 @@ impl Profile {
             return self.retry_held();
         }
         Ok(Vec::new())
+    }
+
+    /// The server stored nothing of our commit `outcome`: discard it, if it
+    /// is still the one pending (an answer that comes after the commit was
+    /// settled changes nothing).
+    pub fn discard_commit(&mut self, outcome: &CommitOutcome) -> Result<(), GroupError> {
+        self.with_group(Target::Id(&outcome.group_id), |op, g| {
+            if !pending::is_pending(op.tx, outcome)? {
+                return Ok(());
+            }
+            g.clear_pending_commit(op.provider.storage())
+                .map_err(GroupError::mls)?;
+            pending::forget(op.tx, op.group_id)
+        })
     }
 
     /// The server rejected our pending commit: discard it.

@@ -251,11 +251,7 @@ impl Profile {
 
     /// The next queue sequence number to fetch.
     pub fn next_seq(&self) -> Result<u64, StateError> {
-        Ok(self
-            .setting("next_seq")?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(1))
+        next_seq_on(&self.conn)
     }
 
     /// Generates `count` one-time key packages (and a last-resort one when
@@ -294,6 +290,14 @@ fn set_setting_on(conn: &Connection, key: &str, value: &[u8]) -> Result<(), Stat
         params![key, value],
     )?;
     Ok(())
+}
+
+/// The queue cursor as stored on `conn` (1 when none is).
+fn next_seq_on(conn: &Connection) -> Result<u64, StateError> {
+    Ok(get_setting_on(conn, "next_seq")?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(1))
 }
 
 fn get_setting_on(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StateError> {

@@ -86,6 +86,19 @@ pub(super) fn save(
     Ok(())
 }
 
+/// Whether `outcome` is the commit pending in its group (not settled
+/// already, nor replaced by a later one).
+pub(super) fn is_pending(conn: &Connection, outcome: &CommitOutcome) -> Result<bool, GroupError> {
+    let row: Option<Option<Vec<u8>>> = conn
+        .prepare_cached("SELECT commit_id FROM pending_commits WHERE group_id = ?1")?
+        .query_row([&outcome.group_id], |r| r.get(0))
+        .optional()?;
+    Ok(match row {
+        Some(id) => id.as_deref() == outcome.commit.as_ref().map(|c| &c.message_id[..]),
+        None => false,
+    })
+}
+
 /// Forgets the pending commit of `group_id` (merged or discarded).
 pub(super) fn forget(conn: &Connection, group_id: &[u8]) -> Result<(), GroupError> {
     conn.prepare_cached("DELETE FROM pending_commits WHERE group_id = ?1")?

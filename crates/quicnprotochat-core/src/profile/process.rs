@@ -13,7 +13,7 @@ use super::history::{insert_message, mark_processed, prune_processed};
 use super::mls::{check_member_key, member_key, username_of};
 use super::peers::store_peer;
 use super::transaction::{GroupCache, begin, commit};
-use super::{Profile, Provider, held, pending, set_setting_on};
+use super::{Profile, Provider, held, next_seq_on, pending, set_setting_on};
 use crate::group::{
     Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, valid_group_name,
 };
@@ -89,7 +89,9 @@ impl Profile {
                     }
                 }
             }
-            set_setting_on(&tx, "next_seq", &last.saturating_add(1).to_le_bytes())?;
+            // Never backwards: another reader of the queue may be ahead.
+            let next = last.saturating_add(1).max(next_seq_on(&tx)?);
+            set_setting_on(&tx, "next_seq", &next.to_le_bytes())?;
             Ok::<_, GroupError>(())
         })();
         if let Err(e) = outcome {
