@@ -356,10 +356,17 @@ impl Out {
     /// printing them), oldest first.  Returns how many.
     async fn show_unshown(&self, m: &Messenger) -> anyhow::Result<usize> {
         let mut count = 0;
-        // Each round marks what it printed, so it ends.
+        let mut previous = None;
+        // Each round marks what it printed, so the next starts further on;
+        // one that does not is an error rather than a loop.
         loop {
             let batch = m.unshown(UNSHOWN_BATCH).await?;
             let n = batch.len();
+            let first = batch.first().map(|msg| msg.message_id.clone());
+            if first.is_some() && first == previous {
+                bail!("the profile did not record printed messages as shown");
+            }
+            previous = first;
             let events: Vec<Event> = batch.into_iter().map(Event::Message).collect();
             self.show(m, &events).await?;
             count += n;
