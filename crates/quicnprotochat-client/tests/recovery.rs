@@ -164,3 +164,21 @@ async fn the_hold_is_bounded() {
     assert_eq!(texts.len(), usize::try_from(MAX_HELD).unwrap());
     assert_eq!(texts[0], "early 0");
 }
+
+#[tokio::test]
+async fn messages_of_a_group_we_left_are_not_held() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob) = pair(&server).await;
+    bob.leave("g").await.unwrap();
+    // Alice writes before she processed bob's leaving.
+    alice.send("g", "are you there?").await.unwrap();
+    let events = bob.sync().await.unwrap();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::Undecryptable { .. })),
+        "{events:?}"
+    );
+    drop(bob);
+    assert_eq!(profile(&server, "bob").held_count().unwrap(), 0);
+}

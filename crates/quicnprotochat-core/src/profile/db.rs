@@ -58,8 +58,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE messages ADD COLUMN shown INTEGER NOT NULL DEFAULT 1;
      CREATE INDEX messages_unshown ON messages (id) WHERE shown = 0;",
     // 5: commits of ours not merged or discarded yet (sent again after a
-    // restart), and messages that could not be processed yet (kept for a
-    // retry when their group's epoch changes or the Welcome arrives).
+    // restart), messages that could not be processed yet (kept for a retry
+    // when their group's epoch changes or the Welcome arrives), and the
+    // groups this profile left (whose messages are not worth keeping).
     "CREATE TABLE pending_commits (
         group_id        BLOB PRIMARY KEY,
         commit_id       BLOB,
@@ -78,7 +79,8 @@ const MIGRATIONS: &[&str] = &[
         payload    BLOB NOT NULL,
         held_at    INTEGER NOT NULL
      );
-     CREATE INDEX held_group ON held (group_id, id);",
+     CREATE INDEX held_group ON held (group_id, id);
+     CREATE TABLE left_groups (group_id BLOB PRIMARY KEY, left_at INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

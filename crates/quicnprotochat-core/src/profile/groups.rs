@@ -233,6 +233,12 @@ impl Profile {
         };
         g.delete(provider.storage()).map_err(GroupError::mls)?;
         tx.execute("DELETE FROM groups WHERE group_id = ?1", [&group_id])?;
+        // What the others still send there is not worth keeping.
+        tx.execute(
+            "INSERT OR REPLACE INTO left_groups (group_id, left_at) VALUES (?1, ?2)",
+            params![group_id, sql_int(now_ms)],
+        )?;
+        tx.execute("DELETE FROM held WHERE group_id = ?1", [&group_id])?;
         pending::forget(&tx, &group_id)?;
         commit(tx, &mut self.cache)?;
         Ok(out)

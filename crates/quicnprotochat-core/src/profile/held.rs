@@ -3,7 +3,8 @@
 //! reached yet (its commit is still on the way, or is a commit of ours not
 //! merged yet), or for a group whose Welcome has not arrived, is kept here
 //! instead of being dropped, and processed again after its group's epoch
-//! changes or the group is joined.  The hold is bounded ([`MAX_HELD`]
+//! changes or the group is joined (messages of a group this profile left
+//! are not kept).  The hold is bounded ([`MAX_HELD`]
 //! messages, each kept at most [`HELD_MAX_AGE_MS`]); a message that can
 //! never be processed (its epoch is past) is dropped.  Either way the
 //! application gets an [`Event::Undecryptable`].
@@ -91,6 +92,10 @@ pub(super) fn hold(
     conn.prepare_cached("DELETE FROM held WHERE held_at < ?1")?
         .execute([sql_int(now_ms.saturating_sub(HELD_MAX_AGE_MS))])?;
     let group = name_by_group_id(conn, &group_id)?;
+    if group.is_none() && left(conn, &group_id)? {
+        // A group we left: the others have not processed our leaving yet.
+        return Ok(None);
+    }
     let ahead = match &group {
         None => true,
         Some(_) => {
@@ -196,6 +201,15 @@ pub(super) fn retry(
             .execute(params![group_id, sql_int(current)])?;
     }
     Ok(events)
+}
+
+/// Whether this profile left the group `group_id`.
+fn left(conn: &Connection, group_id: &[u8]) -> Result<bool, GroupError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM left_groups WHERE group_id = ?1")?
+        .query_row([group_id], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Whether `group_id` has held messages.
