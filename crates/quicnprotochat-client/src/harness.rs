@@ -511,3 +511,143 @@ impl Drop for ServerProcess {
         self.kill();
     }
 }
+
+/// A UDP relay on loopback between clients and a server that can be told
+/// to go dead after a number of datagrams (both directions counted): a
+/// connection cut at a chosen point of a conversation, without touching
+/// either end.  Each client address gets its own upstream socket; a
+/// connection that comes after [`UdpRelay::heal`] goes through again.
+#[derive(Debug)]
+pub struct UdpRelay {
+    addr: SocketAddr,
+    state: std::sync::Arc<RelayState>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct RelayState {
+    /// datagrams seen since the last [`UdpRelay::cut_after`]
+    seen: std::sync::atomic::AtomicU64,
+    /// datagrams forwarded before the relay goes dead
+    limit: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// How often relay threads look at the stop flag.
+const RELAY_POLL: Duration = Duration::from_millis(50);
+
+impl RelayState {
+    /// Counts a datagram; whether it may pass.
+    fn pass(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.seen.fetch_add(1, SeqCst) < self.limit.load(SeqCst)
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl UdpRelay {
+    /// A relay on a free loopback port forwarding to `server`.
+    pub fn start(server: SocketAddr) -> Result<Self, HarnessError> {
+        use std::net::UdpSocket;
+        let front = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        front.set_read_timeout(Some(RELAY_POLL))?;
+        let addr = front.local_addr()?;
+        let state = std::sync::Arc::new(RelayState {
+            seen: 0.into(),
+            limit: u64::MAX.into(),
+            stop: false.into(),
+        });
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || relay_front(front, server, shared));
+        Ok(Self {
+            addr,
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts counting again; after `n` more datagrams nothing passes.
+    pub fn cut_after(&self, n: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state.limit.store(0, SeqCst);
+        self.state.seen.store(0, SeqCst);
+        self.state.limit.store(n, SeqCst);
+    }
+
+    /// Lets everything pass again, counting from zero.
+    pub fn heal(&self) {
+        self.cut_after(u64::MAX);
+    }
+
+    /// Datagrams seen (passed or dropped) since the last cut or heal.
+    pub fn seen(&self) -> u64 {
+        self.state.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads what clients send and forwards it upstream, one upstream socket
+/// (and reader thread) per client address.
+fn relay_front(front: std::net::UdpSocket, server: SocketAddr, state: std::sync::Arc<RelayState>) {
+    use std::collections::HashMap;
+    use std::net::UdpSocket;
+    let front = std::sync::Arc::new(front);
+    let mut upstream: HashMap<SocketAddr, std::sync::Arc<UdpSocket>> = HashMap::new();
+    let mut readers = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    while !state.stopped() {
+        let Ok((n, client)) = front.recv_from(&mut buf) else {
+            continue;
+        };
+        let up = match upstream.get(&client) {
+            Some(up) => up.clone(),
+            None => {
+                let Ok(sock) = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0))) else {
+                    continue;
+                };
+                if sock.connect(server).is_err() || sock.set_read_timeout(Some(RELAY_POLL)).is_err()
+                {
+                    continue;
+                }
+                let sock = std::sync::Arc::new(sock);
+                let (back, front2, shared) = (sock.clone(), front.clone(), state.clone());
+                readers.push(std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65_536];
+                    while !shared.stopped() {
+                        if let Ok(n) = back.recv(&mut buf)
+                            && shared.pass()
+                        {
+                            let _ = front2.send_to(&buf[..n], client);
+                        }
+                    }
+                }));
+                upstream.insert(client, sock.clone());
+                sock
+            }
+        };
+        if state.pass() {
+            let _ = up.send(&buf[..n]);
+        }
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+}

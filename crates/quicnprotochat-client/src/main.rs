@@ -92,6 +92,21 @@ struct ServerArgs {
         global = true
     )]
     token: Option<String>,
+    /// Seconds to wait for a connection to the server (default 5).
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = seconds)]
+    connect_timeout: Option<Duration>,
+    /// Seconds to wait for each answer from the server (default 20).
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = seconds)]
+    call_timeout: Option<Duration>,
+}
+
+/// A positive number of seconds, at most a day (fractions allowed).
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err("must be more than 0 and at most 86400 seconds".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,7 +265,21 @@ fn server_config(args: &ServerArgs, required: bool) -> anyhow::Result<Option<Cli
         .context("--token (or QUICNPROTOCHAT_TOKEN) is required")?;
     let mut cfg = ClientConfig::new(addr, auth, token.into_bytes());
     cfg.server_name = args.server_name.clone();
+    args.tune(&mut cfg);
     Ok(Some(cfg))
+}
+
+impl ServerArgs {
+    /// Applies the deadlines given on the command line (they are not saved
+    /// in the profile).
+    fn tune(&self, cfg: &mut ClientConfig) {
+        if let Some(t) = self.connect_timeout {
+            cfg.connect_timeout = t;
+        }
+        if let Some(t) = self.call_timeout {
+            cfg.call_timeout = t;
+        }
+    }
 }
 
 struct Out {
@@ -258,15 +287,20 @@ struct Out {
 }
 
 impl Out {
-    fn line(&self, text: String, value: serde_json::Value) {
+    /// Writes one line and flushes it: once this returned `Ok`, the user
+    /// has it.
+    fn line(&self, text: String, value: serde_json::Value) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
         if self.json {
-            println!("{value}");
+            writeln!(stdout, "{value}")?;
         } else {
-            println!("{text}");
+            writeln!(stdout, "{text}")?;
         }
+        stdout.flush()
     }
 
-    fn event(&self, e: &Event) {
+    fn event(&self, e: &Event) -> std::io::Result<()> {
         match e {
             Event::Message(m) => self.line(
                 format!("[{}] {}: {}", m.group, m.sender, m.text),
@@ -309,18 +343,86 @@ impl Out {
                 format!("* {member} can be reached directly (announced in {group})"),
                 json!({"event": "peer_announced", "group": group, "member": member}),
             ),
+            Event::Undecryptable { group, kept, held } => {
+                let group_text = group.as_deref().unwrap_or("a group this profile is not in");
+                let fate = if *kept { "kept to retry when its epoch arrives" } else { "dropped" };
+                self.line(
+                    format!("! a message in {group_text} could not be decrypted; {fate} ({held} held)"),
+                    json!({"event": "undecryptable", "group": group, "kept": kept, "held": held}),
+                )
+            }
             Event::ProposalsPending { group, .. } => self.line(
                 format!("* pending changes in {group}"),
                 json!({"event": "proposals_pending", "group": group}),
             ),
-            _ => {}
+            _ => Ok(()),
         }
     }
 
-    fn ok(&self, text: String, value: serde_json::Value) {
-        self.line(text, value);
+    fn ok(&self, text: String, value: serde_json::Value) -> std::io::Result<()> {
+        self.line(text, value)
+    }
+
+    /// Prints `events` and then records the messages among them as shown
+    /// (only once every line is out: a failure in between shows them again
+    /// next time rather than never).
+    async fn show(&self, m: &Messenger, events: &[Event]) -> anyhow::Result<()> {
+        let mut shown = Vec::new();
+        for e in events {
+            self.event(e).context("writing to standard output")?;
+            if let Event::Message(msg) = e {
+                shown.push(msg.clone());
+            }
+        }
+        m.mark_shown(&shown).await?;
+        Ok(())
+    }
+
+    /// Prints the messages processed earlier that never reached the screen
+    /// (a run that stopped or lost its connection between processing and
+    /// printing them), oldest first.  Returns how many.
+    async fn show_unshown(&self, m: &Messenger) -> anyhow::Result<usize> {
+        let mut count = 0;
+        let mut previous = None;
+        // Each round marks what it printed, so the next starts further on;
+        // one that does not is an error rather than a loop.
+        loop {
+            let batch = m.unshown(UNSHOWN_BATCH).await?;
+            let n = batch.len();
+            let first = batch.first().map(|msg| msg.message_id.clone());
+            if first.is_some() && first == previous {
+                bail!("the profile did not record printed messages as shown");
+            }
+            previous = first;
+            let events: Vec<Event> = batch.into_iter().map(Event::Message).collect();
+            self.show(m, &events).await?;
+            count += n;
+            if n < UNSHOWN_BATCH {
+                return Ok(count);
+            }
+        }
+    }
+
+    /// Syncs and prints what arrived: first what earlier runs processed but
+    /// never printed, then the new events.  When the sync fails half-way,
+    /// what it processed before the failure is printed before the error.
+    async fn sync(&self, m: &Messenger) -> anyhow::Result<()> {
+        self.show_unshown(m).await?;
+        match m.sync().await {
+            Ok(events) => self.show(m, &events).await,
+            Err(e) => {
+                if let Err(shown) = self.show_unshown(m).await {
+                    tracing::warn!(error = %shown, "could not print what was processed");
+                }
+                Err(e.into())
+            }
+        }
     }
 }
+
+/// Messages read from the profile per round when printing what was not
+/// shown yet.
+const UNSHOWN_BATCH: usize = 512;
 
 /// The profile directory, which must hold a profile, and its key.
 fn existing_profile(cli: &Cli) -> anyhow::Result<(PathBuf, ProfileKey)> {
@@ -338,7 +440,7 @@ fn existing_profile(cli: &Cli) -> anyhow::Result<(PathBuf, ProfileKey)> {
 async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
     let (dir, key) = existing_profile(cli)?;
     let server = server_config(&cli.server, false)?;
-    Messenger::open(&dir, &key, server)
+    Messenger::open_tuned(&dir, &key, server, |cfg| cli.server.tune(cfg))
         .await
         .context("opening the profile")
 }
@@ -361,35 +463,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.ok(
                 format!("registered {username} ({})", m.identity_key().await),
                 json!({"ok": true, "username": username, "identity": m.identity_key().await.to_string()}),
-            );
+            )?;
         }
         Cmd::Invite { group, user } => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
-            m.invite(group, user)
-                .await?
-                .iter()
-                .for_each(|e| out.event(e));
+            out.sync(&m).await?;
+            out.show(&m, &m.invite(group, user).await?).await?;
             out.ok(
                 format!("invited {user} to {group}"),
                 json!({"ok": true, "group": group, "invited": user}),
-            );
+            )?;
         }
         Cmd::Send { group, text } => {
             let m = open(&cli).await?;
             if let Some(opts) = cli.p2p.options(false) {
                 m.enable_p2p(opts).await?;
             }
-            m.sync().await?.iter().for_each(|e| out.event(e));
+            out.sync(&m).await?;
             m.send(group, text).await?;
             out.ok(
                 format!("sent to {group}"),
                 json!({"ok": true, "group": group}),
-            );
+            )?;
         }
         Cmd::Sync => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
+            out.sync(&m).await?;
         }
         Cmd::Listen { count, timeout } => listen(&cli, &out, *count, *timeout).await?,
         Cmd::Groups => {
@@ -402,7 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         g.members.join(", ")
                     ),
                     json!({"group": g.name, "epoch": g.epoch, "members": g.members}),
-                );
+                )?;
             }
         }
         Cmd::Members { group } => {
@@ -422,39 +521,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.line(
                     text,
                     json!({"username": mem.username, "identity": mem.key.to_string(), "self": mem.is_self, "verification": state}),
-                );
+                )?;
             }
         }
         Cmd::History { group, limit } => {
             for msg in open_local(&cli)?.history(group, *limit)? {
-                out.event(&Event::Message(msg));
+                out.event(&Event::Message(msg))?;
             }
         }
         Cmd::Remove { group, user } => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
-            m.remove(group, user)
-                .await?
-                .iter()
-                .for_each(|e| out.event(e));
+            out.sync(&m).await?;
+            out.show(&m, &m.remove(group, user).await?).await?;
             out.ok(
                 format!("removed {user} from {group}"),
                 json!({"ok": true, "group": group, "removed": user}),
-            );
+            )?;
         }
         Cmd::Update { group } => {
             let m = open(&cli).await?;
-            m.sync().await?.iter().for_each(|e| out.event(e));
-            m.update(group).await?.iter().for_each(|e| out.event(e));
+            out.sync(&m).await?;
+            out.show(&m, &m.update(group).await?).await?;
             out.ok(
                 format!("updated your keys in {group}"),
                 json!({"ok": true, "group": group}),
-            );
+            )?;
         }
         Cmd::Leave { group } => {
             let m = open(&cli).await?;
             m.leave(group).await?;
-            out.ok(format!("left {group}"), json!({"ok": true, "left": group}));
+            out.ok(format!("left {group}"), json!({"ok": true, "left": group}))?;
         }
         Cmd::Chat { group } => chat(&cli, &out, group).await?,
         Cmd::KeyUpdates { messages, days } => {
@@ -476,7 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.after_messages
                 ),
                 json!({"after_messages": p.after_messages, "after_days": days}),
-            );
+            )?;
         }
         Cmd::Tui => {
             let m = open(&cli).await?;
@@ -507,7 +603,7 @@ async fn verify(cli: &Cli, out: &Out, user: &str, confirm: bool) -> anyhow::Resu
         out.line(
             format!("! WARNING: members of your groups with {} different keys all call themselves {user}; at most one of them is {user}. Compare each number below with {user} in person.", contacts.len()),
             json!({"event": "ambiguous_contact", "username": user, "keys": contacts.len()}),
-        );
+        )?;
     }
     for c in &contacts {
         let state = profile.verification(&c.username, &c.key)?;
@@ -538,7 +634,7 @@ async fn verify(cli: &Cli, out: &Out, user: &str, confirm: bool) -> anyhow::Resu
                 Verification::Changed { .. } => "changed",
                 _ => "unverified",
             }}),
-        );
+        )?;
     }
     if confirm && contacts.len() > 1 {
         bail!("not confirmed: {user} is ambiguous (more than one key); remove the impostor first");
@@ -578,15 +674,30 @@ async fn listen(
         if let Some(opts) = cli.p2p.options(true) {
             m.enable_p2p(opts).await?;
         }
-        Ok::<_, anyhow::Error>(m.listen().await?)
+        let earlier = out.show_unshown(&m).await?;
+        if count.is_some_and(|c| earlier >= c) {
+            return Ok(None);
+        }
+        match m.listen().await {
+            Ok(events) => Ok(Some((earlier, events))),
+            Err(e) => {
+                // What the catch-up processed before failing is printed.
+                if let Err(shown) = out.show_unshown(&m).await {
+                    tracing::warn!(error = %shown, "could not print what was processed");
+                }
+                Err(anyhow::Error::from(e))
+            }
+        }
     })
     .await;
-    // The time ran out while catching up: what arrived was printed.
+    // The time ran out while catching up: what arrived was printed, and
+    // what was processed but not printed is printed next time.
     let Some(started) = started else {
         return Ok(());
     };
-    let mut events = started?;
-    let mut messages = 0;
+    let Some((mut messages, mut events)) = started? else {
+        return Ok(());
+    };
     loop {
         if count.is_some_and(|c| messages >= c) {
             break;
@@ -598,7 +709,7 @@ async fn listen(
         if matches!(e, Event::Message(_)) {
             messages += 1;
         }
-        out.event(&e);
+        out.show(&m, std::slice::from_ref(&e)).await?;
     }
     Ok(())
 }
@@ -608,19 +719,35 @@ async fn chat(cli: &Cli, out: &Out, group: &str) -> anyhow::Result<()> {
     if let Some(opts) = cli.p2p.options(true) {
         m.enable_p2p(opts).await?;
     }
-    for msg in m.history(group, 20).await? {
-        out.event(&Event::Message(msg));
-    }
-    let mut events = m.listen().await?;
+    let recent: Vec<Event> = m
+        .history(group, 20)
+        .await?
+        .into_iter()
+        .map(Event::Message)
+        .collect();
+    out.show(&m, &recent).await?;
+    out.show_unshown(&m).await?;
+    let mut events = match m.listen().await {
+        Ok(events) => events,
+        Err(e) => {
+            if let Err(shown) = out.show_unshown(&m).await {
+                tracing::warn!(error = %shown, "could not print what was processed");
+            }
+            return Err(e.into());
+        }
+    };
     let me = m.username().await;
     if !out.json {
-        println!("-- chatting in {group} as {me}; type a line to send, /quit to leave --");
+        out.line(
+            format!("-- chatting in {group} as {me}; type a line to send, /quit to leave --"),
+            serde_json::Value::Null,
+        )?;
     }
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
             e = events.next() => match e {
-                Some(e) => out.event(&e),
+                Some(e) => out.show(&m, std::slice::from_ref(&e)).await?,
                 None => bail!("the connection to the server was lost"),
             },
             line = lines.next_line() => match line.context("reading input")? {

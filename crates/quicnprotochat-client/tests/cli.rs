@@ -33,12 +33,23 @@ pub(crate) fn run_ok(cmd: &mut Command) -> String {
 }
 
 pub(crate) fn register(server: &TestServer, profile: &Path, name: &str) {
+    register_via(server, profile, name, server.addr());
+}
+
+/// Registers `name` with the server reached at `addr` (the server itself,
+/// or a relay in front of it).
+pub(crate) fn register_via(
+    server: &TestServer,
+    profile: &Path,
+    name: &str,
+    addr: std::net::SocketAddr,
+) {
     let pin = hex::encode(server.fingerprint());
     let out = run_ok(cli(server, profile).args([
         "register",
         name,
         "--server",
-        &server.addr().to_string(),
+        &addr.to_string(),
         "--pin",
         &pin,
     ]));

@@ -10,11 +10,17 @@ mod flood;
 #[cfg(test)]
 mod keyupdates;
 #[cfg(test)]
+mod locks;
+#[cfg(test)]
 mod outbox;
 #[cfg(test)]
 mod p2p;
 #[cfg(test)]
 mod rate_limits;
+#[cfg(test)]
+mod recovery;
+#[cfg(test)]
+mod shown;
 #[cfg(test)]
 mod tui;
 #[cfg(test)]

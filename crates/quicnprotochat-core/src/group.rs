@@ -251,6 +251,21 @@ pub enum Event {
     },
     /// the connection to the server is back (after [`Event::Disconnected`])
     Reconnected,
+    /// a message could not be decrypted or applied.  One that may apply
+    /// later (from an epoch this profile has not reached, or for a group
+    /// whose Welcome has not arrived) is kept, up to
+    /// [`crate::profile::MAX_HELD`] messages, and processed again when its
+    /// group's epoch changes or the group is joined: its own events come
+    /// then.  One that never can (its epoch is past) or finds the hold full
+    /// is dropped.
+    Undecryptable {
+        /// local group name (`None`: a group this profile is not in)
+        group: Option<String>,
+        /// kept for a retry (`false`: dropped)
+        kept: bool,
+        /// messages held now
+        held: u64,
+    },
     /// proposals arrived (e.g. a member leaving) that a commit must cover;
     /// call [`crate::Profile::commit_pending`]
     ProposalsPending {

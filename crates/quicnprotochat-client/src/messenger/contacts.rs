@@ -13,14 +13,23 @@ impl Messenger {
     /// name); when we share no group, the key the server's directory binds
     /// to the name.
     pub async fn contacts_named(&self, username: &str) -> Result<Vec<Contact>, MessengerError> {
-        let local = self.inner.profile.lock().await.contacts_named(username)?;
+        let name = username.to_string();
+        let local = self
+            .inner
+            .local
+            .run(move |p| p.contacts_named(&name))
+            .await?;
         if !local.is_empty() {
             return Ok(local);
         }
         let key = directory::resolve(&self.inner.link.client().await, username).await?;
-        Ok(vec![
-            self.inner.profile.lock().await.contact(username, key)?,
-        ])
+        let name = username.to_string();
+        let contact = self
+            .inner
+            .local
+            .run(move |p| p.contact(&name, key))
+            .await?;
+        Ok(vec![contact])
     }
 
     /// The members of `group`, each with whether the user verified their key.
@@ -28,24 +37,28 @@ impl Messenger {
         &self,
         group: &str,
     ) -> Result<Vec<(MemberInfo, Verification)>, MessengerError> {
-        let profile = self.inner.profile.lock().await;
-        let mut out = Vec::new();
-        for m in profile.members(group)? {
-            let state = profile.verification(&m.username, &m.key)?;
-            out.push((m, state));
-        }
-        Ok(out)
+        let group = group.to_string();
+        self.inner
+            .local
+            .run(move |p| {
+                let mut out = Vec::new();
+                for m in p.members(&group)? {
+                    let state = p.verification(&m.username, &m.key)?;
+                    out.push((m, state));
+                }
+                Ok::<_, MessengerError>(out)
+            })
+            .await
     }
 
     /// Records that the user compared safety numbers with `contact` and
     /// they matched.
     pub async fn mark_verified(&self, contact: &Contact) -> Result<(), MessengerError> {
-        Ok(self
-            .inner
-            .profile
-            .lock()
+        let (name, key) = (contact.username.clone(), contact.key);
+        self.inner
+            .local
+            .run(move |p| p.mark_verified(&name, &key))
             .await
-            .mark_verified(&contact.username, &contact.key)?)
     }
 
     /// Events for the members of `group` whose name is a verified contact's
@@ -54,12 +67,12 @@ impl Messenger {
         &self,
         group: &str,
     ) -> Result<Vec<Event>, MessengerError> {
+        let name = group.to_string();
         let changes = self
             .inner
-            .profile
-            .lock()
-            .await
-            .verified_key_changes(group)?;
+            .local
+            .run(move |p| p.verified_key_changes(&name))
+            .await?;
         Ok(changes
             .into_iter()
             .map(|(m, verified)| Event::VerifiedKeyChanged {

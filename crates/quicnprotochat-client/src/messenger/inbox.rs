@@ -1,10 +1,13 @@
 //! Reading the server queue into the profile: fetching it in batches,
 //! processing envelopes, acknowledging what is stored.
 //!
-//! The caller holds the profile (`&mut Profile`) for the whole operation.
-//! A batch is processed in one transaction that also moves the queue
-//! cursor, and acknowledged only after that transaction committed, so the
-//! server deletes nothing the profile has not stored.
+//! The profile is locked only to process a batch, never across a fetch or
+//! an acknowledgement.  A batch is processed in one transaction that also
+//! moves the queue cursor (never backwards), and acknowledged only after
+//! that transaction committed, so the server deletes nothing the profile
+//! has not stored.  Two readers of the queue at once (a sync and the push
+//! listener) may fetch the same envelopes; the second one finds them
+//! processed already and shows nothing twice.
 //!
 //! Sequence numbers belong to the server store's incarnation; when it
 //! changes (the server was restored from a backup, so its numbers may have
@@ -15,6 +18,7 @@
 use quicnprotochat_core::{Delivered, Event, Profile};
 
 use super::error::MessengerError;
+use super::local::Local;
 use super::supervisor::Supervisor;
 use crate::types::Envelope;
 
@@ -54,15 +58,16 @@ pub(super) fn restart_if_restored(
 
 /// Fetches, processes and acknowledges everything queued past the profile's
 /// cursor, in order.
-pub(super) async fn drain(
-    link: &Supervisor,
-    profile: &mut Profile,
-) -> Result<Vec<Event>, MessengerError> {
+pub(super) async fn drain(link: &Supervisor, local: &Local) -> Result<Vec<Event>, MessengerError> {
     let mut events = Vec::new();
     loop {
-        let next = profile.next_seq()?;
+        let next = local.run(|p| p.next_seq()).await?;
         let fetched = link.client().await.fetch_batch(next, SYNC_BATCH).await?;
-        if restart_if_restored(profile, &fetched.incarnation)? {
+        let incarnation = fetched.incarnation.clone();
+        if local
+            .run(move |p| restart_if_restored(p, &incarnation))
+            .await?
+        {
             continue;
         }
         let batch = fetched.messages;
@@ -70,7 +75,7 @@ pub(super) async fn drain(
             break;
         };
         // One transaction for the batch, cursor included.
-        events.extend(process_envelopes(profile, &batch)?);
+        events.extend(local.run(move |p| process_envelopes(p, &batch)).await?);
         link.client()
             .await
             .ack_in(&fetched.incarnation, last)
@@ -112,7 +117,7 @@ pub(super) fn process_envelopes(
         match result {
             Ok(more) => events.extend(more),
             Err(e) => {
-                tracing::warn!(seq = env.seq, error = %e, "ignored an undecryptable or invalid message");
+                tracing::warn!(seq = env.seq, error = %e, "ignored an invalid message");
             }
         }
     }

@@ -1,15 +1,13 @@
 //! Key-package refills: keeps enough of this identity's key packages on the
 //! server for others to invite it while it is offline.
 //!
-//! The profile lock is held only while packages are generated (and their
+//! The profile is locked only while packages are generated (and their
 //! private keys stored), not across the count and publish round trips.
 
 use std::time::Duration;
 
-use quicnprotochat_core::Profile;
-use tokio::sync::Mutex;
-
 use super::error::MessengerError;
+use super::local::Local;
 use super::supervisor::Supervisor;
 
 /// One-time key packages published at registration and on replenishment.
@@ -27,7 +25,7 @@ pub const KEY_PACKAGE_LIFETIME: Duration = Duration::from_secs(28 * 24 * 3600);
 /// Returns how many the server stored.
 pub(super) async fn replenish(
     link: &Supervisor,
-    profile: &Mutex<Profile>,
+    local: &Local,
     force: bool,
 ) -> Result<u32, MessengerError> {
     let client = link.client().await;
@@ -35,15 +33,14 @@ pub(super) async fn replenish(
     if !force && count >= KEY_PACKAGE_LOW_WATER && has_last_resort {
         return Ok(0);
     }
-    let packages = {
-        let mut p = profile.lock().await;
-        let n = if force || count < KEY_PACKAGE_LOW_WATER {
-            KEY_PACKAGE_BATCH
-        } else {
-            0
-        };
-        p.generate_key_packages(n, !has_last_resort, KEY_PACKAGE_LIFETIME.as_secs())?
+    let n = if force || count < KEY_PACKAGE_LOW_WATER {
+        KEY_PACKAGE_BATCH
+    } else {
+        0
     };
+    let packages = local
+        .run(move |p| p.generate_key_packages(n, !has_last_resort, KEY_PACKAGE_LIFETIME.as_secs()))
+        .await?;
     if packages.is_empty() {
         return Ok(0);
     }

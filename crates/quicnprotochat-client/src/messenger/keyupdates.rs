@@ -18,23 +18,29 @@ const CHECK_EVERY: Duration = Duration::from_secs(300);
 impl Messenger {
     /// The automatic key-update policy (stored in the profile).
     pub async fn key_update_policy(&self) -> Result<KeyUpdatePolicy, MessengerError> {
-        Ok(self.inner.profile.lock().await.key_update_policy()?)
+        self.inner.local.run(|p| p.key_update_policy()).await
     }
 
     /// Sets the automatic key-update policy (stored in the profile).
     pub async fn set_key_update_policy(&self, p: KeyUpdatePolicy) -> Result<(), MessengerError> {
-        Ok(self.inner.profile.lock().await.set_key_update_policy(p)?)
+        self.inner
+            .local
+            .run(move |profile| profile.set_key_update_policy(p))
+            .await
     }
 
     /// Commits a self-update in every group where our keys are due;
     /// returns what the commits produced.  A group that fails is logged and
     /// tried again at the next check.
     pub async fn update_due_keys(&self) -> Result<Vec<Event>, MessengerError> {
-        let due = {
-            let profile = self.inner.profile.lock().await;
-            let policy = profile.key_update_policy()?;
-            profile.key_updates_due(policy)?
-        };
+        let due = self
+            .inner
+            .local
+            .run(|p| {
+                let policy = p.key_update_policy()?;
+                p.key_updates_due(policy)
+            })
+            .await?;
         let mut events = Vec::new();
         for group in due {
             match self.update(&group).await {
@@ -45,7 +51,10 @@ impl Messenger {
                 // Removed from the group: nothing to refresh; not due again
                 // before the policy's time.
                 Err(MessengerError::Group(GroupError::Inactive)) => {
-                    self.inner.profile.lock().await.record_key_update(&group)?;
+                    self.inner
+                        .local
+                        .run(move |p| p.record_key_update(&group))
+                        .await?;
                 }
                 Err(e) => {
                     tracing::warn!(group = %group, error = %e, "automatic key update failed; trying again later");

@@ -28,20 +28,22 @@
 //! | `keyupdates.rs` | automatic key updates: a self-update when our keys in a group are old or have sent many messages |
 //! | `supervisor.rs` | the connection: connect, authenticate, reconnect with backoff, send with one retry |
 //! | `settings.rs` | the server and peer-to-peer key stored in the profile |
+//! | `local.rs` | the profile behind its lock, its work on the blocking pool |
 //! | `events.rs` | the event bus and [`EventStream`] |
 //! | `error.rs` | [`MessengerError`] |
 //!
 //! Invariants:
-//! - The profile lock is held for a whole operation (a commit with its
-//!   retries, a sync, one pushed or direct message), so an incoming message
-//!   cannot interleave with a pending commit.  Parts that need it for a
-//!   whole operation take `&mut Profile`, so the caller holds the lock.
+//! - Every profile operation runs on tokio's blocking pool under the
+//!   profile lock, which is held for that one local step and never across
+//!   a round trip to the server ([`local::Local::run`]).  Operations
+//!   interleave safely at that grain: a commit of ours is pending in the
+//!   profile while it is on its way, a message from an epoch we have not
+//!   merged yet is held until we have, and two readers of the queue skip
+//!   what the other processed.
 //! - No other lock is held across a round trip to the server: the
 //!   connection is cloned out of the supervisor's lock.  The router's lock
-//!   is held, as a reader, across direct sends only.  Lock order: the
-//!   profile, then the router.
-//! - Follow-ups that talk to the network (announcing, directory checks,
-//!   key-package refills) run after the profile lock is released.
+//!   is held, as a reader, across direct sends only, and never together
+//!   with the profile's.
 
 mod commits;
 mod contacts;
@@ -51,6 +53,7 @@ mod events;
 mod inbox;
 mod keypackages;
 mod keyupdates;
+mod local;
 mod receive;
 mod routing;
 mod settings;
@@ -59,17 +62,16 @@ mod supervisor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use error::MessengerError;
+pub use events::EventStream;
 use quicnprotochat_core::{
     Event, GroupSummary, IdentityKey, MemberInfo, Profile, ProfileKey, StateError, StoredMessage,
 };
 use quicnprotochat_p2p::PeerAddr;
-use tokio::sync::Mutex;
-
-pub use error::MessengerError;
-pub use events::EventStream;
 pub use routing::P2pOptions;
 
 use self::events::EventBus;
+use self::local::Local;
 use self::routing::Router;
 use self::supervisor::Supervisor;
 use crate::types::ClientConfig;
@@ -84,8 +86,12 @@ struct Inner {
     /// the direct path (declared first: dropped first, closing the endpoint
     /// before anything else goes)
     router: Router,
-    /// the profile: one lock for a whole operation
-    profile: Mutex<Profile>,
+    /// the profile, locked for one local step at a time
+    local: Local,
+    /// this client's username (fixed for the profile's life)
+    username: String,
+    /// this client's identity key
+    identity_key: IdentityKey,
     /// the server connection
     link: Supervisor,
     /// where processed events go
@@ -116,15 +122,21 @@ impl Messenger {
         let profile = blocking(move || Profile::create(&dir_buf, &key, &name)).await?;
         // Until the server took the name, a failure leaves nothing behind,
         // so a retry (another name, the server back up) starts clean.
+        let (profile, saved) = {
+            let server = server.clone();
+            tokio::task::spawn_blocking(move || {
+                let saved = settings::save_server(&profile, &server);
+                let own_token = profile.delivery_token();
+                (profile, (saved, own_token))
+            })
+            .await
+            .map_err(|_| MessengerError::NotConfigured("profile task failed"))?
+        };
         let registered = async {
-            settings::save_server(&profile, &server)?;
-            let link = Supervisor::connect(
-                server,
-                profile.identity().clone(),
-                profile.delivery_token()?,
-                Vec::new(),
-            )
-            .await?;
+            let (saved, own_token) = saved;
+            saved?;
+            let link = Supervisor::connect(server, profile.identity().clone(), own_token?, Vec::new())
+                .await?;
             link.client().await.register(username).await?;
             Ok::<_, MessengerError>(link)
         }
@@ -150,23 +162,37 @@ impl Messenger {
         key: &ProfileKey,
         server: Option<ClientConfig>,
     ) -> Result<Self, MessengerError> {
+        Self::open_tuned(dir, key, server, |_| {}).await
+    }
+
+    /// [`Messenger::open`], after `tune` adjusted what is not saved in the
+    /// profile (the deadlines, the keep-alive) in the server configuration.
+    pub async fn open_tuned(
+        dir: &Path,
+        key: &ProfileKey,
+        server: Option<ClientConfig>,
+        tune: impl FnOnce(&mut ClientConfig) + Send,
+    ) -> Result<Self, MessengerError> {
         let dir_buf = dir.to_path_buf();
         let key = key.clone();
-        let profile = blocking(move || Profile::open(&dir_buf, &key)).await?;
-        let server = match server {
-            Some(s) => {
-                settings::save_server(&profile, &s)?;
-                s
-            }
-            None => settings::load_server(&profile)?,
-        };
-        let link = Supervisor::connect(
-            server,
-            profile.identity().clone(),
-            profile.delivery_token()?,
-            profile.delivery_tokens()?,
-        )
-        .await?;
+        let (profile, server, own_token, tokens) = tokio::task::spawn_blocking(move || {
+            let profile = Profile::open(&dir_buf, &key)?;
+            let server = match server {
+                Some(s) => {
+                    settings::save_server(&profile, &s)?;
+                    s
+                }
+                None => settings::load_server(&profile)?,
+            };
+            let own_token = profile.delivery_token()?;
+            let tokens = profile.delivery_tokens()?;
+            Ok::<_, MessengerError>((profile, server, own_token, tokens))
+        })
+        .await
+        .map_err(|_| MessengerError::NotConfigured("profile task failed"))??;
+        let mut server = server;
+        tune(&mut server);
+        let link = Supervisor::connect(server, profile.identity().clone(), own_token, tokens).await?;
         Ok(Self::assemble(profile, link, dir))
     }
 
@@ -174,7 +200,9 @@ impl Messenger {
         Self {
             inner: Arc::new(Inner {
                 router: Router::new(),
-                profile: Mutex::new(profile),
+                username: profile.username().to_string(),
+                identity_key: profile.identity_key(),
+                local: Local::new(profile),
                 link,
                 bus: EventBus::new(),
                 dir: dir.to_path_buf(),
@@ -184,23 +212,24 @@ impl Messenger {
 
     /// This client's username.
     pub async fn username(&self) -> String {
-        self.inner.profile.lock().await.username().to_string()
+        self.inner.username.clone()
     }
 
     /// This client's identity key.
     pub async fn identity_key(&self) -> IdentityKey {
-        self.inner.profile.lock().await.identity_key()
+        self.inner.identity_key
     }
 
     /// Publishes key packages when fewer than the low-water mark remain
     /// (always when `force`), plus a last-resort package when none is there.
     pub async fn replenish_key_packages(&self, force: bool) -> Result<u32, MessengerError> {
-        keypackages::replenish(&self.inner.link, &self.inner.profile, force).await
+        keypackages::replenish(&self.inner.link, &self.inner.local, force).await
     }
 
     /// Creates a group with this client as its only member.
     pub async fn create_group(&self, name: &str) -> Result<(), MessengerError> {
-        self.inner.profile.lock().await.create_group(name)?;
+        let name = name.to_string();
+        self.inner.local.run(move |p| p.create_group(&name)).await?;
         Ok(())
     }
 
@@ -210,16 +239,21 @@ impl Messenger {
     pub async fn invite(&self, group: &str, username: &str) -> Result<Vec<Event>, MessengerError> {
         let client = self.inner.link.client().await;
         let (invitee, kp) = directory::claim_invitee(&client, username).await?;
-        let events = {
-            let mut profile = self.inner.profile.lock().await;
-            if !profile.has_group(group)? {
-                profile.create_group(group)?;
-            }
-            commits::commit_with(&self.inner.link, &mut profile, |p| {
-                p.add_member(group, &kp, invitee)
+        let name = group.to_string();
+        self.inner
+            .local
+            .run(move |p| {
+                if !p.has_group(&name)? {
+                    p.create_group(&name)?;
+                }
+                Ok::<_, MessengerError>(())
             })
-            .await?
-        };
+            .await?;
+        let name = group.to_string();
+        let events = commits::commit_with(&self.inner.link, &self.inner.local, move |p| {
+            p.add_member(&name, &kp, invitee)
+        })
+        .await?;
         // The new member does not know how to reach us directly yet, nor
         // our delivery token.
         self.announce(group).await?;
@@ -242,26 +276,32 @@ impl Messenger {
 
     /// Removes `username` from `group`.
     pub async fn remove(&self, group: &str, username: &str) -> Result<Vec<Event>, MessengerError> {
-        let mut profile = self.inner.profile.lock().await;
-        commits::commit_with(&self.inner.link, &mut profile, |p| {
-            p.remove_member(group, username)
+        let (group, username) = (group.to_string(), username.to_string());
+        commits::commit_with(&self.inner.link, &self.inner.local, move |p| {
+            p.remove_member(&group, &username)
         })
         .await
     }
 
     /// Refreshes this client's keys in `group` (post-compromise security).
     pub async fn update(&self, group: &str) -> Result<Vec<Event>, MessengerError> {
-        let mut profile = self.inner.profile.lock().await;
-        let events =
-            commits::commit_with(&self.inner.link, &mut profile, |p| p.self_update(group)).await?;
-        profile.record_key_update(group)?;
+        let group = group.to_string();
+        let name = group.clone();
+        let events = commits::commit_with(&self.inner.link, &self.inner.local, move |p| {
+            p.self_update(&name)
+        })
+        .await?;
+        self.inner
+            .local
+            .run(move |p| p.record_key_update(&group))
+            .await?;
         Ok(events)
     }
 
     /// Leaves `group`: asks the others to remove us, forgets it locally.
     pub async fn leave(&self, group: &str) -> Result<(), MessengerError> {
-        let mut profile = self.inner.profile.lock().await;
-        if let Some(out) = profile.leave(group)? {
+        let group = group.to_string();
+        if let Some(out) = self.inner.local.run(move |p| p.leave(&group)).await? {
             self.inner.link.send_outgoing(&out).await?;
         }
         Ok(())
@@ -270,11 +310,27 @@ impl Messenger {
     /// Sends a text message to `group`: directly to members reachable
     /// peer-to-peer (when enabled), through the server to the rest.
     pub async fn send(&self, group: &str, text: &str) -> Result<(), MessengerError> {
+        // A message must not go out in an epoch a commit of ours may have
+        // ended already: settle such a commit first.
+        if !self
+            .inner
+            .local
+            .run(|p| p.pending_commits())
+            .await?
+            .is_empty()
         {
-            let mut profile = self.inner.profile.lock().await;
-            let out = profile.send_text(group, text)?;
-            routing::send(&self.inner.router, &self.inner.link, &profile, out).await?;
+            let events = commits::resume_pending(&self.inner.link, &self.inner.local).await?;
+            for e in events {
+                self.inner.bus.emit(e);
+            }
         }
+        let (group, text) = (group.to_string(), text.to_string());
+        let out = self
+            .inner
+            .local
+            .run(move |p| p.send_text(&group, &text))
+            .await?;
+        routing::send(&self.inner.router, &self.inner.link, &self.inner.local, out).await?;
         self.update_due_keys_quietly().await;
         Ok(())
     }
@@ -284,12 +340,15 @@ impl Messenger {
     /// groups, and (unless opted out) announces our address in every group.
     /// Returns our endpoint id.
     pub async fn enable_p2p(&self, options: P2pOptions) -> Result<[u8; 32], MessengerError> {
-        let (secret, allowed, groups) = {
-            let profile = self.inner.profile.lock().await;
-            let secret = settings::p2p_secret(&profile)?;
-            let groups: Vec<String> = profile.groups()?.into_iter().map(|g| g.name).collect();
-            (secret, profile.allowed_endpoint_ids()?, groups)
-        };
+        let (secret, allowed, groups) = self
+            .inner
+            .local
+            .run(|profile| {
+                let secret = settings::p2p_secret(profile)?;
+                let groups: Vec<String> = profile.groups()?.into_iter().map(|g| g.name).collect();
+                Ok::<_, MessengerError>((secret, profile.allowed_endpoint_ids()?, groups))
+            })
+            .await?;
         let announce = options.announce;
         let this = self.clone();
         let id = self
@@ -318,7 +377,7 @@ impl Messenger {
         routing::announce(
             &self.inner.router,
             &self.inner.link,
-            &self.inner.profile,
+            &self.inner.local,
             group,
         )
         .await
@@ -326,12 +385,13 @@ impl Messenger {
 
     /// Local groups.
     pub async fn groups(&self) -> Result<Vec<GroupSummary>, MessengerError> {
-        Ok(self.inner.profile.lock().await.groups()?)
+        self.inner.local.run(|p| p.groups()).await
     }
 
     /// Members of a group.
     pub async fn members(&self, group: &str) -> Result<Vec<MemberInfo>, MessengerError> {
-        Ok(self.inner.profile.lock().await.members(group)?)
+        let group = group.to_string();
+        self.inner.local.run(move |p| p.members(&group)).await
     }
 
     /// The last `limit` messages of a group, oldest first.
@@ -340,14 +400,34 @@ impl Messenger {
         group: &str,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, MessengerError> {
-        Ok(self.inner.profile.lock().await.history(group, limit)?)
+        let group = group.to_string();
+        self.inner
+            .local
+            .run(move |p| p.history(&group, limit))
+            .await
+    }
+
+    /// Received messages not yet marked shown ([`Messenger::mark_shown`]),
+    /// oldest first, at most `limit`: those processed by an earlier run (or
+    /// by a sync that failed half-way) that never reached the user.
+    pub async fn unshown(&self, limit: usize) -> Result<Vec<StoredMessage>, MessengerError> {
+        self.inner.local.run(move |p| p.unshown(limit)).await
+    }
+
+    /// Records that `messages` reached the user: call it once they were
+    /// written out (and flushed), never before, so a crash in between shows
+    /// them again rather than never.
+    pub async fn mark_shown(&self, messages: &[StoredMessage]) -> Result<(), MessengerError> {
+        let messages = messages.to_vec();
+        self.inner.local.run(move |p| p.mark_shown(&messages)).await
     }
 
     /// Fetches and processes everything queued since the last run, in order.
+    /// The messages among the events are stored as not yet shown (see
+    /// [`Messenger::unshown`]); when this fails half-way, what it processed
+    /// before the failure is there too.
     pub async fn sync(&self) -> Result<Vec<Event>, MessengerError> {
-        let mut profile = self.inner.profile.lock().await;
-        let events = commits::catch_up(&self.inner.link, &mut profile).await?;
-        drop(profile);
+        let events = commits::catch_up(&self.inner.link, &self.inner.local).await?;
         self.after_events(&events).await?;
         self.publish(&events).await;
         Ok(events)

@@ -2,10 +2,11 @@
 //! listener, the direct-message receiver, and what follows processing
 //! (handing events to the bus and reacting to them).
 //!
-//! Both loops process under the profile lock and let go of it before the
-//! follow-ups, which make network round trips of their own (announcing,
-//! checking the directory, refilling key packages).  The listener
-//! subscribes again after every reconnect, from the profile's cursor.
+//! Both loops lock the profile only to process (on the blocking pool) and
+//! make their round trips (acknowledging, committing pending proposals,
+//! announcing, checking the directory, refilling key packages) with the
+//! profile free.  The listener subscribes again after every reconnect,
+//! from the profile's cursor.
 
 use quicnprotochat_core::Event;
 use quicnprotochat_p2p::Inbound;
@@ -21,7 +22,7 @@ impl Messenger {
     /// the profile cannot be read or reconnecting gives up.
     pub(super) async fn listen_loop(self) {
         loop {
-            let from = match self.inner.profile.lock().await.next_seq() {
+            let from = match self.inner.local.run(|p| p.next_seq()).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the queue cursor; listener stops");
@@ -30,8 +31,13 @@ impl Messenger {
             };
             match self.inner.link.client().await.subscribe(from).await {
                 Ok(sub) => {
-                    let mut profile = self.inner.profile.lock().await;
-                    match inbox::restart_if_restored(&mut profile, sub.incarnation()) {
+                    let incarnation = sub.incarnation().to_vec();
+                    let restored = self
+                        .inner
+                        .local
+                        .run(move |p| inbox::restart_if_restored(p, &incarnation))
+                        .await;
+                    match restored {
                         // Subscribe again, from the start of the queue.
                         Ok(true) => continue,
                         Ok(false) => {}
@@ -40,7 +46,6 @@ impl Messenger {
                             return;
                         }
                     }
-                    drop(profile);
                     self.take_pushed(sub).await
                 }
                 Err(e) => tracing::warn!(error = %e, "subscribe failed; reconnecting"),
@@ -61,20 +66,27 @@ impl Messenger {
     /// it ends.
     async fn take_pushed(&self, mut sub: Subscription) {
         while let Some(env) = sub.next().await {
-            let mut profile = self.inner.profile.lock().await;
-            let next = profile.next_seq().unwrap_or(1);
-            if env.seq < next {
-                continue; // already processed (e.g. by a concurrent sync)
-            }
-            let mut events =
-                match inbox::process_envelopes(&mut profile, std::slice::from_ref(&env)) {
-                    Ok(events) => events,
-                    Err(e) => {
-                        // Not acknowledged: the next sync fetches it again.
-                        tracing::error!(error = %e, "cannot store a received message");
-                        continue;
+            let (seq, incarnation) = (env.seq, env.incarnation.clone());
+            let processed = self
+                .inner
+                .local
+                .run(move |p| {
+                    if env.seq < p.next_seq()? {
+                        // Already processed (e.g. by a concurrent sync).
+                        return Ok(None);
                     }
-                };
+                    inbox::process_envelopes(p, std::slice::from_ref(&env)).map(Some)
+                })
+                .await;
+            let mut events = match processed {
+                Ok(Some(events)) => events,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Not acknowledged: the next sync fetches it again.
+                    tracing::error!(error = %e, "cannot store a received message");
+                    continue;
+                }
+            };
             // Acknowledged in the incarnation it was read in: after a
             // restore (a new connection) the number means something else.
             let _ = self
@@ -82,15 +94,15 @@ impl Messenger {
                 .link
                 .client()
                 .await
-                .ack_in(&env.incarnation, env.seq)
+                .ack_in(&incarnation, seq)
                 .await;
             for group_id in inbox::pending_groups(&events) {
-                match commits::commit_pending(&self.inner.link, &mut profile, &group_id).await {
+                match commits::commit_pending(&self.inner.link, &self.inner.local, &group_id).await
+                {
                     Ok(more) => events.extend(more),
                     Err(e) => tracing::debug!(error = %e, "committing pending proposals"),
                 }
             }
-            drop(profile);
             if let Err(e) = self.after_events(&events).await {
                 tracing::warn!(error = %e, "follow-up after events failed");
             }
@@ -101,8 +113,13 @@ impl Messenger {
     /// Tells the members of `group` named in `only` (everyone else when
     /// `None`) our delivery token, inside the group.
     pub(super) async fn announce_token(&self, group: &str, only: Option<&[String]>) {
-        let mut profile = self.inner.profile.lock().await;
-        let sent = match profile.announce_delivery_token(group, only) {
+        let (group, only) = (group.to_string(), only.map(<[String]>::to_vec));
+        let out = self
+            .inner
+            .local
+            .run(move |p| p.announce_delivery_token(&group, only.as_deref()))
+            .await;
+        let sent = match out {
             Ok(Some(out)) => self
                 .inner
                 .link
@@ -110,7 +127,7 @@ impl Messenger {
                 .await
                 .map_err(MessengerError::from),
             Ok(None) => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         };
         if let Err(e) = sent {
             tracing::debug!(error = %e, "announcing our delivery token failed");
@@ -120,7 +137,11 @@ impl Messenger {
     /// Takes the delivery token `member` announced (now in the profile)
     /// into the tokens presented when sending.
     async fn learn_token(&self, member: quicnprotochat_core::IdentityKey) {
-        let token = self.inner.profile.lock().await.delivery_token_of(member);
+        let token = self
+            .inner
+            .local
+            .run(move |p| p.delivery_token_of(member))
+            .await;
         match token {
             Ok(Some(t)) => self.inner.link.learn_token(member, t).await,
             Ok(None) => {}
@@ -136,12 +157,12 @@ impl Messenger {
                 m.reject();
                 continue;
             }
+            let (id, payload) = (m.message_id, m.payload.clone());
             let result = self
                 .inner
-                .profile
-                .lock()
-                .await
-                .process(&m.message_id, &m.payload);
+                .local
+                .run(move |p| p.process(&id, &payload))
+                .await;
             match result {
                 Ok(events) => {
                     m.accept();
@@ -166,7 +187,7 @@ impl Messenger {
     /// Hands events to listeners and reacts to them: allow announced peers,
     /// learn announced delivery tokens, announce ourselves (our address and
     /// our delivery token) where members joined, and check those groups'
-    /// members against the directory.
+    /// members against the directory and the user's verified contacts.
     pub(super) async fn publish(&self, events: &[Event]) {
         self.inner.router.allow_announced(events).await;
         let mut announce_in = Vec::new();

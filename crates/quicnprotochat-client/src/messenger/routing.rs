@@ -9,19 +9,19 @@
 //! connections are accepted only from endpoint ids announced inside our
 //! groups ([`Router::allow_announced`]).
 //!
-//! Lock order: the profile, then the router (a direct send reads the router
-//! while the caller holds the profile); nothing locks the profile while it
-//! holds the router's lock, so the two cannot deadlock.
+//! The profile is read (peer addresses) or written (an announcement) in
+//! one local step before the round trips, never held across them; the
+//! router's lock is held, as a reader, across direct sends only.
 
 use quicnprotochat_core::mls_header::{self, FrameKind};
-use quicnprotochat_core::{Event, IdentityKey, Outgoing, PeerInfo, Profile};
+use quicnprotochat_core::{Event, IdentityKey, Outgoing, PeerInfo};
 use quicnprotochat_p2p::{Inbound, Node, NodeConfig, P2pError, PeerAddr};
-use tokio::sync::{Mutex, RwLock, mpsc};
+use tokio::sync::{RwLock, mpsc};
 use tokio::task::JoinHandle;
 
 use super::error::MessengerError;
+use super::local::Local;
 use super::supervisor::Supervisor;
-use crate::error::ClientError;
 
 /// Peer-to-peer delivery settings.
 #[derive(Debug, Clone)]
@@ -127,19 +127,29 @@ impl Router {
         }
     }
 
-    /// Tries the direct path for every recipient with a known address;
-    /// returns the recipients that still need the server.
-    async fn send_direct(&self, profile: &Profile, out: &Outgoing) -> Vec<IdentityKey> {
+    /// Whether the direct path is on.
+    async fn enabled(&self) -> bool {
+        self.p2p.read().await.is_some()
+    }
+
+    /// Tries the direct path for every recipient with a known address
+    /// (`known`, read from the profile); returns the recipients that still
+    /// need the server.
+    async fn send_direct(
+        &self,
+        known: Vec<(IdentityKey, Option<PeerInfo>)>,
+        out: &Outgoing,
+    ) -> Vec<IdentityKey> {
         let p2p = self.p2p.read().await;
         let Some(p2p) = p2p.as_ref() else {
             return out.recipients.clone();
         };
         let mut attempts = Vec::new();
         let mut remaining = Vec::new();
-        for r in &out.recipients {
-            match profile.peer(*r) {
-                Ok(Some(peer)) => attempts.push((*r, to_peer_addr(&peer))),
-                _ => remaining.push(*r),
+        for (r, peer) in known {
+            match peer {
+                Some(peer) => attempts.push((r, to_peer_addr(&peer))),
+                None => remaining.push(r),
             }
         }
         let sends = attempts
@@ -187,10 +197,25 @@ impl Drop for Router {
 pub(super) async fn send(
     router: &Router,
     link: &Supervisor,
-    profile: &Profile,
+    local: &Local,
     out: Outgoing,
-) -> Result<(), ClientError> {
-    let remaining = router.send_direct(profile, &out).await;
+) -> Result<(), MessengerError> {
+    let remaining = if router.enabled().await {
+        let recipients = out.recipients.clone();
+        let known = local
+            .run(move |p| {
+                Ok::<_, MessengerError>(
+                    recipients
+                        .into_iter()
+                        .map(|r| (r, p.peer(r).ok().flatten()))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .await?;
+        router.send_direct(known, &out).await
+    } else {
+        out.recipients.clone()
+    };
     if !remaining.is_empty() {
         let rest = Outgoing {
             recipients: remaining,
@@ -206,14 +231,14 @@ pub(super) async fn send(
 pub(super) async fn announce(
     router: &Router,
     link: &Supervisor,
-    profile: &Mutex<Profile>,
+    local: &Local,
     group: &str,
 ) -> Result<(), MessengerError> {
     let Some(peer) = router.announced_addr().await else {
         return Ok(());
     };
-    let mut profile = profile.lock().await;
-    if let Some(out) = profile.announce_peer(group, &peer)? {
+    let group = group.to_string();
+    if let Some(out) = local.run(move |p| p.announce_peer(&group, &peer)).await? {
         link.send_outgoing(&out).await?;
     }
     Ok(())

@@ -299,6 +299,19 @@ impl App {
                 self.warn(group, text);
                 Some(group.clone())
             }
+            Event::Undecryptable {
+                group: Some(group),
+                kept,
+                ..
+            } => {
+                let fate = if *kept {
+                    "kept to retry when its epoch arrives"
+                } else {
+                    "dropped"
+                };
+                self.warn(group, format!("a message could not be decrypted; {fate}"));
+                None
+            }
             Event::Disconnected { reason } => {
                 self.link = Link::Offline(reason.clone());
                 None

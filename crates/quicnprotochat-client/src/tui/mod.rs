@@ -36,6 +36,10 @@ use app::{Action, App, ChatLine, LineKind, MemberLine};
 /// Messages of each group loaded from the history at start.
 const HISTORY: usize = 500;
 
+/// Messages left unshown by earlier runs that are marked shown at start
+/// (they are among the loaded history).
+const MAX_UNSHOWN: usize = 10_000;
+
 /// Errors of the full-screen client.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -151,8 +155,20 @@ pub async fn run(m: Messenger) -> Result<(), TuiError> {
 
     let mut guard = TerminalGuard::enter()?;
     let mut jobs: FuturesUnordered<Job<'_>> = FuturesUnordered::new();
+    // Messages count as shown once a frame with them was drawn: the ones
+    // earlier runs left unshown (now in the loaded history) first.
+    let mut to_mark = m.unshown(MAX_UNSHOWN).await.unwrap_or_default();
     loop {
         guard.terminal.draw(|f| ui::draw(f, &app))?;
+        if !to_mark.is_empty() {
+            let shown = std::mem::take(&mut to_mark);
+            jobs.push(Box::pin(async move {
+                match m.mark_shown(&shown).await {
+                    Ok(()) => Vec::new(),
+                    Err(e) => vec![Done::Error(e.to_string())],
+                }
+            }));
+        }
         tokio::select! {
             input = key_rx.recv() => {
                 let Some(input) = input else { break };
@@ -181,6 +197,9 @@ pub async fn run(m: Messenger) -> Result<(), TuiError> {
                     continue;
                 };
                 let back_online = matches!(e, quicnprotochat_core::Event::Reconnected);
+                if let quicnprotochat_core::Event::Message(msg) = &e {
+                    to_mark.push(msg.clone());
+                }
                 if let Some(group) = app.on_event(&e) {
                     jobs.push(Box::pin(reload_members(&m, group)));
                 }

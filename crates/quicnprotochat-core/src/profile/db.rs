@@ -71,6 +71,35 @@ const MIGRATIONS: &[&str] = &[
         token      BLOB NOT NULL,
         updated_at INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 7: whether a message was shown to the user.  Messages stored before
+    // this count as shown; received ones are stored unshown until the
+    // application says it showed them.
+    "ALTER TABLE messages ADD COLUMN shown INTEGER NOT NULL DEFAULT 1;
+     CREATE INDEX messages_unshown ON messages (id) WHERE shown = 0;",
+    // 8: commits of ours not merged or discarded yet (sent again after a
+    // restart), messages that could not be processed yet (kept for a retry
+    // when their group's epoch changes or the Welcome arrives), and the
+    // groups this profile left (whose messages are not worth keeping).
+    "CREATE TABLE pending_commits (
+        group_id        BLOB PRIMARY KEY,
+        commit_id       BLOB,
+        commit_to       BLOB,
+        commit_payload  BLOB,
+        welcome_id      BLOB,
+        welcome_to      BLOB,
+        welcome_payload BLOB,
+        created_at      INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE held (
+        id         INTEGER PRIMARY KEY,
+        message_id BLOB NOT NULL UNIQUE,
+        group_id   BLOB NOT NULL,
+        epoch      INTEGER NOT NULL,
+        payload    BLOB NOT NULL,
+        held_at    INTEGER NOT NULL
+     );
+     CREATE INDEX held_group ON held (group_id, id);
+     CREATE TABLE left_groups (group_id BLOB PRIMARY KEY, left_at INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

@@ -13,9 +13,10 @@ use super::db::sql_int;
 use super::history::{insert_message, mark_processed};
 use super::mls::{others, outgoing, username_of};
 use super::transaction::{Op, Target, begin, commit};
-use super::{Profile, Provider, keyage, outbox};
+use super::{Profile, Provider, keyage, outbox, pending};
 use crate::group::{
-    CommitOutcome, GroupError, Outgoing, StoredMessage, message_id_at, random_id, valid_group_name,
+    CommitOutcome, Event, GroupError, Outgoing, StoredMessage, message_id_at, random_id,
+    valid_group_name,
 };
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
@@ -89,13 +90,7 @@ impl Profile {
             let (commit, welcome, _info) = g
                 .add_members(&op.provider, op.signer(), std::slice::from_ref(&kp))
                 .map_err(GroupError::mls)?;
-            commit_outcome(
-                op.group_id,
-                recipients,
-                &commit,
-                Some((vec![invitee], &welcome)),
-                op.now_ms,
-            )
+            commit_outcome(op, recipients, &commit, Some((vec![invitee], &welcome)))
         })
     }
 
@@ -122,7 +117,7 @@ impl Profile {
             let (commit, _welcome, _info) = g
                 .remove_members(&op.provider, op.signer(), &target)
                 .map_err(GroupError::mls)?;
-            commit_outcome(op.group_id, recipients, &commit, None, op.now_ms)
+            commit_outcome(op, recipients, &commit, None)
         })
     }
 
@@ -134,7 +129,7 @@ impl Profile {
                 .self_update(&op.provider, op.signer(), LeafNodeParameters::default())
                 .map_err(GroupError::mls)?;
             let (commit, _welcome, _info) = bundle.into_contents();
-            commit_outcome(op.group_id, recipients, &commit, None, op.now_ms)
+            commit_outcome(op, recipients, &commit, None)
         })
     }
 
@@ -151,7 +146,7 @@ impl Profile {
             if welcome.is_some() {
                 return Err(GroupError::ProposalsAddMembers);
             }
-            commit_outcome(op.group_id, recipients, &commit, None, op.now_ms).map(Some)
+            commit_outcome(op, recipients, &commit, None).map(Some)
         })
     }
 
@@ -159,7 +154,8 @@ impl Profile {
     pub fn confirm_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
         self.with_group(Target::Id(group_id), |op, g| {
             g.merge_pending_commit(&op.provider)
-                .map_err(GroupError::mls)
+                .map_err(GroupError::mls)?;
+            pending::forget(op.tx, op.group_id)
         })
     }
 
@@ -167,15 +163,43 @@ impl Profile {
     /// transaction, put its Welcome (if any) in the outbox.  The commit is
     /// merged from now on, so the invitees must get their Welcome even if
     /// sending it fails now or this client stops first: [`Profile::outbox`]
-    /// lists it until [`Profile::outbox_sent`] removes it.
-    pub fn confirm_commit_and_queue(&mut self, outcome: &CommitOutcome) -> Result<(), GroupError> {
+    /// lists it until [`Profile::outbox_sent`] removes it.  Returns the
+    /// events of held messages that the new epoch lets apply.
+    pub fn confirm_commit_and_queue(
+        &mut self,
+        outcome: &CommitOutcome,
+    ) -> Result<Vec<Event>, GroupError> {
         self.with_group(Target::Id(&outcome.group_id), |op, g| {
+            // Settled already (a retry got there first): nothing to do.
+            if !pending::is_pending(op.tx, outcome)? {
+                return Ok(());
+            }
             g.merge_pending_commit(&op.provider)
                 .map_err(GroupError::mls)?;
+            pending::forget(op.tx, op.group_id)?;
             if let Some(w) = &outcome.welcome {
                 outbox::enqueue(op.tx, w, op.now_ms)?;
             }
             Ok(())
+        })?;
+        // The new epoch may be what held messages waited for.
+        if self.held_count()? > 0 {
+            return self.retry_held();
+        }
+        Ok(Vec::new())
+    }
+
+    /// The server stored nothing of our commit `outcome`: discard it, if it
+    /// is still the one pending (an answer that comes after the commit was
+    /// settled changes nothing).
+    pub fn discard_commit(&mut self, outcome: &CommitOutcome) -> Result<(), GroupError> {
+        self.with_group(Target::Id(&outcome.group_id), |op, g| {
+            if !pending::is_pending(op.tx, outcome)? {
+                return Ok(());
+            }
+            g.clear_pending_commit(op.provider.storage())
+                .map_err(GroupError::mls)?;
+            pending::forget(op.tx, op.group_id)
         })
     }
 
@@ -183,7 +207,8 @@ impl Profile {
     pub fn abort_commit(&mut self, group_id: &[u8]) -> Result<(), GroupError> {
         self.with_group(Target::Id(group_id), |op, g| {
             g.clear_pending_commit(op.provider.storage())
-                .map_err(GroupError::mls)
+                .map_err(GroupError::mls)?;
+            pending::forget(op.tx, op.group_id)
         })
     }
 
@@ -208,6 +233,13 @@ impl Profile {
         };
         g.delete(provider.storage()).map_err(GroupError::mls)?;
         tx.execute("DELETE FROM groups WHERE group_id = ?1", [&group_id])?;
+        // What the others still send there is not worth keeping.
+        tx.execute(
+            "INSERT OR REPLACE INTO left_groups (group_id, left_at) VALUES (?1, ?2)",
+            params![group_id, sql_int(now_ms)],
+        )?;
+        tx.execute("DELETE FROM held WHERE group_id = ?1", [&group_id])?;
+        pending::forget(&tx, &group_id)?;
         commit(tx, &mut self.cache)?;
         Ok(out)
     }
@@ -232,7 +264,8 @@ impl Profile {
                 text: text.to_string(),
                 message_id: hex::encode(id),
             };
-            insert_message(op.tx, op.group_id, &stored)?;
+            // Our own message: the user typed it.
+            insert_message(op.tx, op.group_id, &stored, true)?;
             keyage::count_sent(op.tx, op.group_id)?;
             Ok(out)
         })
@@ -240,14 +273,15 @@ impl Profile {
 }
 
 /// The pending `commit`, addressed to `recipients` (no message when there
-/// are none), and its Welcome, each under a fresh delivery id.
+/// are none), and its Welcome, each under a fresh delivery id; recorded as
+/// pending in the operation's transaction.
 fn commit_outcome(
-    group_id: &[u8],
+    op: &Op<'_>,
     recipients: Vec<IdentityKey>,
     commit: &MlsMessageOut,
     welcome: Option<(Vec<IdentityKey>, &MlsMessageOut)>,
-    now_ms: u64,
 ) -> Result<CommitOutcome, GroupError> {
+    let now_ms = op.now_ms;
     let commit = if recipients.is_empty() {
         None
     } else {
@@ -257,11 +291,13 @@ fn commit_outcome(
         Some((to, w)) => Some(outgoing(to, message_id_at(now_ms)?, w)?),
         None => None,
     };
-    Ok(CommitOutcome {
-        group_id: group_id.to_vec(),
+    let outcome = CommitOutcome {
+        group_id: op.group_id.to_vec(),
         commit,
         welcome,
-    })
+    };
+    pending::save(op.tx, &outcome, now_ms)?;
+    Ok(outcome)
 }
 
 impl Op<'_> {

@@ -104,18 +104,80 @@ impl Profile {
         rows.reverse();
         Ok(rows)
     }
+
+    /// Received messages not yet shown to the user, in the order they were
+    /// processed, at most `limit` of them: what an application shows next
+    /// time when it stopped (or lost its connection) between processing
+    /// messages and showing them.  Messages of groups this profile left are
+    /// not listed.
+    pub fn unshown(&self, limit: usize) -> Result<Vec<StoredMessage>, GroupError> {
+        self.conn
+            .prepare_cached(
+                "SELECT g.name, m.sender, m.sender_key, m.sent_at, m.received_at, m.body, m.message_id
+                 FROM messages m JOIN groups g ON g.group_id = m.group_id
+                 WHERE m.shown = 0 ORDER BY m.id LIMIT ?1",
+            )?
+            .query_map(params![sql_int(limit)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Vec<u8>>(6)?,
+                ))
+            })?
+            .map(|row| {
+                let (group, sender, key, sent, received, text, id) = row?;
+                Ok(StoredMessage {
+                    group,
+                    sender,
+                    sender_key: IdentityKey::from_slice(&key).map_err(StateError::from)?,
+                    sent_at_ms: u64::try_from(sent).unwrap_or(0),
+                    received_at_ms: u64::try_from(received).unwrap_or(0),
+                    text,
+                    message_id: hex::encode(id),
+                })
+            })
+            .collect()
+    }
+
+    /// Records that `messages` were shown to the user (one transaction):
+    /// [`Profile::unshown`] no longer lists them.  Call it only once they
+    /// were written out.
+    pub fn mark_shown(&mut self, messages: &[StoredMessage]) -> Result<(), GroupError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE messages SET shown = 1 WHERE message_id = ?1
+                 AND group_id = (SELECT group_id FROM groups WHERE name = ?2)",
+            )?;
+            for m in messages {
+                let id = hex::decode(&m.message_id).map_err(GroupError::rejected)?;
+                stmt.execute(params![id, m.group])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
 }
 
-/// Stores a message in the history; `false` if it was there already.
+/// Stores a message in the history, `shown` or waiting to be shown;
+/// `false` if it was there already.
 pub(super) fn insert_message(
     conn: &Connection,
     group_id: &[u8],
     m: &StoredMessage,
+    shown: bool,
 ) -> Result<bool, GroupError> {
     let id = hex::decode(&m.message_id).map_err(GroupError::rejected)?;
     let n = conn.prepare_cached(
-        "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body, shown)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
             group_id,
@@ -124,7 +186,8 @@ pub(super) fn insert_message(
             m.sender_key.as_bytes(),
             sql_int(m.sent_at_ms),
             sql_int(m.received_at_ms),
-            m.text
+            m.text,
+            shown
         ],
     )?;
     Ok(n == 1)

@@ -28,6 +28,8 @@
 //! - `groups.rs`: create, invite, remove, self-update, commit proposals,
 //!   confirm or abort a commit, leave, send;
 //! - `outbox.rs`: messages to send again until the server stored them;
+//! - `held.rs`: messages kept until the epoch or Welcome they need arrives;
+//! - `pending.rs`: commits of ours not merged or discarded yet;
 //! - `peers.rs`: direct-connection addresses of members;
 //! - `tokens.rs`: delivery tokens, ours and those members announced;
 //! - `history.rs`: stored messages, groups, members, processed message ids;
@@ -54,11 +56,13 @@ use crate::identity::{Identity, IdentityKey};
 
 mod db;
 mod groups;
+mod held;
 mod history;
 mod keyage;
 mod mls;
 mod outbox;
 mod peers;
+mod pending;
 mod process;
 mod tokens;
 mod transaction;
@@ -69,6 +73,7 @@ pub use verified::{Contact, Verification};
 
 pub use db::{JsonCodec, Provider, STATE_FILE};
 use db::{migrate, open_db};
+pub use held::{HELD_MAX_AGE_MS, MAX_HELD};
 use transaction::GroupCache;
 
 /// The secret that opens a profile.
@@ -253,11 +258,7 @@ impl Profile {
 
     /// The next queue sequence number to fetch.
     pub fn next_seq(&self) -> Result<u64, StateError> {
-        Ok(self
-            .setting("next_seq")?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(1))
+        next_seq_on(&self.conn)
     }
 
     /// Generates `count` one-time key packages (and a last-resort one when
@@ -296,6 +297,14 @@ fn set_setting_on(conn: &Connection, key: &str, value: &[u8]) -> Result<(), Stat
         params![key, value],
     )?;
     Ok(())
+}
+
+/// The queue cursor as stored on `conn` (1 when none is).
+fn next_seq_on(conn: &Connection) -> Result<u64, StateError> {
+    Ok(get_setting_on(conn, "next_seq")?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(1))
 }
 
 fn get_setting_on(conn: &Connection, key: &str) -> Result<Option<Vec<u8>>, StateError> {

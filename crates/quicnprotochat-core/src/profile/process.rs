@@ -14,7 +14,7 @@ use super::mls::{check_member_key, member_key, username_of};
 use super::peers::store_peer;
 use super::tokens::store_delivery_token;
 use super::transaction::{GroupCache, begin, commit};
-use super::{Profile, Provider, set_setting_on};
+use super::{Profile, Provider, held, next_seq_on, pending, set_setting_on};
 use crate::group::{
     Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, valid_group_name,
 };
@@ -66,17 +66,33 @@ impl Profile {
             for d in batch {
                 let sp = tx.savepoint()?;
                 match process_in(&sp, &mut self.cache, d.message_id, d.payload, now_ms) {
-                    Ok(events) => {
+                    Ok(mut events) => {
                         sp.commit()?;
+                        // Its group moved on: what waited for that may apply.
+                        if let Some(g) = held::changed_group(&tx, d.payload, &events)?
+                            && held::any(&tx, &g)?
+                        {
+                            events.extend(held::retry(&tx, &mut self.cache, &g, now_ms)?);
+                        }
                         results.push(Ok(events));
                     }
                     // Storage failed: stop; nothing of the batch applies.
                     Err(e @ GroupError::State(_)) => return Err(e),
-                    // Dropping the savepoint rolls back this payload alone.
-                    Err(e) => results.push(Err(e)),
+                    Err(e) => {
+                        // Dropping the savepoint rolls back this payload
+                        // alone; one that may apply later is kept.
+                        drop(sp);
+                        match held::hold(&tx, &mut self.cache, d.message_id, d.payload, &e, now_ms)?
+                        {
+                            Some(event) => results.push(Ok(vec![event])),
+                            None => results.push(Err(e)),
+                        }
+                    }
                 }
             }
-            set_setting_on(&tx, "next_seq", &last.saturating_add(1).to_le_bytes())?;
+            // Never backwards: another reader of the queue may be ahead.
+            let next = last.saturating_add(1).max(next_seq_on(&tx)?);
+            set_setting_on(&tx, "next_seq", &next.to_le_bytes())?;
             Ok::<_, GroupError>(())
         })();
         if let Err(e) = outcome {
@@ -91,7 +107,7 @@ impl Profile {
 /// Processes one payload on `conn` (a transaction or a savepoint).  Groups
 /// it changed are back in `cache`; the caller clears the cache if `conn`
 /// does not commit.
-fn process_in(
+pub(super) fn process_in(
     conn: &Connection,
     cache: &mut GroupCache,
     message_id: &[u8],
@@ -321,7 +337,7 @@ fn receive_application(
         text,
         message_id: m.id,
     };
-    Ok(if insert_message(at.tx, at.group_id, &stored)? {
+    Ok(if insert_message(at.tx, at.group_id, &stored, false)? {
         vec![Event::Message(stored)]
     } else {
         Vec::new()
@@ -369,6 +385,9 @@ fn apply_commit(
     let updated = sc.update_path_leaf_node().is_some() && added.is_empty() && removed.is_empty();
     g.merge_staged_commit(provider, sc)
         .map_err(GroupError::rejected)?;
+    // Another member's commit won the epoch: a commit of ours pending in
+    // it is discarded (openmls cleared it in the merge).
+    pending::forget(at.tx, at.group_id)?;
     let (group, by) = (at.name.to_string(), at.by.clone());
     let mut events = Vec::new();
     if !added.is_empty() {
