@@ -162,6 +162,7 @@ pub async fn run(m: Messenger) -> Result<(), TuiError> {
         guard.terminal.draw(|f| ui::draw(f, &app))?;
         if !to_mark.is_empty() {
             let shown = std::mem::take(&mut to_mark);
+            let m = &m;
             jobs.push(Box::pin(async move {
                 match m.mark_shown(&shown).await {
                     Ok(()) => Vec::new(),
