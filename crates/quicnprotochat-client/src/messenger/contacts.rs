@@ -24,11 +24,7 @@ impl Messenger {
         }
         let key = directory::resolve(&self.inner.link.client().await, username).await?;
         let name = username.to_string();
-        let contact = self
-            .inner
-            .local
-            .run(move |p| p.contact(&name, key))
-            .await?;
+        let contact = self.inner.local.run(move |p| p.contact(&name, key)).await?;
         Ok(vec![contact])
     }
 

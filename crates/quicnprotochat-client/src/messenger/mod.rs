@@ -135,8 +135,9 @@ impl Messenger {
         let registered = async {
             let (saved, own_token) = saved;
             saved?;
-            let link = Supervisor::connect(server, profile.identity().clone(), own_token?, Vec::new())
-                .await?;
+            let link =
+                Supervisor::connect(server, profile.identity().clone(), own_token?, Vec::new())
+                    .await?;
             link.client().await.register(username).await?;
             Ok::<_, MessengerError>(link)
         }
@@ -192,7 +193,8 @@ impl Messenger {
         .map_err(|_| MessengerError::NotConfigured("profile task failed"))??;
         let mut server = server;
         tune(&mut server);
-        let link = Supervisor::connect(server, profile.identity().clone(), own_token, tokens).await?;
+        let link =
+            Supervisor::connect(server, profile.identity().clone(), own_token, tokens).await?;
         Ok(Self::assemble(profile, link, dir))
     }
 
