@@ -14,7 +14,27 @@ async fn pair(server: &TestServer) -> (Messenger, Messenger) {
     let bob = server.messenger("bob").await.unwrap();
     alice.invite("g", "bob").await.unwrap();
     bob.sync().await.unwrap();
+    // Alice learns the delivery token bob announced on joining.
+    alice.sync().await.unwrap();
     (alice, bob)
+}
+
+/// Enqueues `out` as alice's client would: with the delivery tokens the
+/// recipients announced to her (a raw client without them is a stranger,
+/// whose messages the server holds to a small share of the queue).
+async fn enqueue(
+    c: &quicnprotochat_client::Client,
+    p: &Profile,
+    out: quicnprotochat_core::Outgoing,
+) {
+    let tokens: Vec<_> = out
+        .recipients
+        .iter()
+        .map(|r| p.delivery_token_of(*r).unwrap())
+        .collect();
+    c.enqueue_with_tokens(&out.recipients, &tokens, out.message_id, out.payload)
+        .await
+        .unwrap();
 }
 
 /// The profile of `name` opened directly (its messenger must be closed).
@@ -145,9 +165,7 @@ async fn the_hold_is_bounded() {
         let c = server.connect_as(p.identity()).await.unwrap();
         for i in 0..MAX_HELD + extra {
             let m = p.send_text("g", &format!("early {i}")).unwrap();
-            c.enqueue(&m.recipients, m.message_id, m.payload)
-                .await
-                .unwrap();
+            enqueue(&c, &p, m).await;
         }
         let commit = outcome.commit.unwrap();
         c.enqueue(&commit.recipients, commit.message_id, commit.payload)
