@@ -1,8 +1,9 @@
 //! `quicnprotochat-soak`: a bounded soak under faults that counts what
 //! people saw.
 //!
-//! Senders (client-library messengers, one group each with every receiver)
-//! send numbered messages at a steady rate through the real server binary,
+//! Senders (client-library messengers, one group each with every receiver,
+//! listening as a person's `chat` does) send numbered messages at a steady
+//! rate through the real server binary,
 //! while the soak
 //! - kills the server with SIGKILL and starts it again on the same data,
 //! - kills receivers (the real command-line client in `listen --json`) with
@@ -490,6 +491,18 @@ async fn send_loop(
     attempts: Arc<AtomicU64>,
 ) -> Sent {
     let mut sent = Sent::default();
+    // Like a person's client in `chat`, the sender listens too: that is how
+    // it learns what its group members announce (their delivery tokens
+    // among it), and how it rides out the server's restarts.
+    let listening = match m.listen().await {
+        Ok(mut events) => Some(tokio::task::spawn_local(async move {
+            while events.next().await.is_some() {}
+        })),
+        Err(e) => {
+            sent.errors.push(format!("s{i}: listening failed: {e}"));
+            None
+        }
+    };
     let period = Duration::from_secs_f64(1.0 / rate.max(0.01));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -513,6 +526,9 @@ async fn send_loop(
             }
         }
         n += 1;
+    }
+    if let Some(l) = listening {
+        l.abort();
     }
     sent
 }
