@@ -141,6 +141,42 @@ async fn reopen_messenger(root: &Path, username: &str) -> Result<Messenger, Harn
     Ok(Messenger::open(&dir, &test_profile_key(), None).await?)
 }
 
+/// An impostor: a client whose MLS credential claims the name `claimed`
+/// (another user's) while it registers on the server as `registered`; it
+/// makes `group` and adds `victim` to it (the Welcome is queued for the
+/// victim).  Its profile lives in `dir`.  Returns the impostor's identity
+/// key.
+pub async fn impostor_adds(
+    config: ClientConfig,
+    dir: &Path,
+    claimed: &str,
+    registered: &str,
+    group: &str,
+    victim: quicnprotochat_core::IdentityKey,
+) -> Result<quicnprotochat_core::IdentityKey, HarnessError> {
+    let mut impostor = quicnprotochat_core::Profile::create(
+        dir,
+        &ProfileKey::Passphrase("impostor".into()),
+        claimed,
+    )
+    .map_err(MessengerError::from)?;
+    let c = Client::connect(config).await?;
+    c.init_auth(impostor.identity()).await?;
+    c.register(registered).await?;
+    impostor.create_group(group).map_err(MessengerError::from)?;
+    let (kp, _) = c.fetch_key_package(victim).await?;
+    let out = impostor
+        .add_member(group, &kp, victim)
+        .map_err(MessengerError::from)?;
+    impostor
+        .confirm_commit(&out.group_id)
+        .map_err(MessengerError::from)?;
+    if let Some(w) = out.welcome {
+        c.enqueue(&w.recipients, w.message_id, w.payload).await?;
+    }
+    Ok(impostor.identity_key())
+}
+
 /// Installs ring as the process-level rustls provider, exactly once;
 /// "already installed" is not an error.
 pub fn install_crypto_provider() {

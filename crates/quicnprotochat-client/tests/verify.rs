@@ -2,9 +2,9 @@
 //! number, key updates do not change it, and a verified contact's name
 //! showing up with another key is flagged.
 
-use quicnprotochat_client::harness::{TestServer, expect_event};
-use quicnprotochat_client::{Client, Event};
-use quicnprotochat_core::{Profile, ProfileKey, Verification};
+use quicnprotochat_client::Event;
+use quicnprotochat_client::harness::{TestServer, expect_event, impostor_adds};
+use quicnprotochat_core::Verification;
 
 use crate::cli::{cli, register, run_ok};
 
@@ -82,30 +82,16 @@ async fn a_verified_contacts_name_with_another_key_is_flagged() {
     // Mallory's client puts "bob" in her MLS credential, registers as
     // mallory, and adds alice to a group.
     let dir = tempfile::tempdir().unwrap();
-    let mut mallory = Profile::create(
+    let fake = impostor_adds(
+        server.client_config(),
         &dir.path().join("m"),
-        &ProfileKey::Passphrase("m".into()),
         "bob",
+        "mallory",
+        "trap",
+        alice.identity_key().await,
     )
+    .await
     .unwrap();
-    let c = Client::connect(server.client_config()).await.unwrap();
-    c.init_auth(mallory.identity()).await.unwrap();
-    c.register("mallory").await.unwrap();
-    mallory.create_group("trap").unwrap();
-    let (kp, _) = c
-        .fetch_key_package(alice.identity_key().await)
-        .await
-        .unwrap();
-    let out = mallory
-        .add_member("trap", &kp, alice.identity_key().await)
-        .unwrap();
-    mallory.confirm_commit(&out.group_id).unwrap();
-    let w = out.welcome.unwrap();
-    c.enqueue(&w.recipients, w.message_id, w.payload)
-        .await
-        .unwrap();
-
-    let fake = mallory.identity_key();
     let real_key = real.key;
     expect_event(&mut events, "the verified-key warning", |e| {
         matches!(e, Event::VerifiedKeyChanged { group, member, key, verified }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use quicnprotochat_client::harness::{
-    ServerProcess, expect_event, expect_no_message, next_messages,
+    ServerProcess, expect_event, expect_no_message, impostor_adds, next_messages,
 };
 use quicnprotochat_client::{Event, EventStream, Messenger};
 
@@ -275,27 +275,16 @@ async fn a_member_whose_credential_claims_another_users_name_is_flagged() {
     // mallory's client puts "bob" in her MLS credential, registers as mallory,
     // and adds alice to a group.
     let dir = tempfile::tempdir().unwrap();
-    let key = quicnprotochat_core::ProfileKey::Passphrase("m".into());
-    let mut mallory =
-        quicnprotochat_core::Profile::create(&dir.path().join("m"), &key, "bob").unwrap();
-    let c = quicnprotochat_client::Client::connect(server.client_config().unwrap())
-        .await
-        .unwrap();
-    c.init_auth(mallory.identity()).await.unwrap();
-    c.register("mallory").await.unwrap();
-    mallory.create_group("trap").unwrap();
-    let (kp, _) = c
-        .fetch_key_package(alice.identity_key().await)
-        .await
-        .unwrap();
-    let out = mallory
-        .add_member("trap", &kp, alice.identity_key().await)
-        .unwrap();
-    mallory.confirm_commit(&out.group_id).unwrap();
-    let w = out.welcome.unwrap();
-    c.enqueue(&w.recipients, w.message_id, w.payload)
-        .await
-        .unwrap();
+    let mallory = impostor_adds(
+        server.client_config().unwrap(),
+        &dir.path().join("m"),
+        "bob",
+        "mallory",
+        "trap",
+        alice.identity_key().await,
+    )
+    .await
+    .unwrap();
     expect(
         &mut a_ev,
         "alice joins",
@@ -303,7 +292,7 @@ async fn a_member_whose_credential_claims_another_users_name_is_flagged() {
     )
     .await;
     expect(&mut a_ev, "alice is warned", |e| {
-        matches!(e, Event::DirectoryMismatch { member, key, .. } if member == "bob" && *key == mallory.identity_key())
+        matches!(e, Event::DirectoryMismatch { member, key, .. } if member == "bob" && *key == mallory)
     })
     .await;
 }
