@@ -533,6 +533,26 @@ impl Client {
     /// incarnation the sequence numbers belong to.
     pub async fn fetch_batch(&self, from_seq: u64, limit: u32) -> Result<Fetched, ClientError> {
         let recipient = self.own_identity()?;
+        self.fetch_of(recipient, from_seq, limit).await
+    }
+
+    /// Reads the queue of `recipient` (the server refuses any but one's own;
+    /// exposed for tests of exactly that).
+    pub async fn fetch_queue(
+        &self,
+        recipient: IdentityKey,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Envelope>, ClientError> {
+        Ok(self.fetch_of(recipient, from_seq, limit).await?.messages)
+    }
+
+    async fn fetch_of(
+        &self,
+        recipient: IdentityKey,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Fetched, ClientError> {
         self.call(move |w| async move {
             let mut req = w.session()?.fetch_request();
             {
@@ -548,30 +568,6 @@ impl Client {
                 incarnation: r.get_incarnation()?.to_vec(),
                 messages: read_envelopes(r.get_messages()?)?,
             })
-        })
-        .await
-    }
-
-    /// Reads the queue of `recipient` (the server refuses any but one's own;
-    /// exposed for tests of exactly that).
-    pub async fn fetch_queue(
-        &self,
-        recipient: IdentityKey,
-        from_seq: u64,
-        limit: u32,
-    ) -> Result<Vec<Envelope>, ClientError> {
-        self.call(move |w| async move {
-            let mut req = w.session()?.fetch_request();
-            {
-                let mut p = req.get();
-                p.set_recipient(recipient.as_bytes());
-                p.set_from_seq(from_seq);
-                p.set_limit(limit);
-            }
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            check!(r);
-            read_envelopes(r.get_messages()?)
         })
         .await
     }

@@ -66,40 +66,11 @@ impl Profile {
         let mut rows: Vec<StoredMessage> = self
             .conn
             .prepare(
-                "SELECT sender, sender_key, sent_at, received_at, body, message_id FROM messages
+                "SELECT ?3, sender, sender_key, sent_at, received_at, body, message_id FROM messages
                  WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
             )?
-            .query_map(params![group_id, sql_int(limit)], |r| {
-                let key: Vec<u8> = r.get(1)?;
-                let id: Vec<u8> = r.get(5)?;
-                Ok((
-                    r.get(0)?,
-                    key,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get(4)?,
-                    id,
-                ))
-            })?
-            .map(|row| {
-                let (sender, key, sent, received, text, id): (
-                    String,
-                    Vec<u8>,
-                    i64,
-                    i64,
-                    String,
-                    Vec<u8>,
-                ) = row?;
-                Ok(StoredMessage {
-                    group: group.to_string(),
-                    sender,
-                    sender_key: IdentityKey::from_slice(&key).map_err(StateError::from)?,
-                    sent_at_ms: u64::try_from(sent).unwrap_or(0),
-                    received_at_ms: u64::try_from(received).unwrap_or(0),
-                    text,
-                    message_id: hex::encode(id),
-                })
-            })
+            .query_map(params![group_id, sql_int(limit), group], read_row)?
+            .map(|row| stored_message(row?))
             .collect::<Result<_, GroupError>>()?;
         rows.reverse();
         Ok(rows)
@@ -117,29 +88,8 @@ impl Profile {
                  FROM messages m JOIN groups g ON g.group_id = m.group_id
                  WHERE m.shown = 0 ORDER BY m.id LIMIT ?1",
             )?
-            .query_map(params![sql_int(limit)], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, Vec<u8>>(6)?,
-                ))
-            })?
-            .map(|row| {
-                let (group, sender, key, sent, received, text, id) = row?;
-                Ok(StoredMessage {
-                    group,
-                    sender,
-                    sender_key: IdentityKey::from_slice(&key).map_err(StateError::from)?,
-                    sent_at_ms: u64::try_from(sent).unwrap_or(0),
-                    received_at_ms: u64::try_from(received).unwrap_or(0),
-                    text,
-                    message_id: hex::encode(id),
-                })
-            })
+            .query_map(params![sql_int(limit)], read_row)?
+            .map(|row| stored_message(row?))
             .collect()
     }
 
@@ -216,4 +166,35 @@ pub(super) fn prune_processed(conn: &Connection, now_ms: u64) -> Result<usize, G
     Ok(conn
         .prepare_cached("DELETE FROM processed WHERE message_id < ?1")?
         .execute([&bound[..]])?)
+}
+
+/// A stored message's columns: group name, sender, sender key, sent and
+/// received times, body, message id.
+type MessageRow = (String, String, Vec<u8>, i64, i64, String, Vec<u8>);
+
+/// Reads the columns of [`MessageRow`], in that order.
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+/// A stored message from its row.
+fn stored_message(row: MessageRow) -> Result<StoredMessage, GroupError> {
+    let (group, sender, key, sent, received, text, id) = row;
+    Ok(StoredMessage {
+        group,
+        sender,
+        sender_key: IdentityKey::from_slice(&key).map_err(StateError::from)?,
+        sent_at_ms: u64::try_from(sent).unwrap_or(0),
+        received_at_ms: u64::try_from(received).unwrap_or(0),
+        text,
+        message_id: hex::encode(id),
+    })
 }
