@@ -224,8 +224,23 @@ impl SqliteOptions {
 
 /// Called once after the batch's COMMIT with its outcome.
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-/// A write job: runs inside the batch transaction (or is told it cannot run).
-type WriteJob = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
+/// Runs a write inside the batch transaction (or is told it cannot run).
+type RunWrite = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
+/// A write job and how it may be batched.
+struct WriteJob {
+    run: RunWrite,
+    /// Runs in a transaction of its own.  Damage met by one job aborts the
+    /// whole transaction (SQLite rolls it back), so a job that scans much of
+    /// the store (the expiry sweep) must not share the fate of clients'
+    /// writes, nor the health probe the fate of anyone else's.
+    solo: Solo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Solo {
+    Batched,
+    Alone,
+}
 /// A read job: runs on a reader connection and replies itself.
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
@@ -324,8 +339,25 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_as(Solo::Batched, op)
+    }
+
+    /// Like [`Self::write`], in a transaction of its own.
+    fn write_alone<T, F>(&self, op: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.write_as(Solo::Alone, op)
+    }
+
+    fn write_as<T, F>(&self, solo: Solo, op: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
-        let job: WriteJob = Box::new(move |conn| {
+        let run: RunWrite = Box::new(move |conn| {
             let result = match conn {
                 Some(conn) => in_savepoint(conn, op),
                 None => Err(StoreError::Commit("could not begin a transaction".into())),
@@ -338,6 +370,7 @@ impl SqliteStore {
                 let _ = tx.send(answer);
             })
         });
+        let job = WriteJob { run, solo };
         let sender = self.writer.clone();
         Box::pin(async move {
             let sender = sender.ok_or(StoreError::WorkerGone)?;
@@ -388,17 +421,27 @@ fn in_savepoint<T>(
 
 fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: usize) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
-    while let Some(first) = jobs.blocking_recv() {
+    // A job taken from the queue that must wait for the next transaction.
+    let mut held: Option<WriteJob> = None;
+    loop {
+        let Some(first) = held.take().or_else(|| jobs.blocking_recv()) else {
+            break;
+        };
+        let alone = first.solo == Solo::Alone;
         batch.push(first);
-        while batch.len() < max_batch {
+        while !alone && batch.len() < max_batch {
             match jobs.try_recv() {
+                Ok(job) if job.solo == Solo::Alone => {
+                    held = Some(job);
+                    break;
+                }
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
         let began = conn.execute_batch("BEGIN IMMEDIATE");
         let ready = began.is_ok().then_some(&conn);
-        let replies: Vec<Reply> = batch.drain(..).map(|job| job(ready)).collect();
+        let replies: Vec<Reply> = batch.drain(..).map(|job| (job.run)(ready)).collect();
         let commit = match began {
             Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -657,7 +700,7 @@ impl Store for SqliteStore {
     fn ping(&self) -> StoreFuture<'_, ()> {
         let probe = self.probes.fetch_add(1, Ordering::Relaxed);
         let probe = i64::try_from(probe).unwrap_or(i64::MAX);
-        let written = self.write(move |c| {
+        let written = self.write_alone(move |c| {
             c.prepare_cached(
                 "INSERT INTO meta (name, value) VALUES ('health_probe', ?1)
                  ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -1055,7 +1098,7 @@ impl Store for SqliteStore {
     }
 
     fn sweep(&self, now_secs: u64, now_ms: u64) -> StoreFuture<'_, SweepStats> {
-        self.write(move |c| {
+        self.write_alone(move |c| {
             let key_packages = c
                 .prepare_cached("DELETE FROM key_packages WHERE not_after <= ?1")?
                 .execute([to_i64(now_secs)])?;
