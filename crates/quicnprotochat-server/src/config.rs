@@ -82,6 +82,12 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// week, longer than any client's retry horizon.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Database connections each server node keeps at most when the store is
+/// PostgreSQL: enough for the RPC thread's concurrent calls (each holds one
+/// for a few milliseconds), few enough that ten nodes stay inside
+/// PostgreSQL's default `max_connections` of 100 with room for operators.
+pub const DEFAULT_DATABASE_POOL_SIZE: usize = 8;
+
 /// QUIC connection-level receive window: bounds what one peer can make us
 /// buffer (quinn's default is unbounded).  4 MiB still fills a 100 Mbit/s,
 /// 300 ms path.
@@ -239,6 +245,11 @@ pub struct FileConfig {
     pub key_path: Option<PathBuf>,
     /// `full` or `normal`
     pub db_synchronous: Option<Synchronous>,
+    /// PostgreSQL connection string; unset: the embedded store (prefer the
+    /// environment variable: it may hold a password)
+    pub database_url: Option<String>,
+    /// most PostgreSQL connections of this node
+    pub database_pool_size: Option<usize>,
     /// seconds; see [`DEFAULT_DRAIN_TIMEOUT`]
     pub drain_timeout_secs: Option<u64>,
     /// limits
@@ -355,6 +366,20 @@ pub struct ServerArgs {
     /// once [default: 5].
     #[arg(long, env = "QUICNPROTOCHAT_DRAIN_TIMEOUT_SECS", global = true)]
     pub drain_timeout_secs: Option<u64>,
+    /// PostgreSQL connection string (`postgresql://user:password@host/db`
+    /// or `host=/run/postgresql dbname=quicnprotochat`): store everything
+    /// there instead of the embedded database, so several server nodes can
+    /// share it. Never logged.
+    #[arg(
+        long,
+        env = "QUICNPROTOCHAT_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: Option<String>,
+    /// Most PostgreSQL connections this node opens [default: 8].
+    #[arg(long, env = "QUICNPROTOCHAT_DATABASE_POOL_SIZE", global = true)]
+    pub database_pool_size: Option<usize>,
 }
 
 /// Flags of `health`.
@@ -447,6 +472,11 @@ pub struct Config {
     pub tls_paths: Option<(PathBuf, PathBuf)>,
     /// commit durability
     pub db_synchronous: Synchronous,
+    /// PostgreSQL connection string: the store is PostgreSQL when set, the
+    /// embedded SQLCipher database in `data_dir` when not
+    pub database_url: Option<Secret>,
+    /// most PostgreSQL connections of this node
+    pub database_pool_size: usize,
     /// how long a stopping server lets calls in flight finish
     pub drain_timeout: Duration,
     /// limits
@@ -467,6 +497,8 @@ impl Config {
             db_key: DbKeySetting::DevGenerated,
             tls_paths: None,
             db_synchronous: Synchronous::Full,
+            database_url: None,
+            database_pool_size: DEFAULT_DATABASE_POOL_SIZE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             limits: Limits::default(),
             clock: quicnprotochat_core::clock::system(),
@@ -535,6 +567,29 @@ impl Config {
                 reason: "must be between 0 and 86400 (one day)".into(),
             });
         }
+        let database_url = args
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .filter(|u| !u.trim().is_empty());
+        if let Some(url) = &database_url {
+            crate::store::postgres::PgOptions::new(url.clone())
+                .parse()
+                .map_err(|e| ConfigError::Invalid {
+                    setting: "database_url",
+                    reason: e.to_string(),
+                })?;
+        }
+        let database_pool_size = args
+            .database_pool_size
+            .or(file.database_pool_size)
+            .unwrap_or(DEFAULT_DATABASE_POOL_SIZE);
+        if !(1..=1000).contains(&database_pool_size) {
+            return Err(ConfigError::Invalid {
+                setting: "database_pool_size",
+                reason: "must be between 1 and 1000".into(),
+            });
+        }
         Ok(Self {
             mode: args.mode.or(file.mode).unwrap_or_default(),
             listen,
@@ -547,6 +602,8 @@ impl Config {
             db_key,
             tls_paths,
             db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),
+            database_url: database_url.map(Secret),
+            database_pool_size,
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             limits,
             clock: quicnprotochat_core::clock::system(),

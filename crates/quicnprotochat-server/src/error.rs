@@ -100,6 +100,9 @@ pub enum ServerError {
         /// why
         reason: &'static str,
     },
+    /// the operation does not apply to this configuration
+    #[error("{0}")]
+    Unsupported(String),
     /// the operating system's random number generator failed
     #[error("the system random number generator failed")]
     Rng,

@@ -79,7 +79,7 @@ fn serve(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let server = Server::bind(&config)?;
+        let server = Server::bind(&config).await?;
         server.serve(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
     })

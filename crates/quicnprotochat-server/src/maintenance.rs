@@ -25,9 +25,23 @@ pub struct Restored {
 /// Writes a consistent copy of the configured database to `dest` (a new
 /// file), encrypted under the same key; safe while the server runs.
 pub fn backup(config: &Config, dest: &Path) -> Result<(), ServerError> {
+    embedded_only(config, "backup")?;
     let key = database_key(config)?;
     sqlite::backup(&config.data_dir.join(DB_FILE_NAME), &key, dest)?;
     sync_parent(dest)
+}
+
+/// These subcommands work on the embedded database: PostgreSQL has its own
+/// tools, which the operations guide names.
+fn embedded_only(config: &Config, what: &'static str) -> Result<(), ServerError> {
+    if config.database_url.is_some() {
+        return Err(ServerError::Unsupported(format!(
+            "`{what}` works on the embedded database; the store is PostgreSQL: use its tools \
+                 (pg_dump, pg_basebackup with point-in-time recovery), as the operations guide \
+                 says under \"Several nodes on PostgreSQL\""
+        )));
+    }
+    Ok(())
 }
 
 /// Installs the backup `from` as the configured database, with a new
@@ -35,6 +49,7 @@ pub fn backup(config: &Config, dest: &Path) -> Result<(), ServerError> {
 /// schema, every page) on a copy before anything is replaced; the database
 /// it replaces is kept beside it, renamed, with its write-ahead log.
 pub fn restore(config: &Config, from: &Path) -> Result<Restored, ServerError> {
+    embedded_only(config, "restore")?;
     let key = database_key(config)?;
     let dir = &config.data_dir;
     let live = dir.join(DB_FILE_NAME);

@@ -90,6 +90,67 @@ pub fn check_config(config: &Config) -> Result<(), ServerError> {
             }
         }
     }
+    if let Some(url) = &config.database_url {
+        if let Some(problem) = database_url_problem(&url.0) {
+            return Err(refuse("database_url", problem));
+        }
+    } else {
+        check_db_key(config)?;
+    }
+    if config.tls_paths.is_none() {
+        return Err(refuse(
+            "cert_path",
+            "certificate and key paths are required (QUICNPROTOCHAT_CERT, QUICNPROTOCHAT_KEY); \
+             production never generates a self-signed certificate",
+        ));
+    }
+    Ok(())
+}
+
+/// Why production mode refuses the PostgreSQL connection string `url`, if
+/// it does: every host must be a Unix socket or a loopback address, since
+/// this version connects to the database without TLS (a remote database
+/// would see the password and every queued message's metadata in the clear
+/// on the network).  The reason never contains the string.
+pub fn database_url_problem(url: &str) -> Option<String> {
+    let config = match crate::store::postgres::PgOptions::new(url).parse() {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    for host in config.get_hosts() {
+        match host {
+            tokio_postgres::config::Host::Unix(_) => {}
+            // With `hostaddr`, the name is only the TLS name: the
+            // addresses are judged below.
+            tokio_postgres::config::Host::Tcp(_) if !config.get_hostaddrs().is_empty() => {}
+            tokio_postgres::config::Host::Tcp(name) => {
+                let loopback = name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    return Some(format!(
+                        "the host {name} is neither a Unix socket nor loopback; this version \
+                         connects to PostgreSQL without TLS, so production only connects over \
+                         a Unix socket or to a loopback address (operations guide, \"Several \
+                         nodes on PostgreSQL\")"
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(ip) = config.get_hostaddrs().iter().find(|ip| !ip.is_loopback()) {
+        return Some(format!(
+            "the hostaddr {ip} is not loopback; this version connects to PostgreSQL without TLS, \
+             so production only connects over a Unix socket or to a loopback address"
+        ));
+    }
+    None
+}
+
+fn check_db_key(config: &Config) -> Result<(), ServerError> {
     match &config.db_key {
         DbKeySetting::Provided(k) if k.0.iter().all(|b| *b == k.0[0]) => {
             return Err(refuse(
@@ -107,13 +168,6 @@ pub fn check_config(config: &Config) -> Result<(), ServerError> {
                 "is empty, which would disable encryption at rest",
             ));
         }
-    }
-    if config.tls_paths.is_none() {
-        return Err(refuse(
-            "cert_path",
-            "certificate and key paths are required (QUICNPROTOCHAT_CERT, QUICNPROTOCHAT_KEY); \
-             production never generates a self-signed certificate",
-        ));
     }
     Ok(())
 }
@@ -306,6 +360,38 @@ mod tests {
         match check_config(c) {
             Err(ServerError::Production { setting, .. }) => Some(setting),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn on_postgresql_only_a_local_database_is_accepted_and_no_db_key_is_needed() {
+        for local in [
+            "host=/run/postgresql dbname=q",
+            "postgresql://user:secret@localhost/q",
+            "postgresql://user:secret@127.0.0.1:5432/q",
+            "postgresql://user:secret@[::1]/q",
+            "host=db.example hostaddr=127.0.0.1 dbname=q",
+        ] {
+            let mut c = prod();
+            c.db_key = DbKeySetting::DevGenerated;
+            c.database_url = Some(Secret(local.into()));
+            assert_eq!(refused_setting(&c), None, "{local}");
+        }
+        for remote in [
+            "postgresql://user:secret@db.example/q",
+            "postgresql://user:secret@10.0.0.5/q",
+            "host=/run/postgresql,db.example dbname=q",
+            "host=localhost hostaddr=192.0.2.1 dbname=q",
+            "dbname=q",
+        ] {
+            let mut c = prod();
+            c.database_url = Some(Secret(remote.into()));
+            assert_eq!(refused_setting(&c), Some("database_url"), "{remote}");
+            // The reason never shows the string (it may hold a password).
+            match check_config(&c) {
+                Err(e) => assert!(!e.to_string().contains("secret"), "{e}"),
+                Ok(()) => panic!("{remote} accepted"),
+            }
         }
     }
 

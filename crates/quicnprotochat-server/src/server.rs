@@ -29,6 +29,8 @@ use crate::drain::{Calls, Drain, DrainSignal};
 use crate::error::ServerError;
 use crate::production;
 use crate::rpc;
+use crate::store::Store;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
 
 /// Development certificate and key, generated into the data directory.
@@ -74,7 +76,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Validates the configuration, prepares secrets and TLS, opens the store
     /// and binds the socket.  Must run inside a tokio runtime.
-    pub fn bind(config: &Config) -> Result<Self, ServerError> {
+    pub async fn bind(config: &Config) -> Result<Self, ServerError> {
         let production = config.mode == Mode::Production;
         if production {
             production::check_config(config)?;
@@ -88,7 +90,6 @@ impl Server {
             r => r?,
         }
         let token = access_token(config);
-        let key = database_key(config)?;
         let (chain, private_key) = tls_material(config)?;
         let leaf = chain
             .first()
@@ -105,9 +106,7 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(config)?));
 
-        let mut options = SqliteOptions::new(config.data_dir.join(DB_FILE_NAME), key);
-        options.synchronous = config.db_synchronous;
-        let store = SqliteStore::open(options)?;
+        let store = open_store(config).await?;
 
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             ServerError::Bind {
@@ -116,7 +115,7 @@ impl Server {
             }
         })?;
         let delivery = Rc::new(Delivery::new(
-            Arc::new(store),
+            store,
             config.limits.clone(),
             token.as_bytes(),
             config.clock.clone(),
@@ -630,6 +629,42 @@ pub(crate) fn load_or_create_dev_cert(dir: &Path) -> Result<TlsMaterial, ServerE
     load_tls(&cert_path, &key_path)
 }
 
+/// Opens the configured store: PostgreSQL when `database_url` is set, the
+/// embedded SQLCipher database in the data directory otherwise.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    let Some(url) = &config.database_url else {
+        let key = database_key(config)?;
+        let mut options = SqliteOptions::new(config.data_dir.join(DB_FILE_NAME), key);
+        options.synchronous = config.db_synchronous;
+        return Ok(Arc::new(SqliteStore::open(options)?));
+    };
+    if !matches!(config.db_key, crate::config::DbKeySetting::DevGenerated) {
+        tracing::warn!(
+            "db_key is set but unused: the store is PostgreSQL (encryption at rest is the database's disks')"
+        );
+    }
+    let mut options = PgOptions::new(url.0.clone());
+    options.pool_size = config.database_pool_size;
+    let store = PgStore::connect(options).await?;
+    match store.durability_problem().await? {
+        Some(problem) if config.mode == Mode::Production => {
+            return Err(ServerError::Production {
+                setting: "database_url",
+                reason: format!(
+                    "{problem}: an acknowledged message could be lost in a crash of the database machine"
+                ),
+            });
+        }
+        Some(problem) => tracing::warn!(
+            %problem,
+            "DEVELOPMENT SHORTCUT: the database does not make commits durable; an acknowledged message can be lost in a crash of the database machine"
+        ),
+        None => {}
+    }
+    tracing::info!(pool_size = config.database_pool_size, "store: PostgreSQL");
+    Ok(Arc::new(store))
+}
+
 /// A server running on its own thread (current-thread runtime + `LocalSet`).
 #[derive(Debug)]
 pub struct ServerHandle {
@@ -696,7 +731,7 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                let server = match Server::bind(&config) {
+                let server = match Server::bind(&config).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

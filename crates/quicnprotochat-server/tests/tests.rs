@@ -1,5 +1,5 @@
 //! Integration tests of the delivery server: real QUIC on loopback port 0,
-//! real SQLCipher files in temporary directories.
+//! real SQLCipher files in temporary directories, a real PostgreSQL.
 
 #[cfg(test)]
 mod attacks;
@@ -21,6 +21,8 @@ mod packaging;
 mod production;
 #[cfg(test)]
 mod restore;
+#[cfg(test)]
+mod store;
 #[cfg(test)]
 mod support;
 #[cfg(test)]
