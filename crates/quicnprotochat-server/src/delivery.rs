@@ -36,8 +36,8 @@ use crate::error::ApiError;
 use crate::hub::{Hub, Pushed};
 use crate::ratelimit::Limiters;
 use crate::store::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueuedMessage,
-    RegisterOutcome, Store, TakenKeyPackage,
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueChange,
+    QueuedMessage, RegisterOutcome, Store, TakenKeyPackage,
 };
 
 /// Minor wire versions this server accepts (the major version is in the ALPN).
@@ -376,6 +376,23 @@ impl Delivery {
             "the database is damaged: this server reports not ready; restore the database from a backup (operations guide, \"A damaged database\")"
         );
         *self.damage.borrow_mut() = Some(detail);
+    }
+
+    /// Wakes live subscriptions for what other nodes commit to their
+    /// queues, until the store stops announcing (runs for the server's life
+    /// on a shared store; returns at once on the embedded one).
+    pub(crate) async fn follow_changes(&self) {
+        let Some(mut changes) = self.store.changes() else {
+            return;
+        };
+        while let Some(change) = changes.recv().await {
+            match change {
+                QueueChange::Committed { recipient, seq } => {
+                    self.hub.notify(&recipient, seq, None);
+                }
+                QueueChange::Resync => self.hub.wake_all(),
+            }
+        }
     }
 
     /// Checks every page of the store (at start-up, in the background):

@@ -2,7 +2,9 @@
 //! just committed from memory.
 //!
 //! Every enqueue that the store committed calls [`Hub::notify`] for each
-//! recipient with a live subscription; the message goes into that
+//! recipient with a live subscription (and, on a store shared by several
+//! nodes, so does every commit another node announces, without the
+//! message); the message goes into that
 //! recipient's small buffer (ascending sequence numbers) and the watch value
 //! wakes the subscription tasks.  A subscription delivers from the buffer
 //! when the buffer holds its next sequence number and reads the store only
@@ -99,7 +101,27 @@ impl Hub {
         if let Some(message) = message {
             self.buffer(entry, seq, message);
         }
-        entry.tx.send_replace(seq);
+        // Wake only for news: a queue's commits happen in sequence order, so
+        // when `seq` is not above the newest one announced, a wake for a
+        // later commit already went out and its reader sees `seq` too.
+        // (Another node's notification of a message this node enqueued
+        // itself then costs no read.)
+        entry.tx.send_if_modified(|newest| {
+            let news = seq > *newest;
+            if news {
+                *newest = seq;
+            }
+            news
+        });
+    }
+
+    /// Wakes every subscription to read its queue from the store: after
+    /// notifications may have been missed (the connection that brings other
+    /// nodes' notifications was lost and is back).
+    pub(crate) fn wake_all(&self) {
+        for entry in self.queues.borrow().values() {
+            entry.tx.send_modify(|_| {});
+        }
     }
 
     fn buffer(&self, entry: &mut Entry, seq: u64, message: &Rc<Pushed>) {
@@ -227,6 +249,22 @@ mod tests {
             hub.buffered(&key(1), 5, 10, 1 << 20).is_none(),
             "read the store"
         );
+    }
+
+    #[test]
+    fn only_news_wakes_and_a_lost_channel_wakes_everyone() {
+        let hub = Hub::default();
+        let mut rx = hub.watch(key(1));
+        hub.notify(&key(1), 5, Some(&msg(10)));
+        assert_eq!(*rx.borrow_and_update(), 5);
+        // The same commit announced again (by the store's notification
+        // channel), or an older one: nothing to read.
+        hub.notify(&key(1), 5, None);
+        hub.notify(&key(1), 4, None);
+        assert!(!rx.has_changed().unwrap());
+        hub.wake_all();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 5);
     }
 
     #[test]

@@ -162,6 +162,12 @@ impl Server {
         let table = Rc::new(RefCell::new(ConnTable::default()));
         let drain = Drain::new();
         let sweeper = tokio::task::spawn_local(sweep_loop(self.delivery.clone()));
+        // On a store shared by several nodes: pushes for what the others
+        // enqueue.
+        let follower = {
+            let delivery = self.delivery.clone();
+            tokio::task::spawn_local(async move { delivery.follow_changes().await })
+        };
         // Every page checked once, in the background: start-up stays fast,
         // and damage found makes the server report not ready.
         let checker = {
@@ -186,6 +192,7 @@ impl Server {
         );
         sweeper.abort();
         checker.abort();
+        follower.abort();
         drain.start(deadline);
         let closed = table.borrow().closed.clone();
         let drained = async {

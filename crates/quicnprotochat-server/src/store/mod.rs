@@ -290,8 +290,35 @@ pub struct SweepStats {
     pub dedup_keys: u64,
 }
 
+/// A change to the queues committed by some node of a shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueChange {
+    /// a message was committed to `recipient`'s queue as `seq`
+    Committed {
+        /// the queue
+        recipient: IdentityKey,
+        /// its sequence number
+        seq: u64,
+    },
+    /// changes may have been missed (the notification channel was lost and
+    /// is back, or the receiver fell behind): every live subscription reads
+    /// its queue from the store
+    Resync,
+}
+
+/// Queue changes committed through other nodes: `None` for a store that
+/// only this node writes (the embedded store).
+pub type QueueChanges = Option<tokio::sync::mpsc::Receiver<QueueChange>>;
+
 /// The delivery service's storage.
 pub trait Store: Send + Sync + 'static {
+    /// Starts delivering the queue changes every node commits (this one's
+    /// included), where other nodes share the store; called once, by the
+    /// server, inside its runtime.
+    fn changes(&self) -> QueueChanges {
+        None
+    }
+
     /// The store's incarnation: a random id made with the database and
     /// changed when it is restored from a backup.  Sequence numbers are
     /// comparable only within one incarnation.

@@ -21,6 +21,15 @@
 //! transaction the database aborts anyway (deadlock or serialization
 //! failure) is retried a few times before its error is returned.
 //!
+//! **Push across nodes**: every enqueue announces each recipient's new
+//! sequence number with `pg_notify` inside its transaction (PostgreSQL
+//! delivers it at commit, in commit order); each node listens on one
+//! connection of its own ([`Store::changes`]) and wakes its live
+//! subscriptions, which read the message from the store.  A node whose
+//! listening connection is lost reconnects with backoff and then has every
+//! live subscription reread its queue, so nothing committed meanwhile is
+//! missed; a subscription's cursor keeps anything from being pushed twice.
+//!
 //! Migrations are SQL files in `migrations/postgres/`, applied at start-up
 //! under an advisory lock (nodes starting together apply each one once);
 //! the checksum of every applied file is kept, and a changed released file
@@ -36,8 +45,9 @@ use quicnprotochat_core::IdentityKey;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueuedMessage,
-    RegisterOutcome, Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage, dedup_key,
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueChange,
+    QueueChanges, QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture, SweepStats,
+    TakenKeyPackage, dedup_key,
 };
 
 /// Schema migrations, applied in order.  Never edit a released entry: add one.
@@ -54,6 +64,16 @@ const LOCK_CLASS: i32 = 0x7163_6e70; // "qcnp"
 const LOCK_MIGRATE: i32 = 1;
 /// Held (per transaction) by the node that sweeps.
 const LOCK_SWEEP: i32 = 2;
+
+/// The notification channel of queue changes.
+const CHANNEL: &str = "quicnprotochat_queue";
+/// How often the listening connection is checked (a connection that died
+/// without a word, e.g. behind a lost network path, fails the check).
+const LISTEN_CHECK: Duration = Duration::from_secs(10);
+/// Queue changes waiting for the server (beyond: a resync).
+const CHANGE_BUFFER: usize = 4096;
+/// Longest wait between attempts to listen again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Times a transaction aborted by a deadlock or a serialization failure is
 /// run again before its error is returned.
@@ -117,6 +137,8 @@ impl PgOptions {
 /// PostgreSQL-backed [`Store`].
 pub struct PgStore {
     pool: Pool,
+    /// for the listening connection
+    config: tokio_postgres::Config,
     incarnation: [u8; 16],
     probes: AtomicU64,
 }
@@ -172,7 +194,7 @@ impl PgStore {
     pub async fn connect(options: PgOptions) -> Result<Self, StoreError> {
         let config = options.parse()?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -188,6 +210,7 @@ impl PgStore {
             .map_err(|e| StoreError::Config(e.to_string()))?;
         let store = Self {
             pool,
+            config,
             incarnation: [0; 16],
             probes: AtomicU64::new(0),
         };
@@ -346,6 +369,12 @@ fn identity_lock(identity: &IdentityKey) -> i64 {
 impl Store for PgStore {
     fn incarnation(&self) -> [u8; 16] {
         self.incarnation
+    }
+
+    fn changes(&self) -> QueueChanges {
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANGE_BUFFER);
+        tokio::spawn(listen(self.config.clone(), tx));
+        Some(rx)
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
@@ -623,6 +652,117 @@ impl Store for PgStore {
     }
 }
 
+/// Listens for queue changes until the receiver is dropped, reconnecting
+/// with backoff whenever the connection is lost.
+async fn listen(config: tokio_postgres::Config, tx: tokio::sync::mpsc::Sender<QueueChange>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut lagged = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        match listen_once(&config, &tx, &mut lagged).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "lost the database's notification channel: other nodes' messages reach this node's subscriptions when it is back"
+            ),
+        }
+        if started.elapsed() > MAX_BACKOFF * 2 {
+            backoff = Duration::from_millis(100);
+        }
+        // Up to half again, so that nodes that lost the database together
+        // do not all come back at the same instant.
+        let jitter = random_u64() % (u64::try_from(backoff.as_millis()).unwrap_or(1) / 2 + 1);
+        tokio::select! {
+            () = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+            () = tx.closed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A random number (for jitter; zero if the system generator fails).
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
+/// One listening connection: `Ok` when the receiver is gone, `Err` when the
+/// connection is.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    tx: &tokio::sync::mpsc::Sender<QueueChange>,
+    lagged: &mut bool,
+) -> Result<(), StoreError> {
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (ntx, mut nrx) = tokio::sync::mpsc::channel::<tokio_postgres::Notification>(CHANGE_BUFFER);
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message?
+                && ntx.send(n).await.is_err()
+            {
+                break;
+            }
+        }
+        Ok::<(), tokio_postgres::Error>(())
+    });
+    let result = async {
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        tracing::info!("listening for other nodes' messages");
+        // Whatever was committed while this node was not listening is in
+        // the store: every live subscription reads its queue.
+        *lagged = true;
+        let mut check = tokio::time::interval(LISTEN_CHECK);
+        check.tick().await;
+        loop {
+            if *lagged && tx.try_send(QueueChange::Resync).is_ok() {
+                *lagged = false;
+            }
+            tokio::select! {
+                n = nrx.recv() => {
+                    let Some(n) = n else {
+                        return Err(StoreError::Unavailable("the listening connection closed".into()));
+                    };
+                    if let Some(change) = parse_change(n.payload())
+                        && !*lagged
+                    {
+                        match tx.try_send(change) {
+                            Ok(()) => {}
+                            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => *lagged = true,
+                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                        }
+                    }
+                }
+                _ = check.tick() => {
+                    match tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => return Err(StoreError::Unavailable("the listening connection stopped answering".into())),
+                    }
+                }
+                () = tx.closed() => return Ok(()),
+            }
+        }
+    }
+    .await;
+    drop(client);
+    driver.abort();
+    result
+}
+
+/// A notification's payload: the recipient in hex, `:`, the sequence number.
+fn parse_change(payload: &str) -> Option<QueueChange> {
+    let (recipient, seq) = payload.split_once(':')?;
+    let recipient = IdentityKey::from_slice(&hex::decode(recipient).ok()?).ok()?;
+    Some(QueueChange::Committed {
+        recipient,
+        seq: seq.parse().ok()?,
+    })
+}
+
 async fn publish_tx(
     tx: &deadpool_postgres::Transaction<'_>,
     identity: &IdentityKey,
@@ -883,11 +1023,17 @@ async fn enqueue_tx(
         ],
     )
     .await?;
+    // Advance the heads, and announce each new message to every node
+    // (delivered at commit).
     tx.execute(
-        "UPDATE queue_heads h SET next_seq = x.s + 1, depth = h.depth + 1,
-             strangers = h.strangers + x.st
-         FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS x (r, s, st)
-         WHERE h.recipient = x.r",
+        "WITH bumped AS (
+             UPDATE queue_heads h SET next_seq = x.s + 1, depth = h.depth + 1,
+                 strangers = h.strangers + x.st
+             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS x (r, s, st)
+             WHERE h.recipient = x.r
+             RETURNING h.recipient, x.s)
+         SELECT pg_notify('quicnprotochat_queue', encode(recipient, 'hex') || ':' || s)
+         FROM bumped",
         &[&recipients, &seqs, &stranger_counts],
     )
     .await?;
