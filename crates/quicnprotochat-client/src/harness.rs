@@ -16,7 +16,7 @@ use quicnprotochat_server::config::{Config, Secret};
 use quicnprotochat_server::{ServerError, ServerHandle};
 
 mod postgres;
-pub use postgres::{PgCluster, PgClusterError, TEST_DATABASE_URL_ENV, TestDatabase};
+pub use postgres::{PgCluster, PgClusterError, PgTls, TEST_DATABASE_URL_ENV, TestDatabase};
 
 use crate::{
     Client, ClientConfig, ClientError, Event, EventStream, Messenger, MessengerError, ProfileKey,

@@ -250,6 +250,9 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     /// most PostgreSQL connections of this node
     pub database_pool_size: Option<usize>,
+    /// PEM file of the certificate authorities of the database server's
+    /// certificate: TLS to PostgreSQL, verified
+    pub database_ca: Option<PathBuf>,
     /// seconds; see [`DEFAULT_DRAIN_TIMEOUT`]
     pub drain_timeout_secs: Option<u64>,
     /// limits
@@ -380,6 +383,11 @@ pub struct ServerArgs {
     /// Most PostgreSQL connections this node opens [default: 8].
     #[arg(long, env = "QUICNPROTOCHAT_DATABASE_POOL_SIZE", global = true)]
     pub database_pool_size: Option<usize>,
+    /// PEM file of the certificate authorities that sign the PostgreSQL
+    /// server's certificate: every TCP connection to the database is then
+    /// TLS, with its certificate chain and host name verified.
+    #[arg(long, env = "QUICNPROTOCHAT_DATABASE_CA", global = true)]
+    pub database_ca: Option<PathBuf>,
 }
 
 /// Flags of `health`.
@@ -477,6 +485,8 @@ pub struct Config {
     pub database_url: Option<Secret>,
     /// most PostgreSQL connections of this node
     pub database_pool_size: usize,
+    /// certificate authorities of the database server (TLS to PostgreSQL)
+    pub database_ca: Option<PathBuf>,
     /// how long a stopping server lets calls in flight finish
     pub drain_timeout: Duration,
     /// limits
@@ -499,6 +509,7 @@ impl Config {
             db_synchronous: Synchronous::Full,
             database_url: None,
             database_pool_size: DEFAULT_DATABASE_POOL_SIZE,
+            database_ca: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             limits: Limits::default(),
             clock: quicnprotochat_core::clock::system(),
@@ -572,13 +583,20 @@ impl Config {
             .clone()
             .or(file.database_url)
             .filter(|u| !u.trim().is_empty());
+        let database_ca = args.database_ca.clone().or(file.database_ca);
+        if database_ca.is_some() && database_url.is_none() {
+            return Err(ConfigError::Invalid {
+                setting: "database_ca",
+                reason: "is set but database_url is not (it is for TLS to PostgreSQL)".into(),
+            });
+        }
         if let Some(url) = &database_url {
-            crate::store::postgres::PgOptions::new(url.clone())
-                .parse()
-                .map_err(|e| ConfigError::Invalid {
-                    setting: "database_url",
-                    reason: e.to_string(),
-                })?;
+            let mut options = crate::store::postgres::PgOptions::new(url.clone());
+            options.ca_file = database_ca.clone();
+            options.parse().map_err(|e| ConfigError::Invalid {
+                setting: "database_url",
+                reason: e.to_string(),
+            })?;
         }
         let database_pool_size = args
             .database_pool_size
@@ -604,6 +622,7 @@ impl Config {
             db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),
             database_url: database_url.map(Secret),
             database_pool_size,
+            database_ca,
             drain_timeout: Duration::from_secs(drain_timeout_secs),
             limits,
             clock: quicnprotochat_core::clock::system(),

@@ -91,7 +91,7 @@ pub fn check_config(config: &Config) -> Result<(), ServerError> {
         }
     }
     if let Some(url) = &config.database_url {
-        if let Some(problem) = database_url_problem(&url.0) {
+        if let Some(problem) = database_url_problem(&url.0, config.database_ca.is_some()) {
             return Err(refuse("database_url", problem));
         }
     } else {
@@ -108,15 +108,19 @@ pub fn check_config(config: &Config) -> Result<(), ServerError> {
 }
 
 /// Why production mode refuses the PostgreSQL connection string `url`, if
-/// it does: every host must be a Unix socket or a loopback address, since
-/// this version connects to the database without TLS (a remote database
-/// would see the password and every queued message's metadata in the clear
-/// on the network).  The reason never contains the string.
-pub fn database_url_problem(url: &str) -> Option<String> {
+/// it does: without TLS to the database (`verified_tls`: `database_ca` is
+/// set, so every TCP connection is TLS with the certificate verified),
+/// every host must be a Unix socket or a loopback address (on the network
+/// the password and every queued message's metadata would pass in the
+/// clear).  The reason never contains the string.
+pub fn database_url_problem(url: &str, verified_tls: bool) -> Option<String> {
     let config = match crate::store::postgres::PgOptions::new(url).parse() {
         Ok(c) => c,
         Err(e) => return Some(e.to_string()),
     };
+    if verified_tls {
+        return None;
+    }
     for host in config.get_hosts() {
         match host {
             tokio_postgres::config::Host::Unix(_) => {}
@@ -132,10 +136,10 @@ pub fn database_url_problem(url: &str) -> Option<String> {
                         .is_ok_and(|ip| ip.is_loopback());
                 if !loopback {
                     return Some(format!(
-                        "the host {name} is neither a Unix socket nor loopback; this version \
-                         connects to PostgreSQL without TLS, so production only connects over \
-                         a Unix socket or to a loopback address (operations guide, \"Several \
-                         nodes on PostgreSQL\")"
+                        "the host {name} is neither a Unix socket nor loopback, and database_ca \
+                         is not set: production connects to a database on the network only over \
+                         TLS with a verified certificate (operations guide, \"Several nodes on \
+                         PostgreSQL\")"
                     ));
                 }
             }
@@ -143,8 +147,8 @@ pub fn database_url_problem(url: &str) -> Option<String> {
     }
     if let Some(ip) = config.get_hostaddrs().iter().find(|ip| !ip.is_loopback()) {
         return Some(format!(
-            "the hostaddr {ip} is not loopback; this version connects to PostgreSQL without TLS, \
-             so production only connects over a Unix socket or to a loopback address"
+            "the hostaddr {ip} is not loopback, and database_ca is not set: production connects \
+             to a database on the network only over TLS with a verified certificate"
         ));
     }
     None
@@ -387,6 +391,12 @@ mod tests {
             let mut c = prod();
             c.database_url = Some(Secret(remote.into()));
             assert_eq!(refused_setting(&c), Some("database_url"), "{remote}");
+            // With verified TLS any host will do (a string with no host
+            // still will not).
+            c.database_ca = Some("ca.pem".into());
+            let expected = (remote == "dbname=q").then_some("database_url");
+            assert_eq!(refused_setting(&c), expected, "{remote} with database_ca");
+            c.database_ca = None;
             // The reason never shows the string (it may hold a password).
             match check_config(&c) {
                 Err(e) => assert!(!e.to_string().contains("secret"), "{e}"),

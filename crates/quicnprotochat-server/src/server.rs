@@ -652,6 +652,12 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     }
     let mut options = PgOptions::new(url.0.clone());
     options.pool_size = config.database_pool_size;
+    options.ca_file = config.database_ca.clone();
+    if options.ca_file.is_none() {
+        tracing::warn!(
+            "the connection to PostgreSQL is not TLS (database_ca is not set): use a Unix socket or loopback"
+        );
+    }
     let store = PgStore::connect(options).await?;
     match store.durability_problem().await? {
         Some(problem) if config.mode == Mode::Production => {

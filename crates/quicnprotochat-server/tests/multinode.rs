@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use quicnprotochat_client::harness::{PgCluster, TestServer};
+use quicnprotochat_client::harness::{PgCluster, PgTls, TestServer};
 use quicnprotochat_server::config::Secret;
 
 use crate::support::msg_id;
@@ -136,5 +136,85 @@ async fn after_the_database_restarts_nodes_serve_again_and_subscriptions_catch_u
         tokio::time::timeout(Duration::from_millis(500), sub.next())
             .await
             .is_err()
+    );
+}
+
+/// A certificate authority and a server certificate for `localhost` it
+/// signed: (CA PEM, server certificate PEM, server key PEM).
+fn ca_and_server_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test database CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn tls_to_the_database_verifies_its_certificate() {
+    let (ca, cert_pem, key_pem) = ca_and_server_cert();
+    let cluster = PgCluster::start_tls(&PgTls { cert_pem, key_pem }).unwrap();
+    let db = cluster.database().await.unwrap();
+    let name = db.url.rsplit("dbname=").next().unwrap().to_string();
+    let port = cluster.tcp_port().unwrap();
+    let url = format!("host=localhost port={port} user=postgres dbname={name}");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+
+    // The right authority: the node serves, over TLS only.
+    let server = {
+        let (url, ca_file) = (url.clone(), ca_file.clone());
+        TestServer::start_with(move |c| {
+            c.database_url = Some(Secret(url));
+            c.database_ca = Some(ca_file);
+        })
+        .unwrap()
+    };
+    let alice = server.client("alice").await.unwrap();
+    alice
+        .client
+        .enqueue(&[alice.identity.public_key()], msg_id(1), b"x".to_vec())
+        .await
+        .unwrap();
+    let (admin, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let rows = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'quicnprotochat-server'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter().all(|r| r.get::<_, bool>(0)),
+        "a connection without TLS"
+    );
+    drop(admin);
+    let _ = conn.await;
+
+    // Another authority: the node refuses to start rather than talk to a
+    // database it cannot authenticate.
+    let (other_ca, _, _) = ca_and_server_cert();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, other_ca).unwrap();
+    let refused = TestServer::start_with(move |c| {
+        c.database_url = Some(Secret(url));
+        c.database_ca = Some(other);
+    });
+    let e = refused.unwrap_err().to_string();
+    assert!(
+        e.contains("certificate") || e.contains("tls") || e.contains("TLS"),
+        "{e}"
     );
 }

@@ -63,6 +63,18 @@ pub struct PgCluster {
     admin: String,
     /// the private cluster, if this process started it
     private: Option<Private>,
+    /// the loopback TCP port, for a cluster that also listens on TCP
+    tcp_port: Option<u16>,
+}
+
+/// A server certificate and key (PEM) for a cluster that takes TLS
+/// connections.
+#[derive(Debug, Clone)]
+pub struct PgTls {
+    /// certificate chain, PEM
+    pub cert_pem: String,
+    /// private key, PEM
+    pub key_pem: String,
 }
 
 #[derive(Debug)]
@@ -90,9 +102,11 @@ impl PgCluster {
                     return Ok(PgCluster {
                         admin: url,
                         private: None,
+                        tcp_port: None,
                     });
                 }
-                Self::start_private(Lifetime::Process, Durability::Fast).map_err(|e| e.to_string())
+                Self::start_private(Lifetime::Process, Durability::Fast, None)
+                    .map_err(|e| e.to_string())
             })
             .as_ref()
             .map_err(|e| PgClusterError::SharedFailed(e.clone()))
@@ -102,22 +116,38 @@ impl PgCluster {
     /// with fsync off: fast, and durable across stops, starts and a killed
     /// server process, not across a crash of the machine.
     pub fn start() -> Result<PgCluster, PgClusterError> {
-        Self::start_private(Lifetime::Owned, Durability::Fast)
+        Self::start_private(Lifetime::Owned, Durability::Fast, None)
+    }
+
+    /// Like [`PgCluster::start`], also listening on a loopback TCP port
+    /// ([`PgCluster::tcp_port`]) that takes TLS connections with `tls`.
+    pub fn start_tls(tls: &PgTls) -> Result<PgCluster, PgClusterError> {
+        Self::start_private(Lifetime::Owned, Durability::Fast, Some(tls))
+    }
+
+    /// The loopback TCP port of a cluster started with
+    /// [`PgCluster::start_tls`].
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.tcp_port
     }
 
     /// Like [`PgCluster::start`], with every commit flushed to disk
     /// (`fsync = on`, `synchronous_commit = on`): for benchmarks.
     pub fn start_durable() -> Result<PgCluster, PgClusterError> {
-        Self::start_private(Lifetime::Owned, Durability::Durable)
+        Self::start_private(Lifetime::Owned, Durability::Durable, None)
     }
 
-    fn start_private(lifetime: Lifetime, durability: Durability) -> Result<Self, PgClusterError> {
+    fn start_private(
+        lifetime: Lifetime,
+        durability: Durability,
+        tls: Option<&PgTls>,
+    ) -> Result<Self, PgClusterError> {
         let bindir = bindir().ok_or(PgClusterError::NotInstalled)?;
         let temp = tempfile::Builder::new().prefix("qnpc-pg-").tempdir()?;
         let dir = temp.path().to_path_buf();
         let run_as = running_as_root()?.then(|| "postgres".to_string());
-        if let Some(user) = &run_as {
-            let (uid, gid) = user_ids(user)?;
+        let owner = run_as.as_deref().map(user_ids).transpose()?;
+        if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         }
         let private = Private {
@@ -154,8 +184,35 @@ impl PgCluster {
             Durability::Fast => "fsync = off\nfull_page_writes = off\n",
             Durability::Durable => "fsync = on\nfull_page_writes = on\n",
         };
+        let (listen, port, ssl) = match tls {
+            None => (String::new(), PORT, String::new()),
+            Some(tls) => {
+                // Files the server reads: owned by its user, the key 0600
+                // (PostgreSQL refuses a key others may read).
+                for (name, pem) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                    let path = data.join(name);
+                    std::fs::write(&path, pem)?;
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )?;
+                    if let Some((uid, gid)) = owner {
+                        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                    }
+                }
+                let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
+                    .local_addr()?
+                    .port();
+                (
+                    "127.0.0.1".to_string(),
+                    port,
+                    "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+                        .to_string(),
+                )
+            }
+        };
         let settings = format!(
-            "\n# test cluster\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {PORT}\nmax_connections = 300\nshared_buffers = 64MB\nsynchronous_commit = on\n{fsync}",
+            "\n# test cluster\nlisten_addresses = '{listen}'\nunix_socket_directories = '{}'\nport = {port}\nmax_connections = 300\nshared_buffers = 64MB\nsynchronous_commit = on\n{fsync}{ssl}",
             dir.display()
         );
         // initdb made the file as the cluster's user; appending as root keeps
@@ -169,10 +226,11 @@ impl PgCluster {
         }
         let cluster = PgCluster {
             admin: format!(
-                "host={} port={PORT} user=postgres dbname=postgres",
+                "host={} port={port} user=postgres dbname=postgres",
                 dir.display()
             ),
             private: Some(private),
+            tcp_port: tls.map(|_| port),
         };
         cluster.start_server()?;
         Ok(cluster)

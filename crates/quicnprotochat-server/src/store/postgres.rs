@@ -36,12 +36,15 @@
 //! refuses to start.
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::StreamExt as _;
 use quicnprotochat_core::IdentityKey;
+use rustls::pki_types::pem::PemObject as _;
 use tokio_postgres::types::ToSql;
 
 use super::{
@@ -85,6 +88,12 @@ pub struct PgOptions {
     /// connection string: a `postgresql://` URL or `key=value` pairs (may
     /// hold a password: never logged)
     pub url: String,
+    /// PEM file of the certificate authorities that sign the database
+    /// server's certificate: when set, every TCP connection is TLS (required,
+    /// whatever `sslmode` says short of `disable`, which is refused) and the
+    /// server's certificate chain and host name are verified, as libpq's
+    /// `sslmode=verify-full` does
+    pub ca_file: Option<PathBuf>,
     /// most connections this node opens
     pub pool_size: usize,
     /// how long opening a connection, or waiting for a free one, may take
@@ -95,6 +104,7 @@ impl fmt::Debug for PgOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgOptions")
             .field("url", &"<redacted>")
+            .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -106,6 +116,7 @@ impl PgOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            ca_file: None,
             pool_size: crate::config::DEFAULT_DATABASE_POOL_SIZE,
             connect_timeout: Duration::from_secs(5),
         }
@@ -124,6 +135,15 @@ impl PgOptions {
                     .into(),
             ));
         }
+        if self.ca_file.is_some() {
+            if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+                return Err(StoreError::Config(
+                    "sslmode=disable contradicts database_ca (which makes every connection TLS)"
+                        .into(),
+                ));
+            }
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.connect_timeout);
         }
@@ -134,11 +154,96 @@ impl PgOptions {
     }
 }
 
+/// How connections are made: TLS with verified certificates when the
+/// operator named the certificate authorities, plain otherwise.
+#[derive(Clone)]
+enum Connector {
+    Plain,
+    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Connector {
+    fn from_options(options: &PgOptions) -> Result<Self, StoreError> {
+        let Some(path) = &options.ca_file else {
+            return Ok(Self::Plain);
+        };
+        let tls = StoreError::Config;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| tls(format!("database_ca {}: {e}", path.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| tls(format!("database_ca {}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| tls(format!("database_ca {}: {e}", path.display())))?;
+        }
+        if roots.is_empty() {
+            return Err(tls(format!(
+                "database_ca {}: no certificate in the file",
+                path.display()
+            )));
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Self::Tls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            config,
+        )))
+    }
+
+    /// Opens a connection whose notifications arrive on the returned
+    /// receiver (which ends when the connection does); the task drives the
+    /// connection until then.
+    async fn listening_connection(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<Listening, StoreError> {
+        Ok(match self {
+            Self::Plain => drive(config.connect(tokio_postgres::NoTls).await?),
+            Self::Tls(tls) => drive(config.connect(tls.clone()).await?),
+        })
+    }
+}
+
+/// A connection driven by a task of its own, and its notifications.
+type Listening = (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+);
+
+fn drive<S, T>(
+    (client, mut connection): (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+) -> Listening
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (ntx, nrx) = tokio::sync::mpsc::channel::<tokio_postgres::Notification>(CHANGE_BUFFER);
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message?
+                && ntx.send(n).await.is_err()
+            {
+                break;
+            }
+        }
+        Ok(())
+    });
+    (client, nrx, driver)
+}
+
 /// PostgreSQL-backed [`Store`].
 pub struct PgStore {
     pool: Pool,
     /// for the listening connection
     config: tokio_postgres::Config,
+    connector: Connector,
     incarnation: [u8; 16],
     probes: AtomicU64,
 }
@@ -193,13 +298,18 @@ impl PgStore {
     /// timeout is an error: the node does not start without its store.
     pub async fn connect(options: PgOptions) -> Result<Self, StoreError> {
         let config = options.parse()?;
-        let manager = Manager::from_config(
-            config.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let connector = Connector::from_options(&options)?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &connector {
+            Connector::Plain => {
+                Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config)
+            }
+            Connector::Tls(tls) => {
+                Manager::from_config(config.clone(), tls.clone(), manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -211,6 +321,7 @@ impl PgStore {
         let store = Self {
             pool,
             config,
+            connector,
             incarnation: [0; 16],
             probes: AtomicU64::new(0),
         };
@@ -373,7 +484,7 @@ impl Store for PgStore {
 
     fn changes(&self) -> QueueChanges {
         let (tx, rx) = tokio::sync::mpsc::channel(CHANGE_BUFFER);
-        tokio::spawn(listen(self.config.clone(), tx));
+        tokio::spawn(listen(self.config.clone(), self.connector.clone(), tx));
         Some(rx)
     }
 
@@ -654,12 +765,16 @@ impl Store for PgStore {
 
 /// Listens for queue changes until the receiver is dropped, reconnecting
 /// with backoff whenever the connection is lost.
-async fn listen(config: tokio_postgres::Config, tx: tokio::sync::mpsc::Sender<QueueChange>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    connector: Connector,
+    tx: tokio::sync::mpsc::Sender<QueueChange>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut lagged = false;
     loop {
         let started = tokio::time::Instant::now();
-        match listen_once(&config, &tx, &mut lagged).await {
+        match listen_once(&config, &connector, &tx, &mut lagged).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(
                 error = %e,
@@ -693,22 +808,11 @@ fn random_u64() -> u64 {
 /// connection is.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    connector: &Connector,
     tx: &tokio::sync::mpsc::Sender<QueueChange>,
     lagged: &mut bool,
 ) -> Result<(), StoreError> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
-    let (ntx, mut nrx) = tokio::sync::mpsc::channel::<tokio_postgres::Notification>(CHANGE_BUFFER);
-    let driver = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message?
-                && ntx.send(n).await.is_err()
-            {
-                break;
-            }
-        }
-        Ok::<(), tokio_postgres::Error>(())
-    });
+    let (client, mut nrx, driver) = connector.listening_connection(config).await?;
     let result = async {
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         tracing::info!("listening for other nodes' messages");
