@@ -296,6 +296,16 @@ impl TestServer {
         register_messenger(self.dir.path(), self.client_config(), username).await
     }
 
+    /// A registered messenger (new profile) for `username` that connects
+    /// with `config` (another node's address, fallbacks, deadlines).
+    pub async fn messenger_with(
+        &self,
+        username: &str,
+        config: ClientConfig,
+    ) -> Result<Messenger, HarnessError> {
+        register_messenger(self.dir.path(), config, username).await
+    }
+
     /// Reopens the profile of `username` (a client restart).
     pub async fn reopen_messenger(&self, username: &str) -> Result<Messenger, HarnessError> {
         reopen_messenger(self.dir.path(), username).await

@@ -69,9 +69,11 @@ impl P2pArgs {
 /// `register`; given again only to change them).
 #[derive(Debug, Clone, Args)]
 struct ServerArgs {
-    /// Server UDP address.
-    #[arg(long, env = "QUICNPROTOCHAT_SERVER", global = true)]
-    server: Option<SocketAddr>,
+    /// Server UDP address; several nodes of one deployment comma-separated
+    /// (the first is tried first, the others when it is unreachable); a
+    /// host name stands for every address it resolves to.
+    #[arg(long, env = "QUICNPROTOCHAT_SERVER", global = true, value_parser = server_list)]
+    server: Option<ServerList>,
     /// TLS server name to check against the certificate (with --ca).
     #[arg(long, default_value = "localhost", global = true)]
     server_name: String,
@@ -234,7 +236,8 @@ fn server_config(args: &ServerArgs, required: bool) -> anyhow::Result<Option<Cli
     if !any && !required {
         return Ok(None);
     }
-    let addr = args.server.context("--server is required")?;
+    let nodes = args.server.clone().context("--server is required")?;
+    let (addr, fallbacks) = nodes.0.split_first().context("--server names no address")?;
     let auth = if let Some(pin) = &args.pin {
         let bytes = hex::decode(pin)
             .ok()
@@ -263,10 +266,39 @@ fn server_config(args: &ServerArgs, required: bool) -> anyhow::Result<Option<Cli
         .token
         .clone()
         .context("--token (or QUICNPROTOCHAT_TOKEN) is required")?;
-    let mut cfg = ClientConfig::new(addr, auth, token.into_bytes());
+    let mut cfg = ClientConfig::new(*addr, auth, token.into_bytes());
+    cfg.fallback_addrs = fallbacks.to_vec();
     cfg.server_name = args.server_name.clone();
     args.tune(&mut cfg);
     Ok(Some(cfg))
+}
+
+/// The nodes `--server` names, in order, without repeats.
+#[derive(Debug, Clone)]
+struct ServerList(Vec<SocketAddr>);
+
+/// Parses `--server`: comma-separated `IP:PORT` or `HOST:PORT` entries.
+fn server_list(s: &str) -> Result<ServerList, String> {
+    use std::net::ToSocketAddrs as _;
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let addrs: Vec<SocketAddr> = match entry.parse::<SocketAddr>() {
+            Ok(a) => vec![a],
+            Err(_) => entry
+                .to_socket_addrs()
+                .map_err(|e| format!("{entry}: {e} (expected IP:PORT or HOST:PORT)"))?
+                .collect(),
+        };
+        for a in addrs {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err("no address given".into());
+    }
+    Ok(ServerList(out))
 }
 
 impl ServerArgs {

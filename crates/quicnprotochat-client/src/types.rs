@@ -33,6 +33,9 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct ClientConfig {
     /// server UDP address
     pub server_addr: SocketAddr,
+    /// other nodes of the same deployment (same certificate trust, same
+    /// store): tried in turn when the one in use is unreachable
+    pub fallback_addrs: Vec<SocketAddr>,
     /// TLS server name (SNI; checked against the certificate with CA roots)
     pub server_name: String,
     /// how the server certificate is verified
@@ -55,6 +58,7 @@ impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
             .field("server_addr", &self.server_addr)
+            .field("fallback_addrs", &self.fallback_addrs)
             .field("server_name", &self.server_name)
             .field("server_auth", &self.server_auth)
             .field("access_token", &"<redacted>")
@@ -71,6 +75,7 @@ impl ClientConfig {
     ) -> Self {
         Self {
             server_addr,
+            fallback_addrs: Vec::new(),
             server_name: "localhost".into(),
             server_auth,
             access_token: access_token.into(),
@@ -79,6 +84,27 @@ impl ClientConfig {
             keep_alive: DEFAULT_KEEP_ALIVE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Every node's address: the server's, then the fallbacks.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut all = vec![self.server_addr];
+        all.extend(
+            self.fallback_addrs
+                .iter()
+                .filter(|a| **a != self.server_addr),
+        );
+        all
+    }
+
+    /// This configuration aimed at `addr` (one node of the deployment).
+    pub fn at(&self, addr: SocketAddr) -> Self {
+        Self {
+            server_addr: addr,
+            ..self.clone()
         }
     }
 }

@@ -10,6 +10,8 @@ use super::error::MessengerError;
 use crate::types::ClientConfig;
 
 const SET_ADDR: &str = "server_addr";
+/// Other nodes of the deployment, comma-separated (absent: none).
+const SET_FALLBACKS: &str = "server_fallbacks";
 const SET_NAME: &str = "server_name";
 const SET_PIN: &str = "server_pin";
 const SET_TOKEN: &str = "access_token";
@@ -19,6 +21,12 @@ const P2P_SECRET: &str = "p2p_secret";
 /// Stores `server` in the profile.
 pub(super) fn save_server(profile: &Profile, server: &ClientConfig) -> Result<(), MessengerError> {
     profile.set_setting(SET_ADDR, server.server_addr.to_string().as_bytes())?;
+    let fallbacks: Vec<String> = server
+        .fallback_addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    profile.set_setting(SET_FALLBACKS, fallbacks.join(",").as_bytes())?;
     profile.set_setting(SET_NAME, server.server_name.as_bytes())?;
     match &server.server_auth {
         ServerAuth::Pinned(fp) => profile.set_setting(SET_PIN, fp)?,
@@ -51,6 +59,17 @@ pub(super) fn load_server(profile: &Profile) -> Result<ClientConfig, MessengerEr
         .ok_or(MessengerError::NotConfigured(SET_TOKEN))?;
     let mut cfg = ClientConfig::new(addr, ServerAuth::Pinned(pin), token);
     cfg.server_name = text(SET_NAME)?;
+    // Profiles made before fallbacks existed have none.
+    if let Some(v) = profile.setting(SET_FALLBACKS)? {
+        let list =
+            String::from_utf8(v).map_err(|_| MessengerError::NotConfigured(SET_FALLBACKS))?;
+        cfg.fallback_addrs = list
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| MessengerError::NotConfigured(SET_FALLBACKS))?;
+    }
     Ok(cfg)
 }
 

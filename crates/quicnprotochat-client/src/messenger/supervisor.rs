@@ -6,6 +6,12 @@
 //! - [`Supervisor::reconnect`] opens a new one with exponential backoff and
 //!   authenticates again; a push subscription belongs to its connection, so
 //!   the listener subscribes again after every reconnect (`receive.rs`).
+//! - Failover: a deployment of several nodes on one store is listed as the
+//!   server's address and its fallbacks.  Each attempt tries every node in
+//!   turn, starting with the one after the node that was lost, and keeps the
+//!   first that answers; the backoff runs between whole rounds.  All nodes
+//!   share the store, so the listener resumes from its cursor wherever it
+//!   lands, and a retried send keeps its message id: stored once.
 //! - [`Supervisor::send_outgoing`] enqueues a message, reconnecting and
 //!   retrying once on a lost connection: the message id makes the retry
 //!   idempotent, so the server never stores it twice.
@@ -44,6 +50,8 @@ pub(super) struct Supervisor {
     server: ClientConfig,
     identity: Identity,
     client: RwLock<Client>,
+    /// index (in [`ClientConfig::addrs`]) of the node in use
+    node: std::sync::atomic::AtomicUsize,
     /// our delivery token, registered on every connection
     own_token: Token,
     /// the delivery tokens members announced to us
@@ -59,11 +67,12 @@ impl Supervisor {
         own_token: Token,
         tokens: Vec<(IdentityKey, Token)>,
     ) -> Result<Self, ClientError> {
-        let client = connect(&server, &identity, &own_token).await?;
+        let (client, node) = connect_any(&server, 0, &identity, &own_token).await?;
         Ok(Self {
             server,
             identity,
             client: RwLock::new(client),
+            node: std::sync::atomic::AtomicUsize::new(node),
             own_token,
             tokens: RwLock::new(tokens.into_iter().collect()),
         })
@@ -84,11 +93,15 @@ impl Supervisor {
     pub(super) async fn reconnect(&self, attempts: usize) -> Result<(), ClientError> {
         let mut delay = BACKOFF_START;
         let mut last = ClientError::Disconnected;
+        use std::sync::atomic::Ordering;
         for _ in 0..attempts.max(1) {
-            match connect(&self.server, &self.identity, &self.own_token).await {
-                Ok(c) => {
+            // The node in use was lost: start with the next one.
+            let start = self.node.load(Ordering::Relaxed) + 1;
+            match connect_any(&self.server, start, &self.identity, &self.own_token).await {
+                Ok((c, node)) => {
                     *self.client.write().await = c;
-                    tracing::info!("reconnected");
+                    self.node.store(node, Ordering::Relaxed);
+                    tracing::info!(server = %c_addr(&self.server, node), "reconnected");
                     return Ok(());
                 }
                 Err(e) => {
@@ -160,6 +173,45 @@ fn jittered(delay: Duration) -> Duration {
     }
     let fraction = f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX);
     delay / 2 + delay.mul_f64(fraction / 2.0)
+}
+
+/// The address of node `index`.
+fn c_addr(server: &ClientConfig, index: usize) -> std::net::SocketAddr {
+    let addrs = server.addrs();
+    addrs
+        .get(index % addrs.len().max(1))
+        .copied()
+        .unwrap_or(server.server_addr)
+}
+
+/// Connects to the first node that answers, trying each once from node
+/// `start` on (modulo their number); returns the connection and the node's
+/// index.  The error is the last node's.
+async fn connect_any(
+    server: &ClientConfig,
+    start: usize,
+    identity: &Identity,
+    own_token: &Token,
+) -> Result<(Client, usize), ClientError> {
+    let addrs = server.addrs();
+    let mut last = ClientError::Disconnected;
+    for k in 0..addrs.len() {
+        let index = (start + k) % addrs.len();
+        let Some(addr) = addrs.get(index) else {
+            continue;
+        };
+        match connect(&server.at(*addr), identity, own_token).await {
+            Ok(c) => return Ok((c, index)),
+            Err(e) if is_connection_error(&e) => {
+                tracing::debug!(%addr, error = %e, "node unreachable");
+                last = e;
+            }
+            // Refused by a node that answered (a wrong token, say): the
+            // others share its configuration, so they would refuse too.
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 async fn connect(
