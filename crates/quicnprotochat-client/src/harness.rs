@@ -553,6 +553,16 @@ impl ServerProcess {
     pub async fn reopen_messenger(&self, username: &str) -> Result<Messenger, HarnessError> {
         reopen_messenger(self.dir.path(), username).await
     }
+
+    /// A registered messenger (new profile) for `username` that connects
+    /// with `config` (other nodes, fallbacks).
+    pub async fn messenger_with(
+        &self,
+        username: &str,
+        config: ClientConfig,
+    ) -> Result<Messenger, HarnessError> {
+        register_messenger(self.dir.path(), config, username).await
+    }
 }
 
 impl Drop for ServerProcess {
