@@ -36,6 +36,7 @@ fn message(group: &str, sender: &str, text: &str, minute: u64) -> Event {
         received_at_ms: 0,
         text: text.into(),
         message_id: "00".into(),
+        file: None,
     })
 }
 
