@@ -6,6 +6,8 @@ mod cli;
 #[cfg(test)]
 mod docs_reference;
 #[cfg(test)]
+mod files;
+#[cfg(test)]
 mod flood;
 #[cfg(test)]
 mod keyupdates;
