@@ -228,6 +228,45 @@ async fn the_limit_and_non_files_are_refused_before_anything_is_sent() {
     assert!(std::fs::read(saved_path(&m)).unwrap() == bytes);
 }
 
+#[tokio::test]
+async fn a_file_that_cannot_be_written_is_reported_and_the_queue_goes_on() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob) = pair(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A download directory under a regular file can never be made.
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"").unwrap();
+    bob.set_download_dir(&blocker.join("downloads"))
+        .await
+        .unwrap();
+    let path = dir.path().join("a.txt");
+    std::fs::write(&path, b"lost").unwrap();
+    alice.send_file("g", &path).await.unwrap();
+    alice.send("g", "after the file").await.unwrap();
+
+    let events = bob.sync().await.unwrap();
+    let texts = message_texts(events.clone());
+    let [m] = files(events).try_into().unwrap();
+    assert!(
+        matches!(&file_of(&m).status, FileStatus::NotSaved { reason } if !reason.is_empty()),
+        "{m:?}"
+    );
+    assert!(
+        m.text
+            .starts_with("[file] a.txt (4 B, text/plain) could not be saved: "),
+        "{}",
+        m.text
+    );
+    assert_eq!(texts[1], "after the file");
+    // Nothing is retried or left behind, and the next file lands once the
+    // directory is usable.
+    bob.set_download_dir(&dir.path().join("ok")).await.unwrap();
+    alice.send_file("g", &path).await.unwrap();
+    let [m] = files(bob.sync().await.unwrap()).try_into().unwrap();
+    assert_eq!(std::fs::read(saved_path(&m)).unwrap(), b"lost");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"");
+}
+
 /// A member whose client is the bare library: it sends whatever content
 /// it crafts.
 struct Hostile {
