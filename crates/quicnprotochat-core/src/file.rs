@@ -472,6 +472,31 @@ mod tests {
     }
 
     #[test]
+    fn a_safe_name_is_its_own_safe_name() {
+        let long = "é".repeat(300);
+        for raw in [
+            "../../etc/passwd",
+            " .\u{1b}[2J -x ",
+            "a\u{202E}b.txt",
+            "..",
+            "",
+            "x. ",
+            long.as_str(),
+            &format!("{long}.tar"),
+            &format!("a.{}", "b".repeat(500)),
+            &format!("{} .txt", "c".repeat(400)),
+        ] {
+            let safe = sanitize_name(raw);
+            assert_eq!(sanitize_name(&safe), safe, "{raw:?}");
+            assert!(!safe.is_empty() && safe.len() <= MAX_NAME_BYTES, "{raw:?}");
+            assert!(
+                !safe.starts_with(['.', '-', ' ']) && !safe.ends_with(' '),
+                "{safe:?}"
+            );
+        }
+    }
+
+    #[test]
     fn media_types_are_plain_type_slash_subtype_or_the_default() {
         assert_eq!(sanitize_media_type("text/plain"), "text/plain");
         assert_eq!(sanitize_media_type("Image/SVG+XML"), "image/svg+xml");
@@ -588,7 +613,7 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_that_cannot_be_made_is_an_error_and_leaves_nothing() {
+    fn a_download_directory_that_cannot_be_made_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("not-a-dir");
         std::fs::write(&file, b"").unwrap();
