@@ -517,4 +517,45 @@ fn the_command_line_sends_shows_and_lists_a_file() {
     assert!(out.stdout.is_empty());
     let synced = run_ok(cli(&server, &bob).args(["sync"]));
     assert_eq!(synced.trim(), "", "nothing was sent");
+
+    // In `chat`, `/send-file PATH` sends a file (the lines are taken in
+    // order: `/quit` comes once the file is sent).
+    let reply = dir.path().join("reply.md");
+    std::fs::write(&reply, b"# thanks\n").unwrap();
+    let mut chat = cli(&server, &bob)
+        .args(["chat", "friends"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let stdin = chat.stdin.as_mut().unwrap();
+        writeln!(stdin, "/send-file {}", reply.display()).unwrap();
+        writeln!(stdin, "/quit").unwrap();
+    }
+    let out = chat.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("sent [file] reply.md (9 B, text/markdown) to friends"),
+        "{stdout}"
+    );
+    let alice_downloads = alice.join("downloads");
+    assert_eq!(
+        run_ok(cli(&server, &alice).args(["sync"])).trim(),
+        format!(
+            "[friends] bob: [file] reply.md (9 B, text/markdown) saved to {}",
+            alice_downloads.join("reply.md").display()
+        )
+    );
+    assert_eq!(
+        std::fs::read(alice_downloads.join("reply.md")).unwrap(),
+        b"# thanks\n"
+    );
 }
