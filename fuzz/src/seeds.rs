@@ -193,6 +193,21 @@ fn app_messages() -> Result<Seeds> {
             AppMessage::peer_address([3; 16], 2, &peer).encode()?,
         ),
         (
+            "delivery-token",
+            AppMessage::delivery_token([4; 16], 1_700_000_000_000, &[0xab; 32]).encode()?,
+        ),
+        (
+            "file",
+            AppMessage::file(
+                [5; 16],
+                1_700_000_000_000,
+                "hi.txt",
+                "text/plain",
+                b"hello".to_vec(),
+            )?
+            .encode()?,
+        ),
+        (
             "unsupported",
             br#"{"v":1,"id":"04040404040404040404040404040404","ts":3,"content":{"type":"sticker","pack":"x","n":[1,2.5,null]}}"#
                 .to_vec(),

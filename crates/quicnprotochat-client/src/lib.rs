@@ -17,6 +17,6 @@ mod types;
 pub use connection::{Client, RATE_LIMIT_PATIENCE, Subscription};
 pub use error::{ClientError, ServerErrorCode};
 pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
-pub use quicnprotochat_core::{Event, ProfileKey};
+pub use quicnprotochat_core::{Event, FileInfo, FileStatus, ProfileKey};
 pub use quicnprotochat_proto::transport::ServerAuth;
 pub use types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health};

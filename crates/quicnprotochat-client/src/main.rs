@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
-use quicnprotochat_client::{ClientConfig, Event, Messenger, P2pOptions, ProfileKey, ServerAuth};
+use quicnprotochat_client::{
+    ClientConfig, Event, FileInfo, FileStatus, Messenger, P2pOptions, ProfileKey, ServerAuth,
+};
 use quicnprotochat_core::Verification;
 use quicnprotochat_proto::rustls::RootCertStore;
 use quicnprotochat_proto::rustls::pki_types::CertificateDer;
@@ -28,6 +30,10 @@ struct Cli {
     /// Print one JSON object per line instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Directory received files are saved in (default: downloads in the
+    /// profile directory).
+    #[arg(long, env = "QUICNPROTOCHAT_DOWNLOAD_DIR", global = true)]
+    download_dir: Option<PathBuf>,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -119,6 +125,8 @@ enum Cmd {
     Invite { group: String, user: String },
     /// Send TEXT to GROUP.
     Send { group: String, text: String },
+    /// Send the file at PATH to GROUP (a regular file of at most 512 KiB).
+    SendFile { group: String, path: PathBuf },
     /// Print arriving messages (and join groups on invitation) until interrupted.
     Listen {
         /// Stop after this many messages.
@@ -314,6 +322,27 @@ impl ServerArgs {
     }
 }
 
+/// A file as `--json` shows it.
+fn file_json(f: &FileInfo) -> serde_json::Value {
+    let mut v =
+        json!({"name": f.name, "media_type": f.media_type, "size": f.size, "sha256": f.sha256});
+    let (status, path, reason) = match &f.status {
+        FileStatus::Sent => ("sent", None, None),
+        FileStatus::Saved { path } => ("saved", Some(path.display().to_string()), None),
+        FileStatus::Refused { reason } => ("refused", None, Some(reason)),
+        FileStatus::NotSaved { reason } => ("not_saved", None, Some(reason)),
+        _ => ("unknown", None, None),
+    };
+    v["status"] = status.into();
+    if let Some(p) = path {
+        v["path"] = p.into();
+    }
+    if let Some(r) = reason {
+        v["reason"] = r.as_str().into();
+    }
+    v
+}
+
 struct Out {
     json: bool,
 }
@@ -334,11 +363,14 @@ impl Out {
 
     fn event(&self, e: &Event) -> std::io::Result<()> {
         match e {
-            Event::Message(m) => self.line(
-                format!("[{}] {}: {}", m.group, m.sender, m.text),
-                json!({"event": "message", "group": m.group, "sender": m.sender, "text": m.text,
-                       "sent_at_ms": m.sent_at_ms, "id": m.message_id}),
-            ),
+            Event::Message(m) => {
+                let mut value = json!({"event": "message", "group": m.group, "sender": m.sender,
+                                       "text": m.text, "sent_at_ms": m.sent_at_ms, "id": m.message_id});
+                if let Some(f) = &m.file {
+                    value["file"] = file_json(f);
+                }
+                self.line(format!("[{}] {}: {}", m.group, m.sender, m.text), value)
+            }
             Event::Joined { group, by, members } => self.line(
                 format!(
                     "* joined {group} (added by {by}; members: {})",
@@ -472,9 +504,13 @@ fn existing_profile(cli: &Cli) -> anyhow::Result<(PathBuf, ProfileKey)> {
 async fn open(cli: &Cli) -> anyhow::Result<Messenger> {
     let (dir, key) = existing_profile(cli)?;
     let server = server_config(&cli.server, false)?;
-    Messenger::open_tuned(&dir, &key, server, |cfg| cli.server.tune(cfg))
+    let m = Messenger::open_tuned(&dir, &key, server, |cfg| cli.server.tune(cfg))
         .await
-        .context("opening the profile")
+        .context("opening the profile")?;
+    if let Some(d) = &cli.download_dir {
+        m.set_download_dir(d).await?;
+    }
+    Ok(m)
 }
 
 /// The profile alone, for commands that need nothing from the server
@@ -516,6 +552,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.ok(
                 format!("sent to {group}"),
                 json!({"ok": true, "group": group}),
+            )?;
+        }
+        Cmd::SendFile { group, path } => {
+            let m = open(&cli).await?;
+            if let Some(opts) = cli.p2p.options(false) {
+                m.enable_p2p(opts).await?;
+            }
+            out.sync(&m).await?;
+            let f = m.send_file(group, path).await?;
+            out.ok(
+                format!("sent {} to {group}", f.summary()),
+                json!({"ok": true, "group": group, "file": file_json(&f)}),
             )?;
         }
         Cmd::Sync => {
@@ -771,7 +819,9 @@ async fn chat(cli: &Cli, out: &Out, group: &str) -> anyhow::Result<()> {
     let me = m.username().await;
     if !out.json {
         out.line(
-            format!("-- chatting in {group} as {me}; type a line to send, /quit to leave --"),
+            format!(
+                "-- chatting in {group} as {me}; type a line to send, /send-file PATH to send a file, /quit to leave --"
+            ),
             serde_json::Value::Null,
         )?;
     }
@@ -786,6 +836,16 @@ async fn chat(cli: &Cli, out: &Out, group: &str) -> anyhow::Result<()> {
                 None => break,
                 Some(l) if l.trim() == "/quit" => break,
                 Some(l) if l.trim().is_empty() => {}
+                Some(l) if l.starts_with("/send-file ") => {
+                    let path = l["/send-file ".len()..].trim();
+                    match m.send_file(group, Path::new(path)).await {
+                        Ok(f) => out.ok(
+                            format!("sent {} to {group}", f.summary()),
+                            json!({"ok": true, "group": group, "file": file_json(&f)}),
+                        )?,
+                        Err(e) => eprintln!("error: {e:#}"),
+                    }
+                }
                 Some(l) => {
                     if let Err(e) = m.send(group, l.trim_end()).await {
                         eprintln!("error: {e:#}");

@@ -8,6 +8,8 @@ mod docs_reference;
 #[cfg(test)]
 mod failover;
 #[cfg(test)]
+mod files;
+#[cfg(test)]
 mod flood;
 #[cfg(test)]
 mod keyupdates;

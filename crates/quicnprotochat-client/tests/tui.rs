@@ -6,10 +6,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quicnprotochat_client::Event;
 use quicnprotochat_client::harness::{TEST_TOKEN, TestServer};
 use quicnprotochat_client::tui::app::{Action, App, Link, MemberLine};
 use quicnprotochat_client::tui::ui;
+use quicnprotochat_client::{Event, FileInfo, FileStatus};
 use quicnprotochat_core::{IdentityKey, StoredMessage, Verification};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
@@ -36,6 +36,7 @@ fn message(group: &str, sender: &str, text: &str, minute: u64) -> Event {
         received_at_ms: 0,
         text: text.into(),
         message_id: "00".into(),
+        file: None,
     })
 }
 
@@ -214,6 +215,104 @@ fn offline_shows_on_the_status_line_and_small_screens_still_draw() {
     let narrow = text(&render(&app, 40, 12));
     assert!(narrow.contains("hello alice"), "{narrow}");
     let _ = render(&app, 5, 3);
+}
+
+#[test]
+fn a_received_file_shows_as_a_line_with_its_name_size_and_place() {
+    let mut app = sample();
+    let info = FileInfo {
+        name: "photo.png".into(),
+        media_type: "image/png".into(),
+        size: 12_595,
+        sha256: "00".repeat(32),
+        status: FileStatus::Saved {
+            path: "/home/bob/dl/photo.png".into(),
+        },
+    };
+    let Event::Message(mut m) = message("friends", "bob", &info.summary(), 40) else {
+        unreachable!()
+    };
+    m.file = Some(info);
+    app.on_event(&Event::Message(m));
+    let refused = FileInfo {
+        name: "_[2Jx.txt".into(),
+        media_type: "text/plain".into(),
+        size: 3,
+        sha256: "00".repeat(32),
+        status: FileStatus::Refused {
+            reason: "its content does not match its SHA-256".into(),
+        },
+    };
+    app.on_event(&message("friends", "eve", &refused.summary(), 41));
+    let b = render(&app, 160, 24);
+    let screen = text(&b);
+    assert!(
+        screen.contains(
+            "12:40 bob: [file] photo.png (12.3 KiB, image/png) saved to /home/bob/dl/photo.png"
+        ),
+        "{screen}"
+    );
+    assert!(
+        screen.contains(
+            "12:41 eve: [file] _[2Jx.txt refused: its content does not match its SHA-256"
+        ),
+        "{screen}"
+    );
+    // Without colours it reads the same.
+    app.color = false;
+    assert_eq!(text(&render(&app, 160, 24)), screen);
+}
+
+#[test]
+fn send_file_takes_the_rest_of_the_line_and_tab_completes_paths() {
+    let mut app = sample();
+    type_text(&mut app, "/send-file  ~/my notes/a b.txt ");
+    assert_eq!(
+        press(&mut app, KeyCode::Enter),
+        Some(Action::SendFile {
+            group: "friends".into(),
+            path: "~/my notes/a b.txt".into(),
+        })
+    );
+    type_text(&mut app, "/send-file");
+    assert_eq!(press(&mut app, KeyCode::Enter), None);
+    assert!(app.status.contains("/send-file PATH"), "{}", app.status);
+
+    // The command itself completes like the others.
+    type_text(&mut app, "/se");
+    press(&mut app, KeyCode::Tab);
+    assert_eq!(app.input, "/send-file ");
+    assert_eq!(app.path_being_typed(), Some(""));
+    // Paths complete from the names the event loop lists.
+    type_text(&mut app, "docs/re");
+    assert_eq!(app.path_being_typed(), Some("docs/re"));
+    let names: Vec<String> = ["readme.md", "report-2024.pdf", "report-2025.pdf", "src/"]
+        .map(String::from)
+        .to_vec();
+    app.complete_path(&names);
+    assert_eq!(
+        app.input, "/send-file docs/re",
+        "two ways on: nothing added"
+    );
+    assert!(
+        app.status.contains("readme.md  report-2024.pdf"),
+        "{}",
+        app.status
+    );
+    type_text(&mut app, "p");
+    app.complete_path(&names);
+    assert_eq!(app.input, "/send-file docs/report-202");
+    type_text(&mut app, "5");
+    app.complete_path(&names);
+    assert_eq!(app.input, "/send-file docs/report-2025.pdf");
+    app.on_key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL));
+    type_text(&mut app, "/send-file s");
+    app.complete_path(&names);
+    assert_eq!(app.input, "/send-file src/");
+    // Elsewhere there is no path to complete.
+    app.on_key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL));
+    type_text(&mut app, "hello /send-file ");
+    assert_eq!(app.path_being_typed(), None);
 }
 
 #[test]
@@ -409,7 +508,7 @@ impl Drop for Tmux {
 }
 
 #[test]
-fn two_people_chat_and_verify_each_other_in_the_full_screen_client() {
+fn two_people_chat_verify_each_other_and_send_a_file_in_the_full_screen_client() {
     let server = TestServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
@@ -460,6 +559,19 @@ fn two_people_chat_and_verify_each_other_in_the_full_screen_client() {
     tmux.wait_for("alice", "* verified");
     let verified = tmux.wait_for("alice", "✓bob");
     eprintln!("alice's screen:\n{verified}");
+
+    // Alice sends a file, its path completed with Tab; it shows on both
+    // screens and lands, whole, in bob's download directory.
+    let file = dir.path().join("greeting.txt");
+    let bytes = b"a file through the full screen\n";
+    std::fs::write(&file, bytes).unwrap();
+    let typed = format!("/send-file {}/gree", dir.path().display());
+    tmux.keys("alice", &[&typed, "Tab", "Enter"]);
+    tmux.wait_for("alice", "alice: [file] greeting.txt (31 B, text/plain)");
+    let shown = tmux.wait_for("bob", "alice: [file] greeting.txt (31 B, text/plain) saved");
+    eprintln!("bob's screen:\n{shown}");
+    let saved = bob.join("downloads").join("greeting.txt");
+    assert_eq!(std::fs::read(&saved).unwrap(), bytes);
 
     // /quit ends the process (and tmux's session with it).
     tmux.keys("alice", &["/quit", "Enter"]);

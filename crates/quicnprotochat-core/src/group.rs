@@ -9,6 +9,7 @@
 
 use crate::clock::Clock;
 use crate::error::StateError;
+use crate::file::FileInfo;
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
 use crate::message::MessageError;
@@ -147,10 +148,13 @@ pub struct StoredMessage {
     pub sent_at_ms: u64,
     /// our clock when it arrived, Unix ms
     pub received_at_ms: u64,
-    /// text (or a placeholder for unsupported content)
+    /// text (or a placeholder for unsupported content); for a file, its
+    /// one-line summary ([`FileInfo::summary`])
     pub text: String,
     /// message id (hex)
     pub message_id: String,
+    /// the file, when the message is one
+    pub file: Option<FileInfo>,
 }
 
 /// Something that happened while processing incoming messages.

@@ -8,8 +8,10 @@
 //! typed error ([`KeyPackageError`], [`IdentityError`]); such input is
 //! attacker-controlled and never panics.
 
+mod base64;
 pub mod clock;
 pub mod error;
+pub mod file;
 pub mod group;
 pub mod identity;
 pub mod keypackage;
@@ -21,6 +23,7 @@ pub mod safety;
 pub mod sqlcipher;
 
 pub use error::StateError;
+pub use file::{FileInfo, FileStatus};
 pub use group::{
     CommitOutcome, Delivered, Event, GroupError, GroupSummary, MemberInfo, Outgoing, StoredMessage,
     new_message_id,

@@ -6,8 +6,14 @@
 //! it is the MLS-authenticated sender of the message.  Unknown content types
 //! decode to [`Content::Unsupported`] so older clients keep working when new
 //! types appear.
+//!
+//! A file travels whole in one message, its content in base64
+//! ([`Content::File`]); what a receiver checks before it writes one is in
+//! [`crate::file`].
 
 use serde::{Deserialize, Serialize};
+
+use crate::file::MAX_FILE_BYTES;
 
 /// Most addresses in one peer-address announcement.
 pub const MAX_PEER_ADDRS: usize = 16;
@@ -77,6 +83,45 @@ pub enum MessageError {
     /// text too long
     #[error("text longer than {MAX_TEXT_BYTES} bytes")]
     TooLong,
+    /// a file to send is over the limit
+    #[error("the file is {0} bytes; files are limited to 512 KiB ({MAX_FILE_BYTES} bytes)")]
+    FileTooLarge(usize),
+}
+
+/// File content: raw bytes in memory, base64 on the wire (RFC 4648
+/// section 4, padded; decoding refuses anything else).  Its `Debug` shows
+/// the length only, so a file's content never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileContent(pub Vec<u8>);
+
+impl std::fmt::Debug for FileContent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileContent(<{} bytes>)", self.0.len())
+    }
+}
+
+impl Serialize for FileContent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::base64::encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for FileContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FileContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("base64 text")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileContent, E> {
+                crate::base64::decode(v)
+                    .map(FileContent)
+                    .ok_or_else(|| E::custom("file content is not canonical base64"))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
 }
 
 /// Message content.
@@ -107,6 +152,21 @@ pub enum Content {
         /// the token, 64 hex characters
         token: String,
     },
+    /// a file, whole; the receiver checks it ([`crate::file::check`]) and
+    /// makes its name safe ([`crate::file::sanitize_name`]) before it
+    /// writes anything
+    File {
+        /// the file's name (its base name, as the sender has it)
+        name: String,
+        /// its media type, `type/subtype`
+        media_type: String,
+        /// its size in bytes: the content's length
+        size: u64,
+        /// SHA-256 of the content, 64 lowercase hex characters
+        sha256: String,
+        /// the content, at most [`MAX_FILE_BYTES`]
+        content: FileContent,
+    },
     /// a content type this client does not know
     #[serde(other)]
     Unsupported,
@@ -136,6 +196,32 @@ impl AppMessage {
             id: hex::encode(id),
             ts,
             content: Content::Text { text: text.into() },
+        })
+    }
+
+    /// A file named `name` (a base name) of type `media_type`: refused over
+    /// [`MAX_FILE_BYTES`].
+    pub fn file(
+        id: [u8; 16],
+        ts: u64,
+        name: &str,
+        media_type: &str,
+        content: Vec<u8>,
+    ) -> Result<Self, MessageError> {
+        if content.len() > MAX_FILE_BYTES {
+            return Err(MessageError::FileTooLarge(content.len()));
+        }
+        Ok(Self {
+            v: FORMAT_VERSION,
+            id: hex::encode(id),
+            ts,
+            content: Content::File {
+                name: name.into(),
+                media_type: media_type.into(),
+                size: u64::try_from(content.len()).unwrap_or(u64::MAX),
+                sha256: crate::file::sha256_hex(&content),
+                content: FileContent(content),
+            },
         })
     }
 
@@ -265,6 +351,56 @@ mod tests {
             );
             assert!(AppMessage::decode(raw.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn files_carry_their_content_in_base64_with_size_and_hash() {
+        let m = AppMessage::file([0xab; 16], 7, "hi.txt", "text/plain", b"hello".to_vec()).unwrap();
+        let bytes = m.encode().unwrap();
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            format!(
+                r#"{{"v":1,"id":"{}","ts":7,"content":{{"type":"file","name":"hi.txt","media_type":"text/plain","size":5,"sha256":"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","content":"aGVsbG8="}}}}"#,
+                "ab".repeat(16)
+            )
+        );
+        assert_eq!(AppMessage::decode(&bytes).unwrap(), m);
+        // The content never shows in a debug print.
+        let debug = format!("{m:?}");
+        assert!(debug.contains("FileContent(<5 bytes>)"), "{debug}");
+        assert!(!debug.contains("104, 101"), "{debug}");
+
+        let max = AppMessage::file([1; 16], 1, "big", "a/b", vec![7; MAX_FILE_BYTES]).unwrap();
+        let encoded = max.encode().unwrap();
+        assert!(encoded.len() < 700 * 1024, "{}", encoded.len());
+        assert_eq!(AppMessage::decode(&encoded).unwrap(), max);
+        assert!(matches!(
+            AppMessage::file([1; 16], 1, "big", "a/b", vec![7; MAX_FILE_BYTES + 1]),
+            Err(MessageError::FileTooLarge(n)) if n == MAX_FILE_BYTES + 1
+        ));
+    }
+
+    #[test]
+    fn file_content_that_is_not_canonical_base64_is_malformed() {
+        for content in ["aGVsbG8", "aGVsbG9=", "aGVs bG8=", "!!!!", "[104]"] {
+            let raw = format!(
+                r#"{{"v":1,"id":"{}","ts":7,"content":{{"type":"file","name":"a","media_type":"a/b","size":5,"sha256":"00","content":"{content}"}}}}"#,
+                "ab".repeat(16)
+            );
+            assert!(
+                matches!(
+                    AppMessage::decode(raw.as_bytes()),
+                    Err(MessageError::Malformed(_))
+                ),
+                "{content}"
+            );
+        }
+        // An array of numbers is not base64 either.
+        let raw = format!(
+            r#"{{"v":1,"id":"{}","ts":7,"content":{{"type":"file","name":"a","media_type":"a/b","size":1,"sha256":"00","content":[104]}}}}"#,
+            "ab".repeat(16)
+        );
+        assert!(AppMessage::decode(raw.as_bytes()).is_err());
     }
 
     #[test]

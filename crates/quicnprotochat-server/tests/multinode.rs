@@ -415,3 +415,23 @@ async fn concurrent_key_package_takes_through_three_node_processes_hand_each_out
     }
     assert_eq!((one_time.len(), last_resort), (30, 6));
 }
+
+#[tokio::test]
+async fn a_database_password_never_appears_in_an_error() {
+    // Nothing listens on port 1: the node cannot reach the database.
+    let url = "postgresql://quicnprotochat:Hunter2-never-shown@127.0.0.1:1/quicnprotochat";
+    let e = TestServer::start_with(move |c| c.database_url = Some(Secret(url.into())))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("postgres"), "{e}");
+    assert!(!e.contains("Hunter2"), "{e}");
+    // Nor does a connection string that does not parse show its value.
+    let bad = "postgresql://quicnprotochat:Hunter2-never-shown@127.0.0.1:notaport/q";
+    let e = quicnprotochat_server::config::Config::from_toml_str(&format!(
+        "database_url = \"{bad}\""
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("database_url"), "{e}");
+    assert!(!e.contains("Hunter2"), "{e}");
+}

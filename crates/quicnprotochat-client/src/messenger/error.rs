@@ -1,6 +1,7 @@
 //! The messenger's error type: every part returns it, so it sits below them
 //! all.
 
+use quicnprotochat_core::file::MAX_FILE_BYTES;
 use quicnprotochat_core::{GroupError, StateError};
 
 use crate::error::ClientError;
@@ -33,6 +34,26 @@ pub enum MessengerError {
     /// a commit lost the epoch race too often
     #[error("the group kept changing under us; try again")]
     CommitConflict,
+    /// a file to send is not a regular file (a directory, a device, a FIFO)
+    #[error("{0} is not a regular file; only regular files can be sent")]
+    NotAFile(String),
+    /// a file to send is over the limit
+    #[error("{path} is {size} bytes; files are limited to 512 KiB ({MAX_FILE_BYTES} bytes)")]
+    FileTooLarge {
+        /// the file
+        path: String,
+        /// its size in bytes
+        size: u64,
+    },
+    /// a file to send cannot be read
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        /// the file
+        path: String,
+        /// why
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<quicnprotochat_core::KeyPackageError> for MessengerError {

@@ -24,6 +24,7 @@
 //! | `inbox.rs` | fetching the queue, processing envelopes into the profile, acknowledging |
 //! | `contacts.rs` | safety numbers, verified contacts, and verified contacts whose key changed |
 //! | `directory.rs` | checking invitees and members against the server's directory |
+//! | `files.rs` | reading a file to send, refusing it before anything is sent |
 //! | `keypackages.rs` | keeping key packages on the server |
 //! | `keyupdates.rs` | automatic key updates: a self-update when our keys in a group are old or have sent many messages |
 //! | `supervisor.rs` | the connection: connect, authenticate, reconnect with backoff, send with one retry |
@@ -50,6 +51,7 @@ mod contacts;
 mod directory;
 mod error;
 mod events;
+mod files;
 mod inbox;
 mod keypackages;
 mod keyupdates;
@@ -65,7 +67,8 @@ use std::sync::Arc;
 pub use error::MessengerError;
 pub use events::EventStream;
 use quicnprotochat_core::{
-    Event, GroupSummary, IdentityKey, MemberInfo, Profile, ProfileKey, StateError, StoredMessage,
+    Event, FileInfo, GroupSummary, IdentityKey, MemberInfo, Profile, ProfileKey, StateError,
+    StoredMessage,
 };
 use quicnprotochat_p2p::PeerAddr;
 pub use routing::P2pOptions;
@@ -312,8 +315,48 @@ impl Messenger {
     /// Sends a text message to `group`: directly to members reachable
     /// peer-to-peer (when enabled), through the server to the rest.
     pub async fn send(&self, group: &str, text: &str) -> Result<(), MessengerError> {
-        // A message must not go out in an epoch a commit of ours may have
-        // ended already: settle such a commit first.
+        self.settle_pending_commits().await?;
+        let (group, text) = (group.to_string(), text.to_string());
+        let out = self
+            .inner
+            .local
+            .run(move |p| p.send_text(&group, &text))
+            .await?;
+        routing::send(&self.inner.router, &self.inner.link, &self.inner.local, out).await?;
+        self.update_due_keys_quietly().await;
+        Ok(())
+    }
+
+    /// Sends the file at `path` to `group`, whole, in one end-to-end
+    /// encrypted message (as [`Messenger::send`] sends a text): its base
+    /// name, a media type guessed from its extension, its size, its SHA-256
+    /// and its content.  A file that is not a regular file or is larger
+    /// than [`MAX_FILE_BYTES`](quicnprotochat_core::file::MAX_FILE_BYTES)
+    /// is refused before anything is sent.  Returns the file as the
+    /// history keeps it.
+    pub async fn send_file(&self, group: &str, path: &Path) -> Result<FileInfo, MessengerError> {
+        let path = path.to_path_buf();
+        let file = tokio::task::spawn_blocking(move || files::read(&path))
+            .await
+            .map_err(|_| MessengerError::NotConfigured("file task failed"))??;
+        self.settle_pending_commits().await?;
+        let group = group.to_string();
+        let (out, info) = self
+            .inner
+            .local
+            .run(move |p| {
+                let media_type = quicnprotochat_core::file::media_type_for(&file.name);
+                p.send_file(&group, &file.name, media_type, file.content)
+            })
+            .await?;
+        routing::send(&self.inner.router, &self.inner.link, &self.inner.local, out).await?;
+        self.update_due_keys_quietly().await;
+        Ok(info)
+    }
+
+    /// A message must not go out in an epoch a commit of ours may have
+    /// ended already: settles such a commit first.
+    async fn settle_pending_commits(&self) -> Result<(), MessengerError> {
         if !self
             .inner
             .local
@@ -326,15 +369,30 @@ impl Messenger {
                 self.inner.bus.emit(e);
             }
         }
-        let (group, text) = (group.to_string(), text.to_string());
-        let out = self
-            .inner
-            .local
-            .run(move |p| p.send_text(&group, &text))
-            .await?;
-        routing::send(&self.inner.router, &self.inner.link, &self.inner.local, out).await?;
-        self.update_due_keys_quietly().await;
         Ok(())
+    }
+
+    /// Where received files are saved (by default `downloads` in the
+    /// profile directory).
+    pub async fn download_dir(&self) -> Result<PathBuf, MessengerError> {
+        self.inner
+            .local
+            .run(|p| Ok::<_, MessengerError>(p.download_dir().to_path_buf()))
+            .await
+    }
+
+    /// Saves received files in `dir` from now on (created, mode 0700, when
+    /// the first file arrives); a relative `dir` is taken from the working
+    /// directory now.
+    pub async fn set_download_dir(&self, dir: &Path) -> Result<(), MessengerError> {
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        self.inner
+            .local
+            .run(move |p| {
+                p.set_download_dir(dir);
+                Ok::<_, MessengerError>(())
+            })
+            .await
     }
 
     /// Starts peer-to-peer delivery: binds the iroh endpoint with the

@@ -13,7 +13,14 @@ pub const MAX_LINES: usize = 2_000;
 
 /// The commands of the input line, for help and completion.
 pub const COMMANDS: &[&str] = &[
-    "/invite", "/remove", "/leave", "/update", "/verify", "/group", "/quit",
+    "/invite",
+    "/remove",
+    "/leave",
+    "/update",
+    "/verify",
+    "/send-file",
+    "/group",
+    "/quit",
 ];
 
 /// What the event loop should do for the user.
@@ -25,6 +32,13 @@ pub enum Action {
         group: String,
         /// text
         text: String,
+    },
+    /// send a file to a group
+    SendFile {
+        /// group
+        group: String,
+        /// the file's path, as typed
+        path: String,
     },
     /// invite a user to a group (creating it when new)
     Invite {
@@ -154,7 +168,7 @@ impl App {
             selected: 0,
             input: String::new(),
             cursor: 0,
-            status: "Enter sends; Alt+Enter: new line; /invite USER, /verify USER, /quit; Ctrl+N/Ctrl+P: next/previous group".into(),
+            status: "Enter sends; Alt+Enter: new line; /invite USER, /verify USER, /send-file PATH, /quit; Ctrl+N/Ctrl+P: next/previous group".into(),
             link: Link::Online,
             color,
             unsent: Vec::new(),
@@ -472,6 +486,49 @@ impl App {
         }
     }
 
+    /// The path typed after `/send-file`, up to the cursor, when the input
+    /// is that command: what Tab completes from the file system.
+    pub fn path_being_typed(&self) -> Option<&str> {
+        self.input[..self.cursor]
+            .strip_prefix("/send-file ")
+            .map(str::trim_start)
+    }
+
+    /// Completes the path being typed from `names`, the entries of its
+    /// directory (directories ending in `/`): one match is inserted whole;
+    /// several extend the path as far as they agree and are listed on the
+    /// status line.
+    pub fn complete_path(&mut self, names: &[String]) {
+        let Some(typed) = self.path_being_typed() else {
+            return;
+        };
+        let last = typed.rsplit('/').next().unwrap_or(typed);
+        let matches: Vec<&String> = names.iter().filter(|n| n.starts_with(last)).collect();
+        let Some(first) = matches.first() else {
+            return;
+        };
+        // The longest prefix every match shares.
+        let mut common = first.as_str();
+        for m in &matches[1..] {
+            let shared = common
+                .char_indices()
+                .zip(m.chars())
+                .find(|((_, a), b)| a != b)
+                .map_or(common.len().min(m.len()), |((i, _), _)| i);
+            common = &common[..shared];
+        }
+        let rest = common[last.len().min(common.len())..].to_string();
+        if matches.len() > 1 {
+            self.status = matches
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("  ");
+        }
+        self.input.insert_str(self.cursor, &rest);
+        self.cursor += rest.len();
+    }
+
     /// The input line as an action (a text to send or a command).
     pub fn submit(&mut self) -> Option<Action> {
         let line = std::mem::take(&mut self.input);
@@ -492,6 +549,20 @@ impl App {
                 group,
                 text: body.unwrap_or(text).to_string(),
             });
+        }
+        // The path is the rest of the line: it may hold spaces.
+        if let Some(path) = text.strip_prefix("/send-file ") {
+            let path = path.trim();
+            if !path.is_empty() {
+                let group = self.current_name();
+                if group.is_none() {
+                    self.status = "no group shown".into();
+                }
+                return group.map(|group| Action::SendFile {
+                    group,
+                    path: path.to_string(),
+                });
+            }
         }
         let mut words = text.split_whitespace();
         let cmd = words.next().unwrap_or_default();
@@ -537,7 +608,7 @@ impl App {
             }
             _ => {
                 self.status = format!(
-                    "unknown command or arguments: {text}  (commands: /invite USER [GROUP], /remove USER, /leave, /update, /verify USER [confirm], /group NAME, /quit; // starts a message with /)"
+                    "unknown command or arguments: {text}  (commands: /invite USER [GROUP], /remove USER, /leave, /update, /verify USER [confirm], /send-file PATH, /group NAME, /quit; // starts a message with /)"
                 );
                 None
             }

@@ -13,6 +13,7 @@ pub mod ui;
 
 use std::future::Future;
 use std::io::Stdout;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use futures::StreamExt as _;
@@ -22,7 +23,7 @@ use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
 use ratatui::crossterm::event::{
     self as term_event, DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste,
-    EnableMouseCapture, Event as TermEvent, MouseEventKind,
+    EnableMouseCapture, Event as TermEvent, KeyCode, KeyEventKind, MouseEventKind,
 };
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{
@@ -174,6 +175,16 @@ pub async fn run(m: Messenger) -> Result<(), TuiError> {
             input = key_rx.recv() => {
                 let Some(input) = input else { break };
                 let action = match input {
+                    // A path after /send-file completes from the file system.
+                    TermEvent::Key(k)
+                        if k.code == KeyCode::Tab
+                            && k.kind != KeyEventKind::Release
+                            && app.path_being_typed().is_some() =>
+                    {
+                        let names = app.path_being_typed().map(path_candidates).unwrap_or_default();
+                        app.complete_path(&names);
+                        None
+                    }
                     TermEvent::Key(k) => app.on_key(k),
                     TermEvent::Paste(p) => { app.on_paste(&p); None }
                     TermEvent::Mouse(mouse) => {
@@ -284,6 +295,20 @@ fn never_reached_the_server(e: &crate::ClientError) -> bool {
 /// Carries out `a`; what it reports goes to the screen.
 async fn perform(m: &Messenger, a: Action) -> Vec<Done> {
     let result = match a {
+        Action::SendFile { group, path } => {
+            return match m.send_file(&group, &expand_home(&path)).await {
+                Ok(f) => vec![Done::Sent {
+                    group,
+                    text: f.summary(),
+                }],
+                Err(MessengerError::Client(e)) if !never_reached_the_server(&e) => {
+                    vec![Done::Error(format!(
+                        "{e} (the file may not have been sent)"
+                    ))]
+                }
+                Err(e) => vec![Done::Error(format!("{e} (the file was not sent)"))],
+            };
+        }
         Action::Send { group, text } => {
             return match m.send(&group, &text).await {
                 Ok(()) => vec![Done::Sent { group, text }],
@@ -323,6 +348,49 @@ async fn perform(m: &Messenger, a: Action) -> Vec<Done> {
         Action::Quit => Ok(Vec::new()),
     };
     result.unwrap_or_else(|e| vec![Done::Error(e.to_string())])
+}
+
+/// `path` with a leading `~/` taken as the home directory.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// Most directory entries read to complete a path.
+const MAX_COMPLETIONS: usize = 10_000;
+
+/// The names in the directory of the path being typed, for completion:
+/// directories end in `/`; hidden names only when the typed part starts
+/// with a dot.
+fn path_candidates(typed: &str) -> Vec<String> {
+    let (dir, last) = match typed.rfind('/') {
+        Some(i) => (&typed[..=i], &typed[i + 1..]),
+        None => ("", typed),
+    };
+    let dir = if dir.is_empty() {
+        PathBuf::from(".")
+    } else {
+        expand_home(dir)
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .take(MAX_COMPLETIONS)
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if name.starts_with('.') && !last.starts_with('.') {
+                return None;
+            }
+            let is_dir = e.path().is_dir();
+            Some(if is_dir { format!("{name}/") } else { name })
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 async fn verify(m: &Messenger, user: &str, confirm: bool) -> Result<Vec<Done>, MessengerError> {

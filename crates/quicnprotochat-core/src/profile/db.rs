@@ -100,6 +100,9 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX held_group ON held (group_id, id);
      CREATE TABLE left_groups (group_id BLOB PRIMARY KEY, left_at INTEGER NOT NULL) WITHOUT ROWID;",
+    // 9: the file a message carried (name, type, size, hash, and where it
+    // was saved or why not), as JSON; NULL for a text.
+    "ALTER TABLE messages ADD COLUMN file TEXT;",
 ];
 
 /// JSON codec for openmls's SQLite storage (the crate ships none).

@@ -14,13 +14,14 @@ use super::history::{insert_message, mark_processed};
 use super::mls::{others, outgoing, username_of};
 use super::transaction::{Op, Target, begin, commit};
 use super::{Profile, Provider, keyage, outbox, pending};
+use crate::file::{self, FileInfo, FileStatus};
 use crate::group::{
     CommitOutcome, Event, GroupError, Outgoing, StoredMessage, message_id_at, random_id,
     valid_group_name,
 };
 use crate::identity::IdentityKey;
 use crate::keypackage::KeyPackageError;
-use crate::message::AppMessage;
+use crate::message::{AppMessage, Content, FORMAT_VERSION};
 use crate::mls_config::create_config;
 
 impl Profile {
@@ -246,6 +247,66 @@ impl Profile {
 
     /// Encrypts a text message for the group and records it in our history.
     pub fn send_text(&mut self, group: &str, text: &str) -> Result<Outgoing, GroupError> {
+        self.send_app(group, |id, now| {
+            Ok((AppMessage::text(id, now, text)?, text.to_string(), None))
+        })
+    }
+
+    /// Encrypts a file for the group and records it in our history: `name`
+    /// is its base name, `content` at most
+    /// [`MAX_FILE_BYTES`](crate::file::MAX_FILE_BYTES).  Returns what to
+    /// send and the file as the history keeps it.
+    pub fn send_file(
+        &mut self,
+        group: &str,
+        name: &str,
+        media_type: &str,
+        content: Vec<u8>,
+    ) -> Result<(Outgoing, FileInfo), GroupError> {
+        let info = FileInfo {
+            name: file::sanitize_name(name),
+            media_type: file::sanitize_media_type(media_type),
+            size: u64::try_from(content.len()).unwrap_or(u64::MAX),
+            sha256: file::sha256_hex(&content),
+            status: FileStatus::Sent,
+        };
+        let shown = info.clone();
+        let out = self.send_app(group, move |id, now| {
+            let m = AppMessage::file(id, now, name, media_type, content)?;
+            Ok((m, shown.summary(), Some(shown)))
+        })?;
+        Ok((out, info))
+    }
+
+    /// Encrypts `content` for the group as a new application message, as it
+    /// is: nothing is checked and nothing goes into our history.  For
+    /// content this profile has no method for, and for tests that play a
+    /// member sending what no honest client sends.
+    pub fn send_content(&mut self, group: &str, content: Content) -> Result<Outgoing, GroupError> {
+        self.with_group(Target::Name(group), |op, g| {
+            if !g.is_active() {
+                return Err(GroupError::Inactive);
+            }
+            let id = message_id_at(op.now_ms)?;
+            let body = AppMessage {
+                v: FORMAT_VERSION,
+                id: hex::encode(id),
+                ts: op.now_ms,
+                content,
+            }
+            .encode()?;
+            op.encrypt(g, others(g, op.me()), id, &body)
+        })
+    }
+
+    /// Encrypts the application message `build` makes (from the message id
+    /// and time) for the group and records it in our history, as its text
+    /// and file.
+    fn send_app(
+        &mut self,
+        group: &str,
+        build: impl FnOnce([u8; 16], u64) -> Result<(AppMessage, String, Option<FileInfo>), GroupError>,
+    ) -> Result<Outgoing, GroupError> {
         self.with_group(Target::Name(group), |op, g| {
             if !g.is_active() {
                 return Err(GroupError::Inactive);
@@ -253,7 +314,8 @@ impl Profile {
             let me = op.me();
             let id = message_id_at(op.now_ms)?;
             let now = op.now_ms;
-            let body = AppMessage::text(id, now, text)?.encode()?;
+            let (message, text, file) = build(id, now)?;
+            let body = message.encode()?;
             let out = op.encrypt(g, others(g, me), id, &body)?;
             let stored = StoredMessage {
                 group: group.to_string(),
@@ -261,8 +323,9 @@ impl Profile {
                 sender_key: me,
                 sent_at_ms: now,
                 received_at_ms: now,
-                text: text.to_string(),
+                text,
                 message_id: hex::encode(id),
+                file,
             };
             // Our own message: the user typed it.
             insert_message(op.tx, op.group_id, &stored, true)?;

@@ -9,6 +9,8 @@
 //! never be processed (its epoch is past) is dropped.  Either way the
 //! application gets an [`Event::Undecryptable`].
 
+use std::path::Path;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Profile;
@@ -38,13 +40,14 @@ impl Profile {
     pub fn retry_held(&mut self) -> Result<Vec<Event>, GroupError> {
         let now_ms = self.clock.unix_ms();
         let tx = begin(&mut self.conn, &mut self.cache)?;
+        let downloads = self.downloads.as_path();
         let groups: Vec<Vec<u8>> = tx
             .prepare_cached("SELECT DISTINCT group_id FROM held")?
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         let mut events = Vec::new();
         for g in groups {
-            match retry(&tx, &mut self.cache, &g, now_ms) {
+            match retry(&tx, &mut self.cache, &g, now_ms, downloads) {
                 Ok(more) => events.extend(more),
                 Err(e) => {
                     self.cache.clear();
@@ -151,12 +154,14 @@ pub(super) fn changed_group(
 /// Processes the held messages of `group_id` again, oldest first, until a
 /// round applies none (a held commit may open the way for the next); drops
 /// those whose epoch is now past.  Each attempt runs in a savepoint: one
-/// that fails again changes nothing.
+/// that fails again changes nothing.  Files among them are saved in
+/// `downloads`.
 pub(super) fn retry(
     conn: &Connection,
     cache: &mut GroupCache,
     group_id: &[u8],
     now_ms: u64,
+    downloads: &Path,
 ) -> Result<Vec<Event>, GroupError> {
     let mut events = Vec::new();
     // Every round but the last applies at least one held message.
@@ -170,7 +175,7 @@ pub(super) fn retry(
         let mut applied = false;
         for (id, message_id, payload) in rows {
             conn.execute_batch("SAVEPOINT held_retry")?;
-            match process_in(conn, cache, &message_id, &payload, now_ms) {
+            match process_in(conn, cache, &message_id, &payload, now_ms, downloads) {
                 Ok(more) => {
                     conn.prepare_cached("DELETE FROM held WHERE id = ?1")?
                         .execute([id])?;

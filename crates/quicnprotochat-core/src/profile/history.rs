@@ -2,7 +2,7 @@
 //! list, members, and the ids of processed messages (bounded by
 //! [`PROCESSED_HORIZON_MS`]).
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Profile;
 use super::db::sql_int;
@@ -10,6 +10,7 @@ use super::groups::group_id_by_name;
 use super::mls::{member_key, others, username_of};
 use super::transaction::load;
 use crate::error::StateError;
+use crate::file::{FileInfo, FileStatus};
 use crate::group::{
     GroupError, GroupSummary, MESSAGE_ID_TIME_BYTES, MemberInfo, PROCESSED_HORIZON_MS,
     StoredMessage,
@@ -66,7 +67,7 @@ impl Profile {
         let mut rows: Vec<StoredMessage> = self
             .conn
             .prepare(
-                "SELECT ?3, sender, sender_key, sent_at, received_at, body, message_id FROM messages
+                "SELECT ?3, sender, sender_key, sent_at, received_at, body, message_id, file FROM messages
                  WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2",
             )?
             .query_map(params![group_id, sql_int(limit), group], read_row)?
@@ -84,7 +85,7 @@ impl Profile {
     pub fn unshown(&self, limit: usize) -> Result<Vec<StoredMessage>, GroupError> {
         self.conn
             .prepare_cached(
-                "SELECT g.name, m.sender, m.sender_key, m.sent_at, m.received_at, m.body, m.message_id
+                "SELECT g.name, m.sender, m.sender_key, m.sent_at, m.received_at, m.body, m.message_id, m.file
                  FROM messages m JOIN groups g ON g.group_id = m.group_id
                  WHERE m.shown = 0 ORDER BY m.id LIMIT ?1",
             )?
@@ -125,9 +126,10 @@ pub(super) fn insert_message(
     shown: bool,
 ) -> Result<bool, GroupError> {
     let id = hex::decode(&m.message_id).map_err(GroupError::rejected)?;
+    let file = m.file.as_ref().map(file_column).transpose()?;
     let n = conn.prepare_cached(
-        "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body, shown)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT OR IGNORE INTO messages (group_id, message_id, sender, sender_key, sent_at, received_at, body, shown, file)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
             group_id,
@@ -137,10 +139,25 @@ pub(super) fn insert_message(
             sql_int(m.sent_at_ms),
             sql_int(m.received_at_ms),
             m.text,
-            shown
+            shown,
+            file
         ],
     )?;
     Ok(n == 1)
+}
+
+/// Whether the history of `group_id` holds the message `message_id` (hex).
+pub(super) fn has_message(
+    conn: &Connection,
+    group_id: &[u8],
+    message_id: &str,
+) -> Result<bool, GroupError> {
+    let id = hex::decode(message_id).map_err(GroupError::rejected)?;
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM messages WHERE group_id = ?1 AND message_id = ?2")?
+        .query_row(params![group_id, id], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Records that the message with this delivery id is processed.
@@ -169,8 +186,17 @@ pub(super) fn prune_processed(conn: &Connection, now_ms: u64) -> Result<usize, G
 }
 
 /// A stored message's columns: group name, sender, sender key, sent and
-/// received times, body, message id.
-type MessageRow = (String, String, Vec<u8>, i64, i64, String, Vec<u8>);
+/// received times, body, message id, file.
+type MessageRow = (
+    String,
+    String,
+    Vec<u8>,
+    i64,
+    i64,
+    String,
+    Vec<u8>,
+    Option<String>,
+);
 
 /// Reads the columns of [`MessageRow`], in that order.
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
@@ -182,12 +208,13 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
     ))
 }
 
 /// A stored message from its row.
 fn stored_message(row: MessageRow) -> Result<StoredMessage, GroupError> {
-    let (group, sender, key, sent, received, text, id) = row;
+    let (group, sender, key, sent, received, text, id, file) = row;
     Ok(StoredMessage {
         group,
         sender,
@@ -196,5 +223,67 @@ fn stored_message(row: MessageRow) -> Result<StoredMessage, GroupError> {
         received_at_ms: u64::try_from(received).unwrap_or(0),
         text,
         message_id: hex::encode(id),
+        // A column this client cannot read leaves the summary in `text`.
+        file: file.and_then(|f| {
+            serde_json::from_str::<StoredFile>(&f)
+                .ok()
+                .map(FileInfo::from)
+        }),
     })
+}
+
+/// The `file` column: a [`FileInfo`] as JSON.  Its field names and status
+/// words are the profile format.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredFile {
+    name: String,
+    media_type: String,
+    size: u64,
+    sha256: String,
+    /// `sent`, `saved`, `refused` or `not_saved`
+    status: String,
+    /// where it was saved
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+    /// why it was refused or not saved
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+fn file_column(f: &FileInfo) -> Result<String, GroupError> {
+    let (status, path, reason) = match &f.status {
+        FileStatus::Sent => ("sent", None, None),
+        FileStatus::Saved { path } => ("saved", Some(path.to_string_lossy().into_owned()), None),
+        FileStatus::Refused { reason } => ("refused", None, Some(reason.clone())),
+        FileStatus::NotSaved { reason } => ("not_saved", None, Some(reason.clone())),
+    };
+    serde_json::to_string(&StoredFile {
+        name: f.name.clone(),
+        media_type: f.media_type.clone(),
+        size: f.size,
+        sha256: f.sha256.clone(),
+        status: status.into(),
+        path,
+        reason,
+    })
+    .map_err(|e| StateError::storage(e).into())
+}
+
+impl From<StoredFile> for FileInfo {
+    fn from(f: StoredFile) -> Self {
+        let reason = f.reason.unwrap_or_default();
+        let status = match (f.status.as_str(), f.path) {
+            ("sent", _) => FileStatus::Sent,
+            ("saved", Some(path)) => FileStatus::Saved { path: path.into() },
+            ("refused", _) => FileStatus::Refused { reason },
+            _ => FileStatus::NotSaved { reason },
+        };
+        Self {
+            name: f.name,
+            media_type: f.media_type,
+            size: f.size,
+            sha256: f.sha256,
+            status,
+        }
+    }
 }

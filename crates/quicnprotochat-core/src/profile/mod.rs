@@ -33,7 +33,8 @@
 //! - `peers.rs`: direct-connection addresses of members;
 //! - `tokens.rs`: delivery tokens, ours and those members announced;
 //! - `history.rs`: stored messages, groups, members, processed message ids;
-//! - `process.rs`: incoming messages, joining from a Welcome;
+//! - `process.rs`: incoming messages (saving received files in the download
+//!   directory, see [`crate::file`]), joining from a Welcome;
 //! - `mls.rs`: small helpers over openmls members and messages.
 //!
 //! Imports run one way: this module builds on [`crate::group`] (the public
@@ -103,6 +104,8 @@ pub struct Profile {
     /// MLS groups kept in memory between operations (see `transaction.rs`).
     cache: GroupCache,
     dir: PathBuf,
+    /// where received files are saved
+    downloads: PathBuf,
     /// tells the time of every operation (message times and ids, history,
     /// the processed-id horizon)
     clock: SharedClock,
@@ -160,6 +163,7 @@ impl Profile {
             username: username.to_string(),
             cache: GroupCache::default(),
             dir: dir.to_path_buf(),
+            downloads: default_downloads(dir),
             clock: crate::clock::system(),
         })
     }
@@ -192,6 +196,7 @@ impl Profile {
             username,
             cache: GroupCache::default(),
             dir: dir.to_path_buf(),
+            downloads: default_downloads(dir),
             clock: crate::clock::system(),
         })
     }
@@ -229,6 +234,18 @@ impl Profile {
     /// The profile directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where received files are saved: `downloads` in the profile directory
+    /// unless [`Profile::set_download_dir`] chose another.  Created (mode
+    /// 0700) when the first file arrives.
+    pub fn download_dir(&self) -> &Path {
+        &self.downloads
+    }
+
+    /// Saves received files in `dir` from now on.
+    pub fn set_download_dir(&mut self, dir: PathBuf) {
+        self.downloads = dir;
     }
 
     /// This client's identity.
@@ -289,6 +306,13 @@ impl Profile {
     pub fn set_next_seq(&self, next: u64) -> Result<(), GroupError> {
         Ok(self.set_setting("next_seq", &next.to_le_bytes())?)
     }
+}
+
+/// `downloads` in the profile directory, as an absolute path when the
+/// working directory can be read (it is shown to the user).
+fn default_downloads(dir: &Path) -> PathBuf {
+    let d = dir.join(crate::file::DOWNLOADS_DIR);
+    std::path::absolute(&d).unwrap_or(d)
 }
 
 fn set_setting_on(conn: &Connection, key: &str, value: &[u8]) -> Result<(), StateError> {

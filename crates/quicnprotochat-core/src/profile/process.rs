@@ -1,6 +1,8 @@
 //! Incoming messages: Welcomes (joining a group), commits, proposals and
 //! application messages, one at a time or as a batch in one transaction.
 
+use std::path::Path;
+
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     LeafNodeIndex, MlsGroup, MlsMessageBodyIn, MlsMessageIn, OpenMlsProvider,
@@ -9,12 +11,13 @@ use openmls::prelude::{
 use rusqlite::{Connection, OptionalExtension};
 
 use super::groups::{insert_group, name_by_group_id, name_taken};
-use super::history::{insert_message, mark_processed, prune_processed};
+use super::history::{has_message, insert_message, mark_processed, prune_processed};
 use super::mls::{check_member_key, member_key, username_of};
 use super::peers::store_peer;
 use super::tokens::store_delivery_token;
 use super::transaction::{GroupCache, begin, commit};
 use super::{Profile, Provider, held, next_seq_on, pending, set_setting_on};
+use crate::file::{self, FileInfo, FileStatus};
 use crate::group::{
     Delivered, Event, GROUP_META_EXTENSION, GroupError, StoredMessage, valid_group_name,
 };
@@ -35,6 +38,7 @@ impl Profile {
             message_id,
             payload,
             self.clock.unix_ms(),
+            &self.downloads,
         )?;
         commit(tx, &mut self.cache)?;
         Ok(events)
@@ -60,19 +64,33 @@ impl Profile {
         };
         let now_ms = self.clock.unix_ms();
         let mut tx = begin(&mut self.conn, &mut self.cache)?;
+        let downloads = self.downloads.as_path();
         let mut results = Vec::with_capacity(batch.len());
         let outcome = (|| {
             prune_processed(&tx, now_ms)?;
             for d in batch {
                 let sp = tx.savepoint()?;
-                match process_in(&sp, &mut self.cache, d.message_id, d.payload, now_ms) {
+                match process_in(
+                    &sp,
+                    &mut self.cache,
+                    d.message_id,
+                    d.payload,
+                    now_ms,
+                    downloads,
+                ) {
                     Ok(mut events) => {
                         sp.commit()?;
                         // Its group moved on: what waited for that may apply.
                         if let Some(g) = held::changed_group(&tx, d.payload, &events)?
                             && held::any(&tx, &g)?
                         {
-                            events.extend(held::retry(&tx, &mut self.cache, &g, now_ms)?);
+                            events.extend(held::retry(
+                                &tx,
+                                &mut self.cache,
+                                &g,
+                                now_ms,
+                                downloads,
+                            )?);
                         }
                         results.push(Ok(events));
                     }
@@ -104,15 +122,16 @@ impl Profile {
     }
 }
 
-/// Processes one payload on `conn` (a transaction or a savepoint).  Groups
-/// it changed are back in `cache`; the caller clears the cache if `conn`
-/// does not commit.
+/// Processes one payload on `conn` (a transaction or a savepoint), saving
+/// a file it carries in `downloads`.  Groups it changed are back in
+/// `cache`; the caller clears the cache if `conn` does not commit.
 pub(super) fn process_in(
     conn: &Connection,
     cache: &mut GroupCache,
     message_id: &[u8],
     payload: &[u8],
     now_ms: u64,
+    downloads: &Path,
 ) -> Result<Vec<Event>, GroupError> {
     let seen = conn
         .prepare_cached("SELECT 1 FROM processed WHERE message_id = ?1")?
@@ -142,7 +161,7 @@ pub(super) fn process_in(
         cache.put(group_id, group);
         return Err(GroupError::Inactive);
     }
-    let events = handle_protocol(conn, &name, &group_id, &mut group, pm, now_ms)?;
+    let events = handle_protocol(conn, &name, &group_id, &mut group, pm, now_ms, downloads)?;
     mark_processed(conn, message_id, now_ms)?;
     cache.put(group_id, group);
     Ok(events)
@@ -235,7 +254,8 @@ where
     }
 }
 
-/// Processes a commit, proposal or application message for `g` (active).
+/// Processes a commit, proposal or application message for `g` (active);
+/// a file it carries is saved in `downloads`.
 fn handle_protocol(
     tx: &Connection,
     name: &str,
@@ -243,6 +263,7 @@ fn handle_protocol(
     g: &mut MlsGroup,
     pm: ProtocolMessage,
     now_ms: u64,
+    downloads: &Path,
 ) -> Result<Vec<Event>, GroupError> {
     let provider = Provider::new(tx);
     let processed = g
@@ -262,6 +283,7 @@ fn handle_protocol(
         group_id,
         by,
         now_ms,
+        downloads,
     };
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(app) => {
@@ -292,18 +314,21 @@ struct Received<'a> {
     /// the sender's username
     by: String,
     now_ms: u64,
+    /// where a received file goes
+    downloads: &'a Path,
 }
 
 /// An application message from `sender_key`: a text goes into the history
-/// (once), a peer address into the peer table.
+/// (once), a file into the download directory and the history (once), a
+/// peer address into the peer table.
 fn receive_application(
     at: &Received<'_>,
     sender_key: IdentityKey,
     bytes: &[u8],
 ) -> Result<Vec<Event>, GroupError> {
     let m = AppMessage::decode(bytes)?;
-    let text = match m.content {
-        Content::Text { text } => text,
+    let (text, file) = match m.content {
+        Content::Text { text } => (text, None),
         Content::PeerAddress {
             endpoint_id,
             addrs,
@@ -326,7 +351,22 @@ fn receive_application(
                 key: sender_key,
             }]);
         }
-        _ => "[unsupported content]".to_string(),
+        Content::File {
+            name,
+            media_type,
+            size,
+            sha256,
+            content,
+        } => {
+            // A message id this group's history holds already (a sender
+            // repeating one) writes no second file.
+            if has_message(at.tx, at.group_id, &m.id)? {
+                return Ok(Vec::new());
+            }
+            let info = receive_file(at.downloads, &name, &media_type, size, &sha256, &content.0);
+            (info.summary(), Some(info))
+        }
+        _ => ("[unsupported content]".to_string(), None),
     };
     let stored = StoredMessage {
         group: at.name.to_string(),
@@ -336,12 +376,46 @@ fn receive_application(
         received_at_ms: at.now_ms,
         text,
         message_id: m.id,
+        file,
     };
     Ok(if insert_message(at.tx, at.group_id, &stored, false)? {
         vec![Event::Message(stored)]
     } else {
         Vec::new()
     })
+}
+
+/// A received file: checked against what the sender declared, then saved in
+/// `downloads` under its safe name (never over an existing file).  A file
+/// that fails a check is refused and nothing is written; one that cannot be
+/// written is reported so.  Either way the message is kept in the history,
+/// so the user learns of it.
+fn receive_file(
+    downloads: &Path,
+    name: &str,
+    media_type: &str,
+    size: u64,
+    sha256: &str,
+    content: &[u8],
+) -> FileInfo {
+    let status = match file::check(size, sha256, content) {
+        Err(refusal) => FileStatus::Refused {
+            reason: refusal.to_string(),
+        },
+        Ok(()) => match file::save(downloads, name, content) {
+            Ok(path) => FileStatus::Saved { path },
+            Err(e) => FileStatus::NotSaved {
+                reason: e.to_string(),
+            },
+        },
+    };
+    FileInfo {
+        name: file::sanitize_name(name),
+        media_type: file::sanitize_media_type(media_type),
+        size: u64::try_from(content.len()).unwrap_or(u64::MAX),
+        sha256: file::sha256_hex(content),
+        status,
+    }
 }
 
 /// Merges a commit, after checking that every leaf it brings in (added
