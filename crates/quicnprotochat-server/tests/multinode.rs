@@ -427,11 +427,10 @@ async fn a_database_password_never_appears_in_an_error() {
     assert!(!e.contains("Hunter2"), "{e}");
     // Nor does a connection string that does not parse show its value.
     let bad = "postgresql://quicnprotochat:Hunter2-never-shown@127.0.0.1:notaport/q";
-    let e = quicnprotochat_server::config::Config::from_toml_str(&format!(
-        "database_url = \"{bad}\""
-    ))
-    .unwrap_err()
-    .to_string();
+    let e =
+        quicnprotochat_server::config::Config::from_toml_str(&format!("database_url = \"{bad}\""))
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("database_url"), "{e}");
     assert!(!e.contains("Hunter2"), "{e}");
 }

@@ -356,14 +356,18 @@ impl PgStore {
         let mut client = self.client().await?;
         client
             .execute(
-                "SELECT pg_advisory_lock($1, $2)",
+                &client
+                    .prepare_cached("SELECT pg_advisory_lock($1, $2)")
+                    .await?,
                 &[&LOCK_CLASS, &LOCK_MIGRATE],
             )
             .await?;
         let result = apply_migrations(&mut client).await;
         let unlocked = client
             .execute(
-                "SELECT pg_advisory_unlock($1, $2)",
+                &client
+                    .prepare_cached("SELECT pg_advisory_unlock($1, $2)")
+                    .await?,
                 &[&LOCK_CLASS, &LOCK_MIGRATE],
             )
             .await;
@@ -422,7 +426,11 @@ async fn apply_migrations(client: &mut deadpool_postgres::Client) -> Result<(), 
         .await?;
     let applied: Vec<(i32, Vec<u8>)> = client
         .query(
-            "SELECT version, sha256 FROM quicnprotochat_migrations ORDER BY version",
+            &client
+                .prepare_cached(
+                    "SELECT version, sha256 FROM quicnprotochat_migrations ORDER BY version",
+                )
+                .await?,
             &[],
         )
         .await?
@@ -450,7 +458,10 @@ async fn apply_migrations(client: &mut deadpool_postgres::Client) -> Result<(), 
         let tx = client.transaction().await?;
         tx.batch_execute(sql).await?;
         tx.execute(
-            "INSERT INTO quicnprotochat_migrations (version, name, sha256) VALUES ($1, $2, $3)",
+            &tx.prepare_cached(
+                "INSERT INTO quicnprotochat_migrations (version, name, sha256) VALUES ($1, $2, $3)",
+            )
+            .await?,
             &[version, name, &digest.as_ref()],
         )
         .await?;
@@ -494,13 +505,22 @@ impl Store for PgStore {
             let client = self.client().await?;
             client
                 .execute(
-                    "INSERT INTO meta (name, value) VALUES ('health_probe', $1)
+                    &client
+                        .prepare_cached(
+                            "INSERT INTO meta (name, value) VALUES ('health_probe', $1)
                      ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                        )
+                        .await?,
                     &[&probe],
                 )
                 .await?;
             client
-                .query_one("SELECT value FROM meta WHERE name = 'health_probe'", &[])
+                .query_one(
+                    &client
+                        .prepare_cached("SELECT value FROM meta WHERE name = 'health_probe'")
+                        .await?,
+                    &[],
+                )
                 .await?;
             Ok(())
         })
@@ -522,9 +542,13 @@ impl Store for PgStore {
             let id = identity.as_bytes().as_slice();
             let inserted = client
                 .execute(
-                    "INSERT INTO users (username, identity, created_at)
+                    &client
+                        .prepare_cached(
+                            "INSERT INTO users (username, identity, created_at)
                      VALUES ($1, $2, extract(epoch FROM now())::bigint)
                      ON CONFLICT DO NOTHING",
+                        )
+                        .await?,
                     &[&username, &id],
                 )
                 .await?;
@@ -533,7 +557,9 @@ impl Store for PgStore {
             }
             let owner = client
                 .query_opt(
-                    "SELECT identity FROM users WHERE username = $1",
+                    &client
+                        .prepare_cached("SELECT identity FROM users WHERE username = $1")
+                        .await?,
                     &[&username],
                 )
                 .await?;
@@ -595,12 +621,16 @@ impl Store for PgStore {
             // One statement takes the row: a concurrent taker skips it.
             let one_time = client
                 .query_opt(
-                    "DELETE FROM key_packages WHERE id = (
+                    &client
+                        .prepare_cached(
+                            "DELETE FROM key_packages WHERE id = (
                         SELECT id FROM key_packages
                         WHERE identity = $1 AND NOT last_resort AND not_after > $2
                         ORDER BY id LIMIT 1
                         FOR UPDATE SKIP LOCKED)
                      RETURNING data",
+                        )
+                        .await?,
                     &[&id, &now],
                 )
                 .await?;
@@ -612,9 +642,13 @@ impl Store for PgStore {
             }
             let last_resort = client
                 .query_opt(
-                    "SELECT data FROM key_packages
+                    &client
+                        .prepare_cached(
+                            "SELECT data FROM key_packages
                      WHERE identity = $1 AND last_resort AND not_after > $2
                      ORDER BY id DESC LIMIT 1",
+                        )
+                        .await?,
                     &[&id, &now],
                 )
                 .await?;
@@ -731,7 +765,8 @@ impl Store for PgStore {
                 async {
                     let mine: bool = tx
                         .query_one(
-                            "SELECT pg_try_advisory_xact_lock($1, $2)",
+                            &tx.prepare_cached("SELECT pg_try_advisory_xact_lock($1, $2)")
+                                .await?,
                             &[&LOCK_CLASS, &LOCK_SWEEP],
                         )
                         .await?
@@ -742,13 +777,15 @@ impl Store for PgStore {
                     }
                     let key_packages = tx
                         .execute(
-                            "DELETE FROM key_packages WHERE not_after <= $1",
+                            &tx.prepare_cached("DELETE FROM key_packages WHERE not_after <= $1")
+                                .await?,
                             &[&to_i64(now_secs)],
                         )
                         .await?;
                     let dedup_keys = tx
                         .execute(
-                            "DELETE FROM dedup WHERE expires_at <= $1",
+                            &tx.prepare_cached("DELETE FROM dedup WHERE expires_at <= $1")
+                                .await?,
                             &[&to_i64(now_ms)],
                         )
                         .await?;
@@ -877,13 +914,17 @@ async fn publish_tx(
     // Publishes of one identity (through any node) take turns, so the cap
     // holds under concurrency.
     tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
+        &tx.prepare_cached("SELECT pg_advisory_xact_lock($1)")
+            .await?,
         &[&identity_lock(identity)],
     )
     .await?;
     let have: i64 = tx
         .query_one(
-            "SELECT count(*) FROM key_packages WHERE identity = $1 AND NOT last_resort",
+            &tx.prepare_cached(
+                "SELECT count(*) FROM key_packages WHERE identity = $1 AND NOT last_resort",
+            )
+            .await?,
             &[&id],
         )
         .await?
@@ -895,7 +936,8 @@ async fn publish_tx(
         .collect();
     let existing: Vec<Vec<u8>> = tx
         .query(
-            "SELECT hash_ref FROM key_packages WHERE hash_ref = ANY($1)",
+            &tx.prepare_cached("SELECT hash_ref FROM key_packages WHERE hash_ref = ANY($1)")
+                .await?,
             &[&refs],
         )
         .await?
@@ -918,16 +960,20 @@ async fn publish_tx(
     for p in packages {
         if p.last_resort {
             tx.execute(
-                "DELETE FROM key_packages WHERE identity = $1 AND last_resort",
+                &tx.prepare_cached("DELETE FROM key_packages WHERE identity = $1 AND last_resort")
+                    .await?,
                 &[&id],
             )
             .await?;
         }
         let n = tx
             .execute(
-                "INSERT INTO key_packages (identity, hash_ref, data, last_resort, not_after)
+                &tx.prepare_cached(
+                    "INSERT INTO key_packages (identity, hash_ref, data, last_resort, not_after)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (hash_ref) DO NOTHING",
+                )
+                .await?,
                 &[
                     &id,
                     &p.hash_ref.as_slice(),
@@ -964,10 +1010,13 @@ async fn enqueue_tx(
     // and then finds the key live.
     let claimed = tx
         .query_opt(
-            "INSERT INTO dedup AS d (key, expires_at) VALUES ($1, $2)
+            &tx.prepare_cached(
+                "INSERT INTO dedup AS d (key, expires_at) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
              WHERE d.expires_at <= $3
              RETURNING 1",
+            )
+            .await?,
             &[&key.as_slice(), &expires, &now],
         )
         .await?;
@@ -978,17 +1027,23 @@ async fn enqueue_tx(
         let epoch = to_i64(*epoch);
         let accepted = tx
             .query_opt(
-                "INSERT INTO group_epochs AS g (group_id, last_commit_epoch) VALUES ($1, $2)
+                &tx.prepare_cached(
+                    "INSERT INTO group_epochs AS g (group_id, last_commit_epoch) VALUES ($1, $2)
                  ON CONFLICT (group_id) DO UPDATE SET last_commit_epoch = excluded.last_commit_epoch
                  WHERE g.last_commit_epoch < excluded.last_commit_epoch
                  RETURNING 1",
+                )
+                .await?,
                 &[&group_id.as_slice(), &epoch],
             )
             .await?;
         if accepted.is_none() {
             let last: i64 = tx
                 .query_one(
-                    "SELECT last_commit_epoch FROM group_epochs WHERE group_id = $1",
+                    &tx.prepare_cached(
+                        "SELECT last_commit_epoch FROM group_epochs WHERE group_id = $1",
+                    )
+                    .await?,
                     &[&group_id.as_slice()],
                 )
                 .await?
@@ -1005,7 +1060,8 @@ async fn enqueue_tx(
         .collect();
     let known: Vec<Vec<u8>> = tx
         .query(
-            "SELECT identity FROM users WHERE identity = ANY($1)",
+            &tx.prepare_cached("SELECT identity FROM users WHERE identity = ANY($1)")
+                .await?,
             &[&recipients],
         )
         .await?
@@ -1022,16 +1078,22 @@ async fn enqueue_tx(
     let mut sorted = recipients.clone();
     sorted.sort_unstable();
     tx.execute(
-        "INSERT INTO queue_heads (recipient, next_seq, depth, strangers)
+        &tx.prepare_cached(
+            "INSERT INTO queue_heads (recipient, next_seq, depth, strangers)
          SELECT r, 1, 0, 0 FROM unnest($1::bytea[]) AS t (r) ORDER BY r
          ON CONFLICT (recipient) DO NOTHING",
+        )
+        .await?,
         &[&sorted],
     )
     .await?;
     let heads: Vec<(Vec<u8>, Head)> = tx
         .query(
-            "SELECT recipient, next_seq, depth, strangers FROM queue_heads
+            &tx.prepare_cached(
+                "SELECT recipient, next_seq, depth, strangers FROM queue_heads
              WHERE recipient = ANY($1) ORDER BY recipient FOR UPDATE",
+            )
+            .await?,
             &[&sorted],
         )
         .await?
@@ -1049,7 +1111,10 @@ async fn enqueue_tx(
         .collect::<Result<_, tokio_postgres::Error>>()?;
     let tokens: Vec<TokenRow> = tx
         .query(
-            "SELECT identity, current, previous FROM delivery_tokens WHERE identity = ANY($1)",
+            &tx.prepare_cached(
+                "SELECT identity, current, previous FROM delivery_tokens WHERE identity = ANY($1)",
+            )
+            .await?,
             &[&recipients],
         )
         .await?
@@ -1083,7 +1148,10 @@ async fn enqueue_tx(
         if stranger {
             let mine: i64 = tx
                 .query_one(
-                    "SELECT count(*) FROM queue WHERE recipient = $1 AND stranger = $2",
+                    &tx.prepare_cached(
+                        "SELECT count(*) FROM queue WHERE recipient = $1 AND stranger = $2",
+                    )
+                    .await?,
                     &[r, &req.sender_tag.as_slice()],
                 )
                 .await?
@@ -1109,14 +1177,15 @@ async fn enqueue_tx(
     let refs = i32::try_from(recipients.len()).unwrap_or(i32::MAX);
     let payload_id: i64 = tx
         .query_one(
-            "INSERT INTO payloads (refs, data) VALUES ($1, $2) RETURNING id",
+            &tx.prepare_cached("INSERT INTO payloads (refs, data) VALUES ($1, $2) RETURNING id")
+                .await?,
             &[&refs, &req.payload.as_slice()],
         )
         .await?
         .try_get(0)?;
     tx.execute(
-        "INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at, stranger)
-         SELECT r, s, $3, $4, $5, t FROM unnest($1::bytea[], $2::bigint[], $6::bytea[]) AS x (r, s, t)",
+        &tx.prepare_cached("INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at, stranger)
+         SELECT r, s, $3, $4, $5, t FROM unnest($1::bytea[], $2::bigint[], $6::bytea[]) AS x (r, s, t)").await?,
         &[
             &recipients,
             &seqs,
@@ -1130,7 +1199,8 @@ async fn enqueue_tx(
     // Advance the heads, and announce each new message to every node
     // (delivered at commit).
     tx.execute(
-        "WITH bumped AS (
+        &tx.prepare_cached(
+            "WITH bumped AS (
              UPDATE queue_heads h SET next_seq = x.s + 1, depth = h.depth + 1,
                  strangers = h.strangers + x.st
              FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS x (r, s, st)
@@ -1138,6 +1208,8 @@ async fn enqueue_tx(
              RETURNING h.recipient, x.s)
          SELECT pg_notify('quicnprotochat_queue', encode(recipient, 'hex') || ':' || s)
          FROM bumped",
+        )
+        .await?,
         &[&recipients, &seqs, &stranger_counts],
     )
     .await?;
@@ -1154,14 +1226,18 @@ async fn ack_tx(
     let id = recipient.as_bytes().as_slice();
     // The head first, as an enqueue locks it: one lock order.
     tx.query_opt(
-        "SELECT 1 FROM queue_heads WHERE recipient = $1 FOR UPDATE",
+        &tx.prepare_cached("SELECT 1 FROM queue_heads WHERE recipient = $1 FOR UPDATE")
+            .await?,
         &[&id],
     )
     .await?;
     let removed: Vec<(i64, bool)> = tx
         .query(
-            "DELETE FROM queue WHERE recipient = $1 AND seq <= $2
+            &tx.prepare_cached(
+                "DELETE FROM queue WHERE recipient = $1 AND seq <= $2
              RETURNING payload_id, stranger IS NOT NULL",
+            )
+            .await?,
             &[&id, &to_i64(up_to)],
         )
         .await?
@@ -1176,27 +1252,35 @@ async fn ack_tx(
     payload_ids.sort_unstable();
     // Payload rows are shared between recipients: lock them in id order.
     tx.query(
-        "SELECT id FROM payloads WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &tx.prepare_cached("SELECT id FROM payloads WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .await?,
         &[&payload_ids],
     )
     .await?;
     tx.execute(
-        "UPDATE payloads p SET refs = p.refs - c.n
+        &tx.prepare_cached(
+            "UPDATE payloads p SET refs = p.refs - c.n
          FROM (SELECT id, count(*)::integer AS n FROM unnest($1::bigint[]) AS u (id) GROUP BY id) c
          WHERE p.id = c.id",
+        )
+        .await?,
         &[&payload_ids],
     )
     .await?;
     tx.execute(
-        "DELETE FROM payloads WHERE id = ANY($1) AND refs <= 0",
+        &tx.prepare_cached("DELETE FROM payloads WHERE id = ANY($1) AND refs <= 0")
+            .await?,
         &[&payload_ids],
     )
     .await?;
     let count = i64::try_from(removed.len()).unwrap_or(i64::MAX);
     tx.execute(
-        "UPDATE queue_heads SET depth = greatest(depth - $2, 0),
+        &tx.prepare_cached(
+            "UPDATE queue_heads SET depth = greatest(depth - $2, 0),
              strangers = greatest(strangers - $3, 0)
          WHERE recipient = $1",
+        )
+        .await?,
         &[&id, &count, &strangers],
     )
     .await?;
