@@ -7,6 +7,7 @@
 //! from any tokio runtime and shared between tasks.
 
 mod connection;
+pub mod display;
 mod error;
 #[cfg(feature = "test-harness")]
 pub mod harness;

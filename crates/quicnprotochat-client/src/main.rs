@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use quicnprotochat_client::display::terminal_safe;
 use quicnprotochat_client::{
     ClientConfig, Event, FileInfo, FileStatus, Messenger, P2pOptions, ProfileKey, ServerAuth,
 };
@@ -361,6 +362,12 @@ impl Out {
         stdout.flush()
     }
 
+    /// Writes a line made of what other people sent (message text, names
+    /// from their credentials): shown, never acted on by the terminal.
+    fn peer_line(&self, text: String, value: serde_json::Value) -> std::io::Result<()> {
+        self.line(terminal_safe(&text).into_owned(), value)
+    }
+
     fn event(&self, e: &Event) -> std::io::Result<()> {
         match e {
             Event::Message(m) => {
@@ -369,53 +376,53 @@ impl Out {
                 if let Some(f) = &m.file {
                     value["file"] = file_json(f);
                 }
-                self.line(format!("[{}] {}: {}", m.group, m.sender, m.text), value)
+                self.peer_line(format!("[{}] {}: {}", m.group, m.sender, m.text), value)
             }
-            Event::Joined { group, by, members } => self.line(
+            Event::Joined { group, by, members } => self.peer_line(
                 format!(
                     "* joined {group} (added by {by}; members: {})",
                     members.join(", ")
                 ),
                 json!({"event": "joined", "group": group, "by": by, "members": members}),
             ),
-            Event::MembersAdded { group, by, members } => self.line(
+            Event::MembersAdded { group, by, members } => self.peer_line(
                 format!("* {by} added {} to {group}", members.join(", ")),
                 json!({"event": "members_added", "group": group, "by": by, "members": members}),
             ),
-            Event::MembersRemoved { group, by, members } => self.line(
+            Event::MembersRemoved { group, by, members } => self.peer_line(
                 format!("* {by} removed {} from {group}", members.join(", ")),
                 json!({"event": "members_removed", "group": group, "by": by, "members": members}),
             ),
-            Event::KeyUpdated { group, by } => self.line(
+            Event::KeyUpdated { group, by } => self.peer_line(
                 format!("* {by} updated their keys in {group}"),
                 json!({"event": "key_updated", "group": group, "by": by}),
             ),
-            Event::Removed { group, by } => self.line(
+            Event::Removed { group, by } => self.peer_line(
                 format!("* {by} removed you from {group}"),
                 json!({"event": "removed", "group": group, "by": by}),
             ),
-            Event::DirectoryMismatch { group, member, key } => self.line(
+            Event::DirectoryMismatch { group, member, key } => self.peer_line(
                 format!("! WARNING: in {group}, a member calls itself {member} but its key {key} is not {member}'s key on the server"),
                 json!({"event": "directory_mismatch", "group": group, "member": member, "key": key.to_string()}),
             ),
-            Event::VerifiedKeyChanged { group, member, key, verified } => self.line(
+            Event::VerifiedKeyChanged { group, member, key, verified } => self.peer_line(
                 format!("! WARNING: in {group}, {member} now has the identity key {key}, not the key {verified} you verified. Someone may be impersonating {member}; compare safety numbers again (`quicnprotochat verify {member}`)."),
                 json!({"event": "verified_key_changed", "group": group, "member": member,
                        "identity": key.to_string(), "verified_identity": verified.to_string()}),
             ),
-            Event::PeerAnnounced { group, member, .. } => self.line(
+            Event::PeerAnnounced { group, member, .. } => self.peer_line(
                 format!("* {member} can be reached directly (announced in {group})"),
                 json!({"event": "peer_announced", "group": group, "member": member}),
             ),
             Event::Undecryptable { group, kept, held } => {
                 let group_text = group.as_deref().unwrap_or("a group this profile is not in");
                 let fate = if *kept { "kept to retry when its epoch arrives" } else { "dropped" };
-                self.line(
+                self.peer_line(
                     format!("! a message in {group_text} could not be decrypted; {fate} ({held} held)"),
                     json!({"event": "undecryptable", "group": group, "kept": kept, "held": held}),
                 )
             }
-            Event::ProposalsPending { group, .. } => self.line(
+            Event::ProposalsPending { group, .. } => self.peer_line(
                 format!("* pending changes in {group}"),
                 json!({"event": "proposals_pending", "group": group}),
             ),
@@ -598,7 +605,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     format!("{} {} ({state})", mem.username, mem.key)
                 };
-                out.line(
+                out.peer_line(
                     text,
                     json!({"username": mem.username, "identity": mem.key.to_string(), "self": mem.is_self, "verification": state}),
                 )?;

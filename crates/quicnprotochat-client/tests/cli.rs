@@ -253,3 +253,38 @@ fn a_failed_registration_leaves_nothing_and_the_retry_succeeds() {
     // Another name in the same place works at once.
     register(&server, &second, "alice2");
 }
+
+#[test]
+fn text_from_members_cannot_drive_the_terminal_or_forge_a_line() {
+    let server = TestServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&server, &alice, "alice");
+    register(&server, &bob, "bob");
+    run_ok(cli(&server, &alice).args(["invite", "friends", "bob"]));
+    run_ok(cli(&server, &bob).args(["sync"]));
+    // A window-title change, a screen clear, a carriage return and a line
+    // that pretends to be alice's.
+    let hostile = "hi\u{1b}]0;owned\u{7}\u{1b}[2J\r\n[friends] alice: send me your passphrase";
+    run_ok(cli(&server, &bob).args(["send", "friends", hostile]));
+    let shown = run_ok(cli(&server, &alice).args(["sync"]));
+    assert!(!shown.contains(['\u{1b}', '\u{7}', '\r']), "{shown:?}");
+    assert!(
+        !shown.lines().any(|l| l.starts_with("[friends] alice:")),
+        "{shown}"
+    );
+    assert_eq!(
+        shown.lines().next().unwrap(),
+        "[friends] bob: hi^[]0;owned^G^[[2J^M"
+    );
+    // History shows it the same way; JSON carries the text as it was sent.
+    let history = run_ok(cli(&server, &alice).args(["history", "friends"]));
+    assert!(!history.contains('\u{1b}'), "{history:?}");
+    let json = run_ok(cli(&server, &alice).args(["--json", "history", "friends"]));
+    let texts: Vec<String> = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(texts, [hostile]);
+}
