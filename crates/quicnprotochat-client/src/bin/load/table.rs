@@ -2,8 +2,12 @@
 //! results table of the benchmarks page, between the markers
 //! `<!-- results:begin -->` and `<!-- results:end -->`.  With several runs
 //! of a scenario, the run with the median ratio is shown, with every run's
-//! ratio beside it.  With `--criterion`, the criterion benchmarks' medians
-//! go between `<!-- criterion:begin -->` and `<!-- criterion:end -->`.
+//! ratio beside it.  The `postgres` and `push` scenarios (every node count,
+//! the floor, push latency) go instead between `<!-- postgres:begin -->` and
+//! `<!-- postgres:end -->`; each block is rewritten only when the input
+//! holds lines for it.  With `--criterion`,
+//! the criterion benchmarks' medians go between `<!-- criterion:begin -->`
+//! and `<!-- criterion:end -->`.
 
 use std::path::PathBuf;
 
@@ -13,6 +17,10 @@ use serde_json::Value;
 
 const BEGIN: &str = "<!-- results:begin -->";
 const END: &str = "<!-- results:end -->";
+const PG_BEGIN: &str = "<!-- postgres:begin -->";
+const PG_END: &str = "<!-- postgres:end -->";
+/// The scenarios of the PostgreSQL block (not in the results table).
+const PG_SCENARIOS: &[&str] = &["postgres", "push"];
 
 /// Options of `table`.
 #[derive(Debug, Clone, Args)]
@@ -131,6 +139,34 @@ fn describe(r: &Value) -> (String, String, String) {
     }
 }
 
+/// A number without a unit.
+fn num(x: Option<f64>) -> String {
+    n(x, "").trim().to_string()
+}
+
+/// "p50 x / p99 y" of a figures object's `latency`.
+fn p50_p99(v: &Value) -> String {
+    format!(
+        "p50 {} / p99 {}",
+        n(f(v, &["latency", "p50_ms"]), "ms"),
+        n(f(v, &["latency", "p99_ms"]), "ms")
+    )
+}
+
+/// The node counts of a `postgres` line, as keys of its figures.
+fn node_counts(r: &Value) -> Vec<String> {
+    r.get("params")
+        .and_then(|p| p.get("nodes"))
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|k| k.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `table`.
 pub fn run(a: &TableArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -140,7 +176,22 @@ pub fn run(a: &TableArgs) -> anyhow::Result<()> {
     let mut page = std::fs::read_to_string(&a.page)
         .with_context(|| format!("reading {}", a.page.display()))?;
     if let Some(input) = &a.input {
-        page = replace_block(&page, BEGIN, END, &results(a, input)?)?;
+        // Each block is rewritten only from lines that belong to it, so a
+        // run of `postgres` alone leaves the results table as it was.
+        let (pg, rest): (Vec<_>, Vec<_>) = read_runs(input)?
+            .into_iter()
+            .partition(|(s, _)| PG_SCENARIOS.contains(&s.as_str()));
+        anyhow::ensure!(
+            !pg.is_empty() || !rest.is_empty(),
+            "no report lines in {}",
+            input.display()
+        );
+        if !rest.is_empty() {
+            page = replace_block(&page, BEGIN, END, &results(a, &rest))?;
+        }
+        if let Some(block) = postgres_block(a, &pg) {
+            page = replace_block(&page, PG_BEGIN, PG_END, &block)?;
+        }
     }
     if let Some(dir) = &a.criterion {
         let heading = format!(
@@ -177,12 +228,11 @@ fn replace_block(page: &str, begin: &str, end: &str, block: &str) -> anyhow::Res
     Ok(format!("{}{block}{}", &page[..start], &page[stop..]))
 }
 
-/// The load generator's results block.
-fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
+/// The report lines of `input`, each with its scenario, in order.
+fn read_runs(input: &std::path::Path) -> anyhow::Result<Vec<(String, Value)>> {
     let text =
         std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
-    let mut order: Vec<String> = Vec::new();
-    let mut runs: Vec<(String, Value)> = Vec::new();
+    let mut runs = Vec::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
         let v: Value = serde_json::from_str(line)?;
         let s = v
@@ -190,22 +240,51 @@ fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        if !order.contains(&s) {
+        runs.push((s, v));
+    }
+    Ok(runs)
+}
+
+/// The runs of scenario `s`, sorted by ratio.
+fn sorted_runs<'a>(runs: &'a [(String, Value)], s: &str) -> Vec<&'a Value> {
+    let mut these: Vec<&Value> = runs.iter().filter(|r| r.0 == s).map(|r| &r.1).collect();
+    these.sort_by(|x, y| {
+        let rx = f(x, &["ratio"]).unwrap_or(f64::NAN);
+        let ry = f(y, &["ratio"]).unwrap_or(f64::NAN);
+        rx.total_cmp(&ry)
+    });
+    these
+}
+
+/// The run of scenario `s` with the median ratio.
+fn median<'a>(runs: &'a [(String, Value)], s: &str) -> Option<&'a Value> {
+    let these = sorted_runs(runs, s);
+    these.get(these.len() / 2).copied()
+}
+
+/// ", machine" or nothing.
+fn machine(a: &TableArgs) -> String {
+    if a.machine.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", a.machine)
+    }
+}
+
+/// The load generator's results block.
+fn results(a: &TableArgs, runs: &[(String, Value)]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    for (s, _) in runs {
+        if !order.contains(s) {
             order.push(s.clone());
         }
-        runs.push((s, v));
     }
     let mut rev = String::from("unknown");
     let mut rows = String::new();
     rows.push_str("| scenario | ours | peer | ratio (median; every run) | target | met |\n");
     rows.push_str("|---|---|---|---|---|---|\n");
     for s in &order {
-        let mut these: Vec<&Value> = runs.iter().filter(|r| &r.0 == s).map(|r| &r.1).collect();
-        these.sort_by(|x, y| {
-            let rx = f(x, &["ratio"]).unwrap_or(f64::NAN);
-            let ry = f(y, &["ratio"]).unwrap_or(f64::NAN);
-            rx.total_cmp(&ry)
-        });
+        let these = sorted_runs(runs, s);
         let Some(mid) = these.get(these.len() / 2) else {
             continue;
         };
@@ -234,14 +313,120 @@ fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
         .and_then(|r| r.1.get("unix_time"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let block = format!(
+    format!(
         "{BEGIN}\nRevision `{rev}`, unix time {date}{}, {} run(s) per scenario.\n\n{rows}{END}",
-        if a.machine.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", a.machine)
-        },
+        machine(a),
         runs.len() / order.len().max(1),
+    )
+}
+
+/// Server + database CPU µs per message of a figures object.
+fn total_cpu(v: &Value) -> Option<f64> {
+    let server = f(v, &["server_cpu_us_per_msg"])?;
+    Some(server + f(v, &["db_cpu_us_per_msg"]).unwrap_or(0.0))
+}
+
+/// The PostgreSQL block: the median-ratio run of `postgres` (every node
+/// count beside SQLCipher and the floor) and of `push`.
+fn postgres_block(a: &TableArgs, runs: &[(String, Value)]) -> Option<String> {
+    let pg = median(runs, "postgres")?;
+    let fig = pg.get("figures").cloned().unwrap_or(Value::Null);
+    let peer = pg.get("peer_figures").cloned().unwrap_or(Value::Null);
+    let rate = f(pg, &["params", "rate_per_sec"]);
+    let rate_s = num(rate);
+    let every = sorted_runs(runs, "postgres")
+        .iter()
+        .map(|r| f(r, &["ratio"]).map_or("n/a".into(), |x| format!("{x:.3}")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out = format!(
+        "{PG_BEGIN}\nRevision `{}`, unix time {}{}; {}. Of the runs, the one whose ratio of 1-node PostgreSQL to SQLCipher messages/s is the median (every run: {every}).\n\n",
+        pg.get("rev").and_then(Value::as_str).unwrap_or("unknown"),
+        pg.get("unix_time").and_then(Value::as_u64).unwrap_or(0),
+        machine(a),
+        pg.get("params")
+            .and_then(|p| p.get("pinning"))
+            .and_then(Value::as_str)
+            .unwrap_or("pinning unknown"),
     );
-    Ok(block)
+    out.push_str(&format!(
+        "| configuration | delivered msgs/s (maximum) | server CPU µs/msg | database CPU µs/msg | server + database µs/msg | latency p50 / p99 at {rate_s} msg/s | server + database µs/msg at {rate_s} msg/s |\n|---|---|---|---|---|---|---|\n"
+    ));
+    let row = |name: &str, v: &Value| {
+        let at = v.get("at_rate").cloned().unwrap_or(Value::Null);
+        format!(
+            "| {name} | {} | {} | {} | {} | {} | {} |\n",
+            n(f(v, &["delivered_per_sec"]), "msg/s"),
+            num(f(v, &["server_cpu_us_per_msg"])),
+            f(v, &["db_cpu_us_per_msg"]).map_or("—".into(), |x| num(Some(x))),
+            num(total_cpu(v)),
+            p50_p99(&at),
+            num(total_cpu(&at)),
+        )
+    };
+    out.push_str(&row(
+        "SQLCipher, 1 node (embedded store)",
+        peer.get("sqlcipher").unwrap_or(&Value::Null),
+    ));
+    for k in node_counts(pg) {
+        let name = match k.as_str() {
+            "1" => "PostgreSQL, 1 node".to_string(),
+            k => format!("PostgreSQL, {k} nodes (every message crosses nodes)"),
+        };
+        out.push_str(&row(
+            &name,
+            fig.get("nodes")
+                .and_then(|v| v.get(&k))
+                .unwrap_or(&Value::Null),
+        ));
+    }
+    out.push_str(
+        "\nPostgreSQL's floor in the same run: loops of single-row INSERT transactions (256-byte value, each committed and flushed), as many connections as the nodes' pools; beside it the same with a `pg_notify` in every transaction (as every enqueue does) and one listening connection per node:\n\n| floor | connections | commits/s | database CPU µs/commit | commit p50 / p99 |\n|---|---|---|---|---|\n",
+    );
+    for (what, name) in [
+        ("floor", "INSERT + COMMIT"),
+        ("floor_notify", "INSERT + pg_notify + COMMIT"),
+    ] {
+        for k in node_counts(pg) {
+            let v = peer
+                .get(what)
+                .and_then(|v| v.get(&k))
+                .unwrap_or(&Value::Null);
+            out.push_str(&format!(
+                "| {name} | {} | {} | {} | p50 {} / p99 {} |\n",
+                f(v, &["connections"]).map_or("n/a".into(), |c| format!("{c:.0}")),
+                num(f(v, &["commits_per_sec"])),
+                num(f(v, &["db_cpu_us_per_commit"])),
+                n(f(v, &["commit_latency", "p50_ms"]), "ms"),
+                n(f(v, &["commit_latency", "p99_ms"]), "ms"),
+            ));
+        }
+    }
+    if let Some(push) = median(runs, "push") {
+        let cross = push.get("figures").cloned().unwrap_or(Value::Null);
+        let same = push.get("peer_figures").cloned().unwrap_or(Value::Null);
+        let sq = same
+            .get("sqlcipher_single_node")
+            .cloned()
+            .unwrap_or(Value::Null);
+        out.push_str(&format!(
+            "\nPush latency (send to receipt on a live subscription), one sender at {} msg/s for {} s, two PostgreSQL nodes running (the run with the median ratio of cross-node to same-node p99):\n\n| subscriber | p50 | p99 | max |\n|---|---|---|---|\n",
+            num(f(push, &["params", "rate_per_sec"])),
+            f(push, &["params", "duration_s"]).map_or("n/a".into(), |d| format!("{d:.0}")),
+        ));
+        for (name, v) in [
+            ("on another node (PostgreSQL, LISTEN/NOTIFY)", &cross),
+            ("on the sender's node (PostgreSQL)", &same),
+            ("single node, SQLCipher", &sq),
+        ] {
+            out.push_str(&format!(
+                "| {name} | {} | {} | {} |\n",
+                n(f(v, &["latency", "p50_ms"]), "ms"),
+                n(f(v, &["latency", "p99_ms"]), "ms"),
+                n(f(v, &["latency", "max_ms"]), "ms"),
+            ));
+        }
+    }
+    out.push_str(PG_END);
+    Some(out)
 }
