@@ -153,7 +153,24 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(cli))
+    // On SIGINT or SIGTERM the scenario is dropped, which stops its server
+    // processes and its PostgreSQL cluster and removes their directories.
+    rt.block_on(async {
+        tokio::select! {
+            r = run(cli) => r,
+            r = interrupted() => r,
+        }
+    })
+}
+
+/// Waits for SIGINT or SIGTERM, then fails.
+async fn interrupted() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let name = tokio::select! {
+        r = tokio::signal::ctrl_c() => { r?; "SIGINT" }
+        _ = term.recv() => "SIGTERM",
+    };
+    anyhow::bail!("interrupted by {name}: servers and databases stopped")
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
