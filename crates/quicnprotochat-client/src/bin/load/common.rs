@@ -430,3 +430,26 @@ pub fn start_relay(core: Option<usize>, max_secs: u64) -> anyhow::Result<Proc> {
     ];
     start(&me, &args, &[], core, dir, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_tree_costs_at_least_its_root() {
+        let me = std::process::id();
+        let own = cpu_us(&me.to_string()).unwrap();
+        assert!(tree_cpu_us(me).unwrap() >= own);
+        assert_eq!(ppid(me).unwrap(), std::os::unix::process::parent_id());
+    }
+
+    #[test]
+    fn children_are_found_and_counted() {
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        let me = std::process::id();
+        let found = children(me).unwrap().contains(&child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found);
+    }
+}

@@ -430,3 +430,99 @@ fn postgres_block(a: &TableArgs, runs: &[(String, Value)]) -> Option<String> {
     out.push_str(PG_END);
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(rate: f64, server: f64, db: f64) -> Value {
+        json!({
+            "delivered_per_sec": rate, "server_cpu_us_per_msg": server,
+            "db_cpu_us_per_msg": db,
+            "at_rate": {
+                "latency": {"p50_ms": 3.0, "p99_ms": 9.0},
+                "server_cpu_us_per_msg": 700.0, "db_cpu_us_per_msg": 1400.0,
+            },
+        })
+    }
+
+    fn postgres_line(ratio: f64, one_node_rate: f64) -> Value {
+        let floor = |c: u64, rate: f64| {
+            json!({"connections": c, "commits_per_sec": rate, "db_cpu_us_per_commit": 50.0,
+                   "commit_latency": {"p50_ms": 0.5, "p99_ms": 1.5}})
+        };
+        json!({
+            "scenario": "postgres", "rev": "abc1234", "unix_time": 1,
+            "params": {"nodes": [1, 2], "rate_per_sec": 300.0, "pinning": "all on core 0"},
+            "figures": {"nodes": {"1": node(one_node_rate, 320.0, 1000.0), "2": node(650.0, 340.0, 1100.0)}},
+            "peer_figures": {
+                "sqlcipher": {"delivered_per_sec": 18000.0, "server_cpu_us_per_msg": 52.0,
+                              "at_rate": {"latency": {"p50_ms": 1.9, "p99_ms": 3.5},
+                                          "server_cpu_us_per_msg": 560.0}},
+                "floor": {"1": floor(8, 16000.0), "2": floor(16, 18000.0)},
+                "floor_notify": {"1": floor(8, 5000.0), "2": floor(16, 4900.0)},
+            },
+            "ratio": ratio,
+        })
+    }
+
+    #[test]
+    fn postgres_lines_fill_their_own_block_and_leave_the_results_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = dir.path().join("page.md");
+        let results = format!("{BEGIN}\nold results\n{END}");
+        std::fs::write(&page, format!("{results}\n\n{PG_BEGIN}\n{PG_END}\n")).unwrap();
+        let input = dir.path().join("in.jsonl");
+        let push = json!({
+            "scenario": "push", "rev": "abc1234", "unix_time": 1,
+            "params": {"rate_per_sec": 200.0, "duration_s": 5},
+            "figures": {"latency": {"p50_ms": 4.0, "p99_ms": 8.0, "max_ms": 12.0}},
+            "peer_figures": {"latency": {"p50_ms": 3.0, "p99_ms": 6.0, "max_ms": 9.0},
+                             "sqlcipher_single_node": {"latency": {"p50_ms": 2.0, "p99_ms": 3.0, "max_ms": 5.0}}},
+            "ratio": 1.33,
+        });
+        let lines = [
+            postgres_line(0.05, 900.0),
+            push,
+            postgres_line(0.04, 725.0),
+            postgres_line(0.03, 600.0),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&input, text).unwrap();
+        run(&TableArgs {
+            input: Some(input),
+            criterion: None,
+            rev: "unknown".into(),
+            page: page.clone(),
+            machine: "test machine".into(),
+        })
+        .unwrap();
+        let out = std::fs::read_to_string(&page).unwrap();
+        assert!(out.starts_with(&results), "{out}");
+        // the median-ratio run, every run's ratio
+        assert!(out.contains("| PostgreSQL, 1 node | 725 msg/s | 320 | 1000 | 1320 | p50 3.00 ms / p99 9.00 ms | 2100 |"), "{out}");
+        assert!(out.contains("every run: 0.030, 0.040, 0.050"), "{out}");
+        assert!(
+            out.contains("| PostgreSQL, 2 nodes (every message crosses nodes) | 650 msg/s |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| SQLCipher, 1 node (embedded store) | 18000 msg/s | 52.0 | — | 52.0 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| INSERT + pg_notify + COMMIT | 16 | 4900 | 50.0 | p50 0.50 ms / p99 1.50 ms |"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| on another node (PostgreSQL, LISTEN/NOTIFY) | 4.00 ms | 8.00 ms | 12.0 ms |"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("at 300 msg/s"), "{out}");
+    }
+}
