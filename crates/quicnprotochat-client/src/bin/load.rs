@@ -12,7 +12,10 @@
 //! `latency` (open loop at a fraction of the measured maximum, latency from
 //! the intended send time), `p2p` (direct delivery over iroh vs raw quinn
 //! request/response, beside the server path), `fanout` (server CPU per
-//! recipient against group size, beside the relay), `all`.
+//! recipient against group size, beside the relay), `postgres` (the
+//! PostgreSQL store with 1, 2 and 3 nodes on one database, beside the
+//! SQLCipher server and PostgreSQL's own floor; then cross-node push
+//! latency beside the same on one node), `all`.
 
 #[path = "load/common.rs"]
 mod common;
@@ -24,6 +27,8 @@ mod delivery;
 mod fanout;
 #[path = "load/p2p.rs"]
 mod p2p;
+#[path = "load/postgres.rs"]
+mod postgres;
 #[path = "load/relay.rs"]
 mod relay;
 #[path = "load/startup.rs"]
@@ -40,6 +45,7 @@ use common::Report;
 use delivery::DeliveryArgs;
 use fanout::FanoutArgs;
 use p2p::P2pArgs;
+use postgres::PgArgs;
 use startup::{ColdArgs, IdleArgs};
 use table::TableArgs;
 
@@ -94,7 +100,17 @@ enum Cmd {
     Coldstart(ColdArgs),
     /// Server memory per idle authenticated connection.
     IdleMemory(IdleArgs),
-    /// throughput, latency at 50% of the measured maximum, p2p, fanout.
+    /// The PostgreSQL store with 1, 2, 3 nodes beside SQLCipher and the
+    /// database's floor; cross-node push latency.
+    Postgres {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        pg: PgArgs,
+    },
+    /// throughput, latency at 50% of the measured maximum, p2p, fanout,
+    /// coldstart, idle-memory, postgres (skipped when PostgreSQL is not
+    /// installed).
     All {
         #[command(flatten)]
         args: DeliveryArgs,
@@ -106,6 +122,8 @@ enum Cmd {
         cold: ColdArgs,
         #[command(flatten)]
         idle: IdleArgs,
+        #[command(flatten)]
+        pg: PgArgs,
     },
     /// Writes the results table of the benchmarks page from report lines.
     Table(TableArgs),
@@ -135,7 +153,24 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(cli))
+    // On SIGINT or SIGTERM the scenario is dropped, which stops its server
+    // processes and its PostgreSQL cluster and removes their directories.
+    rt.block_on(async {
+        tokio::select! {
+            r = run(cli) => r,
+            r = interrupted() => r,
+        }
+    })
+}
+
+/// Waits for SIGINT or SIGTERM, then fails.
+async fn interrupted() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let name = tokio::select! {
+        r = tokio::signal::ctrl_c() => { r?; "SIGINT" }
+        _ = term.recv() => "SIGTERM",
+    };
+    anyhow::bail!("interrupted by {name}: servers and databases stopped")
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -176,6 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fanout: fa,
             cold,
             idle,
+            pg,
         } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -186,6 +222,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fanout::run(&bin, core, &fa).await?.emit();
             startup::coldstart(&bin, core, &cold).await?.emit();
             startup::idle_memory(&bin, core, &idle).await?.emit();
+            match postgres::run(&bin, core, &args, &pg).await {
+                Ok((p, push)) => {
+                    p.emit();
+                    push.emit();
+                }
+                Err(e) if postgres::not_installed(&e) => {
+                    eprintln!("postgres: skipped: {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Cmd::Postgres { args, pg } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            let (p, push) = postgres::run(&bin, core, &args, &pg).await?;
+            p.emit();
+            push.emit();
         }
         Cmd::Coldstart(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;

@@ -50,21 +50,106 @@ pub fn git_rev() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// User + system CPU time of process `pid` ("self" for this one), in µs,
-/// from `/proc/<pid>/stat` (all threads).
-pub fn cpu_us(pid: &str) -> anyhow::Result<u64> {
+/// The fields of `/proc/<pid>/stat` after the command name: index 0 is
+/// the state, 1 the parent pid, 11 and 12 utime and stime, 13 and 14
+/// cutime and cstime (the 1-based field number minus 3).
+fn stat_fields(pid: &str) -> anyhow::Result<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may hold spaces: fields start after the last ')'.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
         .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
-    let utime: u64 = f.get(11).ok_or_else(|| anyhow!("no utime"))?.parse()?;
-    let stime: u64 = f.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
-    // USER_HZ is 100 on Linux.
-    Ok((utime + stime) * 10_000)
+    // The state is a letter: keep its slot so the indices stay put.
+    Ok(rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect())
+}
+
+/// Field `i` of [`stat_fields`].
+fn stat_field(f: &[u64], i: usize, pid: &str) -> anyhow::Result<u64> {
+    f.get(i)
+        .copied()
+        .ok_or_else(|| anyhow!("short /proc/{pid}/stat"))
+}
+
+/// Ticks (USER_HZ, 100 on Linux) to µs.
+const US_PER_TICK: u64 = 10_000;
+
+/// User + system CPU time of process `pid` ("self" for this one), in µs,
+/// from `/proc/<pid>/stat` (all threads).
+pub fn cpu_us(pid: &str) -> anyhow::Result<u64> {
+    let f = stat_fields(pid)?;
+    Ok((stat_field(&f, 11, pid)? + stat_field(&f, 12, pid)?) * US_PER_TICK)
+}
+
+/// The parent of process `pid`.
+pub fn ppid(pid: u32) -> anyhow::Result<u32> {
+    let p = pid.to_string();
+    Ok(u32::try_from(stat_field(&stat_fields(&p)?, 1, &p)?)?)
+}
+
+/// The live children of process `pid` (from every `/proc/<n>/stat`).
+pub fn children(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let Some(n) = e?.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A process may exit between the listing and the read.
+        if let Ok(f) = stat_fields(&n.to_string())
+            && f.get(1) == Some(&u64::from(pid))
+        {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+/// CPU µs of process `pid` and of its children: its own user + system
+/// time, the time of the children it has already reaped (cutime + cstime),
+/// and the time of its live children (theirs, and their reaped children's).
+/// A child that exits between two readings moves from the live sum to the
+/// reaped one, so the difference of two readings counts it once.
+pub fn tree_cpu_us(pid: u32) -> anyhow::Result<u64> {
+    let p = pid.to_string();
+    let all = |f: &[u64], p: &str| -> anyhow::Result<u64> {
+        [11, 12, 13, 14]
+            .iter()
+            .map(|&i| stat_field(f, i, p))
+            .sum::<anyhow::Result<u64>>()
+    };
+    let mut ticks = all(&stat_fields(&p)?, &p)?;
+    for c in children(pid)? {
+        let cp = c.to_string();
+        if let Ok(f) = stat_fields(&cp) {
+            ticks += all(&f, &cp)?;
+        }
+    }
+    Ok(ticks * US_PER_TICK)
+}
+
+/// Pins process `pid`, all its threads, and all its live children to
+/// `core` (`taskset -a -p`); children it forks later inherit the pinning.
+pub fn pin_tree(pid: u32, core: usize) -> anyhow::Result<()> {
+    let mut pids = vec![pid];
+    pids.extend(children(pid)?);
+    for p in pids {
+        let out = Command::new("taskset")
+            .args(["-a", "-p", "-c", &core.to_string(), &p.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .context("running taskset")?;
+        // A child may have exited since the listing.
+        let gone = p != pid && !Path::new(&format!("/proc/{p}")).exists();
+        anyhow::ensure!(
+            out.status.success() || gone,
+            "taskset -p {p}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Resident set size of process `pid` in KiB (`VmRSS`).
@@ -344,4 +429,27 @@ pub fn start_relay(core: Option<usize>, max_secs: u64) -> anyhow::Result<Proc> {
         max_secs.to_string(),
     ];
     start(&me, &args, &[], core, dir, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_tree_costs_at_least_its_root() {
+        let me = std::process::id();
+        let own = cpu_us(&me.to_string()).unwrap();
+        assert!(tree_cpu_us(me).unwrap() >= own);
+        assert_eq!(ppid(me).unwrap(), std::os::unix::process::parent_id());
+    }
+
+    #[test]
+    fn children_are_found_and_counted() {
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        let me = std::process::id();
+        let found = children(me).unwrap().contains(&child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found);
+    }
 }

@@ -51,32 +51,64 @@ pub struct DeliveryArgs {
 
 /// What one side (server or relay) measured.
 #[derive(Debug)]
-struct Outcome {
+pub struct Outcome {
     sent: u64,
     received: u64,
     elapsed: Duration,
     latency: Histogram<u64>,
+    /// CPU µs of the server processes (summed over the nodes) or the relay
     cpu_us: u64,
+    /// server nodes the clients were spread over
+    nodes: usize,
+    /// CPU µs of the database server (postmaster and its children), when
+    /// the store is PostgreSQL
+    db_cpu_us: Option<u64>,
 }
 
 impl Outcome {
-    fn per_sec(&self) -> f64 {
+    /// Delivered messages per second.
+    pub fn per_sec(&self) -> f64 {
         self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn cpu_per_msg(&self) -> Option<f64> {
+    /// Server (or relay) CPU µs per delivered message.
+    pub fn cpu_per_msg(&self) -> Option<f64> {
         (self.received > 0).then(|| self.cpu_us as f64 / self.received as f64)
     }
 
-    fn figures(&self) -> Value {
-        json!({
+    /// Database CPU µs per delivered message (PostgreSQL store only).
+    pub fn db_cpu_per_msg(&self) -> Option<f64> {
+        let db = self.db_cpu_us?;
+        (self.received > 0).then(|| db as f64 / self.received as f64)
+    }
+
+    /// Send-to-receive latency (µs).
+    pub fn latency(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+
+    /// Whether every message sent was received.
+    pub fn complete(&self) -> bool {
+        self.received == self.sent
+    }
+
+    /// The figures as JSON.
+    pub fn figures(&self) -> Value {
+        let mut v = json!({
             "sent": self.sent,
             "received": self.received,
             "seconds": self.elapsed.as_secs_f64(),
             "delivered_per_sec": self.per_sec(),
             "latency": summary(&self.latency),
             "server_cpu_us_per_msg": self.cpu_per_msg(),
-        })
+        });
+        if self.db_cpu_us.is_some()
+            && let Some(o) = v.as_object_mut()
+        {
+            o.insert("nodes".into(), json!(self.nodes));
+            o.insert("db_cpu_us_per_msg".into(), json!(self.db_cpu_per_msg()));
+        }
+        v
     }
 }
 
@@ -95,11 +127,24 @@ fn stamp_of(p: &[u8]) -> Option<u64> {
 
 /// Pacing: `None` as fast as possible, else one message per interval per lane.
 #[derive(Debug, Clone, Copy)]
-struct Pace {
+pub struct Pace {
     interval: Option<Duration>,
 }
 
 impl Pace {
+    /// As fast as possible (`None`), or open loop at `rate` messages/s in
+    /// total: each of the pairs × depth lanes sends once per interval.
+    pub fn at(rate: Option<f64>, a: &DeliveryArgs) -> anyhow::Result<Self> {
+        let Some(rate) = rate else {
+            return Ok(Self { interval: None });
+        };
+        anyhow::ensure!(rate > 0.0 && rate.is_finite(), "rate must be positive");
+        let lanes = (a.pairs * a.depth.max(1)) as f64;
+        Ok(Self {
+            interval: Some(Duration::from_secs_f64(lanes / rate)),
+        })
+    }
+
     /// Waits for the `n`-th slot of a lane (offset `offset`) and returns the
     /// stamp: the intended send time in µs since `base`.
     async fn slot(&self, base: Instant, start: Instant, offset: Duration, n: u64) -> u64 {
@@ -153,7 +198,7 @@ pub async fn server_client(server: &Proc, name: &str) -> anyhow::Result<(Client,
     Ok((client, identity))
 }
 
-/// The server path.
+/// The server path: one server process of its own, started and stopped here.
 async fn run_server(
     bin: &Path,
     core: Option<usize>,
@@ -162,11 +207,45 @@ async fn run_server(
     extra: &[&str],
 ) -> anyhow::Result<Outcome> {
     let server = common::start_server_with(bin, core, None, extra)?;
+    let out = drive(std::slice::from_ref(&server), a, pace, None).await;
+    drop(server);
+    out
+}
+
+/// The single-node server on its default store (durable SQLCipher, the
+/// `throughput` path): as fast as possible (`rate` `None`) or open loop at
+/// `rate` messages/s in total.
+pub async fn sqlcipher(
+    bin: &Path,
+    core: Option<usize>,
+    a: &DeliveryArgs,
+    rate: Option<f64>,
+) -> anyhow::Result<Outcome> {
+    run_server(bin, core, a, Pace::at(rate, a)?, &[]).await
+}
+
+/// Distinguishes the usernames of successive runs on one database.
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// Drives `a.pairs` sender/receiver pairs through the running server
+/// `nodes`: sender i on node i mod N, its receiver on node (i + 1) mod N, so
+/// with N ≥ 2 every message crosses nodes (with N = 1 both are on the one
+/// node).  Server CPU is summed over the nodes; with `db` (the PostgreSQL
+/// postmaster's pid), the database's CPU (postmaster and children) too.
+pub async fn drive(
+    nodes: &[Proc],
+    a: &DeliveryArgs,
+    pace: Pace,
+    db: Option<u32>,
+) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(!nodes.is_empty(), "no server to drive");
+    let n = nodes.len();
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for i in 0..a.pairs {
-        senders.push(server_client(&server, &format!("sender{i}")).await?);
-        receivers.push(server_client(&server, &format!("receiver{i}")).await?);
+        senders.push(server_client(&nodes[i % n], &format!("sender{i}-{run}")).await?);
+        receivers.push(server_client(&nodes[(i + 1) % n], &format!("receiver{i}-{run}")).await?);
     }
     let base = Instant::now();
     let received = Arc::new(AtomicU64::new(0));
@@ -204,7 +283,8 @@ async fn run_server(
             anyhow::Ok(h)
         }));
     }
-    let cpu0 = server.cpu_us()?;
+    let cpu0 = nodes_cpu_us(nodes)?;
+    let db0 = db.map(common::tree_cpu_us).transpose()?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.duration);
     let lanes = a.depth.max(1);
@@ -233,20 +313,30 @@ async fn run_server(
     let total_sent = sent.load(Ordering::Relaxed);
     drain(&received, total_sent).await;
     let elapsed = start.elapsed();
-    let cpu_us = server.cpu_us()?.saturating_sub(cpu0);
+    let cpu_us = nodes_cpu_us(nodes)?.saturating_sub(cpu0);
+    let db_cpu_us = match (db, db0) {
+        (Some(pid), Some(d0)) => Some(common::tree_cpu_us(pid)?.saturating_sub(d0)),
+        _ => None,
+    };
     let total_received = received.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let latency = join_histograms(recv_tasks).await?;
     drop(senders);
     drop(receivers);
-    drop(server);
     Ok(Outcome {
         sent: total_sent,
         received: total_received,
         elapsed,
         latency,
         cpu_us,
+        nodes: n,
+        db_cpu_us,
     })
+}
+
+/// CPU µs of the server processes, summed.
+fn nodes_cpu_us(nodes: &[Proc]) -> anyhow::Result<u64> {
+    nodes.iter().map(Proc::cpu_us).sum()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -367,6 +457,8 @@ async fn run_relay(core: Option<usize>, a: &DeliveryArgs, pace: Pace) -> anyhow:
         elapsed,
         latency,
         cpu_us,
+        nodes: 1,
+        db_cpu_us: None,
     })
 }
 
@@ -416,12 +508,7 @@ pub async fn latency(
     a: &DeliveryArgs,
     rate: f64,
 ) -> anyhow::Result<Report> {
-    anyhow::ensure!(rate > 0.0, "rate must be positive");
-    // Each of pairs × depth lanes sends once per interval.
-    let lanes = (a.pairs * a.depth.max(1)) as f64;
-    let pace = Pace {
-        interval: Some(Duration::from_secs_f64(lanes / rate)),
-    };
+    let pace = Pace::at(Some(rate), a)?;
     let ours = run_server(bin, core, a, pace, &[]).await?;
     let peer = run_relay(core, a, pace).await?;
     let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64;

@@ -2,8 +2,12 @@
 //! results table of the benchmarks page, between the markers
 //! `<!-- results:begin -->` and `<!-- results:end -->`.  With several runs
 //! of a scenario, the run with the median ratio is shown, with every run's
-//! ratio beside it.  With `--criterion`, the criterion benchmarks' medians
-//! go between `<!-- criterion:begin -->` and `<!-- criterion:end -->`.
+//! ratio beside it.  The `postgres` and `push` scenarios (every node count,
+//! the floor, push latency) go instead between `<!-- postgres:begin -->` and
+//! `<!-- postgres:end -->`; each block is rewritten only when the input
+//! holds lines for it.  With `--criterion`,
+//! the criterion benchmarks' medians go between `<!-- criterion:begin -->`
+//! and `<!-- criterion:end -->`.
 
 use std::path::PathBuf;
 
@@ -13,6 +17,10 @@ use serde_json::Value;
 
 const BEGIN: &str = "<!-- results:begin -->";
 const END: &str = "<!-- results:end -->";
+const PG_BEGIN: &str = "<!-- postgres:begin -->";
+const PG_END: &str = "<!-- postgres:end -->";
+/// The scenarios of the PostgreSQL block (not in the results table).
+const PG_SCENARIOS: &[&str] = &["postgres", "push"];
 
 /// Options of `table`.
 #[derive(Debug, Clone, Args)]
@@ -131,6 +139,34 @@ fn describe(r: &Value) -> (String, String, String) {
     }
 }
 
+/// A number without a unit.
+fn num(x: Option<f64>) -> String {
+    n(x, "").trim().to_string()
+}
+
+/// "p50 x / p99 y" of a figures object's `latency`.
+fn p50_p99(v: &Value) -> String {
+    format!(
+        "p50 {} / p99 {}",
+        n(f(v, &["latency", "p50_ms"]), "ms"),
+        n(f(v, &["latency", "p99_ms"]), "ms")
+    )
+}
+
+/// The node counts of a `postgres` line, as keys of its figures.
+fn node_counts(r: &Value) -> Vec<String> {
+    r.get("params")
+        .and_then(|p| p.get("nodes"))
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|k| k.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `table`.
 pub fn run(a: &TableArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -140,7 +176,22 @@ pub fn run(a: &TableArgs) -> anyhow::Result<()> {
     let mut page = std::fs::read_to_string(&a.page)
         .with_context(|| format!("reading {}", a.page.display()))?;
     if let Some(input) = &a.input {
-        page = replace_block(&page, BEGIN, END, &results(a, input)?)?;
+        // Each block is rewritten only from lines that belong to it, so a
+        // run of `postgres` alone leaves the results table as it was.
+        let (pg, rest): (Vec<_>, Vec<_>) = read_runs(input)?
+            .into_iter()
+            .partition(|(s, _)| PG_SCENARIOS.contains(&s.as_str()));
+        anyhow::ensure!(
+            !pg.is_empty() || !rest.is_empty(),
+            "no report lines in {}",
+            input.display()
+        );
+        if !rest.is_empty() {
+            page = replace_block(&page, BEGIN, END, &results(a, &rest))?;
+        }
+        if let Some(block) = postgres_block(a, &pg) {
+            page = replace_block(&page, PG_BEGIN, PG_END, &block)?;
+        }
     }
     if let Some(dir) = &a.criterion {
         let heading = format!(
@@ -177,12 +228,11 @@ fn replace_block(page: &str, begin: &str, end: &str, block: &str) -> anyhow::Res
     Ok(format!("{}{block}{}", &page[..start], &page[stop..]))
 }
 
-/// The load generator's results block.
-fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
+/// The report lines of `input`, each with its scenario, in order.
+fn read_runs(input: &std::path::Path) -> anyhow::Result<Vec<(String, Value)>> {
     let text =
         std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
-    let mut order: Vec<String> = Vec::new();
-    let mut runs: Vec<(String, Value)> = Vec::new();
+    let mut runs = Vec::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
         let v: Value = serde_json::from_str(line)?;
         let s = v
@@ -190,22 +240,51 @@ fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        if !order.contains(&s) {
+        runs.push((s, v));
+    }
+    Ok(runs)
+}
+
+/// The runs of scenario `s`, sorted by ratio.
+fn sorted_runs<'a>(runs: &'a [(String, Value)], s: &str) -> Vec<&'a Value> {
+    let mut these: Vec<&Value> = runs.iter().filter(|r| r.0 == s).map(|r| &r.1).collect();
+    these.sort_by(|x, y| {
+        let rx = f(x, &["ratio"]).unwrap_or(f64::NAN);
+        let ry = f(y, &["ratio"]).unwrap_or(f64::NAN);
+        rx.total_cmp(&ry)
+    });
+    these
+}
+
+/// The run of scenario `s` with the median ratio.
+fn median<'a>(runs: &'a [(String, Value)], s: &str) -> Option<&'a Value> {
+    let these = sorted_runs(runs, s);
+    these.get(these.len() / 2).copied()
+}
+
+/// ", machine" or nothing.
+fn machine(a: &TableArgs) -> String {
+    if a.machine.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", a.machine)
+    }
+}
+
+/// The load generator's results block.
+fn results(a: &TableArgs, runs: &[(String, Value)]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    for (s, _) in runs {
+        if !order.contains(s) {
             order.push(s.clone());
         }
-        runs.push((s, v));
     }
     let mut rev = String::from("unknown");
     let mut rows = String::new();
     rows.push_str("| scenario | ours | peer | ratio (median; every run) | target | met |\n");
     rows.push_str("|---|---|---|---|---|---|\n");
     for s in &order {
-        let mut these: Vec<&Value> = runs.iter().filter(|r| &r.0 == s).map(|r| &r.1).collect();
-        these.sort_by(|x, y| {
-            let rx = f(x, &["ratio"]).unwrap_or(f64::NAN);
-            let ry = f(y, &["ratio"]).unwrap_or(f64::NAN);
-            rx.total_cmp(&ry)
-        });
+        let these = sorted_runs(runs, s);
         let Some(mid) = these.get(these.len() / 2) else {
             continue;
         };
@@ -234,14 +313,216 @@ fn results(a: &TableArgs, input: &std::path::Path) -> anyhow::Result<String> {
         .and_then(|r| r.1.get("unix_time"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let block = format!(
+    format!(
         "{BEGIN}\nRevision `{rev}`, unix time {date}{}, {} run(s) per scenario.\n\n{rows}{END}",
-        if a.machine.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", a.machine)
-        },
+        machine(a),
         runs.len() / order.len().max(1),
+    )
+}
+
+/// Server + database CPU µs per message of a figures object.
+fn total_cpu(v: &Value) -> Option<f64> {
+    let server = f(v, &["server_cpu_us_per_msg"])?;
+    Some(server + f(v, &["db_cpu_us_per_msg"]).unwrap_or(0.0))
+}
+
+/// The PostgreSQL block: the median-ratio run of `postgres` (every node
+/// count beside SQLCipher and the floor) and of `push`.
+fn postgres_block(a: &TableArgs, runs: &[(String, Value)]) -> Option<String> {
+    let pg = median(runs, "postgres")?;
+    let fig = pg.get("figures").cloned().unwrap_or(Value::Null);
+    let peer = pg.get("peer_figures").cloned().unwrap_or(Value::Null);
+    let rate = f(pg, &["params", "rate_per_sec"]);
+    let rate_s = num(rate);
+    let every = sorted_runs(runs, "postgres")
+        .iter()
+        .map(|r| f(r, &["ratio"]).map_or("n/a".into(), |x| format!("{x:.3}")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out = format!(
+        "{PG_BEGIN}\nRevision `{}`, unix time {}{}; {}. Of the runs, the one whose ratio of 1-node PostgreSQL to SQLCipher messages/s is the median (every run: {every}).\n\n",
+        pg.get("rev").and_then(Value::as_str).unwrap_or("unknown"),
+        pg.get("unix_time").and_then(Value::as_u64).unwrap_or(0),
+        machine(a),
+        pg.get("params")
+            .and_then(|p| p.get("pinning"))
+            .and_then(Value::as_str)
+            .unwrap_or("pinning unknown"),
     );
-    Ok(block)
+    out.push_str(&format!(
+        "| configuration | delivered msgs/s (maximum) | server CPU µs/msg | database CPU µs/msg | server + database µs/msg | latency p50 / p99 at {rate_s} msg/s | server + database µs/msg at {rate_s} msg/s |\n|---|---|---|---|---|---|---|\n"
+    ));
+    let row = |name: &str, v: &Value| {
+        let at = v.get("at_rate").cloned().unwrap_or(Value::Null);
+        format!(
+            "| {name} | {} | {} | {} | {} | {} | {} |\n",
+            n(f(v, &["delivered_per_sec"]), "msg/s"),
+            num(f(v, &["server_cpu_us_per_msg"])),
+            f(v, &["db_cpu_us_per_msg"]).map_or("—".into(), |x| num(Some(x))),
+            num(total_cpu(v)),
+            p50_p99(&at),
+            num(total_cpu(&at)),
+        )
+    };
+    out.push_str(&row(
+        "SQLCipher, 1 node (embedded store)",
+        peer.get("sqlcipher").unwrap_or(&Value::Null),
+    ));
+    for k in node_counts(pg) {
+        let name = match k.as_str() {
+            "1" => "PostgreSQL, 1 node".to_string(),
+            k => format!("PostgreSQL, {k} nodes (every message crosses nodes)"),
+        };
+        out.push_str(&row(
+            &name,
+            fig.get("nodes")
+                .and_then(|v| v.get(&k))
+                .unwrap_or(&Value::Null),
+        ));
+    }
+    out.push_str(
+        "\nPostgreSQL's floor in the same run: loops of single-row INSERT transactions (256-byte value, each committed and flushed), as many connections as the nodes' pools; beside it the same with a `pg_notify` in every transaction (as every enqueue does) and one listening connection per node:\n\n| floor | connections | commits/s | database CPU µs/commit | commit p50 / p99 |\n|---|---|---|---|---|\n",
+    );
+    for (what, name) in [
+        ("floor", "INSERT + COMMIT"),
+        ("floor_notify", "INSERT + pg_notify + COMMIT"),
+    ] {
+        for k in node_counts(pg) {
+            let v = peer
+                .get(what)
+                .and_then(|v| v.get(&k))
+                .unwrap_or(&Value::Null);
+            out.push_str(&format!(
+                "| {name} | {} | {} | {} | p50 {} / p99 {} |\n",
+                f(v, &["connections"]).map_or("n/a".into(), |c| format!("{c:.0}")),
+                num(f(v, &["commits_per_sec"])),
+                num(f(v, &["db_cpu_us_per_commit"])),
+                n(f(v, &["commit_latency", "p50_ms"]), "ms"),
+                n(f(v, &["commit_latency", "p99_ms"]), "ms"),
+            ));
+        }
+    }
+    if let Some(push) = median(runs, "push") {
+        let cross = push.get("figures").cloned().unwrap_or(Value::Null);
+        let same = push.get("peer_figures").cloned().unwrap_or(Value::Null);
+        let sq = same
+            .get("sqlcipher_single_node")
+            .cloned()
+            .unwrap_or(Value::Null);
+        out.push_str(&format!(
+            "\nPush latency (send to receipt on a live subscription), one sender at {} msg/s for {} s, two PostgreSQL nodes running (the run with the median ratio of cross-node to same-node p99):\n\n| subscriber | p50 | p99 | max |\n|---|---|---|---|\n",
+            num(f(push, &["params", "rate_per_sec"])),
+            f(push, &["params", "duration_s"]).map_or("n/a".into(), |d| format!("{d:.0}")),
+        ));
+        for (name, v) in [
+            ("on another node (PostgreSQL, LISTEN/NOTIFY)", &cross),
+            ("on the sender's node (PostgreSQL)", &same),
+            ("single node, SQLCipher", &sq),
+        ] {
+            out.push_str(&format!(
+                "| {name} | {} | {} | {} |\n",
+                n(f(v, &["latency", "p50_ms"]), "ms"),
+                n(f(v, &["latency", "p99_ms"]), "ms"),
+                n(f(v, &["latency", "max_ms"]), "ms"),
+            ));
+        }
+    }
+    out.push_str(PG_END);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(rate: f64, server: f64, db: f64) -> Value {
+        json!({
+            "delivered_per_sec": rate, "server_cpu_us_per_msg": server,
+            "db_cpu_us_per_msg": db,
+            "at_rate": {
+                "latency": {"p50_ms": 3.0, "p99_ms": 9.0},
+                "server_cpu_us_per_msg": 700.0, "db_cpu_us_per_msg": 1400.0,
+            },
+        })
+    }
+
+    fn postgres_line(ratio: f64, one_node_rate: f64) -> Value {
+        let floor = |c: u64, rate: f64| {
+            json!({"connections": c, "commits_per_sec": rate, "db_cpu_us_per_commit": 50.0,
+                   "commit_latency": {"p50_ms": 0.5, "p99_ms": 1.5}})
+        };
+        json!({
+            "scenario": "postgres", "rev": "abc1234", "unix_time": 1,
+            "params": {"nodes": [1, 2], "rate_per_sec": 300.0, "pinning": "all on core 0"},
+            "figures": {"nodes": {"1": node(one_node_rate, 320.0, 1000.0), "2": node(650.0, 340.0, 1100.0)}},
+            "peer_figures": {
+                "sqlcipher": {"delivered_per_sec": 18000.0, "server_cpu_us_per_msg": 52.0,
+                              "at_rate": {"latency": {"p50_ms": 1.9, "p99_ms": 3.5},
+                                          "server_cpu_us_per_msg": 560.0}},
+                "floor": {"1": floor(8, 16000.0), "2": floor(16, 18000.0)},
+                "floor_notify": {"1": floor(8, 5000.0), "2": floor(16, 4900.0)},
+            },
+            "ratio": ratio,
+        })
+    }
+
+    #[test]
+    fn postgres_lines_fill_their_own_block_and_leave_the_results_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = dir.path().join("page.md");
+        let results = format!("{BEGIN}\nold results\n{END}");
+        std::fs::write(&page, format!("{results}\n\n{PG_BEGIN}\n{PG_END}\n")).unwrap();
+        let input = dir.path().join("in.jsonl");
+        let push = json!({
+            "scenario": "push", "rev": "abc1234", "unix_time": 1,
+            "params": {"rate_per_sec": 200.0, "duration_s": 5},
+            "figures": {"latency": {"p50_ms": 4.0, "p99_ms": 8.0, "max_ms": 12.0}},
+            "peer_figures": {"latency": {"p50_ms": 3.0, "p99_ms": 6.0, "max_ms": 9.0},
+                             "sqlcipher_single_node": {"latency": {"p50_ms": 2.0, "p99_ms": 3.0, "max_ms": 5.0}}},
+            "ratio": 1.33,
+        });
+        let lines = [
+            postgres_line(0.05, 900.0),
+            push,
+            postgres_line(0.04, 725.0),
+            postgres_line(0.03, 600.0),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&input, text).unwrap();
+        run(&TableArgs {
+            input: Some(input),
+            criterion: None,
+            rev: "unknown".into(),
+            page: page.clone(),
+            machine: "test machine".into(),
+        })
+        .unwrap();
+        let out = std::fs::read_to_string(&page).unwrap();
+        assert!(out.starts_with(&results), "{out}");
+        // the median-ratio run, every run's ratio
+        assert!(out.contains("| PostgreSQL, 1 node | 725 msg/s | 320 | 1000 | 1320 | p50 3.00 ms / p99 9.00 ms | 2100 |"), "{out}");
+        assert!(out.contains("every run: 0.030, 0.040, 0.050"), "{out}");
+        assert!(
+            out.contains("| PostgreSQL, 2 nodes (every message crosses nodes) | 650 msg/s |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| SQLCipher, 1 node (embedded store) | 18000 msg/s | 52.0 | — | 52.0 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| INSERT + pg_notify + COMMIT | 16 | 4900 | 50.0 | p50 0.50 ms / p99 1.50 ms |"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| on another node (PostgreSQL, LISTEN/NOTIFY) | 4.00 ms | 8.00 ms | 12.0 ms |"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("at 300 msg/s"), "{out}");
+    }
 }
