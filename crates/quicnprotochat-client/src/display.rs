@@ -38,19 +38,11 @@ pub fn terminal_safe(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Control characters (C0, DEL, C1), bidirectional formatting characters,
-/// invisible ones and line or paragraph separators.
+/// The characters a file name may not hold either: control characters
+/// (C0, DEL, C1), bidirectional formatting, invisible ones, line and
+/// paragraph separators.
 fn needs_showing(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{2028}'..='\u{202E}'
-                | '\u{2060}'..='\u{2069}'
-                | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}'
-        )
+    quicnprotochat_core::file::unsafe_char(c)
 }
 
 #[cfg(test)]

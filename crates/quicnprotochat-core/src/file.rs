@@ -157,7 +157,7 @@ pub fn sha256_hex(content: &[u8]) -> String {
 /// bidirectional formatting characters (which make a name read other than
 /// it is, e.g. `txt.exe` shown as `exe.txt`), invisible ones, and line and
 /// paragraph separators.
-fn unsafe_char(c: char) -> bool {
+pub fn unsafe_char(c: char) -> bool {
     c.is_control()
         || matches!(
             c,

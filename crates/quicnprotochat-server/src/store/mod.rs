@@ -204,6 +204,23 @@ pub enum Presented {
     Nothing,
 }
 
+impl Presented {
+    /// Whether a message that showed this counts as a stranger's for a
+    /// recipient whose delivery token hashes are `known` (current,
+    /// previous): without a token or with a retired one, yes, unless the
+    /// sender is the recipient; a recipient without a token (a client of
+    /// wire version 1) has no stranger lane, so no.
+    pub(crate) fn is_stranger(self, known: Option<(&[u8], Option<&[u8]>)>) -> bool {
+        match (self, known) {
+            (Self::Own, _) | (_, None) => false,
+            (Self::Token(h), Some((current, previous))) => {
+                current != h.as_slice() && previous != Some(h.as_slice())
+            }
+            (Self::Nothing, Some(_)) => true,
+        }
+    }
+}
+
 /// An enqueue request, already validated by the RPC layer.
 #[derive(Debug, Clone)]
 pub struct EnqueueRequest {

@@ -1138,13 +1138,9 @@ async fn enqueue_tx(
             .copied()
             .unwrap_or(Presented::Nothing);
         let known = tokens.iter().find(|(k, _, _)| k.as_slice() == *r);
-        let stranger = match (presented, known) {
-            (Presented::Own, _) | (_, None) => false,
-            (Presented::Token(h), Some((_, current, previous))) => {
-                current.as_slice() != h && previous.as_deref() != Some(&h[..])
-            }
-            (Presented::Nothing, Some(_)) => true,
-        };
+        let stranger = presented.is_stranger(
+            known.map(|(_, current, previous)| (current.as_slice(), previous.as_deref())),
+        );
         if stranger {
             let mine: i64 = tx
                 .query_one(

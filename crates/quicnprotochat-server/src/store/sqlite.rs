@@ -924,13 +924,11 @@ impl Store for SqliteStore {
                         let known: Option<(Vec<u8>, Option<Vec<u8>>)> = tokens
                             .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
                             .optional()?;
-                        match (known, presented) {
-                            (None, _) => false,
-                            (Some((current, previous)), Presented::Token(h)) => {
-                                current != h && previous.as_deref() != Some(&h[..])
-                            }
-                            (Some(_), _) => true,
-                        }
+                        presented.is_stranger(
+                            known
+                                .as_ref()
+                                .map(|(current, previous)| (current.as_slice(), previous.as_deref())),
+                        )
                     }
                 };
                 if stranger {
