@@ -296,6 +296,18 @@ impl TestServer {
         register_messenger(self.dir.path(), self.client_config(), username).await
     }
 
+    /// Alice and bob, registered, in group `group` (alice made it and
+    /// invited bob), both synced: bob joined, and alice learned the
+    /// delivery token bob announced on joining.
+    pub async fn pair(&self, group: &str) -> Result<(Messenger, Messenger), HarnessError> {
+        let alice = self.messenger("alice").await?;
+        let bob = self.messenger("bob").await?;
+        alice.invite(group, "bob").await?;
+        bob.sync().await?;
+        alice.sync().await?;
+        Ok((alice, bob))
+    }
+
     /// A registered messenger (new profile) for `username` that connects
     /// with `config` (another node's address, fallbacks, deadlines).
     pub async fn messenger_with(

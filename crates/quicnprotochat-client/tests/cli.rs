@@ -56,6 +56,19 @@ pub(crate) fn register_via(
     assert!(out.starts_with(&format!("registered {name} (")), "{out}");
 }
 
+/// Alice and bob, registered through the command line with profiles in a
+/// new temporary directory; alice made the group `friends` and invited bob.
+pub(crate) fn alice_invited_bob(
+    server: &TestServer,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(server, &alice, "alice");
+    register(server, &bob, "bob");
+    run_ok(cli(server, &alice).args(["invite", "friends", "bob"]));
+    (dir, alice, bob)
+}
+
 #[test]
 fn two_clients_chat_through_the_command_line() {
     let mut server = TestServer::start().unwrap();
@@ -257,11 +270,7 @@ fn a_failed_registration_leaves_nothing_and_the_retry_succeeds() {
 #[test]
 fn text_from_members_cannot_drive_the_terminal_or_forge_a_line() {
     let server = TestServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    register(&server, &alice, "alice");
-    register(&server, &bob, "bob");
-    run_ok(cli(&server, &alice).args(["invite", "friends", "bob"]));
+    let (_dir, alice, bob) = alice_invited_bob(&server);
     run_ok(cli(&server, &bob).args(["sync"]));
     // A window-title change, a screen clear, a carriage return and a line
     // that pretends to be alice's.

@@ -14,17 +14,7 @@ use quicnprotochat_core::file::{MAX_FILE_BYTES, sha256_hex};
 use quicnprotochat_core::message::{Content, FileContent};
 use quicnprotochat_core::{Profile, ProfileKey, StoredMessage};
 
-use crate::cli::{cli, register, run_ok};
-
-/// Alice and bob in group `g`, both synced.
-async fn pair(server: &TestServer) -> (Messenger, Messenger) {
-    let alice = server.messenger("alice").await.unwrap();
-    let bob = server.messenger("bob").await.unwrap();
-    alice.invite("g", "bob").await.unwrap();
-    bob.sync().await.unwrap();
-    alice.sync().await.unwrap();
-    (alice, bob)
-}
+use crate::cli::{alice_invited_bob, cli, run_ok};
 
 /// Bytes of every value, in an order that is not a pattern.
 fn content(len: usize) -> Vec<u8> {
@@ -81,7 +71,7 @@ fn tree(root: &Path) -> BTreeSet<PathBuf> {
 #[tokio::test]
 async fn a_file_goes_through_the_server_and_arrives_whole_in_the_download_directory() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.pdf");
     let bytes = content(300 * 1024);
@@ -141,7 +131,7 @@ async fn a_file_goes_through_the_server_and_arrives_whole_in_the_download_direct
 #[tokio::test]
 async fn a_name_that_is_taken_gets_a_number_and_nothing_is_overwritten() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     let downloads = tempfile::tempdir().unwrap();
     let dl = downloads.path().join("in");
     bob.set_download_dir(&dl).await.unwrap();
@@ -179,7 +169,7 @@ async fn a_name_that_is_taken_gets_a_number_and_nothing_is_overwritten() {
 #[tokio::test]
 async fn the_limit_and_non_files_are_refused_before_anything_is_sent() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     let big = dir.path().join("big.bin");
@@ -231,7 +221,7 @@ async fn the_limit_and_non_files_are_refused_before_anything_is_sent() {
 #[tokio::test]
 async fn a_file_that_cannot_be_written_is_reported_and_the_queue_goes_on() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     // A download directory under a regular file can never be made.
     let blocker = dir.path().join("not-a-directory");
@@ -441,11 +431,7 @@ async fn a_hostile_sender_cannot_write_outside_the_download_directory() {
 #[test]
 fn the_command_line_sends_shows_and_lists_a_file() {
     let server = TestServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    register(&server, &alice, "alice");
-    register(&server, &bob, "bob");
-    run_ok(cli(&server, &alice).args(["invite", "friends", "bob"]));
+    let (dir, alice, bob) = alice_invited_bob(&server);
     run_ok(cli(&server, &bob).args(["sync"]));
 
     let file = dir.path().join("hello world.txt");

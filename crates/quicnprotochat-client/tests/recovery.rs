@@ -3,21 +3,10 @@
 //! and a message that arrives before the epoch it needs is kept and shown
 //! once that epoch arrives.
 
+use quicnprotochat_client::Event;
 use quicnprotochat_client::harness::{TestServer, message_texts, test_profile_key};
-use quicnprotochat_client::{Event, Messenger};
 use quicnprotochat_core::Profile;
 use quicnprotochat_core::profile::MAX_HELD;
-
-/// Alice and bob in group `g`, both synced.
-async fn pair(server: &TestServer) -> (Messenger, Messenger) {
-    let alice = server.messenger("alice").await.unwrap();
-    let bob = server.messenger("bob").await.unwrap();
-    alice.invite("g", "bob").await.unwrap();
-    bob.sync().await.unwrap();
-    // Alice learns the delivery token bob announced on joining.
-    alice.sync().await.unwrap();
-    (alice, bob)
-}
 
 /// Enqueues `out` as alice's client would: with the delivery tokens the
 /// recipients announced to her (a raw client without them is a stranger,
@@ -49,7 +38,7 @@ fn profile(server: &TestServer, name: &str) -> Profile {
 #[tokio::test]
 async fn a_commit_the_server_stored_before_the_client_stopped_is_merged_on_restart() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     drop(alice);
     // Alice's client commits a key update, the server stores it, and the
     // client stops before it merges the commit.
@@ -92,7 +81,7 @@ async fn a_commit_the_server_stored_before_the_client_stopped_is_merged_on_resta
 #[tokio::test]
 async fn a_commit_the_server_never_got_is_sent_on_restart() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     drop(alice);
     // The client stops after making the commit, before sending it.
     profile(&server, "alice").self_update("g").unwrap();
@@ -113,7 +102,7 @@ async fn a_commit_the_server_never_got_is_sent_on_restart() {
 #[tokio::test]
 async fn a_message_ahead_of_its_epoch_is_kept_and_shown_when_the_epoch_arrives() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     drop(alice);
     // Alice's messages of the next epoch reach bob's queue before the
     // commit that starts it (as when bob processes them while a commit
@@ -155,7 +144,7 @@ async fn a_message_ahead_of_its_epoch_is_kept_and_shown_when_the_epoch_arrives()
 #[tokio::test]
 async fn the_hold_is_bounded() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     drop(alice);
     let extra = 3;
     {
@@ -186,7 +175,7 @@ async fn the_hold_is_bounded() {
 #[tokio::test]
 async fn messages_of_a_group_we_left_are_not_held() {
     let server = TestServer::start().unwrap();
-    let (alice, bob) = pair(&server).await;
+    let (alice, bob) = server.pair("g").await.unwrap();
     bob.leave("g").await.unwrap();
     // Alice writes before she processed bob's leaving.
     alice.send("g", "are you there?").await.unwrap();

@@ -17,7 +17,7 @@ use ratatui::buffer::Buffer;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::style::Color;
 
-use crate::cli::{cli, register, run_ok};
+use crate::cli::alice_invited_bob;
 
 const CLI: &str = env!("CARGO_BIN_EXE_quicnprotochat");
 
@@ -510,11 +510,7 @@ impl Drop for Tmux {
 #[test]
 fn two_people_chat_verify_each_other_and_send_a_file_in_the_full_screen_client() {
     let server = TestServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    register(&server, &alice, "alice");
-    register(&server, &bob, "bob");
-    run_ok(cli(&server, &alice).args(["invite", "friends", "bob"]));
+    let (dir, alice, bob) = alice_invited_bob(&server);
 
     let tmux = Tmux::new();
     tmux.start_tui("alice", &alice);
