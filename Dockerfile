@@ -63,6 +63,9 @@ RUN cargo build --release --locked -p quicnprotochat-server --bin quicnprotochat
 
 # --- Our sources -------------------------------------------------------------
 COPY . .
+# The git revision the metrics report (quicnprotochat_build_info); the build
+# context has no .git: pass --build-arg QUICNPROTOCHAT_GIT_REVISION=$(git rev-parse HEAD).
+ARG QUICNPROTOCHAT_GIT_REVISION=unknown
 # COPY keeps the sources' original mtimes, which are older than the stubs'
 # build outputs: touch them so cargo rebuilds our crates (and only those).
 RUN find crates -name '*.rs' -exec touch {} + \

@@ -255,6 +255,12 @@ pub struct FileConfig {
     pub database_ca: Option<PathBuf>,
     /// seconds; see [`DEFAULT_DRAIN_TIMEOUT`]
     pub drain_timeout_secs: Option<u64>,
+    /// TCP address of the HTTP endpoint (`/metrics`, `/livez`, `/readyz`);
+    /// unset: no endpoint
+    pub metrics_listen: Option<SocketAddr>,
+    /// allow `metrics_listen` on an address other than loopback in
+    /// production
+    pub metrics_public: Option<bool>,
     /// limits
     pub limits: Option<Limits>,
 }
@@ -388,6 +394,16 @@ pub struct ServerArgs {
     /// TLS, with its certificate chain and host name verified.
     #[arg(long, env = "QUICNPROTOCHAT_DATABASE_CA", global = true)]
     pub database_ca: Option<PathBuf>,
+    /// TCP address of the operator's HTTP endpoint: Prometheus metrics at
+    /// /metrics, liveness at /livez, readiness at /readyz [default: none,
+    /// no endpoint]. It has no authentication: keep it on loopback or a
+    /// private network.
+    #[arg(long, env = "QUICNPROTOCHAT_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow --metrics-listen on an address other than loopback in
+    /// production mode (the endpoint then answers anyone who reaches it).
+    #[arg(long, env = "QUICNPROTOCHAT_METRICS_PUBLIC", global = true)]
+    pub metrics_public: bool,
 }
 
 /// Flags of `health`.
@@ -489,6 +505,10 @@ pub struct Config {
     pub database_ca: Option<PathBuf>,
     /// how long a stopping server lets calls in flight finish
     pub drain_timeout: Duration,
+    /// address of the HTTP endpoint (metrics and probes), if any
+    pub metrics_listen: Option<SocketAddr>,
+    /// the operator allows the endpoint on a non-loopback address
+    pub metrics_public: bool,
     /// limits
     pub limits: Limits,
     /// the clock the server tells time by (the system clock; tests set a
@@ -511,6 +531,8 @@ impl Config {
             database_pool_size: DEFAULT_DATABASE_POOL_SIZE,
             database_ca: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            metrics_listen: None,
+            metrics_public: false,
             limits: Limits::default(),
             clock: quicnprotochat_core::clock::system(),
         }
@@ -624,6 +646,8 @@ impl Config {
             database_pool_size,
             database_ca,
             drain_timeout: Duration::from_secs(drain_timeout_secs),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
+            metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
             limits,
             clock: quicnprotochat_core::clock::system(),
         })

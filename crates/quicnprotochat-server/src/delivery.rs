@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::hub::{Hub, Pushed};
+use crate::metrics::{Metrics, gauge_value};
 use crate::ratelimit::Limiters;
 use crate::store::{
     EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueChange,
@@ -45,6 +46,21 @@ const SUPPORTED_WIRE_VERSIONS: std::ops::RangeInclusive<u16> = 1..=WIRE_VERSION;
 
 /// Most live subscriptions on one connection (one per device queue is normal).
 const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 4;
+
+/// Least time between two reads of the queue gauges from the store.
+const GAUGE_READ_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The `kind` label of a failed store operation's metric.
+fn store_error_kind(e: &crate::store::StoreError) -> &'static str {
+    use crate::store::StoreError;
+    if e.is_damage() {
+        "damaged"
+    } else if matches!(e, StoreError::Unavailable(_) | StoreError::WorkerGone) {
+        "unavailable"
+    } else {
+        "other"
+    }
+}
 
 /// How long a health probe waits for the store.
 const HEALTH_STORE_DEADLINE: Duration = Duration::from_secs(2);
@@ -67,6 +83,10 @@ pub(crate) struct Delivery {
     /// first use and never stored: after a restart the tags of queued
     /// messages no longer match anyone (protocol section 9.10)
     sender_tag_key: std::cell::OnceCell<ring::hmac::Key>,
+    /// the server's metrics
+    pub(crate) metrics: Arc<Metrics>,
+    /// when the queue gauges were last read from the store
+    gauges_read: Cell<Option<tokio::time::Instant>>,
 }
 
 /// What the service knows of one connection: its address, the outstanding
@@ -145,6 +165,7 @@ pub(crate) struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.delivery.metrics.subscriptions.dec();
         self.delivery.hub.release(&self.recipient);
         self.peer
             .subscriptions
@@ -188,6 +209,17 @@ impl Subscription {
             self.next = last.seq + 1;
         }
         Ok(batch)
+    }
+
+    /// Counts `batch` as pushed, and each message's time since its enqueue.
+    pub(crate) fn pushed(&self, batch: &[QueuedMessage]) {
+        let metrics = &self.delivery.metrics;
+        let now_ms = self.delivery.clock.unix_ms();
+        metrics.messages_pushed.inc_by(batch.len() as u64);
+        for m in batch {
+            let lag_ms = now_ms.saturating_sub(m.enqueued_at_ms);
+            metrics.push_lag_seconds.observe(lag_ms as f64 / 1000.0);
+        }
     }
 
     /// Waits until the queue may have grown; `false` when the hub is gone.
@@ -314,12 +346,16 @@ impl Delivery {
         limits: Limits,
         token: &[u8],
         clock: SharedClock,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let mut token_hash = [0; 32];
         token_hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token).as_ref());
+        metrics
+            .queue_depth_limit
+            .set(gauge_value(limits.queue_depth));
         Self {
             store,
-            limiters: Limiters::new(&limits.rates, &clock),
+            limiters: Limiters::new(&limits.rates, &clock, &metrics),
             limits,
             token_hash,
             hub: Hub::default(),
@@ -328,6 +364,8 @@ impl Delivery {
             damage: RefCell::new(None),
             probe_failing: Cell::new(false),
             sender_tag_key: std::cell::OnceCell::new(),
+            metrics,
+            gauges_read: Cell::new(None),
         }
     }
 
@@ -424,12 +462,37 @@ impl Delivery {
         match tokio::time::timeout(self.request_timeout(), fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
+                self.metrics.store_error(store_error_kind(&e));
                 if e.is_damage() {
                     self.note_damage(e.to_string());
                 }
                 Err(e.into())
             }
-            Err(_) => Err(ApiError::Internal("store operation timed out".into())),
+            Err(_) => {
+                self.metrics.store_error("timeout");
+                Err(ApiError::Internal("store operation timed out".into()))
+            }
+        }
+    }
+
+    /// Reads the queue gauges from the store, at most once a second (a
+    /// scrape calls it; the query counts every queued message).  A failed
+    /// read keeps the last values and counts a store error.
+    pub(crate) async fn refresh_gauges(&self) {
+        let now = tokio::time::Instant::now();
+        if self
+            .gauges_read
+            .get()
+            .is_some_and(|at| now.duration_since(at) < GAUGE_READ_INTERVAL)
+        {
+            return;
+        }
+        self.gauges_read.set(Some(now));
+        if let Ok(depth) = self.store_call(self.store.queue_depth()).await {
+            self.metrics
+                .queued_messages
+                .set(gauge_value(depth.messages));
+            self.metrics.largest_queue.set(gauge_value(depth.largest));
         }
     }
 
@@ -440,15 +503,16 @@ impl Delivery {
         let probe = match tokio::time::timeout(HEALTH_STORE_DEADLINE, self.store.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
+                self.metrics.store_error(store_error_kind(&e));
                 if e.is_damage() {
                     self.note_damage(e.to_string());
                 }
                 Err(e.to_string())
             }
-            Err(_) => Err(format!(
-                "no answer within {} s",
-                HEALTH_STORE_DEADLINE.as_secs()
-            )),
+            Err(_) => Err({
+                self.metrics.store_error("timeout");
+                format!("no answer within {} s", HEALTH_STORE_DEADLINE.as_secs())
+            }),
         };
         match (&probe, self.probe_failing.get()) {
             (Err(reason), false) => tracing::warn!(
@@ -460,8 +524,10 @@ impl Delivery {
         }
         self.probe_failing.set(probe.is_err());
         let store_reachable = probe.is_ok();
+        let ok = store_reachable && self.damage.borrow().is_none();
+        self.metrics.ready.set(i64::from(ok));
         Health {
-            ok: store_reachable && self.damage.borrow().is_none(),
+            ok,
             store_reachable,
             server_version: SOFTWARE_VERSION,
             wire_version: WIRE_VERSION,
@@ -663,11 +729,17 @@ impl Delivery {
         self.limiters.kp_fetch_per_ip.check(&peer.ip)?;
         let target = parse_key(target()?, "identityKey")?;
         let now = self.clock.unix_secs();
-        self.store_call(self.store.take_key_package(target, now))
+        let taken = self
+            .store_call(self.store.take_key_package(target, now))
             .await?
             .ok_or(ApiError::NotFound(
                 "no key package available for this identity",
-            ))
+            ))?;
+        self.metrics.key_packages_served.inc();
+        if taken.last_resort {
+            self.metrics.key_packages_last_resort.inc();
+        }
+        Ok(taken)
     }
 
     /// `Session.keyPackageCount`: (one-time packages, has a last-resort one).
@@ -723,10 +795,17 @@ impl Delivery {
             })
         });
         let outcome = self.store_call(self.store.enqueue(request)).await?;
-        if let EnqueueOutcome::Stored { seqs } = &outcome {
-            for (r, seq) in recipients.iter().zip(seqs) {
-                self.hub.notify(r, *seq, pushed.as_ref());
+        match &outcome {
+            EnqueueOutcome::Stored { seqs } => {
+                self.metrics.messages_enqueued.inc_by(seqs.len() as u64);
+                for (r, seq) in recipients.iter().zip(seqs) {
+                    self.hub.notify(r, *seq, pushed.as_ref());
+                }
             }
+            EnqueueOutcome::Duplicate => {
+                self.metrics.enqueue_duplicates.inc();
+            }
+            _ => {}
         }
         refusal(outcome, &recipients)
     }
@@ -806,8 +885,11 @@ impl Delivery {
             0 => MAX_FETCH_MESSAGES,
             n => n.min(MAX_FETCH_MESSAGES),
         };
-        self.store_call(self.store.fetch(me, from_seq, limit, MAX_FETCH_BYTES))
-            .await
+        let msgs = self
+            .store_call(self.store.fetch(me, from_seq, limit, MAX_FETCH_BYTES))
+            .await?;
+        self.metrics.messages_fetched.inc_by(msgs.len() as u64);
+        Ok(msgs)
     }
 
     /// `Session.ack`: deletes the caller's messages up to `up_to`, if
@@ -828,6 +910,7 @@ impl Delivery {
             ));
         }
         let n = self.store_call(self.store.ack(me, up_to)).await?;
+        self.metrics.messages_acknowledged.inc_by(u64::from(n));
         self.hub.acked(&me, up_to);
         Ok(n)
     }
@@ -850,6 +933,7 @@ impl Delivery {
             )));
         }
         peer.subscriptions.set(peer.subscriptions.get() + 1);
+        self.metrics.subscriptions.inc();
         let sub = Subscription {
             rx: self.hub.watch(me),
             delivery: self.clone(),
@@ -898,6 +982,7 @@ mod tests {
             limits,
             TOKEN,
             quicnprotochat_core::clock::system(),
+            Arc::new(Metrics::new("sqlite", Default::default())),
         ))
     }
 

@@ -97,6 +97,17 @@ pub fn check_config(config: &Config) -> Result<(), ServerError> {
     } else {
         check_db_key(config)?;
     }
+    if let Some(addr) = config.metrics_listen
+        && !addr.ip().is_loopback()
+        && !config.metrics_public
+    {
+        return Err(refuse(
+            "metrics_listen",
+            "is not a loopback address: the endpoint has no authentication, and its metrics \
+             tell traffic volumes and its probes who is up; put it on loopback or a private \
+             network and set metrics_public (QUICNPROTOCHAT_METRICS_PUBLIC=true) to say so",
+        ));
+    }
     if config.tls_paths.is_none() {
         return Err(refuse(
             "cert_path",
@@ -364,6 +375,22 @@ mod tests {
         match check_config(c) {
             Err(ServerError::Production { setting, .. }) => Some(setting),
             _ => None,
+        }
+    }
+
+    #[test]
+    fn a_public_metrics_endpoint_needs_metrics_public() {
+        let mut c = prod();
+        for local in ["127.0.0.1:9464", "[::1]:9464", "127.0.0.2:0"] {
+            c.metrics_listen = Some(local.parse().unwrap());
+            assert_eq!(refused_setting(&c), None, "{local}");
+        }
+        for public in ["0.0.0.0:9464", "10.0.0.5:9464", "[::]:9464"] {
+            c.metrics_listen = Some(public.parse().unwrap());
+            assert_eq!(refused_setting(&c), Some("metrics_listen"), "{public}");
+            c.metrics_public = true;
+            assert_eq!(refused_setting(&c), None, "{public} with metrics_public");
+            c.metrics_public = false;
         }
     }
 

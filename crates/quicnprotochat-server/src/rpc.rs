@@ -11,6 +11,9 @@
 //! run on the server's `LocalSet`.
 
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
 
 use quicnprotochat_core::IdentityKey;
 use quicnprotochat_proto::framing::FrameLimits;
@@ -25,6 +28,7 @@ use crate::delivery::{
 use crate::drain::{CallGuard, Calls, DrainSignal};
 use crate::error::ApiError;
 use crate::health::HealthReport;
+use crate::metrics::Metrics;
 use crate::store::{EnqueueOutcome, QueuedMessage};
 
 /// One connection's RPC session, running as a task of its own on the
@@ -139,6 +143,23 @@ impl ApiError {
         }
     }
 
+    /// The wire code's name in the protocol, for the metrics' `code` label.
+    pub(crate) fn code_name(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Forbidden(_) => "forbidden",
+            Self::InvalidArgument(_) => "invalidArgument",
+            Self::TooLarge(_) => "tooLarge",
+            Self::RateLimited { .. } => "rateLimited",
+            Self::QueueFull(_) => "queueFull",
+            Self::NotFound(_) => "notFound",
+            Self::VersionMismatch { .. } => "versionMismatch",
+            Self::Conflict(_) => "conflict",
+            Self::StaleEpoch(_) => "staleEpoch",
+            Self::Internal(_) => "internal",
+        }
+    }
+
     /// Writes the wire form.  The one place domain errors meet the wire.
     fn write(&self, mut out: error::Builder<'_>, method: &'static str) {
         match self {
@@ -241,9 +262,50 @@ struct ServiceImpl {
     calls: Rc<Calls>,
 }
 
-/// Counts one call in flight, or refuses it while the server drains.
-fn begin(calls: &Rc<Calls>) -> Result<CallGuard, capnp::Error> {
-    calls.begin().ok_or_else(shutting_down)
+/// One call being answered: counted in flight for the drain (most
+/// methods), timed and counted for the metrics.
+struct Call {
+    _in_flight: Option<CallGuard>,
+    method: &'static str,
+    started: Instant,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts one call of `method` in flight, or refuses it while the server
+/// drains.
+fn begin(
+    calls: &Rc<Calls>,
+    delivery: &Delivery,
+    method: &'static str,
+) -> Result<Call, capnp::Error> {
+    let guard = calls.begin().ok_or_else(shutting_down)?;
+    let mut call = Call::timed(delivery, method);
+    call._in_flight = Some(guard);
+    Ok(call)
+}
+
+impl Call {
+    /// A call the drain does not wait for, timed for the metrics.
+    fn timed(delivery: &Delivery, method: &'static str) -> Self {
+        Self {
+            _in_flight: None,
+            method,
+            started: Instant::now(),
+            metrics: delivery.metrics.clone(),
+        }
+    }
+
+    /// Answers the call (see [`answer`]) and counts it.
+    fn answer<R: ErrorSlot, T>(
+        self,
+        results: &mut R,
+        outcome: Result<T, ApiError>,
+        ok: impl FnOnce(&mut R, T),
+    ) -> Result<(), capnp::Error> {
+        let code = outcome.as_ref().err().map(ApiError::code_name);
+        self.metrics.call(self.method, code, self.started.elapsed());
+        answer(results, self.method, outcome, ok)
+    }
 }
 
 impl service::Server for ServiceImpl {
@@ -252,8 +314,9 @@ impl service::Server for ServiceImpl {
         _params: service::HealthParams,
         mut results: service::HealthResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "health")?;
         let health = self.delivery.health().await;
+        call.metrics.call(call.method, None, call.started.elapsed());
         let mut h = results.get().init_health();
         h.set_ok(health.ok);
         h.set_server_version(health.server_version);
@@ -267,12 +330,10 @@ impl service::Server for ServiceImpl {
         params: service::ChallengeParams,
         mut results: service::ChallengeResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "challenge")?;
         let wire_version = || Ok(params.get()?.get_wire_version());
         let outcome = self.delivery.challenge(&self.peer, wire_version);
-        answer(&mut results, "challenge", outcome, |r, nonce| {
-            r.get().set_nonce(&nonce)
-        })
+        call.answer(&mut results, outcome, |r, nonce| r.get().set_nonce(&nonce))
     }
 
     async fn authenticate(
@@ -280,7 +341,7 @@ impl service::Server for ServiceImpl {
         params: service::AuthenticateParams,
         mut results: service::AuthenticateResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "authenticate")?;
         let decode = || -> Decoded<AuthRequest<'_>> {
             let req = params.get()?.get_request()?;
             let fields = (|| {
@@ -303,7 +364,7 @@ impl service::Server for ServiceImpl {
                 .map(|()| out)
         };
         let outcome = self.delivery.authenticate(&self.peer, decode, exporter);
-        answer(&mut results, "authenticate", outcome, |r, identity| {
+        call.answer(&mut results, outcome, |r, identity| {
             let session: session::Client = capnp_rpc::new_client(SessionImpl {
                 delivery: self.delivery.clone(),
                 peer: self.peer.clone(),
@@ -329,13 +390,13 @@ impl session::Server for SessionImpl {
         params: session::RegisterParams,
         mut results: session::RegisterResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "register")?;
         let outcome = async {
             let name = text(params.get()?.get_username()?, "username")?;
             self.delivery.register(self.identity, name).await
         }
         .await;
-        answer(&mut results, "register", outcome, |_, ()| {})
+        call.answer(&mut results, outcome, |_, ()| {})
     }
 
     async fn resolve(
@@ -343,13 +404,13 @@ impl session::Server for SessionImpl {
         params: session::ResolveParams,
         mut results: session::ResolveResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "resolve")?;
         let outcome = async {
             let name = text(params.get()?.get_username()?, "username")?;
             self.delivery.resolve(name).await
         }
         .await;
-        answer(&mut results, "resolve", outcome, |r, key| {
+        call.answer(&mut results, outcome, |r, key| {
             r.get().set_identity_key(key.as_bytes())
         })
     }
@@ -359,7 +420,7 @@ impl session::Server for SessionImpl {
         params: session::PublishKeyPackagesParams,
         mut results: session::PublishKeyPackagesResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "publishKeyPackages")?;
         let outcome = async {
             let list = params.get()?.get_key_packages()?;
             let list = list.iter().map(|kp| kp.map_err(ApiError::from)).collect();
@@ -368,9 +429,7 @@ impl session::Server for SessionImpl {
                 .await
         }
         .await;
-        answer(&mut results, "publishKeyPackages", outcome, |r, n| {
-            r.get().set_stored(n)
-        })
+        call.answer(&mut results, outcome, |r, n| r.get().set_stored(n))
     }
 
     async fn fetch_key_package(
@@ -378,13 +437,13 @@ impl session::Server for SessionImpl {
         params: session::FetchKeyPackageParams,
         mut results: session::FetchKeyPackageResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "fetchKeyPackage")?;
         let target = || Ok(params.get()?.get_identity_key()?);
         let outcome = self
             .delivery
             .fetch_key_package(self.identity, &self.peer, target)
             .await;
-        answer(&mut results, "fetchKeyPackage", outcome, |r, kp| {
+        call.answer(&mut results, outcome, |r, kp| {
             let mut r = r.get();
             r.set_key_package(&kp.data);
             r.set_last_resort(kp.last_resort);
@@ -396,18 +455,13 @@ impl session::Server for SessionImpl {
         _params: session::KeyPackageCountParams,
         mut results: session::KeyPackageCountResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "keyPackageCount")?;
         let outcome = self.delivery.key_package_count(self.identity).await;
-        answer(
-            &mut results,
-            "keyPackageCount",
-            outcome,
-            |r, (count, last_resort)| {
-                let mut r = r.get();
-                r.set_count(count);
-                r.set_has_last_resort(last_resort);
-            },
-        )
+        call.answer(&mut results, outcome, |r, (count, last_resort)| {
+            let mut r = r.get();
+            r.set_count(count);
+            r.set_has_last_resort(last_resort);
+        })
     }
 
     async fn enqueue(
@@ -415,7 +469,7 @@ impl session::Server for SessionImpl {
         params: session::EnqueueParams,
         mut results: session::EnqueueResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "enqueue")?;
         let decode = || -> Decoded<EnqueueCall<'_>> {
             let p = params.get()?;
             Ok(EnqueueCall {
@@ -437,20 +491,15 @@ impl session::Server for SessionImpl {
             .delivery
             .enqueue(self.identity, &self.peer, decode)
             .await;
-        answer(
-            &mut results,
-            "enqueue",
-            outcome,
-            |r, outcome| match outcome {
-                EnqueueOutcome::Stored { seqs } => {
-                    let mut list = r.get().init_seqs(list_len(seqs.len()));
-                    for (i, s) in seqs.iter().enumerate() {
-                        list.set(list_len(i), *s);
-                    }
+        call.answer(&mut results, outcome, |r, outcome| match outcome {
+            EnqueueOutcome::Stored { seqs } => {
+                let mut list = r.get().init_seqs(list_len(seqs.len()));
+                for (i, s) in seqs.iter().enumerate() {
+                    list.set(list_len(i), *s);
                 }
-                _ => r.get().set_duplicate(true),
-            },
-        )
+            }
+            _ => r.get().set_duplicate(true),
+        })
     }
 
     async fn set_delivery_token(
@@ -458,12 +507,13 @@ impl session::Server for SessionImpl {
         params: session::SetDeliveryTokenParams,
         mut results: session::SetDeliveryTokenResults,
     ) -> Result<(), capnp::Error> {
+        let call = Call::timed(&self.delivery, "setDeliveryToken");
         let token = params
             .get()
             .and_then(|p| p.get_token())
             .map_err(ApiError::from);
         let outcome = self.delivery.set_delivery_token(self.identity, token).await;
-        answer(&mut results, "setDeliveryToken", outcome, |_, ()| {})
+        call.answer(&mut results, outcome, |_, ()| {})
     }
 
     async fn fetch(
@@ -471,7 +521,7 @@ impl session::Server for SessionImpl {
         params: session::FetchParams,
         mut results: session::FetchResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "fetch")?;
         let outcome = async {
             let p = params.get()?;
             self.delivery
@@ -485,7 +535,7 @@ impl session::Server for SessionImpl {
         }
         .await;
         let incarnation = self.delivery.incarnation();
-        answer(&mut results, "fetch", outcome, |r, msgs| {
+        call.answer(&mut results, outcome, |r, msgs| {
             let mut r = r.get();
             r.set_incarnation(&incarnation);
             write_envelopes(r.init_messages(list_len(msgs.len())), &msgs, &incarnation)
@@ -497,7 +547,7 @@ impl session::Server for SessionImpl {
         params: session::AckParams,
         mut results: session::AckResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "ack")?;
         let outcome = async {
             let p = params.get()?;
             self.delivery
@@ -510,7 +560,7 @@ impl session::Server for SessionImpl {
                 .await
         }
         .await;
-        answer(&mut results, "ack", outcome, |r, n| r.get().set_removed(n))
+        call.answer(&mut results, outcome, |r, n| r.get().set_removed(n))
     }
 
     async fn subscribe(
@@ -518,7 +568,7 @@ impl session::Server for SessionImpl {
         params: session::SubscribeParams,
         mut results: session::SubscribeResults,
     ) -> Result<(), capnp::Error> {
-        let _call = begin(&self.calls)?;
+        let call = begin(&self.calls, &self.delivery, "subscribe")?;
         let outcome = params.get().map_err(ApiError::from).and_then(|p| {
             self.delivery.subscribe(
                 self.identity,
@@ -528,7 +578,7 @@ impl session::Server for SessionImpl {
                 p.get_listener().map_err(ApiError::from),
             )
         });
-        answer(&mut results, "subscribe", outcome, |r, (sub, listener)| {
+        call.answer(&mut results, outcome, |r, (sub, listener)| {
             let (cancel_tx, cancel_rx) = oneshot::channel();
             let drain = self.calls.drain();
             let mut r = r.get();
@@ -549,22 +599,46 @@ struct SubscriptionImpl {
 
 impl quicnprotochat_proto::schema::subscription::Server for SubscriptionImpl {}
 
+/// First wait before a subscription reads its queue again after a failed
+/// read; it doubles up to [`PUSH_RETRY_MAX`].
+const PUSH_RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// Longest wait between a subscription's reads while the store fails.
+const PUSH_RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Pushes each batch of the subscription to the client's listener, one
 /// `deliver` at a time, until the client or the connection goes away or the
 /// server drains (the client resubscribes from its last sequence number on
-/// its next connection).
+/// its next connection).  A failed read of the queue is tried again, with
+/// backoff, for as long as the subscription lives.
 async fn push(
     mut sub: Subscription,
     listener: listener::Client,
     mut cancel: oneshot::Receiver<()>,
     mut drain: DrainSignal,
 ) {
+    let mut retry = PUSH_RETRY_FIRST;
     loop {
         let batch = match sub.next_batch().await {
-            Ok(b) => b,
+            Ok(b) => {
+                retry = PUSH_RETRY_FIRST;
+                b
+            }
             Err(e) => {
-                tracing::warn!(error = ?e, "subscription stopped: store read failed");
-                break;
+                // The store is down or slow (its outage is logged and
+                // makes the node not ready): read again once it may be
+                // back, rather than end a subscription the client would
+                // have to notice and renew.
+                if retry == PUSH_RETRY_FIRST {
+                    tracing::warn!(error = ?e, "subscription: store read failed; retrying");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    _ = &mut cancel => break,
+                    _ = drain.wait() => break,
+                }
+                retry = (retry * 2).min(PUSH_RETRY_MAX);
+                continue;
             }
         };
         if !batch.is_empty() {
@@ -574,6 +648,7 @@ async fn push(
                 &batch,
                 &sub.incarnation(),
             );
+            sub.pushed(&batch);
             drop(batch);
             tokio::select! {
                 r = req.send().promise => if r.is_err() { break },

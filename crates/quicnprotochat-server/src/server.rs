@@ -27,6 +27,7 @@ use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
 use crate::delivery::{Delivery, Peer};
 use crate::drain::{Calls, Drain, DrainSignal};
 use crate::error::ServerError;
+use crate::metrics::{Metrics, StoreMetrics};
 use crate::production;
 use crate::rpc;
 use crate::store::Store;
@@ -63,6 +64,8 @@ pub struct Server {
     fingerprint: [u8; 32],
     limits_frame: FrameLimits,
     drain_timeout: Duration,
+    /// the operator's HTTP endpoint (metrics, probes), when configured
+    http: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -106,7 +109,27 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(config)?));
 
-        let store = open_store(config).await?;
+        let store_metrics = StoreMetrics::default();
+        let store = open_store(config, &store_metrics).await?;
+        let backend = if config.database_url.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        let metrics = Arc::new(Metrics::new(backend, store_metrics));
+        let http = match config.metrics_listen {
+            Some(addr) => {
+                let listener = crate::http::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?;
+                tracing::info!(
+                    http_addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    "operator endpoint bound: HTTP /metrics, /livez, /readyz"
+                );
+                Some(listener)
+            }
+            None => None,
+        };
 
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             ServerError::Bind {
@@ -119,6 +142,7 @@ impl Server {
             config.limits.clone(),
             token.as_bytes(),
             config.clock.clone(),
+            metrics,
         ));
         let limits_frame = FrameLimits {
             max_frame_bytes: limits::MAX_FRAME_BYTES,
@@ -136,7 +160,13 @@ impl Server {
             fingerprint,
             limits_frame,
             drain_timeout: config.drain_timeout,
+            http,
         })
+    }
+
+    /// The bound address of the HTTP endpoint, when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound UDP address.
@@ -158,9 +188,18 @@ impl Server {
     /// timeout passes are closed then (their calls get no answer).  Finally
     /// waits up to 3 s for the closes to reach the clients.  Must run in a
     /// `LocalSet`.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+    pub async fn serve(mut self, shutdown: impl Future<Output = ()>) {
         let table = Rc::new(RefCell::new(ConnTable::default()));
         let drain = Drain::new();
+        // Probes answer until the very end: readiness turns false as the
+        // drain starts, so load balancers stop sending new clients.
+        let http = self.http.take().map(|listener| {
+            tokio::task::spawn_local(crate::http::serve(
+                listener,
+                self.delivery.clone(),
+                drain.signal(),
+            ))
+        });
         let sweeper = tokio::task::spawn_local(sweep_loop(self.delivery.clone()));
         // On a store shared by several nodes: pushes for what the others
         // enqueue.
@@ -207,6 +246,7 @@ impl Server {
         };
         let refuse = async {
             while let Some(incoming) = self.endpoint.accept().await {
+                self.delivery.metrics.refused("shutting_down");
                 incoming.refuse();
             }
         };
@@ -225,14 +265,23 @@ impl Server {
             b"server shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        if let Some(http) = http {
+            http.abort();
+        }
     }
 
     fn admit(&self, incoming: quinn::Incoming, table: &Rc<RefCell<ConnTable>>, drain: DrainSignal) {
         let ip = incoming.remote_address().ip();
         let limits = &self.delivery.limits;
+        let metrics = &self.delivery.metrics;
         let (total, from_ip) = table.borrow().counts(ip);
         if total >= limits.max_connections || from_ip >= limits.max_connections_per_ip {
             tracing::debug!(%ip, total, from_ip, "connection refused: over the connection cap");
+            metrics.refused(if total >= limits.max_connections {
+                "max_connections"
+            } else {
+                "max_connections_per_ip"
+            });
             incoming.refuse();
             return;
         }
@@ -244,7 +293,8 @@ impl Server {
             }
             return;
         }
-        let guard = ConnGuard::new(table.clone(), ip);
+        let guard = ConnGuard::new(table.clone(), ip, metrics.clone());
+        metrics.connections_accepted.inc();
         let delivery = self.delivery.clone();
         let frame = self.limits_frame;
         tokio::task::spawn_local(async move {
@@ -261,10 +311,12 @@ impl Server {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     tracing::debug!(%ip, error = %e, "handshake failed");
+                    delivery.metrics.refused("handshake_failed");
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%ip, "handshake timed out");
+                    delivery.metrics.refused("handshake_timeout");
                     return;
                 }
             };
@@ -291,6 +343,7 @@ async fn serve_connection(
     drain: DrainSignal,
 ) {
     let peer = Rc::new(Peer::new(conn.remote_address().ip()));
+    let metrics = delivery.metrics.clone();
     let session = session(delivery, peer.clone(), conn.clone(), frame, drain);
     let watchdog = {
         let peer = peer.clone();
@@ -303,18 +356,30 @@ async fn serve_connection(
     };
     tokio::select! {
         ended = session => match ended {
-            Ended::Normally => conn.close(VarInt::from_u32(close_code::NORMAL), b"bye"),
+            Ended::Normally => {
+                metrics.closed("normal");
+                conn.close(VarInt::from_u32(close_code::NORMAL), b"bye");
+            }
+            Ended::Failed(_) if conn.close_reason().is_some() => {
+                // Closed by the client, or timed out: no fault of the stream.
+                metrics.closed("lost");
+            }
             Ended::Failed(e) => {
                 tracing::debug!(ip = %peer.ip, error = %e, "connection ended with an error");
+                metrics.closed("protocol_error");
                 conn.close(VarInt::from_u32(close_code::PROTOCOL_ERROR), b"protocol error");
             }
-            Ended::Shutdown => conn.close(
-                VarInt::from_u32(close_code::SHUTDOWN),
-                b"server shutting down",
-            ),
+            Ended::Shutdown => {
+                metrics.closed("shutdown");
+                conn.close(
+                    VarInt::from_u32(close_code::SHUTDOWN),
+                    b"server shutting down",
+                );
+            }
         },
         () = watchdog => {
             tracing::info!(ip = %peer.ip, "closing connection: not authenticated in time");
+            metrics.closed("auth_timeout");
             conn.close(VarInt::from_u32(close_code::AUTH_TIMEOUT), b"authentication timeout");
         }
     }
@@ -395,21 +460,24 @@ impl ConnTable {
 struct ConnGuard {
     table: Rc<RefCell<ConnTable>>,
     ip: IpAddr,
+    metrics: Arc<Metrics>,
 }
 
 impl ConnGuard {
-    fn new(table: Rc<RefCell<ConnTable>>, ip: IpAddr) -> Self {
+    fn new(table: Rc<RefCell<ConnTable>>, ip: IpAddr, metrics: Arc<Metrics>) -> Self {
         {
             let mut t = table.borrow_mut();
             t.total += 1;
             *t.per_ip.entry(ip).or_insert(0) += 1;
         }
-        Self { table, ip }
+        metrics.connections_open.inc();
+        Self { table, ip, metrics }
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
+        self.metrics.connections_open.dec();
         let mut t = self.table.borrow_mut();
         t.total = t.total.saturating_sub(1);
         if let Some(n) = t.per_ip.get_mut(&self.ip) {
@@ -638,11 +706,15 @@ pub(crate) fn load_or_create_dev_cert(dir: &Path) -> Result<TlsMaterial, ServerE
 
 /// Opens the configured store: PostgreSQL when `database_url` is set, the
 /// embedded SQLCipher database in the data directory otherwise.
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+async fn open_store(
+    config: &Config,
+    metrics: &StoreMetrics,
+) -> Result<Arc<dyn Store>, ServerError> {
     let Some(url) = &config.database_url else {
         let key = database_key(config)?;
         let mut options = SqliteOptions::new(config.data_dir.join(DB_FILE_NAME), key);
         options.synchronous = config.db_synchronous;
+        options.metrics = metrics.clone();
         return Ok(Arc::new(SqliteStore::open(options)?));
     };
     if !matches!(config.db_key, crate::config::DbKeySetting::DevGenerated) {
@@ -653,6 +725,7 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     let mut options = PgOptions::new(url.0.clone());
     options.pool_size = config.database_pool_size;
     options.ca_file = config.database_ca.clone();
+    options.metrics = metrics.clone();
     if options.ca_file.is_none() {
         tracing::warn!(
             "the connection to PostgreSQL is not TLS (database_ca is not set): use a Unix socket or loopback"

@@ -17,8 +17,8 @@ use quicnprotochat_core::IdentityKey;
 use quicnprotochat_server::store::postgres::{PgOptions, PgStore};
 use quicnprotochat_server::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
 use quicnprotochat_server::store::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, RegisterOutcome,
-    Store,
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueDepth,
+    RegisterOutcome, Store,
 };
 
 /// Two handles on one store, and what keeps the store alive.
@@ -169,7 +169,33 @@ conformance!(
     acknowledgements_racing_enqueues_lose_nothing_and_leave_no_orphans,
     sweeps_on_both_nodes_remove_each_expired_row_once,
     fetch_honours_its_limits_and_both_nodes_agree,
+    queue_depth_counts_every_waiting_message_and_the_fullest_queue,
 );
+
+async fn queue_depth_counts_every_waiting_message_and_the_fullest_queue(s: Backend) {
+    let (a, b) = (&*s.a, &*s.b);
+    let depth = |messages, largest| QueueDepth { messages, largest };
+    assert_eq!(a.queue_depth().await.unwrap(), depth(0, 0));
+    register_all(a, &[1, 2, 3]).await;
+    for n in 0..5u16 {
+        assert!(stored(
+            &a.enqueue(numbered(&[key(1), key(2)], n, 100))
+                .await
+                .unwrap()
+        ));
+    }
+    for n in 5..8u16 {
+        assert!(stored(
+            &b.enqueue(numbered(&[key(1)], n, 100)).await.unwrap()
+        ));
+    }
+    // One payload for two recipients counts in each queue.
+    assert_eq!(b.queue_depth().await.unwrap(), depth(13, 8));
+    assert_eq!(a.ack(key(1), 4).await.unwrap(), 4);
+    assert_eq!(a.queue_depth().await.unwrap(), depth(9, 5));
+    assert_eq!(b.ack(key(2), 5).await.unwrap(), 5);
+    assert_eq!(b.queue_depth().await.unwrap(), depth(4, 4));
+}
 
 async fn queue_sequences_ack_and_shared_payloads(s: Backend) {
     let (a, b) = (&*s.a, &*s.b);

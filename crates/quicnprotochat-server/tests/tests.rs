@@ -16,6 +16,8 @@ mod e2e;
 #[cfg(test)]
 mod keypackages;
 #[cfg(test)]
+mod metrics;
+#[cfg(test)]
 mod multinode;
 #[cfg(test)]
 mod packaging;

@@ -410,4 +410,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes expired key packages and idempotency keys.
     fn sweep(&self, now_secs: u64, now_ms: u64) -> StoreFuture<'_, SweepStats>;
+
+    /// How many messages wait in all queues, and in the fullest one (the
+    /// metrics' queue gauges; reads every queued row's recipient).
+    fn queue_depth(&self) -> StoreFuture<'_, QueueDepth>;
+}
+
+/// Messages waiting, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// in all queues
+    pub messages: u64,
+    /// in the fullest queue (members' and strangers' messages alike)
+    pub largest: u64,
 }

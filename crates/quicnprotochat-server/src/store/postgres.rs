@@ -49,9 +49,10 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueChange,
-    QueueChanges, QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture, SweepStats,
-    TakenKeyPackage, dedup_key,
+    QueueChanges, QueueDepth, QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture,
+    SweepStats, TakenKeyPackage, dedup_key,
 };
+use crate::metrics::StoreMetrics;
 
 /// Schema migrations, applied in order.  Never edit a released entry: add one.
 const MIGRATIONS: &[(i32, &str, &str)] = &[(
@@ -98,6 +99,8 @@ pub struct PgOptions {
     pub pool_size: usize,
     /// how long opening a connection, or waiting for a free one, may take
     pub connect_timeout: Duration,
+    /// where transaction and commit times are counted
+    pub metrics: StoreMetrics,
 }
 
 impl fmt::Debug for PgOptions {
@@ -119,6 +122,7 @@ impl PgOptions {
             ca_file: None,
             pool_size: crate::config::DEFAULT_DATABASE_POOL_SIZE,
             connect_timeout: Duration::from_secs(5),
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -246,6 +250,7 @@ pub struct PgStore {
     connector: Connector,
     incarnation: [u8; 16],
     probes: AtomicU64,
+    metrics: StoreMetrics,
 }
 
 impl fmt::Debug for PgStore {
@@ -272,10 +277,20 @@ macro_rules! in_transaction {
         let mut attempt = 0_u32;
         loop {
             let mut client = $store.client().await?;
+            let started = tokio::time::Instant::now();
             let $tx = client.transaction().await?;
             let outcome: Result<Done<_>, StoreError> = $body;
             let result = match outcome {
-                Ok(Done::Commit(v)) => $tx.commit().await.map(|()| v).map_err(StoreError::from),
+                Ok(Done::Commit(v)) => {
+                    let committing = tokio::time::Instant::now();
+                    let committed = $tx.commit().await;
+                    if committed.is_ok() {
+                        $store
+                            .metrics
+                            .transaction(1, started.elapsed(), committing.elapsed());
+                    }
+                    committed.map(|()| v).map_err(StoreError::from)
+                }
                 Ok(Done::Rollback(v)) => {
                     $tx.rollback().await.map(|()| v).map_err(StoreError::from)
                 }
@@ -324,6 +339,7 @@ impl PgStore {
             connector,
             incarnation: [0; 16],
             probes: AtomicU64::new(0),
+            metrics: options.metrics.clone(),
         };
         store.migrate().await?;
         let row = store
@@ -795,6 +811,24 @@ impl Store for PgStore {
                     }))
                 }
                 .await
+            })
+        })
+    }
+
+    fn queue_depth(&self) -> StoreFuture<'_, QueueDepth> {
+        Box::pin(async move {
+            let row = self
+                .client()
+                .await?
+                .query_one(
+                    "SELECT coalesce(sum(depth), 0)::bigint, coalesce(max(depth), 0)::bigint
+                     FROM queue_heads",
+                    &[],
+                )
+                .await?;
+            Ok(QueueDepth {
+                messages: to_u64(row.try_get(0)?),
+                largest: to_u64(row.try_get(1)?),
             })
         })
     }

@@ -39,11 +39,14 @@ use quicnprotochat_core::IdentityKey;
 use quicnprotochat_core::sqlcipher::{self, CipherSettings, Opened};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueuedMessage,
-    RegisterOutcome, Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage, dedup_key,
+    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueDepth,
+    QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage,
+    dedup_key,
 };
+use crate::metrics::StoreMetrics;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "quicnprotochat.db";
@@ -184,6 +187,8 @@ pub struct SqliteOptions {
     pub readers: usize,
     /// most jobs per writer transaction (at least 1)
     pub max_batch: usize,
+    /// where commit times and batch sizes are counted
+    pub metrics: StoreMetrics,
 }
 
 impl SqliteOptions {
@@ -195,6 +200,7 @@ impl SqliteOptions {
             synchronous: Synchronous::Full,
             readers: DEFAULT_READERS,
             max_batch: DEFAULT_MAX_BATCH,
+            metrics: StoreMetrics::default(),
         }
     }
 }
@@ -266,10 +272,11 @@ impl SqliteStore {
         let mut threads = Vec::new();
         let (wtx, wrx) = mpsc::channel::<WriteJob>(JOB_QUEUE_DEPTH);
         let max_batch = options.max_batch.max(1);
+        let metrics = options.metrics.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(writer_conn, wrx, max_batch))?,
+                .spawn(move || writer_loop(writer_conn, wrx, max_batch, &metrics))?,
         );
         let mut readers = Vec::new();
         for i in 0..options.readers.max(1) {
@@ -396,7 +403,12 @@ fn in_savepoint<T>(
     result
 }
 
-fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: usize) {
+fn writer_loop(
+    conn: Connection,
+    mut jobs: mpsc::Receiver<WriteJob>,
+    max_batch: usize,
+    metrics: &StoreMetrics,
+) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
     // A job taken from the queue that must wait for the next transaction.
     let mut held: Option<WriteJob> = None;
@@ -416,9 +428,12 @@ fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: 
                 Err(_) => break,
             }
         }
+        let jobs_in_batch = batch.len();
+        let started = Instant::now();
         let began = conn.execute_batch("BEGIN IMMEDIATE");
         let ready = began.is_ok().then_some(&conn);
         let replies: Vec<Reply> = batch.drain(..).map(|job| (job.run)(ready)).collect();
+        let committing = Instant::now();
         let commit = match began {
             Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -426,6 +441,8 @@ fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: 
         if let Err(e) = &commit {
             tracing::error!(error = %e, "store batch failed to commit");
             let _ = conn.execute_batch("ROLLBACK");
+        } else {
+            metrics.transaction(jobs_in_batch, started.elapsed(), committing.elapsed());
         }
         for reply in replies {
             reply(commit.clone());
@@ -1083,6 +1100,21 @@ impl Store for SqliteStore {
             Ok(SweepStats {
                 key_packages: u64::try_from(key_packages).unwrap_or(0),
                 dedup_keys: u64::try_from(dedup_keys).unwrap_or(0),
+            })
+        })
+    }
+
+    fn queue_depth(&self) -> StoreFuture<'_, QueueDepth> {
+        self.read(|c| {
+            let (messages, largest): (i64, i64) = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(depth), 0), coalesce(max(depth), 0)
+                     FROM queue_heads",
+                )?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(QueueDepth {
+                messages: to_u64(messages),
+                largest: to_u64(largest),
             })
         })
     }
