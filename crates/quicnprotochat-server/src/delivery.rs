@@ -475,9 +475,10 @@ impl Delivery {
         }
     }
 
-    /// Reads the queue gauges from the store, at most once a second (a
-    /// scrape calls it; the query counts every queued message).  A failed
-    /// read keeps the last values and counts a store error.
+    /// Probes the store's health (the `ready` gauge) and reads the queue
+    /// gauges from it, at most once a second (a scrape calls it; the query
+    /// counts every queued message).  A failed read keeps the last values
+    /// and counts a store error.
     pub(crate) async fn refresh_gauges(&self) {
         let now = tokio::time::Instant::now();
         if self
@@ -488,6 +489,7 @@ impl Delivery {
             return;
         }
         self.gauges_read.set(Some(now));
+        self.health().await;
         if let Ok(depth) = self.store_call(self.store.queue_depth()).await {
             self.metrics
                 .queued_messages

@@ -189,6 +189,8 @@ async fn a_scrape_after_real_traffic_counts_it_and_names_no_user() {
         before.value("quicnprotochat_messages_enqueued_total", &[]),
         0.0
     );
+    // Ready without any probe having asked: the scrape probes the store.
+    assert_eq!(before.value("quicnprotochat_ready", &[]), 1.0);
     let build = before
         .samples
         .iter()

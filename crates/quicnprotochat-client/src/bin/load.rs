@@ -15,7 +15,9 @@
 //! recipient against group size, beside the relay), `postgres` (the
 //! PostgreSQL store with 1, 2 and 3 nodes on one database, beside the
 //! SQLCipher server and PostgreSQL's own floor; then cross-node push
-//! latency beside the same on one node), `all`.
+//! latency beside the same on one node), `metrics` (the throughput run with
+//! the operator endpoint scraped throughout, beside the same without it;
+//! the server's counters checked against the clients'), `all`.
 
 #[path = "load/common.rs"]
 mod common;
@@ -25,6 +27,8 @@ mod criterion;
 mod delivery;
 #[path = "load/fanout.rs"]
 mod fanout;
+#[path = "load/metrics.rs"]
+mod metrics;
 #[path = "load/p2p.rs"]
 mod p2p;
 #[path = "load/postgres.rs"]
@@ -108,9 +112,17 @@ enum Cmd {
         #[command(flatten)]
         pg: PgArgs,
     },
+    /// The operator endpoint's cost: throughput with `--metrics-listen`
+    /// scraped throughout, beside the same server without it.
+    Metrics {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        metrics: metrics::MetricsArgs,
+    },
     /// throughput, latency at 50% of the measured maximum, p2p, fanout,
-    /// coldstart, idle-memory, postgres (skipped when PostgreSQL is not
-    /// installed).
+    /// coldstart, idle-memory, metrics, postgres (skipped when PostgreSQL
+    /// is not installed).
     All {
         #[command(flatten)]
         args: DeliveryArgs,
@@ -124,6 +136,8 @@ enum Cmd {
         idle: IdleArgs,
         #[command(flatten)]
         pg: PgArgs,
+        #[command(flatten)]
+        metrics: metrics::MetricsArgs,
     },
     /// Writes the results table of the benchmarks page from report lines.
     Table(TableArgs),
@@ -212,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cold,
             idle,
             pg,
+            metrics: ma,
         } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -222,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fanout::run(&bin, core, &fa).await?.emit();
             startup::coldstart(&bin, core, &cold).await?.emit();
             startup::idle_memory(&bin, core, &idle).await?.emit();
+            metrics::run(&bin, core, &args, &ma).await?.emit();
             match postgres::run(&bin, core, &args, &pg).await {
                 Ok((p, push)) => {
                     p.emit();
@@ -238,6 +254,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (p, push) = postgres::run(&bin, core, &args, &pg).await?;
             p.emit();
             push.emit();
+        }
+        Cmd::Metrics { args, metrics } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            metrics::run(&bin, core, &args, &metrics).await?.emit();
         }
         Cmd::Coldstart(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;

@@ -66,6 +66,16 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Messages whose enqueue the server acknowledged.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Messages the receivers got.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
     /// Delivered messages per second.
     pub fn per_sec(&self) -> f64 {
         self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)

@@ -135,6 +135,17 @@ fn describe(r: &Value) -> (String, String, String) {
             n(f(&fig, &["kib_per_connection"]), "KiB"),
             n(f(&peer, &["kib_per_connection"]), "KiB"),
         ),
+        "metrics" => (
+            format!(
+                "delivered msgs/s with the metrics endpoint scraped every {} s",
+                num(f(r, &["params", "scrape_every"]))
+            ),
+            n(f(&fig, &["delivered_per_sec"]), "msg/s"),
+            format!(
+                "{} without it",
+                n(f(&peer, &["delivered_per_sec"]), "msg/s")
+            ),
+        ),
         other => (other.to_string(), String::new(), String::new()),
     }
 }
