@@ -305,6 +305,9 @@ pub enum Command {
     /// Replace the database with a backup and give it a new store
     /// incarnation; stop the server first.
     Restore(RestoreArgs),
+    /// Re-encrypt the database under a new key (crash-safe); stop the server
+    /// first. The current key is the configured db_key.
+    Rekey(RekeyArgs),
 }
 
 /// Arguments of `backup`.
@@ -321,6 +324,16 @@ pub struct RestoreArgs {
     /// The backup file to install (it is copied, not moved).
     #[arg(long)]
     pub from: PathBuf,
+}
+
+/// Arguments of `rekey`.
+#[derive(Debug, Clone, Args)]
+pub struct RekeyArgs {
+    /// File holding the new key: 64 hex characters (surrounding whitespace
+    /// ignored); `-` reads it from standard input. Never a value on the
+    /// command line, where other users could read it.
+    #[arg(long, env = "QUICNPROTOCHAT_NEW_DB_KEY_FILE")]
+    pub new_key_file: PathBuf,
 }
 
 /// Flags and environment variables of `serve` (each also settable in the file).

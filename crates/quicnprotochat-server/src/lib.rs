@@ -13,6 +13,7 @@ mod drain;
 pub mod error;
 pub mod health;
 mod hub;
+pub mod lock;
 pub mod maintenance;
 pub mod production;
 mod ratelimit;

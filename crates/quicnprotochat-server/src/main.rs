@@ -10,7 +10,7 @@ use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
 use quicnprotochat_proto::transport;
 use quicnprotochat_server::config::{
-    BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RestoreArgs, ServerArgs,
+    BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RekeyArgs, RestoreArgs, ServerArgs,
 };
 use quicnprotochat_server::server::DEV_CERT_FILE;
 use quicnprotochat_server::{Server, health, maintenance};
@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Some(Command::Health(h)) => health_check(&cli.options, &h),
         Some(Command::Backup(b)) => backup(&cli.options, &b),
         Some(Command::Restore(r)) => restore(&cli.options, &r),
+        Some(Command::Rekey(r)) => rekey(&cli.options, &r),
     };
     match result {
         Ok(code) => code,
@@ -164,6 +165,25 @@ fn restore(args: &ServerArgs, r: &RestoreArgs) -> anyhow::Result<ExitCode> {
     if let Some(old) = restored.replaced {
         println!("the replaced database is kept as {}", old.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rekey(args: &ServerArgs, r: &RekeyArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args)?;
+    let new = maintenance::read_key_file(&r.new_key_file, "new_key_file")?;
+    let done = maintenance::rekey(&config, &new).context("re-keying the database")?;
+    let rows = |table: &str| {
+        done.counts
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(0, |(_, n)| *n)
+    };
+    println!(
+        "re-keyed the database ({} queued messages, {} users): it opens only under the new key \
+         now; set db_key to it before starting the server",
+        rows("queue"),
+        rows("users")
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use x509_parser::extensions::GeneralName;
 
-use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting};
+use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, KeyBytes};
 use crate::error::ServerError;
 
 /// Shortest access token production mode accepts: 32 bytes, i.e. 256 bits
@@ -154,15 +154,22 @@ pub fn database_url_problem(url: &str, verified_tls: bool) -> Option<String> {
     None
 }
 
+/// Why production mode refuses the database key `key`, if it does: one
+/// repeated byte, such as all zeros, is a placeholder, not a random key.
+pub fn db_key_problem(key: &KeyBytes) -> Option<&'static str> {
+    key.0
+        .iter()
+        .all(|b| *b == key.0[0])
+        .then_some("is one repeated byte (a placeholder, not a random key)")
+}
+
 fn check_db_key(config: &Config) -> Result<(), ServerError> {
     match &config.db_key {
-        DbKeySetting::Provided(k) if k.0.iter().all(|b| *b == k.0[0]) => {
-            return Err(refuse(
-                "db_key",
-                "is one repeated byte (a placeholder, not a random key)",
-            ));
+        DbKeySetting::Provided(k) => {
+            if let Some(problem) = db_key_problem(k) {
+                return Err(refuse("db_key", problem));
+            }
         }
-        DbKeySetting::Provided(_) => {}
         DbKeySetting::DevGenerated => {
             return Err(refuse("db_key", "not set (QUICNPROTOCHAT_DB_KEY)"));
         }

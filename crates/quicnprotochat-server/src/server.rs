@@ -27,6 +27,7 @@ use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
 use crate::delivery::{Delivery, Peer};
 use crate::drain::{Calls, Drain, DrainSignal};
 use crate::error::ServerError;
+use crate::lock::{DataDirLock, lock_data_dir};
 use crate::production;
 use crate::rpc;
 use crate::store::Store;
@@ -63,6 +64,8 @@ pub struct Server {
     fingerprint: [u8; 32],
     limits_frame: FrameLimits,
     drain_timeout: Duration,
+    /// the data directory's lock, held while the embedded store is open
+    _lock: Option<DataDirLock>,
 }
 
 impl std::fmt::Debug for Server {
@@ -106,6 +109,12 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(config)?));
 
+        // The embedded database belongs to this process while it runs:
+        // `restore` and `rekey` refuse to replace it under the server.
+        let lock = match config.database_url {
+            None => Some(lock_data_dir(&config.data_dir, "serve")?),
+            Some(_) => None,
+        };
         let store = open_store(config).await?;
 
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
@@ -136,6 +145,7 @@ impl Server {
             fingerprint,
             limits_frame,
             drain_timeout: config.drain_timeout,
+            _lock: lock,
         })
     }
 

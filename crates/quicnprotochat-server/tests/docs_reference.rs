@@ -116,9 +116,10 @@ fn configuration_page_matches_help() {
     let health = help(&["health"]);
     let backup = help(&["backup"]);
     let restore = help(&["restore"]);
+    let rekey = help(&["rekey"]);
     let mut flags = BTreeSet::new();
     let mut env = BTreeSet::new();
-    for text in [&top, &serve, &health, &backup, &restore] {
+    for text in [&top, &serve, &health, &backup, &restore, &rekey] {
         flags.extend(help_flags(text));
         env.extend(help_env(text));
     }

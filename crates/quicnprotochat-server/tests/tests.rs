@@ -22,6 +22,8 @@ mod packaging;
 #[cfg(test)]
 mod production;
 #[cfg(test)]
+mod rekey;
+#[cfg(test)]
 mod restore;
 #[cfg(test)]
 mod store;
