@@ -237,6 +237,11 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// access token (prefer the environment variable)
     pub auth_token: Option<String>,
+    /// further access tokens, all accepted (rotation: old and new overlap);
+    /// reloaded on SIGHUP
+    pub auth_tokens: Option<Vec<String>>,
+    /// file of access tokens, one a line; reloaded on SIGHUP
+    pub auth_token_file: Option<PathBuf>,
     /// 64 hex characters; empty disables encryption (development only)
     pub db_key: Option<String>,
     /// PEM certificate chain
@@ -360,6 +365,11 @@ pub struct ServerArgs {
         global = true
     )]
     pub auth_token: Option<String>,
+    /// File of access tokens, one a line (blank lines and lines starting
+    /// with `#` skipped), all accepted beside the others configured; read
+    /// again on SIGHUP, so tokens rotate without a restart.
+    #[arg(long, env = "QUICNPROTOCHAT_AUTH_TOKEN_FILE", global = true)]
+    pub auth_token_file: Option<PathBuf>,
     /// Database key: 64 hex characters (a raw 256-bit SQLCipher key). Empty
     /// disables encryption (development only). Development mode without a key
     /// generates one into the data directory (with a warning).
@@ -487,6 +497,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// access token; `None` means "not configured"
     pub auth_token: Option<Secret>,
+    /// further access tokens from the file's `auth_tokens`
+    pub auth_tokens: Vec<Secret>,
+    /// file of access tokens, one a line, read at start and on SIGHUP
+    pub auth_token_file: Option<PathBuf>,
     /// database key choice
     pub db_key: DbKeySetting,
     /// certificate and key paths, when configured
@@ -517,6 +531,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             auth_token: None,
+            auth_tokens: Vec::new(),
+            auth_token_file: None,
             db_key: DbKeySetting::DevGenerated,
             tls_paths: None,
             db_synchronous: Synchronous::Full,
@@ -630,6 +646,13 @@ impl Config {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             auth_token: args.auth_token.clone().or(file.auth_token).map(Secret),
+            auth_tokens: file
+                .auth_tokens
+                .unwrap_or_default()
+                .into_iter()
+                .map(Secret)
+                .collect(),
+            auth_token_file: args.auth_token_file.clone().or(file.auth_token_file),
             db_key,
             tls_paths,
             db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),

@@ -20,6 +20,7 @@ mod ratelimit;
 mod rpc;
 pub mod server;
 pub mod store;
+pub mod tokens;
 
 pub use config::Config;
 pub use error::ServerError;

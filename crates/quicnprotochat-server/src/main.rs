@@ -12,7 +12,7 @@ use quicnprotochat_proto::transport;
 use quicnprotochat_server::config::{
     BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RekeyArgs, RestoreArgs, ServerArgs,
 };
-use quicnprotochat_server::server::DEV_CERT_FILE;
+use quicnprotochat_server::server::{DEV_CERT_FILE, TokenReloader};
 use quicnprotochat_server::{Server, health, maintenance};
 
 fn main() -> ExitCode {
@@ -80,10 +80,63 @@ fn serve(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // Listening before the server is: a SIGHUP sent once it reports
+        // that it listens never meets the default action (exit).
+        let hangups = hangup_signals();
         let server = Server::bind(&config).await?;
+        let reloads = tokio::task::spawn_local(reload_tokens_on_hangup(
+            hangups,
+            args.clone(),
+            server.token_reloader(),
+        ));
         server.serve(shutdown_signal()).await;
+        reloads.abort();
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+fn hangup_signals() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; access tokens reload only by a restart");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// On each SIGHUP: reads the configuration (file and token file) again and
+/// accepts exactly the access tokens it names; a configuration that fails
+/// keeps the tokens in use.  Other settings take effect at the next start.
+async fn reload_tokens_on_hangup(hangups: Hangups, args: ServerArgs, reloader: TokenReloader) {
+    #[cfg(unix)]
+    if let Some(mut hangups) = hangups {
+        while hangups.recv().await.is_some() {
+            let reloaded = Config::resolve(&args)
+                .map_err(quicnprotochat_server::ServerError::from)
+                .and_then(|config| reloader.reload(&config));
+            match reloaded {
+                Ok(tokens) => tracing::info!(tokens, "SIGHUP: access tokens reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: reload failed; the access tokens in use are kept"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, args, reloader);
 }
 
 async fn shutdown_signal() {

@@ -82,12 +82,17 @@ pub fn token_problem(token: &str) -> Option<&'static str> {
 
 /// The configuration-only checks (before any file is touched).
 pub fn check_config(config: &Config) -> Result<(), ServerError> {
-    match &config.auth_token {
-        None => return Err(refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)")),
-        Some(t) => {
-            if let Some(problem) = token_problem(&t.0) {
-                return Err(refuse("auth_token", problem));
-            }
+    // Tokens in the token file are judged when it is read (at start and at
+    // each reload), by `tokens::accepted_tokens`.
+    if config.auth_token.is_none()
+        && config.auth_tokens.is_empty()
+        && config.auth_token_file.is_none()
+    {
+        return Err(refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)"));
+    }
+    for t in config.auth_token.iter().chain(&config.auth_tokens) {
+        if let Some(problem) = token_problem(&t.0) {
+            return Err(refuse("auth_token", problem));
         }
     }
     if let Some(url) = &config.database_url {

@@ -26,6 +26,8 @@ mod rekey;
 #[cfg(test)]
 mod restore;
 #[cfg(test)]
+mod rotation;
+#[cfg(test)]
 mod store;
 #[cfg(test)]
 mod support;
