@@ -313,6 +313,48 @@ pub enum Command {
     /// Re-encrypt the database under a new key (crash-safe); stop the server
     /// first. The current key is the configured db_key.
     Rekey(RekeyArgs),
+    /// Show what the store holds (counts, queues, key-package stock) or free
+    /// a username; works beside a running server.
+    Admin(AdminArgs),
+}
+
+/// Arguments of `admin`.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// What to show or do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+    /// Machine-readable JSON on standard output instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The `admin` commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Totals: identities, usernames, queues, messages, payload bytes, key
+    /// packages.
+    Stats,
+    /// The deepest queues: identity fingerprint, depth, age of the oldest
+    /// message (never contents or ids).
+    Queues {
+        /// How many queues to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Key-package stock per identity, fewest one-time packages first, with
+    /// whether a last-resort package is there.
+    KeyPackages {
+        /// How many identities to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Free a username: its binding and its identity's key packages are
+    /// removed; its queue stays for its owner to read.
+    Unregister {
+        /// The username to free.
+        username: String,
+    },
 }
 
 /// Arguments of `backup`.

@@ -7,6 +7,7 @@
 //!
 //! Entry points: [`server::Server`] (`bind` + `serve`) and [`server::spawn`].
 
+pub mod admin;
 pub mod config;
 mod delivery;
 mod drain;

@@ -10,7 +10,8 @@ use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
 use quicnprotochat_proto::transport;
 use quicnprotochat_server::config::{
-    BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RekeyArgs, RestoreArgs, ServerArgs,
+    AdminArgs, AdminCommand, BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RekeyArgs,
+    RestoreArgs, ServerArgs,
 };
 use quicnprotochat_server::server::{DEV_CERT_FILE, TokenReloader};
 use quicnprotochat_server::{Server, health, maintenance};
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         Some(Command::Backup(b)) => backup(&cli.options, &b),
         Some(Command::Restore(r)) => restore(&cli.options, &r),
         Some(Command::Rekey(r)) => rekey(&cli.options, &r),
+        Some(Command::Admin(a)) => admin(&cli.options, &a),
     };
     match result {
         Ok(code) => code,
@@ -237,6 +239,59 @@ fn rekey(args: &ServerArgs, r: &RekeyArgs) -> anyhow::Result<ExitCode> {
         rows("queue"),
         rows("users")
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn admin(args: &ServerArgs, a: &AdminArgs) -> anyhow::Result<ExitCode> {
+    use quicnprotochat_server::admin;
+    let config = Config::resolve(args)?;
+    let rt = runtime()?;
+    let out = rt.block_on(async {
+        let opened = admin::AdminStore::open(&config)
+            .await
+            .context("opening the store")?;
+        let store = opened.store();
+        let now_ms = config.clock.unix_ms();
+        let now_secs = now_ms / 1000;
+        anyhow::Ok(match &a.command {
+            AdminCommand::Stats => {
+                let stats = store.stats(now_secs).await?;
+                if a.json {
+                    admin::stats_json(&stats)?
+                } else {
+                    admin::stats_table(&stats)
+                }
+            }
+            AdminCommand::Queues { limit } => {
+                let rows = admin::queue_rows(&store.largest_queues(*limit).await?, now_ms);
+                if a.json {
+                    admin::queues_json(&rows)?
+                } else {
+                    admin::queues_table(&rows)
+                }
+            }
+            AdminCommand::KeyPackages { limit } => {
+                let rows = admin::stock_rows(&store.key_package_stock(now_secs, *limit).await?);
+                if a.json {
+                    admin::stock_json(&rows)?
+                } else {
+                    admin::stock_table(&rows)
+                }
+            }
+            AdminCommand::Unregister { username } => {
+                let Some(done) = store.unregister(username.clone()).await? else {
+                    anyhow::bail!("no user is registered as {username:?}");
+                };
+                let report = admin::unregister_report(username, &done);
+                if a.json {
+                    admin::unregister_json(&report)?
+                } else {
+                    admin::unregister_text(&report)
+                }
+            }
+        })
+    })?;
+    print!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -2,6 +2,8 @@
 //! real SQLCipher files in temporary directories, a real PostgreSQL.
 
 #[cfg(test)]
+mod admin;
+#[cfg(test)]
 mod attacks;
 #[cfg(test)]
 mod auth;

@@ -41,8 +41,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueuedMessage,
-    RegisterOutcome, Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage, dedup_key,
+    EnqueueOutcome, EnqueueRequest, KeyPackageStock, NewKeyPackage, Presented, PublishOutcome,
+    QueueInfo, QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture, StoreStats,
+    SweepStats, TakenKeyPackage, Unregistered, dedup_key,
 };
 
 /// File name of the database inside the data directory.
@@ -184,6 +185,10 @@ pub struct SqliteOptions {
     pub readers: usize,
     /// most jobs per writer transaction (at least 1)
     pub max_batch: usize,
+    /// fold the write-ahead log into the file when the store closes (the
+    /// server does; a tool beside a running server does not, since the
+    /// checkpoint would wait on the server's writes)
+    pub final_checkpoint: bool,
 }
 
 impl SqliteOptions {
@@ -195,6 +200,7 @@ impl SqliteOptions {
             synchronous: Synchronous::Full,
             readers: DEFAULT_READERS,
             max_batch: DEFAULT_MAX_BATCH,
+            final_checkpoint: true,
         }
     }
 }
@@ -266,10 +272,11 @@ impl SqliteStore {
         let mut threads = Vec::new();
         let (wtx, wrx) = mpsc::channel::<WriteJob>(JOB_QUEUE_DEPTH);
         let max_batch = options.max_batch.max(1);
+        let final_checkpoint = options.final_checkpoint;
         threads.push(
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(writer_conn, wrx, max_batch))?,
+                .spawn(move || writer_loop(writer_conn, wrx, max_batch, final_checkpoint))?,
         );
         let mut readers = Vec::new();
         for i in 0..options.readers.max(1) {
@@ -396,7 +403,12 @@ fn in_savepoint<T>(
     result
 }
 
-fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: usize) {
+fn writer_loop(
+    conn: Connection,
+    mut jobs: mpsc::Receiver<WriteJob>,
+    max_batch: usize,
+    final_checkpoint: bool,
+) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
     // A job taken from the queue that must wait for the next transaction.
     let mut held: Option<WriteJob> = None;
@@ -434,6 +446,9 @@ fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<WriteJob>, max_batch: 
     // Stopping: fold the write-ahead log into the database file, so a
     // cleanly stopped store is one file (whichever connection closes last,
     // and whether or not a reader is still busy then).
+    if !final_checkpoint {
+        return;
+    }
     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         r.get::<_, i64>(0)
     }) {
@@ -1235,6 +1250,135 @@ impl Store for SqliteStore {
                 key_packages: u64::try_from(key_packages).unwrap_or(0),
                 dedup_keys: u64::try_from(dedup_keys).unwrap_or(0),
             })
+        })
+    }
+
+    fn stats(&self, now_secs: u64) -> StoreFuture<'_, StoreStats> {
+        self.read(move |c| {
+            let now = to_i64(now_secs);
+            let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u64, StoreError> {
+                Ok(to_u64(c.query_row(sql, p, |r| r.get::<_, i64>(0))?))
+            };
+            // One read transaction: the totals agree with each other.
+            c.execute_batch("BEGIN")?;
+            let stats = (|| {
+                let (queues, messages): (i64, i64) = c.query_row(
+                    "SELECT count(DISTINCT recipient), count(*) FROM queue",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                Ok(StoreStats {
+                    identities: count(
+                        "SELECT count(*) FROM (
+                            SELECT identity FROM users
+                            UNION SELECT identity FROM key_packages
+                            UNION SELECT recipient FROM queue
+                            UNION SELECT identity FROM delivery_tokens)",
+                        &[],
+                    )?,
+                    usernames: count("SELECT count(*) FROM users", &[])?,
+                    queues: to_u64(queues),
+                    messages: to_u64(messages),
+                    payload_bytes: count(
+                        "SELECT coalesce(sum(length(data)), 0) FROM payloads",
+                        &[],
+                    )?,
+                    key_packages: count(
+                        "SELECT count(*) FROM key_packages WHERE last_resort = 0 AND not_after > ?1",
+                        &[&now],
+                    )?,
+                    last_resort_key_packages: count(
+                        "SELECT count(DISTINCT identity) FROM key_packages
+                         WHERE last_resort = 1 AND not_after > ?1",
+                        &[&now],
+                    )?,
+                })
+            })();
+            c.execute_batch("COMMIT")?;
+            stats
+        })
+    }
+
+    fn largest_queues(&self, limit: u32) -> StoreFuture<'_, Vec<QueueInfo>> {
+        self.read(move |c| {
+            c.prepare(
+                "SELECT recipient, count(*) AS depth, min(enqueued_at) FROM queue
+                 GROUP BY recipient ORDER BY depth DESC, recipient LIMIT ?1",
+            )?
+            .query_map([limit], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .map(|row| {
+                let (recipient, depth, oldest) = row?;
+                Ok(QueueInfo {
+                    recipient: identity_from_blob(recipient)?,
+                    depth: to_u64(depth),
+                    oldest_enqueued_at_ms: to_u64(oldest),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn key_package_stock(
+        &self,
+        now_secs: u64,
+        limit: u32,
+    ) -> StoreFuture<'_, Vec<KeyPackageStock>> {
+        self.read(move |c| {
+            c.prepare(
+                "SELECT i.identity, u.username,
+                    (SELECT count(*) FROM key_packages k
+                     WHERE k.identity = i.identity AND k.last_resort = 0 AND k.not_after > ?1)
+                        AS one_time,
+                    EXISTS (SELECT 1 FROM key_packages k
+                     WHERE k.identity = i.identity AND k.last_resort = 1 AND k.not_after > ?1)
+                 FROM (SELECT identity FROM users UNION SELECT identity FROM key_packages) i
+                 LEFT JOIN users u ON u.identity = i.identity
+                 ORDER BY one_time, u.username IS NULL, u.username, i.identity
+                 LIMIT ?2",
+            )?
+            .query_map(params![to_i64(now_secs), limit], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })?
+            .map(|row| {
+                let (identity, username, one_time, last_resort) = row?;
+                Ok(KeyPackageStock {
+                    identity: identity_from_blob(identity)?,
+                    username,
+                    one_time: to_u64(one_time),
+                    last_resort,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn unregister(&self, username: String) -> StoreFuture<'_, Option<Unregistered>> {
+        self.write(move |c| {
+            let identity: Option<Vec<u8>> = c
+                .prepare_cached("DELETE FROM users WHERE username = ?1 RETURNING identity")?
+                .query_row([&username], |r| r.get(0))
+                .optional()?;
+            let Some(identity) = identity else {
+                return Ok(None);
+            };
+            let key_packages = c
+                .prepare_cached("DELETE FROM key_packages WHERE identity = ?1")?
+                .execute([&identity])?;
+            Ok(Some(Unregistered {
+                identity: identity_from_blob(identity)?,
+                key_packages: u64::try_from(key_packages).unwrap_or(u64::MAX),
+            }))
         })
     }
 }
