@@ -61,6 +61,16 @@ async fn after_a_rekey_the_server_starts_only_under_the_new_key_and_serves_old_m
     let key_file = write_key_file(server.temp_dir(), "new.key", NEW_KEY);
     let key_arg = key_file.to_str().unwrap();
 
+    // A second server on the same data directory refuses to start.
+    let (ok, said) = output({
+        let mut c = server.command();
+        c.args(["serve", "--listen", "127.0.0.1:0"]);
+        c
+    });
+    assert!(
+        !ok && said.contains("in use") && said.contains("(serve)"),
+        "{said}"
+    );
     // Under the running server both replacing commands refuse, and
     // change nothing.
     let (ok, said) = output({
@@ -129,7 +139,7 @@ async fn after_a_rekey_the_server_starts_only_under_the_new_key_and_serves_old_m
 }
 
 #[test]
-fn rekey_refuses_a_weak_new_key_in_production_and_reads_no_key_from_argv() {
+fn rekey_refuses_a_weak_new_key_in_production_a_bad_key_file_and_postgresql() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -151,6 +161,21 @@ fn rekey_refuses_a_weak_new_key_in_production_and_reads_no_key_from_argv() {
     let (ok, said) = run("development", &garbage);
     assert!(!ok && said.contains("64 hexadecimal"), "{said}");
     assert!(!said.contains("not-a-key-secret-value"), "{said}");
+    // PostgreSQL has no SQLCipher file to re-key.
+    let mut c = Command::new(BIN);
+    c.env_clear()
+        .env("QUICNPROTOCHAT_DATA_DIR", &data)
+        .env(
+            "QUICNPROTOCHAT_DATABASE_URL",
+            "host=/nonexistent dbname=none",
+        )
+        .args(["rekey", "--new-key-file"])
+        .arg(&weak);
+    let (ok, said) = output(c);
+    assert!(
+        !ok && said.contains("works on the embedded database"),
+        "{said}"
+    );
 }
 
 fn ident(i: u32) -> IdentityKey {
