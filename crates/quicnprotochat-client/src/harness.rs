@@ -403,6 +403,20 @@ impl ServerProcess {
         Ok(p)
     }
 
+    /// Sets `name` to `value` in the environment of later starts and of
+    /// [`ServerProcess::command`] (replacing an earlier value), e.g. a new
+    /// database key after a re-key.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_string(), value.to_string()));
+    }
+
+    /// The temporary directory holding the data directory and the log (for
+    /// other files a test writes, such as key files).
+    pub fn temp_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The server command with this instance's environment (for tests that
     /// run other subcommands, e.g. `health`).
     pub fn command(&self) -> Command {

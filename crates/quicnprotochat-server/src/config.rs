@@ -237,6 +237,11 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// access token (prefer the environment variable)
     pub auth_token: Option<String>,
+    /// further access tokens, all accepted (rotation: old and new overlap);
+    /// reloaded on SIGHUP
+    pub auth_tokens: Option<Vec<String>>,
+    /// file of access tokens, one a line; reloaded on SIGHUP
+    pub auth_token_file: Option<PathBuf>,
     /// 64 hex characters; empty disables encryption (development only)
     pub db_key: Option<String>,
     /// PEM certificate chain
@@ -311,6 +316,51 @@ pub enum Command {
     /// Replace the database with a backup and give it a new store
     /// incarnation; stop the server first.
     Restore(RestoreArgs),
+    /// Re-encrypt the database under a new key (crash-safe); stop the server
+    /// first. The current key is the configured db_key.
+    Rekey(RekeyArgs),
+    /// Show what the store holds (counts, queues, key-package stock) or free
+    /// a username; works beside a running server.
+    Admin(AdminArgs),
+}
+
+/// Arguments of `admin`.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    /// What to show or do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+    /// Machine-readable JSON on standard output instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The `admin` commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Totals: identities, usernames, queues, messages, payload bytes, key
+    /// packages.
+    Stats,
+    /// The deepest queues: identity fingerprint, depth, age of the oldest
+    /// message (never contents or ids).
+    Queues {
+        /// How many queues to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Key-package stock per identity, fewest one-time packages first, with
+    /// whether a last-resort package is there.
+    KeyPackages {
+        /// How many identities to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Free a username: its binding and its identity's key packages are
+    /// removed; its queue stays for its owner to read.
+    Unregister {
+        /// The username to free.
+        username: String,
+    },
 }
 
 /// Arguments of `backup`.
@@ -327,6 +377,16 @@ pub struct RestoreArgs {
     /// The backup file to install (it is copied, not moved).
     #[arg(long)]
     pub from: PathBuf,
+}
+
+/// Arguments of `rekey`.
+#[derive(Debug, Clone, Args)]
+pub struct RekeyArgs {
+    /// File holding the new key: 64 hex characters (surrounding whitespace
+    /// ignored); `-` reads it from standard input. Never a value on the
+    /// command line, where other users could read it.
+    #[arg(long, env = "QUICNPROTOCHAT_NEW_DB_KEY_FILE")]
+    pub new_key_file: PathBuf,
 }
 
 /// Flags and environment variables of `serve` (each also settable in the file).
@@ -353,6 +413,11 @@ pub struct ServerArgs {
         global = true
     )]
     pub auth_token: Option<String>,
+    /// File of access tokens, one a line (blank lines and lines starting
+    /// with `#` skipped), all accepted beside the others configured; read
+    /// again on SIGHUP, so tokens rotate without a restart.
+    #[arg(long, env = "QUICNPROTOCHAT_AUTH_TOKEN_FILE", global = true)]
+    pub auth_token_file: Option<PathBuf>,
     /// Database key: 64 hex characters (a raw 256-bit SQLCipher key). Empty
     /// disables encryption (development only). Development mode without a key
     /// generates one into the data directory (with a warning).
@@ -490,6 +555,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// access token; `None` means "not configured"
     pub auth_token: Option<Secret>,
+    /// further access tokens from the file's `auth_tokens`
+    pub auth_tokens: Vec<Secret>,
+    /// file of access tokens, one a line, read at start and on SIGHUP
+    pub auth_token_file: Option<PathBuf>,
     /// database key choice
     pub db_key: DbKeySetting,
     /// certificate and key paths, when configured
@@ -524,6 +593,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             auth_token: None,
+            auth_tokens: Vec::new(),
+            auth_token_file: None,
             db_key: DbKeySetting::DevGenerated,
             tls_paths: None,
             db_synchronous: Synchronous::Full,
@@ -639,6 +710,13 @@ impl Config {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             auth_token: args.auth_token.clone().or(file.auth_token).map(Secret),
+            auth_tokens: file
+                .auth_tokens
+                .unwrap_or_default()
+                .into_iter()
+                .map(Secret)
+                .collect(),
+            auth_token_file: args.auth_token_file.clone().or(file.auth_token_file),
             db_key,
             tls_paths,
             db_synchronous: file.db_synchronous.unwrap_or(Synchronous::Full),

@@ -69,7 +69,8 @@ const HEALTH_STORE_DEADLINE: Duration = Duration::from_secs(2);
 pub(crate) struct Delivery {
     store: Arc<dyn Store>,
     pub(crate) limits: Limits,
-    token_hash: [u8; 32],
+    /// SHA-256 of each access token accepted (replaced on reload)
+    token_hashes: RefCell<Vec<[u8; 32]>>,
     limiters: Limiters,
     hub: Hub,
     rng: ring::rand::SystemRandom,
@@ -339,17 +340,15 @@ fn own_queue(me: IdentityKey, recipient: &[u8]) -> Result<(), ApiError> {
 }
 
 impl Delivery {
-    /// The service over `store`, admitting clients that present `token`,
-    /// telling time by `clock`.
+    /// The service over `store`, admitting clients that present a token
+    /// whose SHA-256 is one of `token_hashes`, telling time by `clock`.
     pub(crate) fn new(
         store: Arc<dyn Store>,
         limits: Limits,
-        token: &[u8],
+        token_hashes: Vec<[u8; 32]>,
         clock: SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut token_hash = [0; 32];
-        token_hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token).as_ref());
         metrics
             .queue_depth_limit
             .set(gauge_value(limits.queue_depth));
@@ -357,7 +356,7 @@ impl Delivery {
             store,
             limiters: Limiters::new(&limits.rates, &clock, &metrics),
             limits,
-            token_hash,
+            token_hashes: RefCell::new(token_hashes),
             hub: Hub::default(),
             rng: ring::rand::SystemRandom::new(),
             clock,
@@ -367,6 +366,11 @@ impl Delivery {
             metrics,
             gauges_read: Cell::new(None),
         }
+    }
+
+    /// Accepts the tokens hashed in `token_hashes` from now on.
+    pub(crate) fn set_token_hashes(&self, token_hashes: Vec<[u8; 32]>) {
+        *self.token_hashes.borrow_mut() = token_hashes;
     }
 
     /// The sender tag stored with a stranger's message: the first 16
@@ -613,9 +617,16 @@ impl Delivery {
             .map_err(|e| ApiError::InvalidArgument(format!("identityKey: {e}")))?;
         self.limiters.auth_per_identity.check(&identity)?;
         // Constant time, and length-independent: compare SHA-256 digests.
+        // Every accepted token is compared, whichever matches.
         let presented = ring::digest::digest(&ring::digest::SHA256, req.access_token);
-        let token_ok: bool =
-            subtle::ConstantTimeEq::ct_eq(presented.as_ref(), &self.token_hash[..]).into();
+        let token_ok: bool = self
+            .token_hashes
+            .borrow()
+            .iter()
+            .fold(subtle::Choice::from(0), |ok, h| {
+                ok | subtle::ConstantTimeEq::ct_eq(presented.as_ref(), &h[..])
+            })
+            .into();
         let exporter =
             exporter().ok_or_else(|| ApiError::Internal("TLS exporter unavailable".into()))?;
         let transcript = auth::transcript(&nonce, &exporter, identity.as_bytes());
@@ -982,7 +993,12 @@ mod tests {
         Rc::new(Delivery::new(
             Arc::new(store),
             limits,
-            TOKEN,
+            vec![
+                ring::digest::digest(&ring::digest::SHA256, TOKEN)
+                    .as_ref()
+                    .try_into()
+                    .unwrap(),
+            ],
             quicnprotochat_core::clock::system(),
             Arc::new(Metrics::new("sqlite", Default::default())),
         ))

@@ -109,6 +109,18 @@ pub enum ServerError {
     /// the server thread ended before it was listening
     #[error("the server thread exited during start-up")]
     ThreadExited,
+    /// another process (a server, a `restore` or a `rekey`) holds the data
+    /// directory's lock
+    #[error(
+        "the data directory is in use: {path} is locked by {holder}; stop it first (a running \
+         server must be stopped for `restore` and `rekey`)"
+    )]
+    Locked {
+        /// the lock file
+        path: String,
+        /// what the holder wrote into it (process id and command)
+        holder: String,
+    },
     /// binding the UDP socket failed
     #[error("cannot listen on {addr}: {source}")]
     Bind {

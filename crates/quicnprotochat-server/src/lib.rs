@@ -7,6 +7,7 @@
 //!
 //! Entry points: [`server::Server`] (`bind` + `serve`) and [`server::spawn`].
 
+pub mod admin;
 pub mod config;
 mod delivery;
 mod drain;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod health;
 mod http;
 mod hub;
+pub mod lock;
 pub mod maintenance;
 pub mod metrics;
 pub mod production;
@@ -21,6 +23,7 @@ mod ratelimit;
 mod rpc;
 pub mod server;
 pub mod store;
+pub mod tokens;
 
 pub use config::Config;
 pub use error::ServerError;

@@ -10,9 +10,10 @@ use quicnprotochat_proto::rustls::pki_types::CertificateDer;
 use quicnprotochat_proto::rustls::pki_types::pem::PemObject as _;
 use quicnprotochat_proto::transport;
 use quicnprotochat_server::config::{
-    BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RestoreArgs, ServerArgs,
+    AdminArgs, AdminCommand, BackupArgs, Cli, Command, Config, HealthArgs, LogFormat, RekeyArgs,
+    RestoreArgs, ServerArgs,
 };
-use quicnprotochat_server::server::DEV_CERT_FILE;
+use quicnprotochat_server::server::{DEV_CERT_FILE, TokenReloader};
 use quicnprotochat_server::{Server, health, maintenance};
 
 fn main() -> ExitCode {
@@ -26,6 +27,8 @@ fn main() -> ExitCode {
         Some(Command::Health(h)) => health_check(&cli.options, &h),
         Some(Command::Backup(b)) => backup(&cli.options, &b),
         Some(Command::Restore(r)) => restore(&cli.options, &r),
+        Some(Command::Rekey(r)) => rekey(&cli.options, &r),
+        Some(Command::Admin(a)) => admin(&cli.options, &a),
     };
     match result {
         Ok(code) => code,
@@ -79,10 +82,63 @@ fn serve(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // Listening before the server is: a SIGHUP sent once it reports
+        // that it listens never meets the default action (exit).
+        let hangups = hangup_signals();
         let server = Server::bind(&config).await?;
+        let reloads = tokio::task::spawn_local(reload_tokens_on_hangup(
+            hangups,
+            args.clone(),
+            server.token_reloader(),
+        ));
         server.serve(shutdown_signal()).await;
+        reloads.abort();
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+fn hangup_signals() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; access tokens reload only by a restart");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// On each SIGHUP: reads the configuration (file and token file) again and
+/// accepts exactly the access tokens it names; a configuration that fails
+/// keeps the tokens in use.  Other settings take effect at the next start.
+async fn reload_tokens_on_hangup(hangups: Hangups, args: ServerArgs, reloader: TokenReloader) {
+    #[cfg(unix)]
+    if let Some(mut hangups) = hangups {
+        while hangups.recv().await.is_some() {
+            let reloaded = Config::resolve(&args)
+                .map_err(quicnprotochat_server::ServerError::from)
+                .and_then(|config| reloader.reload(&config));
+            match reloaded {
+                Ok(tokens) => tracing::info!(tokens, "SIGHUP: access tokens reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: reload failed; the access tokens in use are kept"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, args, reloader);
 }
 
 async fn shutdown_signal() {
@@ -164,6 +220,78 @@ fn restore(args: &ServerArgs, r: &RestoreArgs) -> anyhow::Result<ExitCode> {
     if let Some(old) = restored.replaced {
         println!("the replaced database is kept as {}", old.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rekey(args: &ServerArgs, r: &RekeyArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args)?;
+    let new = maintenance::read_key_file(&r.new_key_file, "new_key_file")?;
+    let done = maintenance::rekey(&config, &new).context("re-keying the database")?;
+    let rows = |table: &str| {
+        done.counts
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(0, |(_, n)| *n)
+    };
+    println!(
+        "re-keyed the database ({} queued messages, {} users): it opens only under the new key \
+         now; set db_key to it before starting the server",
+        rows("queue"),
+        rows("users")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn admin(args: &ServerArgs, a: &AdminArgs) -> anyhow::Result<ExitCode> {
+    use quicnprotochat_server::admin;
+    let config = Config::resolve(args)?;
+    let rt = runtime()?;
+    let out = rt.block_on(async {
+        let opened = admin::AdminStore::open(&config)
+            .await
+            .context("opening the store")?;
+        let store = opened.store();
+        let now_ms = config.clock.unix_ms();
+        let now_secs = now_ms / 1000;
+        anyhow::Ok(match &a.command {
+            AdminCommand::Stats => {
+                let stats = store.stats(now_secs).await?;
+                if a.json {
+                    admin::stats_json(&stats)?
+                } else {
+                    admin::stats_table(&stats)
+                }
+            }
+            AdminCommand::Queues { limit } => {
+                let rows = admin::queue_rows(&store.largest_queues(*limit).await?, now_ms);
+                if a.json {
+                    admin::queues_json(&rows)?
+                } else {
+                    admin::queues_table(&rows)
+                }
+            }
+            AdminCommand::KeyPackages { limit } => {
+                let rows = admin::stock_rows(&store.key_package_stock(now_secs, *limit).await?);
+                if a.json {
+                    admin::stock_json(&rows)?
+                } else {
+                    admin::stock_table(&rows)
+                }
+            }
+            AdminCommand::Unregister { username } => {
+                let Some(done) = store.unregister(username.clone()).await? else {
+                    anyhow::bail!("no user is registered as {username:?}");
+                };
+                let report = admin::unregister_report(username, &done);
+                if a.json {
+                    admin::unregister_json(&report)?
+                } else {
+                    admin::unregister_text(&report)
+                }
+            }
+        })
+    })?;
+    print!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 

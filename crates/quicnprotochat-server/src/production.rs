@@ -18,7 +18,7 @@ use std::path::Path;
 
 use x509_parser::extensions::GeneralName;
 
-use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting};
+use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, KeyBytes};
 use crate::error::ServerError;
 
 /// Shortest access token production mode accepts: 32 bytes, i.e. 256 bits
@@ -82,12 +82,17 @@ pub fn token_problem(token: &str) -> Option<&'static str> {
 
 /// The configuration-only checks (before any file is touched).
 pub fn check_config(config: &Config) -> Result<(), ServerError> {
-    match &config.auth_token {
-        None => return Err(refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)")),
-        Some(t) => {
-            if let Some(problem) = token_problem(&t.0) {
-                return Err(refuse("auth_token", problem));
-            }
+    // Tokens in the token file are judged when it is read (at start and at
+    // each reload), by `tokens::accepted_tokens`.
+    if config.auth_token.is_none()
+        && config.auth_tokens.is_empty()
+        && config.auth_token_file.is_none()
+    {
+        return Err(refuse("auth_token", "not set (QUICNPROTOCHAT_AUTH_TOKEN)"));
+    }
+    for t in config.auth_token.iter().chain(&config.auth_tokens) {
+        if let Some(problem) = token_problem(&t.0) {
+            return Err(refuse("auth_token", problem));
         }
     }
     if let Some(url) = &config.database_url {
@@ -165,15 +170,22 @@ pub fn database_url_problem(url: &str, verified_tls: bool) -> Option<String> {
     None
 }
 
+/// Why production mode refuses the database key `key`, if it does: one
+/// repeated byte, such as all zeros, is a placeholder, not a random key.
+pub fn db_key_problem(key: &KeyBytes) -> Option<&'static str> {
+    key.0
+        .iter()
+        .all(|b| *b == key.0[0])
+        .then_some("is one repeated byte (a placeholder, not a random key)")
+}
+
 fn check_db_key(config: &Config) -> Result<(), ServerError> {
     match &config.db_key {
-        DbKeySetting::Provided(k) if k.0.iter().all(|b| *b == k.0[0]) => {
-            return Err(refuse(
-                "db_key",
-                "is one repeated byte (a placeholder, not a random key)",
-            ));
+        DbKeySetting::Provided(k) => {
+            if let Some(problem) = db_key_problem(k) {
+                return Err(refuse("db_key", problem));
+            }
         }
-        DbKeySetting::Provided(_) => {}
         DbKeySetting::DevGenerated => {
             return Err(refuse("db_key", "not set (QUICNPROTOCHAT_DB_KEY)"));
         }

@@ -23,10 +23,11 @@ use quicnprotochat_proto::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use quicnprotochat_proto::{limits, transport};
 use quinn::{IdleTimeout, VarInt};
 
-use crate::config::{Config, DEV_AUTH_TOKEN, DbKeySetting, Mode};
+use crate::config::{Config, DbKeySetting, Mode};
 use crate::delivery::{Delivery, Peer};
 use crate::drain::{Calls, Drain, DrainSignal};
 use crate::error::ServerError;
+use crate::lock::{DataDirLock, lock_data_dir};
 use crate::metrics::{Metrics, StoreMetrics};
 use crate::production;
 use crate::rpc;
@@ -66,6 +67,8 @@ pub struct Server {
     drain_timeout: Duration,
     /// the operator's HTTP endpoint (metrics, probes), when configured
     http: Option<tokio::net::TcpListener>,
+    /// the data directory's lock, held while the embedded store is open
+    _lock: Option<DataDirLock>,
 }
 
 impl std::fmt::Debug for Server {
@@ -92,7 +95,7 @@ impl Server {
             }
             r => r?,
         }
-        let token = access_token(config);
+        let tokens = crate::tokens::accepted_tokens(config)?;
         let (chain, private_key) = tls_material(config)?;
         let leaf = chain
             .first()
@@ -109,6 +112,12 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(config)?));
 
+        // The embedded database belongs to this process while it runs:
+        // `restore` and `rekey` refuse to replace it under the server.
+        let lock = match config.database_url {
+            None => Some(lock_data_dir(&config.data_dir, "serve")?),
+            Some(_) => None,
+        };
         let store_metrics = StoreMetrics::default();
         let store = open_store(config, &store_metrics).await?;
         let backend = if config.database_url.is_some() {
@@ -140,7 +149,7 @@ impl Server {
         let delivery = Rc::new(Delivery::new(
             store,
             config.limits.clone(),
-            token.as_bytes(),
+            crate::tokens::hashes(&tokens),
             config.clock.clone(),
             metrics,
         ));
@@ -161,6 +170,7 @@ impl Server {
             limits_frame,
             drain_timeout: config.drain_timeout,
             http,
+            _lock: lock,
         })
     }
 
@@ -177,6 +187,14 @@ impl Server {
     /// SHA-256 fingerprint of the certificate in use.
     pub fn cert_fingerprint(&self) -> [u8; 32] {
         self.fingerprint
+    }
+
+    /// A handle that replaces the access tokens this server accepts while
+    /// it serves (SIGHUP); must be used on the server's `LocalSet`.
+    pub fn token_reloader(&self) -> TokenReloader {
+        TokenReloader {
+            delivery: self.delivery.clone(),
+        }
     }
 
     /// Accepts connections until `shutdown` resolves, then drains: new
@@ -322,6 +340,30 @@ impl Server {
             };
             serve_connection(delivery, conn, frame, auth_timeout, drain).await;
         });
+    }
+}
+
+/// Replaces the access tokens of a serving server (see
+/// [`Server::token_reloader`]).
+pub struct TokenReloader {
+    delivery: Rc<Delivery>,
+}
+
+impl std::fmt::Debug for TokenReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReloader").finish_non_exhaustive()
+    }
+}
+
+impl TokenReloader {
+    /// Accepts exactly the tokens `config` names from now on (judged as at
+    /// start: production mode checks each), and returns how many; on error
+    /// the tokens in use are kept.  Connections already authenticated stay.
+    pub fn reload(&self, config: &Config) -> Result<usize, ServerError> {
+        let tokens = crate::tokens::accepted_tokens(config)?;
+        self.delivery
+            .set_token_hashes(crate::tokens::hashes(&tokens));
+        Ok(tokens.len())
     }
 }
 
@@ -487,27 +529,6 @@ impl Drop for ConnGuard {
             }
         }
         t.closed.notify_waiters();
-    }
-}
-
-/// The access token clients must present: the configured one, or (with a
-/// warning) the public development token.
-fn access_token(config: &Config) -> String {
-    match &config.auth_token {
-        Some(t) if !t.0.is_empty() => {
-            if t.0 == DEV_AUTH_TOKEN {
-                tracing::warn!(
-                    "DEVELOPMENT SHORTCUT: the access token is the public development token"
-                );
-            }
-            t.0.clone()
-        }
-        _ => {
-            tracing::warn!(
-                "DEVELOPMENT SHORTCUT: no access token configured; using the public development token {DEV_AUTH_TOKEN:?}"
-            );
-            DEV_AUTH_TOKEN.to_string()
-        }
     }
 }
 

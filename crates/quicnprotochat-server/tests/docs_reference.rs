@@ -116,9 +116,20 @@ fn configuration_page_matches_help() {
     let health = help(&["health"]);
     let backup = help(&["backup"]);
     let restore = help(&["restore"]);
+    let rekey = help(&["rekey"]);
+    let admin = help(&["admin"]);
+    let admin_commands: Vec<String> = help_commands(&admin)
+        .into_iter()
+        .filter(|c| c != "help")
+        .map(|c| help(&["admin", &c]))
+        .collect();
+    assert!(admin_commands.len() >= 4, "admin has its commands: {admin}");
     let mut flags = BTreeSet::new();
     let mut env = BTreeSet::new();
-    for text in [&top, &serve, &health, &backup, &restore] {
+    for text in [&top, &serve, &health, &backup, &restore, &rekey, &admin]
+        .into_iter()
+        .chain(&admin_commands)
+    {
         flags.extend(help_flags(text));
         env.extend(help_env(text));
     }
@@ -156,6 +167,12 @@ fn configuration_page_matches_help() {
         assert!(
             page.contains(&format!("`{command}`")),
             "{PAGE} does not document the subcommand {command}"
+        );
+    }
+    for command in help_commands(&admin) {
+        assert!(
+            page.contains(&format!("`admin {command}")) || command == "help",
+            "{PAGE} does not document the admin command {command}"
         );
     }
 }

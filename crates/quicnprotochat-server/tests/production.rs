@@ -705,3 +705,32 @@ fn production_refuses_a_data_directory_others_can_enter() {
     let (started, stderr) = run(&data, &production);
     assert!(started, "a private data directory is accepted: {stderr}");
 }
+
+#[test]
+fn production_judges_every_token_of_the_token_file() {
+    let pki = Pki::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = pki.write_cert("good.pem", 2099, &key);
+    let key_path = pki.write_key("key.pem", &key);
+    let tokens = pki.dir.path().join("tokens");
+    let tokens_arg = tokens.to_str().unwrap();
+    let env = [
+        ("QUICNPROTOCHAT_MODE", "production"),
+        ("QUICNPROTOCHAT_AUTH_TOKEN_FILE", tokens_arg),
+        ("QUICNPROTOCHAT_DB_KEY", DB_KEY),
+        ("QUICNPROTOCHAT_CERT", cert.to_str().unwrap()),
+        ("QUICNPROTOCHAT_KEY", key_path.to_str().unwrap()),
+    ];
+    let data = tempfile::tempdir().unwrap();
+    let data = data.path().join("data");
+    std::fs::write(&tokens, format!("{STRONG}\nshort-token\n")).unwrap();
+    let line = refusal(&data, &env);
+    assert!(
+        line.contains("auth_token") && line.contains("token 2 of 2") && line.contains("shorter"),
+        "{line}"
+    );
+    assert!(!line.contains("short-token"), "{line}");
+    std::fs::write(&tokens, format!("{STRONG}\n")).unwrap();
+    let (started, stderr) = run(&data, &env);
+    assert!(started, "{stderr}");
+}

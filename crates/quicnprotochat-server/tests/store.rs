@@ -17,8 +17,8 @@ use quicnprotochat_core::IdentityKey;
 use quicnprotochat_server::store::postgres::{PgOptions, PgStore};
 use quicnprotochat_server::store::sqlite::{DB_FILE_NAME, DbKey, SqliteOptions, SqliteStore};
 use quicnprotochat_server::store::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueDepth,
-    RegisterOutcome, Store,
+    EnqueueOutcome, EnqueueRequest, KeyPackageStock, NewKeyPackage, Presented, PublishOutcome,
+    QueueDepth, QueueInfo, RegisterOutcome, Store, StoreStats, Unregistered,
 };
 
 /// Two handles on one store, and what keeps the store alive.
@@ -170,6 +170,7 @@ conformance!(
     sweeps_on_both_nodes_remove_each_expired_row_once,
     fetch_honours_its_limits_and_both_nodes_agree,
     queue_depth_counts_every_waiting_message_and_the_fullest_queue,
+    the_operator_views_count_exactly_and_unregister_frees_a_username,
 );
 
 async fn queue_depth_counts_every_waiting_message_and_the_fullest_queue(s: Backend) {
@@ -730,4 +731,145 @@ async fn fetch_honours_its_limits_and_both_nodes_agree(s: Backend) {
     assert_eq!(a.incarnation(), b.incarnation());
     a.ping().await.unwrap();
     b.ping().await.unwrap();
+}
+
+/// What `admin` shows: totals, the deepest queues, the key-package stock
+/// (expired packages left out), and what `unregister` removes and keeps.
+async fn the_operator_views_count_exactly_and_unregister_frees_a_username(s: Backend) {
+    let (a, b) = (&*s.a, &*s.b);
+    register_all(a, &[1, 2, 3]).await;
+    let kp = |i: u8, last_resort: bool, not_after: u64| NewKeyPackage {
+        data: vec![i; 3],
+        hash_ref: vec![i; 4],
+        last_resort,
+        not_after,
+    };
+    let publish = |who: u8, packages: Vec<NewKeyPackage>| async move {
+        assert!(matches!(
+            a.publish_key_packages(key(who), packages, 100)
+                .await
+                .unwrap(),
+            PublishOutcome::Stored(_)
+        ));
+    };
+    publish(
+        1,
+        vec![
+            kp(1, false, 100),
+            kp(2, false, 100),
+            kp(3, false, 100),
+            kp(4, true, 100),
+        ],
+    )
+    .await;
+    // Package 6 has expired at 60: never counted.
+    publish(2, vec![kp(5, false, 100), kp(6, false, 50)]).await;
+    // An identity with key packages and no username.
+    publish(4, vec![kp(7, false, 100), kp(8, false, 100)]).await;
+    // One with only a delivery token.
+    b.set_delivery_token(key(5), [9; 32]).await.unwrap();
+    let at = |now_ms: u64, req: EnqueueRequest| EnqueueRequest { now_ms, ..req };
+    assert!(stored(
+        &a.enqueue(at(1_000, enqueue_req(&[key(1)], 1, &[0; 10], 10)))
+            .await
+            .unwrap()
+    ));
+    assert!(stored(
+        &b.enqueue(at(2_000, enqueue_req(&[key(1)], 2, &[0; 10], 10)))
+            .await
+            .unwrap()
+    ));
+    // One payload for two recipients: its bytes count once.
+    assert!(stored(
+        &a.enqueue(at(3_000, enqueue_req(&[key(1), key(2)], 3, &[0; 5], 10)))
+            .await
+            .unwrap()
+    ));
+    let expected = StoreStats {
+        identities: 5,
+        usernames: 3,
+        queues: 2,
+        messages: 4,
+        payload_bytes: 25,
+        key_packages: 6,
+        last_resort_key_packages: 1,
+    };
+    assert_eq!(a.stats(60).await.unwrap(), expected);
+    assert_eq!(b.stats(60).await.unwrap(), expected);
+
+    let queues = |limit| async move { b.largest_queues(limit).await.unwrap() };
+    assert_eq!(
+        queues(10).await,
+        [
+            QueueInfo {
+                recipient: key(1),
+                depth: 3,
+                oldest_enqueued_at_ms: 1_000
+            },
+            QueueInfo {
+                recipient: key(2),
+                depth: 1,
+                oldest_enqueued_at_ms: 3_000
+            },
+        ]
+    );
+    assert_eq!(queues(1).await.len(), 1);
+
+    let stock =
+        |who: u8, username: Option<&str>, one_time: u64, last_resort: bool| KeyPackageStock {
+            identity: key(who),
+            username: username.map(str::to_string),
+            one_time,
+            last_resort,
+        };
+    assert_eq!(
+        a.key_package_stock(60, 10).await.unwrap(),
+        [
+            stock(3, Some("user3"), 0, false),
+            stock(2, Some("user2"), 1, false),
+            stock(4, None, 2, false),
+            stock(1, Some("user1"), 3, true),
+        ]
+    );
+    assert_eq!(b.key_package_stock(60, 2).await.unwrap().len(), 2);
+
+    assert_eq!(
+        b.unregister("user1".into()).await.unwrap(),
+        Some(Unregistered {
+            identity: key(1),
+            key_packages: 4
+        })
+    );
+    assert_eq!(a.unregister("user1".into()).await.unwrap(), None);
+    assert_eq!(a.unregister("nobody".into()).await.unwrap(), None);
+    assert_eq!(a.resolve("user1".into()).await.unwrap(), None);
+    assert_eq!(a.take_key_package(key(1), 60).await.unwrap(), None);
+    // Its queue stays, with the payload it shares with user2's.
+    let kept = a.fetch(key(1), 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(b.fetch(key(2), 0, 10, 1 << 20).await.unwrap().len(), 1);
+    // New messages to it are refused; the username is free for anyone.
+    assert!(matches!(
+        b.enqueue(enqueue_req(&[key(1)], 9, b"late", 10))
+            .await
+            .unwrap(),
+        EnqueueOutcome::UnknownRecipient { index: 0 }
+    ));
+    assert_eq!(
+        a.register("user1".into(), key(6)).await.unwrap(),
+        RegisterOutcome::Registered
+    );
+    let after = b.stats(60).await.unwrap();
+    assert_eq!(
+        (
+            after.identities,
+            after.usernames,
+            after.messages,
+            after.key_packages
+        ),
+        (6, 3, 4, 3)
+    );
+    // Its owner acknowledges its queue as before.
+    assert_eq!(a.ack(key(1), 3).await.unwrap(), 3);
+    assert_eq!(s.orphan_payloads().await, 0);
 }

@@ -2,6 +2,8 @@
 //! real SQLCipher files in temporary directories, a real PostgreSQL.
 
 #[cfg(test)]
+mod admin;
+#[cfg(test)]
 mod attacks;
 #[cfg(test)]
 mod auth;
@@ -24,7 +26,11 @@ mod packaging;
 #[cfg(test)]
 mod production;
 #[cfg(test)]
+mod rekey;
+#[cfg(test)]
 mod restore;
+#[cfg(test)]
+mod rotation;
 #[cfg(test)]
 mod store;
 #[cfg(test)]

@@ -17,8 +17,12 @@
 //! SQLCipher server and PostgreSQL's own floor; then cross-node push
 //! latency beside the same on one node), `metrics` (the throughput run with
 //! the operator endpoint scraped throughout, beside the same without it;
-//! the server's counters checked against the clients'), `all`.
+//! the server's counters checked against the clients'), `backup` (the
+//! `backup` and `rekey` subcommands on a store of queued messages beside a
+//! plain file copy; not part of `all`), `all`.
 
+#[path = "load/backup.rs"]
+mod backup;
 #[path = "load/common.rs"]
 mod common;
 #[path = "load/criterion.rs"]
@@ -45,6 +49,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use backup::BackupArgs;
 use common::Report;
 use delivery::DeliveryArgs;
 use fanout::FanoutArgs;
@@ -104,6 +109,9 @@ enum Cmd {
     Coldstart(ColdArgs),
     /// Server memory per idle authenticated connection.
     IdleMemory(IdleArgs),
+    /// Time of `backup` (and `rekey`) on a store of queued messages beside
+    /// a plain file copy.
+    Backup(BackupArgs),
     /// The PostgreSQL store with 1, 2, 3 nodes beside SQLCipher and the
     /// database's floor; cross-node push latency.
     Postgres {
@@ -266,6 +274,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::IdleMemory(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             startup::idle_memory(&bin, core, &a).await?.emit();
+        }
+        Cmd::Backup(a) => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            backup::run(&bin, core, &a).await?.emit();
         }
         Cmd::RelayServe { .. } | Cmd::Table(_) => {}
     }

@@ -307,6 +307,60 @@ pub struct SweepStats {
     pub dedup_keys: u64,
 }
 
+/// The store's totals, for the operator (`admin stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    /// distinct identity keys the store holds anything for: a username, a
+    /// key package, a queued message or a delivery token
+    pub identities: u64,
+    /// registered usernames
+    pub usernames: u64,
+    /// queues holding at least one message
+    pub queues: u64,
+    /// messages waiting in queues (one per recipient)
+    pub messages: u64,
+    /// bytes of stored payloads, each counted once however many recipients
+    /// it waits for
+    pub payload_bytes: u64,
+    /// unexpired one-time key packages
+    pub key_packages: u64,
+    /// identities with an unexpired last-resort key package
+    pub last_resort_key_packages: u64,
+}
+
+/// One queue as the operator sees it: no message contents or ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// whose queue
+    pub recipient: IdentityKey,
+    /// messages waiting
+    pub depth: u64,
+    /// when the oldest waiting message was enqueued, Unix milliseconds
+    pub oldest_enqueued_at_ms: u64,
+}
+
+/// The key-package stock of one identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageStock {
+    /// the identity
+    pub identity: IdentityKey,
+    /// its username, if registered
+    pub username: Option<String>,
+    /// unexpired one-time packages
+    pub one_time: u64,
+    /// it has an unexpired last-resort package
+    pub last_resort: bool,
+}
+
+/// What [`Store::unregister`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unregistered {
+    /// the identity the username was bound to
+    pub identity: IdentityKey,
+    /// its key packages removed (one-time and last-resort)
+    pub key_packages: u64,
+}
+
 /// A change to the queues committed by some node of a shared store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueChange {
@@ -414,6 +468,26 @@ pub trait Store: Send + Sync + 'static {
     /// How many messages wait in all queues, and in the fullest one (the
     /// metrics' queue gauges; reads every queued row's recipient).
     fn queue_depth(&self) -> StoreFuture<'_, QueueDepth>;
+
+    /// The store's totals (key packages: those unexpired at `now_secs`).
+    fn stats(&self, now_secs: u64) -> StoreFuture<'_, StoreStats>;
+
+    /// The `limit` deepest non-empty queues, deepest first (ties by
+    /// identity).
+    fn largest_queues(&self, limit: u32) -> StoreFuture<'_, Vec<QueueInfo>>;
+
+    /// The key-package stock of every registered identity and every
+    /// identity with key packages, fewest one-time packages first (ties by
+    /// username, then identity), at most `limit` of them.
+    fn key_package_stock(&self, now_secs: u64, limit: u32)
+    -> StoreFuture<'_, Vec<KeyPackageStock>>;
+
+    /// Frees `username`: removes its binding and the key packages of its
+    /// identity, in one transaction; the identity's queue and delivery
+    /// token stay (its owner can still read the queue; new messages to it
+    /// are refused as to an unknown recipient).  `None` if no such
+    /// username.
+    fn unregister(&self, username: String) -> StoreFuture<'_, Option<Unregistered>>;
 }
 
 /// Messages waiting, for the metrics.

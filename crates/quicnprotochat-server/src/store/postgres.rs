@@ -48,9 +48,9 @@ use rustls::pki_types::pem::PemObject as _;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueChange,
-    QueueChanges, QueueDepth, QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture,
-    SweepStats, TakenKeyPackage, dedup_key,
+    EnqueueOutcome, EnqueueRequest, KeyPackageStock, NewKeyPackage, Presented, PublishOutcome,
+    QueueChange, QueueChanges, QueueDepth, QueueInfo, QueuedMessage, RegisterOutcome, Store,
+    StoreError, StoreFuture, StoreStats, SweepStats, TakenKeyPackage, Unregistered, dedup_key,
 };
 use crate::metrics::StoreMetrics;
 
@@ -832,6 +832,140 @@ impl Store for PgStore {
             })
         })
     }
+
+    fn stats(&self, now_secs: u64) -> StoreFuture<'_, StoreStats> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            // One snapshot: the totals agree with each other.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let now = to_i64(now_secs);
+            let row = tx
+                .query_one(
+                    "SELECT
+                        (SELECT count(*) FROM (
+                            SELECT identity FROM users
+                            UNION SELECT identity FROM key_packages
+                            UNION SELECT recipient FROM queue
+                            UNION SELECT identity FROM delivery_tokens) i),
+                        (SELECT count(*) FROM users),
+                        (SELECT count(DISTINCT recipient) FROM queue),
+                        (SELECT count(*) FROM queue),
+                        (SELECT coalesce(sum(length(data)), 0)::bigint FROM payloads),
+                        (SELECT count(*) FROM key_packages WHERE NOT last_resort AND not_after > $1),
+                        (SELECT count(DISTINCT identity) FROM key_packages
+                         WHERE last_resort AND not_after > $1)",
+                    &[&now],
+                )
+                .await?;
+            tx.commit().await?;
+            let get = |i: usize| -> Result<u64, StoreError> { Ok(to_u64(row.try_get(i)?)) };
+            Ok(StoreStats {
+                identities: get(0)?,
+                usernames: get(1)?,
+                queues: get(2)?,
+                messages: get(3)?,
+                payload_bytes: get(4)?,
+                key_packages: get(5)?,
+                last_resort_key_packages: get(6)?,
+            })
+        })
+    }
+
+    fn largest_queues(&self, limit: u32) -> StoreFuture<'_, Vec<QueueInfo>> {
+        Box::pin(async move {
+            let rows = self
+                .client()
+                .await?
+                .query(
+                    "SELECT recipient, count(*) AS depth, min(enqueued_at) FROM queue
+                     GROUP BY recipient ORDER BY depth DESC, recipient LIMIT $1",
+                    &[&i64::from(limit)],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(QueueInfo {
+                        recipient: identity_of(r.try_get(0)?)?,
+                        depth: to_u64(r.try_get(1)?),
+                        oldest_enqueued_at_ms: to_u64(r.try_get(2)?),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn key_package_stock(
+        &self,
+        now_secs: u64,
+        limit: u32,
+    ) -> StoreFuture<'_, Vec<KeyPackageStock>> {
+        Box::pin(async move {
+            let rows = self
+                .client()
+                .await?
+                .query(
+                    "SELECT i.identity, u.username,
+                        (SELECT count(*) FROM key_packages k
+                         WHERE k.identity = i.identity AND NOT k.last_resort
+                           AND k.not_after > $1) AS one_time,
+                        EXISTS (SELECT 1 FROM key_packages k
+                         WHERE k.identity = i.identity AND k.last_resort AND k.not_after > $1)
+                     FROM (SELECT identity FROM users UNION SELECT identity FROM key_packages) i
+                     LEFT JOIN users u ON u.identity = i.identity
+                     ORDER BY one_time, u.username IS NULL, u.username COLLATE \"C\", i.identity
+                     LIMIT $2",
+                    &[&to_i64(now_secs), &i64::from(limit)],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(KeyPackageStock {
+                        identity: identity_of(r.try_get(0)?)?,
+                        username: r.try_get(1)?,
+                        one_time: to_u64(r.try_get(2)?),
+                        last_resort: r.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn unregister(&self, username: String) -> StoreFuture<'_, Option<Unregistered>> {
+        Box::pin(async move {
+            in_transaction!(self, |tx| {
+                async {
+                    let Some(row) = tx
+                        .query_opt(
+                            "DELETE FROM users WHERE username = $1 RETURNING identity",
+                            &[&username],
+                        )
+                        .await?
+                    else {
+                        return Ok(Done::Rollback(None));
+                    };
+                    let identity: &[u8] = row.try_get(0)?;
+                    let key_packages = tx
+                        .execute("DELETE FROM key_packages WHERE identity = $1", &[&identity])
+                        .await?;
+                    Ok(Done::Commit(Some(Unregistered {
+                        identity: identity_of(identity)?,
+                        key_packages,
+                    })))
+                }
+                .await
+            })
+        })
+    }
+}
+
+fn identity_of(bytes: &[u8]) -> Result<IdentityKey, StoreError> {
+    IdentityKey::from_slice(bytes)
+        .map_err(|_| StoreError::Corrupt("a stored identity is not 32 bytes".into()))
 }
 
 /// Listens for queue changes until the receiver is dropped, reconnecting

@@ -42,9 +42,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    EnqueueOutcome, EnqueueRequest, NewKeyPackage, Presented, PublishOutcome, QueueDepth,
-    QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture, SweepStats, TakenKeyPackage,
-    dedup_key,
+    EnqueueOutcome, EnqueueRequest, KeyPackageStock, NewKeyPackage, Presented, PublishOutcome,
+    QueueDepth, QueueInfo, QueuedMessage, RegisterOutcome, Store, StoreError, StoreFuture,
+    StoreStats, SweepStats, TakenKeyPackage, Unregistered, dedup_key,
 };
 use crate::metrics::StoreMetrics;
 
@@ -189,6 +189,10 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// where commit times and batch sizes are counted
     pub metrics: StoreMetrics,
+    /// fold the write-ahead log into the file when the store closes (the
+    /// server does; a tool beside a running server does not, since the
+    /// checkpoint would wait on the server's writes)
+    pub final_checkpoint: bool,
 }
 
 impl SqliteOptions {
@@ -201,6 +205,7 @@ impl SqliteOptions {
             readers: DEFAULT_READERS,
             max_batch: DEFAULT_MAX_BATCH,
             metrics: StoreMetrics::default(),
+            final_checkpoint: true,
         }
     }
 }
@@ -273,10 +278,13 @@ impl SqliteStore {
         let (wtx, wrx) = mpsc::channel::<WriteJob>(JOB_QUEUE_DEPTH);
         let max_batch = options.max_batch.max(1);
         let metrics = options.metrics.clone();
+        let final_checkpoint = options.final_checkpoint;
         threads.push(
             std::thread::Builder::new()
                 .name("store-writer".into())
-                .spawn(move || writer_loop(writer_conn, wrx, max_batch, &metrics))?,
+                .spawn(move || {
+                    writer_loop(writer_conn, wrx, max_batch, final_checkpoint, &metrics)
+                })?,
         );
         let mut readers = Vec::new();
         for i in 0..options.readers.max(1) {
@@ -407,6 +415,7 @@ fn writer_loop(
     conn: Connection,
     mut jobs: mpsc::Receiver<WriteJob>,
     max_batch: usize,
+    final_checkpoint: bool,
     metrics: &StoreMetrics,
 ) {
     let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
@@ -451,6 +460,9 @@ fn writer_loop(
     // Stopping: fold the write-ahead log into the database file, so a
     // cleanly stopped store is one file (whichever connection closes last,
     // and whether or not a reader is still busy then).
+    if !final_checkpoint {
+        return;
+    }
     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
         r.get::<_, i64>(0)
     }) {
@@ -597,17 +609,58 @@ pub fn backup(path: &Path, key: &DbKey, dest: &Path) -> Result<(), StoreError> {
             ),
         )));
     }
+    export(path, key, dest, key)
+}
+
+/// Writes a copy of the database at `path` (opened with `key`), as it is
+/// at one moment, to the new file `dest`, encrypted under `dest_key` with
+/// the source's page settings (SQLCipher's `sqlcipher_export` into an
+/// attached database, in one read transaction of the source, with the
+/// schema version carried over).  `VACUUM INTO` is not used: it writes
+/// SQLCipher's default page settings whatever the source's.
+fn export(path: &Path, key: &DbKey, dest: &Path, dest_key: &DbKey) -> Result<(), StoreError> {
     let target = dest.to_str().ok_or_else(|| {
         StoreError::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("the backup path {} is not UTF-8", dest.display()),
+            format!("the path {} is not UTF-8", dest.display()),
         ))
     })?;
-    let (conn, _) = open_connection(path, key, Synchronous::Full, None)?;
-    conn.execute("VACUUM INTO ?1", [target])?;
+    let (conn, settings) = open_connection(path, key, Synchronous::Full, None)?;
+    let dest_key_text = match dest_key {
+        DbKey::Raw(k) => raw_key_text(k),
+        DbKey::Unencrypted => String::new(),
+    };
+    conn.execute(
+        "ATTACH DATABASE ?1 AS export KEY ?2",
+        params![target, dest_key_text],
+    )?;
+    let exported = (|| -> Result<(), StoreError> {
+        if settings == Some(CipherSettings::Current) && matches!(dest_key, DbKey::Raw(_)) {
+            conn.execute_batch("PRAGMA export.cipher_hmac_algorithm = HMAC_SHA256")?;
+        }
+        conn.execute_batch("BEGIN")?;
+        let copied = (|| -> Result<(), StoreError> {
+            let version: i64 = conn.query_row("PRAGMA main.user_version", [], |r| r.get(0))?;
+            conn.query_row("SELECT sqlcipher_export('export')", [], |_| Ok(()))?;
+            conn.execute_batch(&format!("PRAGMA export.user_version = {version}"))?;
+            Ok(())
+        })();
+        match copied {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        Ok(())
+    })();
+    let detached = conn.execute_batch("DETACH DATABASE export");
+    exported?;
+    detached?;
+    drop(conn);
+    std::fs::File::open(dest)?.sync_all()?;
     Ok(())
 }
-
 /// Prepares a backup copy at `path` to replace the live database: opens it
 /// with `key` (a wrong key or a damaged copy fails here), brings its schema
 /// up to date, checks every page, and gives it a new incarnation, which it
@@ -640,6 +693,116 @@ pub fn prepare_restore(path: &Path, key: &DbKey) -> Result<[u8; INCARNATION_LEN]
     })?;
     drop(conn);
     Ok(incarnation)
+}
+
+/// Rows per table of a database: what a re-key must carry over unchanged.
+pub type TableCounts = Vec<(String, i64)>;
+
+fn table_counts(conn: &Connection) -> Result<TableCounts, StoreError> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(tables.len());
+    for table in tables {
+        // The names come from the schema, not from input; quoted anyway.
+        let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+        let n: i64 = conn.query_row(&format!("SELECT count(*) FROM {quoted}"), [], |r| r.get(0))?;
+        out.push((table, n));
+    }
+    Ok(out)
+}
+
+fn raw_key_text(key: &[u8; 32]) -> String {
+    format!("x'{}'", hex::encode(key))
+}
+
+/// Folds the write-ahead log of the database at `path` into the file and
+/// truncates it, under `key`, then closes the database; returns its rows
+/// per table and how many log frames the checkpoint found (0: nothing was
+/// written since the last checkpoint).  Fails if another connection keeps
+/// the log from being emptied.
+pub fn checkpoint(path: &Path, key: &DbKey) -> Result<(TableCounts, i64), StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no database at {}", path.display()),
+        )));
+    }
+    let (conn, _) = open_connection(path, key, Synchronous::Full, None)?;
+    let counts = table_counts(&conn)?;
+    let (busy, frames): (i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    if busy != 0 {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::ResourceBusy,
+            format!(
+                "{}: another connection keeps the write-ahead log from being emptied",
+                path.display()
+            ),
+        )));
+    }
+    drop(conn);
+    Ok((counts, frames))
+}
+
+/// Writes a copy of the database at `path` (key `old`) to `dest` (which
+/// must not exist) encrypted under `new` instead, with the same page
+/// settings, then checks it: it opens under `new`, every page
+/// authenticates, and it holds as many rows per table as `expected`; and
+/// makes it durable.  The source is only read.  Leaves `dest` one
+/// self-contained file in write-ahead-log mode.
+pub fn export_rekeyed(
+    path: &Path,
+    old: &[u8; 32],
+    dest: &Path,
+    new: &[u8; 32],
+    expected: &TableCounts,
+) -> Result<(), StoreError> {
+    if dest.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already exists", dest.display()),
+        )));
+    }
+    export(path, &DbKey::Raw(*old), dest, &DbKey::Raw(*new))?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let damaged = |detail: String| StoreError::Damaged {
+        path: dest.display().to_string(),
+        detail,
+    };
+    let conn = match sqlcipher::open_keyed(dest, flags, &raw_key_text(new))? {
+        Opened::Open(conn, _) => conn,
+        Opened::WrongKey => return Err(damaged("the copy does not open under the new key".into())),
+        Opened::Damaged(detail) => return Err(damaged(detail)),
+        Opened::NoSqlCipher => return Err(StoreError::NoSqlCipher),
+    };
+    let problems: Vec<String> = conn
+        .prepare("PRAGMA cipher_integrity_check")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    if let Some(first) = problems.into_iter().find(|p| p != "ok") {
+        return Err(damaged(first));
+    }
+    let quick: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if quick != "ok" {
+        return Err(damaged(quick));
+    }
+    let counts = table_counts(&conn)?;
+    if &counts != expected {
+        return Err(damaged(format!(
+            "the copy's rows per table {counts:?} differ from the original's {expected:?}"
+        )));
+    }
+    // Back to write-ahead logging, as the server keeps it: the header
+    // says so, and the server does not have to change it on start.
+    // (The log is empty: closing removes it.)
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+    drop(conn);
+    std::fs::File::open(dest)?.sync_all()?;
+    Ok(())
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -1118,6 +1281,135 @@ impl Store for SqliteStore {
             })
         })
     }
+
+    fn stats(&self, now_secs: u64) -> StoreFuture<'_, StoreStats> {
+        self.read(move |c| {
+            let now = to_i64(now_secs);
+            let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u64, StoreError> {
+                Ok(to_u64(c.query_row(sql, p, |r| r.get::<_, i64>(0))?))
+            };
+            // One read transaction: the totals agree with each other.
+            c.execute_batch("BEGIN")?;
+            let stats = (|| {
+                let (queues, messages): (i64, i64) = c.query_row(
+                    "SELECT count(DISTINCT recipient), count(*) FROM queue",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                Ok(StoreStats {
+                    identities: count(
+                        "SELECT count(*) FROM (
+                            SELECT identity FROM users
+                            UNION SELECT identity FROM key_packages
+                            UNION SELECT recipient FROM queue
+                            UNION SELECT identity FROM delivery_tokens)",
+                        &[],
+                    )?,
+                    usernames: count("SELECT count(*) FROM users", &[])?,
+                    queues: to_u64(queues),
+                    messages: to_u64(messages),
+                    payload_bytes: count(
+                        "SELECT coalesce(sum(length(data)), 0) FROM payloads",
+                        &[],
+                    )?,
+                    key_packages: count(
+                        "SELECT count(*) FROM key_packages WHERE last_resort = 0 AND not_after > ?1",
+                        &[&now],
+                    )?,
+                    last_resort_key_packages: count(
+                        "SELECT count(DISTINCT identity) FROM key_packages
+                         WHERE last_resort = 1 AND not_after > ?1",
+                        &[&now],
+                    )?,
+                })
+            })();
+            c.execute_batch("COMMIT")?;
+            stats
+        })
+    }
+
+    fn largest_queues(&self, limit: u32) -> StoreFuture<'_, Vec<QueueInfo>> {
+        self.read(move |c| {
+            c.prepare(
+                "SELECT recipient, count(*) AS depth, min(enqueued_at) FROM queue
+                 GROUP BY recipient ORDER BY depth DESC, recipient LIMIT ?1",
+            )?
+            .query_map([limit], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .map(|row| {
+                let (recipient, depth, oldest) = row?;
+                Ok(QueueInfo {
+                    recipient: identity_from_blob(recipient)?,
+                    depth: to_u64(depth),
+                    oldest_enqueued_at_ms: to_u64(oldest),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn key_package_stock(
+        &self,
+        now_secs: u64,
+        limit: u32,
+    ) -> StoreFuture<'_, Vec<KeyPackageStock>> {
+        self.read(move |c| {
+            c.prepare(
+                "SELECT i.identity, u.username,
+                    (SELECT count(*) FROM key_packages k
+                     WHERE k.identity = i.identity AND k.last_resort = 0 AND k.not_after > ?1)
+                        AS one_time,
+                    EXISTS (SELECT 1 FROM key_packages k
+                     WHERE k.identity = i.identity AND k.last_resort = 1 AND k.not_after > ?1)
+                 FROM (SELECT identity FROM users UNION SELECT identity FROM key_packages) i
+                 LEFT JOIN users u ON u.identity = i.identity
+                 ORDER BY one_time, u.username IS NULL, u.username, i.identity
+                 LIMIT ?2",
+            )?
+            .query_map(params![to_i64(now_secs), limit], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            })?
+            .map(|row| {
+                let (identity, username, one_time, last_resort) = row?;
+                Ok(KeyPackageStock {
+                    identity: identity_from_blob(identity)?,
+                    username,
+                    one_time: to_u64(one_time),
+                    last_resort,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn unregister(&self, username: String) -> StoreFuture<'_, Option<Unregistered>> {
+        self.write(move |c| {
+            let identity: Option<Vec<u8>> = c
+                .prepare_cached("DELETE FROM users WHERE username = ?1 RETURNING identity")?
+                .query_row([&username], |r| r.get(0))
+                .optional()?;
+            let Some(identity) = identity else {
+                return Ok(None);
+            };
+            let key_packages = c
+                .prepare_cached("DELETE FROM key_packages WHERE identity = ?1")?
+                .execute([&identity])?;
+            Ok(Some(Unregistered {
+                identity: identity_from_blob(identity)?,
+                key_packages: u64::try_from(key_packages).unwrap_or(u64::MAX),
+            }))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1200,6 +1492,25 @@ mod tests {
             .await
             .unwrap();
         s.close();
+        // The copy keeps the database's page settings (HMAC-SHA256) and
+        // schema version.
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY;
+        match sqlcipher::open_with(
+            &copy,
+            flags,
+            &raw_key_text(&[7; 32]),
+            CipherSettings::Current,
+        )
+        .unwrap()
+        {
+            Opened::Open(c, CipherSettings::Current) => {
+                let version: i64 = c
+                    .query_row("PRAGMA user_version", [], |r| r.get(0))
+                    .unwrap();
+                assert_eq!(version, i64::try_from(MIGRATIONS.len()).unwrap());
+            }
+            other => panic!("the backup has other page settings: {other:?}"),
+        }
         // The copy opens by itself under the same key, with the same
         // incarnation until a restore prepares it.
         let b = open_path(&copy, db_key.clone()).unwrap();
@@ -1218,6 +1529,48 @@ mod tests {
             got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
             [b"kept".as_slice()]
         );
+    }
+
+    #[tokio::test]
+    async fn a_rekeyed_copy_opens_only_under_the_new_key_with_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DbKey::Raw([7; 32])).unwrap();
+        register_all(&s, &[1, 2]).await;
+        for i in 0..20u8 {
+            s.enqueue(enqueue_req(&[key(1), key(2)], i, &[i; 300], 100))
+                .await
+                .unwrap();
+        }
+        s.close();
+        let live = dir.path().join(DB_FILE_NAME);
+        let (counts, _) = checkpoint(&live, &DbKey::Raw([7; 32])).unwrap();
+        let copy = dir.path().join("rekeyed.db");
+        export_rekeyed(&live, &[7; 32], &copy, &[9; 32], &counts).unwrap();
+        assert!(matches!(
+            open_path(&copy, DbKey::Raw([7; 32])),
+            Err(StoreError::WrongKey { .. })
+        ));
+        // The page settings are kept (HMAC-SHA256, what new databases get).
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE;
+        assert!(matches!(
+            sqlcipher::open_with(
+                &copy,
+                flags,
+                &raw_key_text(&[9; 32]),
+                CipherSettings::Current
+            )
+            .unwrap(),
+            Opened::Open(_, CipherSettings::Current)
+        ));
+        let b = open_path(&copy, DbKey::Raw([9; 32])).unwrap();
+        assert_eq!(b.fetch(key(2), 0, 100, 1 << 20).await.unwrap().len(), 20);
+        let mut wrong = counts.clone();
+        wrong[0].1 += 1;
+        let again = dir.path().join("again.db");
+        assert!(matches!(
+            export_rekeyed(&live, &[7; 32], &again, &[9; 32], &wrong),
+            Err(StoreError::Damaged { .. })
+        ));
     }
 
     fn open_path(path: &Path, k: DbKey) -> Result<SqliteStore, StoreError> {

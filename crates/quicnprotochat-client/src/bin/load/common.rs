@@ -268,6 +268,22 @@ impl Proc {
         rss_kib(&self.pid())
     }
 
+    /// Stops the process with SIGTERM (a server drains and closes its
+    /// store) and waits up to 30 s for it to exit.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-s", "TERM", &self.pid()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -s TERM failed: {status}");
+        for _ in 0..3000 {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("the process did not exit within 30 s of SIGTERM")
+    }
+
     /// A client configuration pinning this server.
     pub fn client_config(&self) -> ClientConfig {
         ClientConfig::new(self.addr, ServerAuth::Pinned(self.fingerprint), TEST_TOKEN)
