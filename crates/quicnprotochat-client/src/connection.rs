@@ -732,6 +732,124 @@ fn worker_main(
     });
 }
 
+/// An authenticated session that only stays open, for holding many in one
+/// process (the load generator's `connections` scenario): it shares its
+/// caller's QUIC endpoint and runs its RPC on the caller's `LocalSet`,
+/// where a [`Client`] has a thread and an endpoint of its own.  Dropping it
+/// closes the connection.
+pub struct IdleSession {
+    conn: quinn::Connection,
+    _session: session::Client,
+    rpc: tokio::task::JoinHandle<Result<(), capnp::Error>>,
+}
+
+impl fmt::Debug for IdleSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdleSession")
+            .field("remote", &self.conn.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdleSession {
+    /// A client endpoint on `bind` for sessions to `config`'s server: its
+    /// server authentication, ALPN and keep-alive.  One UDP socket carries
+    /// every session opened from it.
+    pub fn endpoint(
+        bind: SocketAddr,
+        config: &ClientConfig,
+    ) -> Result<quinn::Endpoint, ClientError> {
+        let addr = config.server_addr;
+        let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        let mut client_config = transport::client_config(&config.server_auth, &config.alpn)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let mut transport_config = quinn::TransportConfig::default();
+        transport_config.keep_alive_interval(Some(config.keep_alive));
+        client_config.transport_config(Arc::new(transport_config));
+        endpoint.set_default_client_config(client_config);
+        Ok(endpoint)
+    }
+
+    /// Connects from `endpoint` (made by [`IdleSession::endpoint`]) and
+    /// authenticates `identity`; a `rateLimited` answer is an error here,
+    /// not waited out.  Must run inside a `LocalSet`.
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        config: &ClientConfig,
+        identity: &Identity,
+    ) -> Result<Self, ClientError> {
+        let addr = config.server_addr;
+        let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        let conn = endpoint
+            .connect(addr, &config.server_name)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
+        let svc: service::Client = rpc.bootstrap(Side::Server);
+        let rpc = tokio::task::spawn_local(rpc);
+        let authenticated = async {
+            let mut req = svc.challenge_request();
+            req.get().set_wire_version(config.wire_version);
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            let nonce: [u8; NONCE_LEN] = r
+                .get_nonce()?
+                .try_into()
+                .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
+            let mut exporter = [0; auth::EXPORTER_LEN];
+            conn.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
+                .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
+            let key = identity.public_key();
+            let challenge = AuthChallenge { nonce, exporter };
+            let signature = identity.sign(&challenge.transcript(&key))?;
+            let mut req = svc.authenticate_request();
+            {
+                let mut a = req.get().init_request();
+                a.set_wire_version(config.wire_version);
+                a.set_access_token(&config.access_token);
+                a.set_identity_key(key.as_bytes());
+                a.set_signature(&signature);
+            }
+            let resp = req.send().promise.await?;
+            let r = resp.get()?;
+            check!(r);
+            Ok::<_, ClientError>(r.get_session()?)
+        };
+        match authenticated.await {
+            Ok(session) => Ok(Self {
+                conn,
+                _session: session,
+                rpc,
+            }),
+            Err(e) => {
+                rpc.abort();
+                conn.close(0u32.into(), b"bye");
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the connection has closed (the server closed it, or it
+    /// timed out).
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+}
+
+impl Drop for IdleSession {
+    fn drop(&mut self) {
+        self.rpc.abort();
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
 /// The client's local address: loopback for a loopback server (tests never
 /// listen on other interfaces), otherwise the unspecified address.
 fn bind_addr(server: SocketAddr) -> SocketAddr {

@@ -15,7 +15,7 @@ mod messenger;
 pub mod tui;
 mod types;
 
-pub use connection::{Client, RATE_LIMIT_PATIENCE, Subscription};
+pub use connection::{Client, IdleSession, RATE_LIMIT_PATIENCE, Subscription};
 pub use error::{ClientError, ServerErrorCode};
 pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
 pub use quicnprotochat_core::{Event, FileInfo, FileStatus, ProfileKey};

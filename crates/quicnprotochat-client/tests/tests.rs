@@ -12,6 +12,8 @@ mod files;
 #[cfg(test)]
 mod flood;
 #[cfg(test)]
+mod idle;
+#[cfg(test)]
 mod keyupdates;
 #[cfg(test)]
 mod locks;

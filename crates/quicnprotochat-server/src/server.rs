@@ -140,12 +140,17 @@ impl Server {
             None => None,
         };
 
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_err = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            udp_socket(config.listen).map_err(bind_err)?,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         let delivery = Rc::new(Delivery::new(
             store,
             config.limits.clone(),
@@ -621,6 +626,50 @@ fn transport_config(config: &Config) -> Result<quinn::TransportConfig, ServerErr
     Ok(t)
 }
 
+/// Kernel receive and send buffers asked for the server's UDP socket.  The
+/// Linux default (about 208 KiB) overflows under a burst of handshakes
+/// (every client's first flight is 1200-byte datagrams), and each dropped
+/// datagram costs its client a retransmission timeout: seconds.  4 MiB
+/// holds about 3 000 datagrams; the kernel grants at most
+/// `net.core.rmem_max` / `wmem_max`, and a smaller grant is logged.
+const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// The server's UDP socket, bound to `addr`, with [`UDP_BUFFER_BYTES`]
+/// buffers where the kernel allows them.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, set, get) in [
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+        ),
+        (
+            "send",
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
+        ),
+    ] {
+        // Linux reports twice what was granted (bookkeeping included).
+        let granted = set(&socket, UDP_BUFFER_BYTES).and_then(|()| get(&socket));
+        match granted {
+            Ok(n) if n >= UDP_BUFFER_BYTES => {}
+            Ok(n) => tracing::info!(
+                buffer = what,
+                granted_bytes = n,
+                wanted_bytes = UDP_BUFFER_BYTES,
+                "the kernel caps the UDP socket's buffer: raise net.core.rmem_max and net.core.wmem_max to at least the wanted size, or bursts of handshakes may see packet loss"
+            ),
+            Err(e) => {
+                tracing::info!(buffer = what, error = %e, "cannot size the UDP socket's buffer")
+            }
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -885,5 +934,29 @@ pub fn spawn(config: Config) -> Result<ServerHandle, ServerError> {
             let _ = thread.join();
             Err(ServerError::ThreadExited)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's cap on a socket buffer a process may ask for, in bytes.
+    fn kernel_cap(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_udp_socket_gets_the_buffers_the_kernel_allows() {
+        let socket = socket2::Socket::from(udp_socket("127.0.0.1:0".parse().unwrap()).unwrap());
+        // Linux reports twice the granted size.
+        let want = |cap: usize| 2 * UDP_BUFFER_BYTES.min(cap);
+        assert!(socket.recv_buffer_size().unwrap() >= want(kernel_cap("rmem_max")));
+        assert!(socket.send_buffer_size().unwrap() >= want(kernel_cap("wmem_max")));
+        assert!(socket.local_addr().unwrap().as_socket().unwrap().port() != 0);
     }
 }

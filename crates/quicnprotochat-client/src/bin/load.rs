@@ -19,12 +19,16 @@
 //! the operator endpoint scraped throughout, beside the same without it;
 //! the server's counters checked against the clients'), `backup` (the
 //! `backup` and `rekey` subcommands on a store of queued messages beside a
-//! plain file copy; not part of `all`), `all`.
+//! plain file copy; not part of `all`), `connections` (idle authenticated
+//! connections in steps up to 100 000, beside a raw quinn server; not part
+//! of `all`), `all`.
 
 #[path = "load/backup.rs"]
 mod backup;
 #[path = "load/common.rs"]
 mod common;
+#[path = "load/connections.rs"]
+mod connections;
 #[path = "load/criterion.rs"]
 mod criterion;
 #[path = "load/delivery.rs"]
@@ -120,6 +124,10 @@ enum Cmd {
         #[command(flatten)]
         pg: PgArgs,
     },
+    /// Idle authenticated connections in steps up to 100 000: memory and
+    /// idle CPU per connection, time to reach each step, and whether the
+    /// server still answers within 100 ms; beside a raw quinn server.
+    Connections(connections::ConnArgs),
     /// The operator endpoint's cost: throughput with `--metrics-listen`
     /// scraped throughout, beside the same server without it.
     Metrics {
@@ -262,6 +270,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (p, push) = postgres::run(&bin, core, &args, &pg).await?;
             p.emit();
             push.emit();
+        }
+        Cmd::Connections(a) => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            connections::run(&bin, core, &a).await?.emit();
         }
         Cmd::Metrics { args, metrics } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;

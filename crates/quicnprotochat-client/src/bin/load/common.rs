@@ -2,7 +2,7 @@
 //! summaries, CPU time of a process, the git revision, and child processes
 //! (the real server binary, the raw relay) pinned to a core.
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -320,6 +320,11 @@ fn start(
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    if std::env::var_os("QUICNPROTOCHAT_LOAD_LOG").is_some()
+        && let Some(filter) = std::env::var_os("RUST_LOG")
+    {
+        cmd.env("RUST_LOG", filter);
+    }
     let t0 = Instant::now();
     let mut child = cmd
         .stdout(Stdio::null())
@@ -331,9 +336,24 @@ fn start(
         .take()
         .ok_or_else(|| anyhow!("no stderr of the child"))?;
     let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
+    // QUICNPROTOCHAT_LOAD_LOG=FILE keeps the children's log lines (with
+    // RUST_LOG passed on to them), for finding why a run failed.
+    let mut keep = match std::env::var_os("QUICNPROTOCHAT_LOAD_LOG") {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.to_string_lossy()))?,
+        ),
+        None => None,
+    };
     std::thread::spawn(move || {
         // Drains stderr until the child exits (so it never blocks on a full pipe).
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = keep.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
             if line.contains("listening") && line.contains("addr=") {
                 let _ = tx.send((line, Instant::now()));
             }
@@ -413,9 +433,20 @@ pub fn start_server_with(
     data_dir: Option<&Path>,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
+    start_server_configured(bin, core, data_dir, extra, BENCH_SERVER_TOML)
+}
+
+/// [`start_server_with`] with the configuration file `toml`.
+pub fn start_server_configured(
+    bin: &Path,
+    core: Option<usize>,
+    data_dir: Option<&Path>,
+    extra: &[&str],
+    toml: &str,
+) -> anyhow::Result<Proc> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, BENCH_SERVER_TOML)?;
+    std::fs::write(&config, toml)?;
     let data = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
     let mut args = vec![
         "serve".to_string(),
