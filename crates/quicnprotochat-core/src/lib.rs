@@ -8,7 +8,7 @@
 //! typed error ([`KeyPackageError`], [`IdentityError`]); such input is
 //! attacker-controlled and never panics.
 
-mod base64;
+pub mod base64;
 pub mod clock;
 pub mod error;
 pub mod file;

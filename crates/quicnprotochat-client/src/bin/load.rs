@@ -19,7 +19,10 @@
 //! the operator endpoint scraped throughout, beside the same without it;
 //! the server's counters checked against the clients'), `backup` (the
 //! `backup` and `rekey` subcommands on a store of queued messages beside a
-//! plain file copy; not part of `all`), `connections` (idle authenticated
+//! plain file copy; not part of `all`), `ngircd` (the IRC server ngIRCd
+//! over TLS beside ours: msgs/s, p99 at one rate, CPU per message, memory
+//! per idle connection), `prosody` (the same beside the XMPP server
+//! Prosody over direct TLS), `connections` (idle authenticated
 //! connections in steps up to 100 000, beside a raw quinn server; not part
 //! of `all`), `all`.
 
@@ -35,6 +38,8 @@ mod criterion;
 mod delivery;
 #[path = "load/fanout.rs"]
 mod fanout;
+#[path = "load/irc.rs"]
+mod irc;
 #[path = "load/metrics.rs"]
 mod metrics;
 #[path = "load/p2p.rs"]
@@ -47,6 +52,8 @@ mod relay;
 mod startup;
 #[path = "load/table.rs"]
 mod table;
+#[path = "load/xmpp.rs"]
+mod xmpp;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,6 +76,29 @@ struct Cli {
     command: Cmd,
     #[command(flatten)]
     global: Global,
+}
+
+/// Options of `all`: every scenario's.
+#[derive(Debug, Args)]
+struct AllArgs {
+    #[command(flatten)]
+    args: DeliveryArgs,
+    #[command(flatten)]
+    p2p: P2pArgs,
+    #[command(flatten)]
+    fanout: FanoutArgs,
+    #[command(flatten)]
+    cold: ColdArgs,
+    #[command(flatten)]
+    idle: IdleArgs,
+    #[command(flatten)]
+    pg: PgArgs,
+    #[command(flatten)]
+    metrics: metrics::MetricsArgs,
+    #[command(flatten)]
+    irc: irc::IrcArgs,
+    #[command(flatten)]
+    xmpp: xmpp::XmppArgs,
 }
 
 /// Options of every scenario.
@@ -128,6 +158,22 @@ enum Cmd {
     /// idle CPU per connection, time to reach each step, and whether the
     /// server still answers within 100 ms; beside a raw quinn server.
     Connections(connections::ConnArgs),
+    /// The IRC server ngIRCd over TLS beside ours: msgs/s, p99 at one rate,
+    /// CPU per message, memory per idle connection.
+    Ngircd {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        irc: irc::IrcArgs,
+    },
+    /// The XMPP server Prosody over direct TLS beside ours: msgs/s, p99 at
+    /// one rate, CPU per message, memory per idle connection.
+    Prosody {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        xmpp: xmpp::XmppArgs,
+    },
     /// The operator endpoint's cost: throughput with `--metrics-listen`
     /// scraped throughout, beside the same server without it.
     Metrics {
@@ -137,24 +183,10 @@ enum Cmd {
         metrics: metrics::MetricsArgs,
     },
     /// throughput, latency at 50% of the measured maximum, p2p, fanout,
-    /// coldstart, idle-memory, metrics, postgres (skipped when PostgreSQL
-    /// is not installed).
-    All {
-        #[command(flatten)]
-        args: DeliveryArgs,
-        #[command(flatten)]
-        p2p: P2pArgs,
-        #[command(flatten)]
-        fanout: FanoutArgs,
-        #[command(flatten)]
-        cold: ColdArgs,
-        #[command(flatten)]
-        idle: IdleArgs,
-        #[command(flatten)]
-        pg: PgArgs,
-        #[command(flatten)]
-        metrics: metrics::MetricsArgs,
-    },
+    /// coldstart, idle-memory, metrics, ngircd and prosody (each skipped
+    /// when not installed), postgres (skipped when PostgreSQL is not
+    /// installed).
+    All(Box<AllArgs>),
     /// Writes the results table of the benchmarks page from report lines.
     Table(TableArgs),
     /// The raw quinn relay peer (started by the scenarios).
@@ -235,15 +267,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bin = common::server_bin(g.server_bin.as_deref())?;
             fanout::run(&bin, core, &a).await?.emit();
         }
-        Cmd::All {
-            args,
-            p2p: pa,
-            fanout: fa,
-            cold,
-            idle,
-            pg,
-            metrics: ma,
-        } => {
+        Cmd::All(all) => {
+            let AllArgs {
+                args,
+                p2p: pa,
+                fanout: fa,
+                cold,
+                idle,
+                pg,
+                metrics: ma,
+                irc: ia,
+                xmpp: xa,
+            } = *all;
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
             t.emit();
@@ -254,6 +289,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             startup::coldstart(&bin, core, &cold).await?.emit();
             startup::idle_memory(&bin, core, &idle).await?.emit();
             metrics::run(&bin, core, &args, &ma).await?.emit();
+            match irc::run(&bin, core, &args, &ia).await {
+                Ok(r) => {
+                    r.emit();
+                }
+                Err(e) if irc::not_installed(&e) => eprintln!("ngircd: skipped: {e:#}"),
+                Err(e) => return Err(e),
+            }
+            match xmpp::run(&bin, core, &args, &xa).await {
+                Ok(r) => {
+                    r.emit();
+                }
+                Err(e) if xmpp::not_installed(&e) => eprintln!("prosody: skipped: {e:#}"),
+                Err(e) => return Err(e),
+            }
             match postgres::run(&bin, core, &args, &pg).await {
                 Ok((p, push)) => {
                     p.emit();
@@ -270,6 +319,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (p, push) = postgres::run(&bin, core, &args, &pg).await?;
             p.emit();
             push.emit();
+        }
+        Cmd::Ngircd { args, irc } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            irc::run(&bin, core, &args, &irc).await?.emit();
+        }
+        Cmd::Prosody { args, xmpp } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            xmpp::run(&bin, core, &args, &xmpp).await?.emit();
         }
         Cmd::Connections(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;

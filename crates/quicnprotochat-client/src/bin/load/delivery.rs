@@ -155,9 +155,14 @@ impl Pace {
         })
     }
 
+    /// Seconds between two sends of one lane; 0 when as fast as possible.
+    pub fn interval_secs(&self) -> f64 {
+        self.interval.map_or(0.0, |i| i.as_secs_f64())
+    }
+
     /// Waits for the `n`-th slot of a lane (offset `offset`) and returns the
     /// stamp: the intended send time in µs since `base`.
-    async fn slot(&self, base: Instant, start: Instant, offset: Duration, n: u64) -> u64 {
+    pub async fn slot(&self, base: Instant, start: Instant, offset: Duration, n: u64) -> u64 {
         match self.interval {
             None => micros(base.elapsed()),
             Some(iv) => {
@@ -169,7 +174,7 @@ impl Pace {
     }
 
     /// Whether the `n`-th slot is before `deadline`.
-    fn within(&self, start: Instant, offset: Duration, n: u64, deadline: Instant) -> bool {
+    pub fn within(&self, start: Instant, offset: Duration, n: u64, deadline: Instant) -> bool {
         match self.interval {
             None => Instant::now() < deadline,
             Some(iv) => {

@@ -135,6 +135,42 @@ fn describe(r: &Value) -> (String, String, String) {
             n(f(&fig, &["kib_per_connection"]), "KiB"),
             n(f(&peer, &["kib_per_connection"]), "KiB"),
         ),
+        "ngircd" => (
+            format!(
+                "ngIRCd (IRC over TLS, stores nothing): msgs/s; p99 at {} msg/s; KiB per idle connection",
+                num(f(r, &["params", "rate_per_sec"]))
+            ),
+            format!(
+                "{}; {}; {}",
+                n(f(&fig, &["throughput", "delivered_per_sec"]), "msg/s"),
+                n(f(&fig, &["open_loop", "latency", "p99_ms"]), "ms"),
+                n(f(&fig, &["kib_per_idle_connection"]), "KiB")
+            ),
+            format!(
+                "{}; {}; {}",
+                n(f(&peer, &["throughput", "delivered_per_sec"]), "msg/s"),
+                n(f(&peer, &["open_loop", "latency", "p99_ms"]), "ms"),
+                n(f(&peer, &["kib_per_idle_connection"]), "KiB")
+            ),
+        ),
+        "prosody" => (
+            format!(
+                "Prosody (XMPP over TLS, relays online messages from memory): msgs/s; p99 at {} msg/s; KiB per idle connection",
+                num(f(r, &["params", "rate_per_sec"]))
+            ),
+            format!(
+                "{}; {}; {}",
+                n(f(&fig, &["throughput", "delivered_per_sec"]), "msg/s"),
+                n(f(&fig, &["open_loop", "latency", "p99_ms"]), "ms"),
+                n(f(&fig, &["kib_per_idle_connection"]), "KiB")
+            ),
+            format!(
+                "{}; {}; {}",
+                n(f(&peer, &["throughput", "delivered_per_sec"]), "msg/s"),
+                n(f(&peer, &["open_loop", "latency", "p99_ms"]), "ms"),
+                n(f(&peer, &["kib_per_idle_connection"]), "KiB")
+            ),
+        ),
         "metrics" => (
             format!(
                 "delivered msgs/s with the metrics endpoint scraped every {} s",
