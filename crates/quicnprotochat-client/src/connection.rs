@@ -759,16 +759,7 @@ impl IdleSession {
         bind: SocketAddr,
         config: &ClientConfig,
     ) -> Result<quinn::Endpoint, ClientError> {
-        let addr = config.server_addr;
-        let connect_err = |reason: String| ClientError::Connect { addr, reason };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-        let mut client_config = transport::client_config(&config.server_auth, &config.alpn)
-            .map_err(|e| connect_err(e.to_string()))?;
-        let mut transport_config = quinn::TransportConfig::default();
-        transport_config.keep_alive_interval(Some(config.keep_alive));
-        client_config.transport_config(Arc::new(transport_config));
-        endpoint.set_default_client_config(client_config);
-        Ok(endpoint)
+        client_endpoint(bind, config)
     }
 
     /// Connects from `endpoint` (made by [`IdleSession::endpoint`]) and
@@ -779,19 +770,7 @@ impl IdleSession {
         config: &ClientConfig,
         identity: &Identity,
     ) -> Result<Self, ClientError> {
-        let addr = config.server_addr;
-        let connect_err = |reason: String| ClientError::Connect { addr, reason };
-        let conn = endpoint
-            .connect(addr, &config.server_name)
-            .map_err(|e| connect_err(e.to_string()))?
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
-        let svc: service::Client = rpc.bootstrap(Side::Server);
+        let (conn, rpc, svc) = rpc_session(endpoint, config).await?;
         let rpc = tokio::task::spawn_local(rpc);
         let authenticated = async {
             let mut req = svc.challenge_request();
@@ -863,17 +842,33 @@ fn bind_addr(server: SocketAddr) -> SocketAddr {
 
 type RpcSystem = capnp_rpc::RpcSystem<Side>;
 
-async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSystem), ClientError> {
+/// A client endpoint on `bind` for `config`'s server: its server
+/// authentication, ALPN and keep-alive.
+fn client_endpoint(
+    bind: SocketAddr,
+    config: &ClientConfig,
+) -> Result<quinn::Endpoint, ClientError> {
     let addr = config.server_addr;
     let connect_err = |reason: String| ClientError::Connect { addr, reason };
-    let mut endpoint =
-        quinn::Endpoint::client(bind_addr(addr)).map_err(|e| connect_err(e.to_string()))?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
     let mut client_config = transport::client_config(&config.server_auth, &config.alpn)
         .map_err(|e| connect_err(e.to_string()))?;
     let mut transport_config = quinn::TransportConfig::default();
     transport_config.keep_alive_interval(Some(config.keep_alive));
     client_config.transport_config(Arc::new(transport_config));
     endpoint.set_default_client_config(client_config);
+    Ok(endpoint)
+}
+
+/// Connects from `endpoint` to `config`'s server and starts the RPC
+/// session on one bidirectional stream: the connection, the RPC system
+/// (to be run) and the bootstrap `Service`.
+async fn rpc_session(
+    endpoint: &quinn::Endpoint,
+    config: &ClientConfig,
+) -> Result<(quinn::Connection, RpcSystem, service::Client), ClientError> {
+    let addr = config.server_addr;
+    let connect_err = |reason: String| ClientError::Connect { addr, reason };
     let conn = endpoint
         .connect(addr, &config.server_name)
         .map_err(|e| connect_err(e.to_string()))?
@@ -885,6 +880,12 @@ async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSyst
         .map_err(|e| connect_err(e.to_string()))?;
     let mut rpc = rpc_system(recv, send, Side::Client, None, default_frame_limits());
     let svc: service::Client = rpc.bootstrap(Side::Server);
+    Ok((conn, rpc, svc))
+}
+
+async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSystem), ClientError> {
+    let endpoint = client_endpoint(bind_addr(config.server_addr), config)?;
+    let (conn, rpc, svc) = rpc_session(&endpoint, config).await?;
     let worker = Worker {
         svc,
         session: RefCell::new(None),

@@ -44,6 +44,8 @@ mod irc;
 mod metrics;
 #[path = "load/p2p.rs"]
 mod p2p;
+#[path = "load/peer.rs"]
+mod peer;
 #[path = "load/postgres.rs"]
 mod postgres;
 #[path = "load/relay.rs"]

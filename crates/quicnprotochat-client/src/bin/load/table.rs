@@ -135,41 +135,12 @@ fn describe(r: &Value) -> (String, String, String) {
             n(f(&fig, &["kib_per_connection"]), "KiB"),
             n(f(&peer, &["kib_per_connection"]), "KiB"),
         ),
-        "ngircd" => (
-            format!(
-                "ngIRCd (IRC over TLS, stores nothing): msgs/s; p99 at {} msg/s; KiB per idle connection",
-                num(f(r, &["params", "rate_per_sec"]))
-            ),
-            format!(
-                "{}; {}; {}",
-                n(f(&fig, &["throughput", "delivered_per_sec"]), "msg/s"),
-                n(f(&fig, &["open_loop", "latency", "p99_ms"]), "ms"),
-                n(f(&fig, &["kib_per_idle_connection"]), "KiB")
-            ),
-            format!(
-                "{}; {}; {}",
-                n(f(&peer, &["throughput", "delivered_per_sec"]), "msg/s"),
-                n(f(&peer, &["open_loop", "latency", "p99_ms"]), "ms"),
-                n(f(&peer, &["kib_per_idle_connection"]), "KiB")
-            ),
-        ),
-        "prosody" => (
-            format!(
-                "Prosody (XMPP over TLS, relays online messages from memory): msgs/s; p99 at {} msg/s; KiB per idle connection",
-                num(f(r, &["params", "rate_per_sec"]))
-            ),
-            format!(
-                "{}; {}; {}",
-                n(f(&fig, &["throughput", "delivered_per_sec"]), "msg/s"),
-                n(f(&fig, &["open_loop", "latency", "p99_ms"]), "ms"),
-                n(f(&fig, &["kib_per_idle_connection"]), "KiB")
-            ),
-            format!(
-                "{}; {}; {}",
-                n(f(&peer, &["throughput", "delivered_per_sec"]), "msg/s"),
-                n(f(&peer, &["open_loop", "latency", "p99_ms"]), "ms"),
-                n(f(&peer, &["kib_per_idle_connection"]), "KiB")
-            ),
+        "ngircd" => peer_row("ngIRCd (IRC over TLS, stores nothing)", r, &fig, &peer),
+        "prosody" => peer_row(
+            "Prosody (XMPP over TLS, relays online messages from memory)",
+            r,
+            &fig,
+            &peer,
         ),
         "metrics" => (
             format!(
@@ -184,6 +155,27 @@ fn describe(r: &Value) -> (String, String, String) {
         ),
         other => (other.to_string(), String::new(), String::new()),
     }
+}
+
+/// A chat-server peer's row: msgs/s; p99 at the run's rate; KiB per idle
+/// connection, ours and the peer's.
+fn peer_row(name: &str, r: &Value, fig: &Value, peer: &Value) -> (String, String, String) {
+    let side = |v: &Value| {
+        format!(
+            "{}; {}; {}",
+            n(f(v, &["throughput", "delivered_per_sec"]), "msg/s"),
+            n(f(v, &["open_loop", "latency", "p99_ms"]), "ms"),
+            n(f(v, &["kib_per_idle_connection"]), "KiB")
+        )
+    };
+    (
+        format!(
+            "{name}: msgs/s; p99 at {} msg/s; KiB per idle connection",
+            num(f(r, &["params", "rate_per_sec"]))
+        ),
+        side(fig),
+        side(peer),
+    )
 }
 
 /// A number without a unit.

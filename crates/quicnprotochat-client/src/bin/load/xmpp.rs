@@ -18,22 +18,20 @@
 //! sent was delivered.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::Args;
 use quicnprotochat_proto::rustls;
-use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::{Value, json};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::common::{self, Report};
-use crate::delivery::{self, DeliveryArgs, Pace};
-use crate::startup::{self, IdleArgs};
+use crate::common::Report;
+use crate::delivery::{DeliveryArgs, Pace};
+use crate::peer;
 
 /// Options of `prosody`.
 #[derive(Debug, Clone, Args)]
@@ -107,9 +105,7 @@ impl Prosody {
         let key_path = dir.path().join("key.pem");
         std::fs::write(&cert_path, cert.cert.pem())?;
         std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
-        let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
-            .local_addr()?
-            .port();
+        let port = peer::free_port()?;
         let conf = dir.path().join("prosody.cfg.lua");
         std::fs::write(
             &conf,
@@ -129,15 +125,7 @@ impl Prosody {
                 key = key_path.display(),
             ),
         )?;
-        let mut cmd = match core {
-            Some(c) => {
-                let mut cmd = Command::new("taskset");
-                cmd.arg("-c").arg(c.to_string()).arg(bin);
-                cmd
-            }
-            None => Command::new(bin),
-        };
-        let mut child = cmd
+        let mut child = peer::pinned(bin, core)
             .args(["-F", "--config"])
             .arg(&conf)
             .stdin(Stdio::null())
@@ -180,18 +168,10 @@ impl Prosody {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::spawn(move || while rx.recv().is_ok() {});
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from(cert.cert.der().to_vec()))?;
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         Ok(Self {
             child,
             port,
-            tls: Arc::new(tls),
+            tls: peer::trusting(cert.cert.der())?,
             _dir: dir,
         })
     }
@@ -283,140 +263,78 @@ async fn login(p: &Prosody, user: &str) -> anyhow::Result<Xmpp> {
     Ok(x)
 }
 
-/// What one XMPP run measured.
-struct Outcome {
-    sent: u64,
-    received: u64,
-    elapsed: Duration,
-    latency: hdrhistogram::Histogram<u64>,
-    cpu_us: u64,
+/// A sender: chat messages to its receiver.
+struct XmppSend {
+    x: Xmpp,
+    to: String,
+    pad: String,
 }
 
-impl Outcome {
-    fn figures(&self) -> Value {
-        json!({
-            "sent": self.sent,
-            "received": self.received,
-            "seconds": self.elapsed.as_secs_f64(),
-            "delivered_per_sec": self.received as f64 / self.elapsed.as_secs_f64().max(1e-9),
-            "latency": common::summary(&self.latency),
-            "server_cpu_us_per_msg": self.cpu_us as f64 / self.received.max(1) as f64,
-        })
+impl peer::Send for XmppSend {
+    async fn send(&mut self, stamp: u64) -> anyhow::Result<()> {
+        let stanza = format!(
+            "<message to='{}' type='chat'><body>{stamp} {}</body></message>",
+            self.to, self.pad
+        );
+        self.x.send(&stanza).await
     }
 }
 
-/// 10 sender/receiver pairs through Prosody, as fast as possible or open
-/// loop; every message must arrive.
-async fn drive(p: &Prosody, a: &DeliveryArgs, pace: Pace, run: usize) -> anyhow::Result<Outcome> {
+/// A receiver: the stamp of each message body, "<body>STAMP PADDING</body>".
+struct XmppReceive {
+    x: Xmpp,
+    chunk: Vec<u8>,
+}
+
+impl peer::Receive for XmppReceive {
+    async fn next(&mut self) -> anyhow::Result<Option<u64>> {
+        loop {
+            if let Some(open) = find(&self.x.buf, b"<body>")
+                && let Some(close) = find(&self.x.buf[open..], b"</body>")
+            {
+                let stamp = std::str::from_utf8(&self.x.buf[open + 6..open + close])
+                    .ok()
+                    .and_then(|b| b.split(' ').next())
+                    .and_then(|s| s.parse().ok());
+                self.x.buf.drain(..open + close + 7);
+                if stamp.is_some() {
+                    return Ok(stamp);
+                }
+                continue;
+            }
+            let n = self.x.stream.read(&mut self.chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.x.buf.extend_from_slice(&self.chunk[..n]);
+        }
+    }
+}
+
+/// 10 pairs through Prosody (`run` tells the accounts of successive runs
+/// apart).
+async fn drive(
+    p: &Prosody,
+    a: &DeliveryArgs,
+    pace: Pace,
+    run: usize,
+) -> anyhow::Result<peer::Outcome> {
     let base = Instant::now();
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
+    let mut pairs = Vec::new();
     for i in 0..a.pairs {
-        senders.push(login(p, &format!("s{i}x{run}")).await?);
-        receivers.push(login(p, &format!("r{i}x{run}")).await?);
+        pairs.push((
+            XmppSend {
+                x: login(p, &format!("s{i}x{run}")).await?,
+                to: format!("r{i}x{run}@{DOMAIN}"),
+                pad: "x".repeat(a.size.saturating_sub(24)),
+            },
+            XmppReceive {
+                x: login(p, &format!("r{i}x{run}")).await?,
+                chunk: vec![0; 64 * 1024],
+            },
+        ));
     }
-    let received = Arc::new(AtomicU64::new(0));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut recv_tasks = Vec::new();
-    for mut x in receivers {
-        let received = received.clone();
-        let mut stop = stop_rx.clone();
-        recv_tasks.push(tokio::spawn(async move {
-            let mut h = common::histogram()?;
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                // Every complete body in the input: "<body>STAMP PADDING</body>".
-                while let Some(open) = find(&x.buf, b"<body>") {
-                    let Some(close) = find(&x.buf[open..], b"</body>") else {
-                        break;
-                    };
-                    let body = &x.buf[open + 6..open + close];
-                    if let Some(stamp) = std::str::from_utf8(body)
-                        .ok()
-                        .and_then(|b| b.split(' ').next())
-                        .and_then(|s| s.parse::<u64>().ok())
-                    {
-                        h.record(common::micros(base.elapsed()).saturating_sub(stamp))?;
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    x.buf.drain(..open + close + 7);
-                }
-                let n = tokio::select! {
-                    n = x.stream.read(&mut chunk) => n?,
-                    _ = stop.changed() => break,
-                };
-                if n == 0 {
-                    break;
-                }
-                x.buf.extend_from_slice(&chunk[..n]);
-            }
-            anyhow::Ok(h)
-        }));
-    }
-    let cpu0 = common::cpu_us(&p.pid())?;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(a.duration);
-    let mut send_tasks = Vec::new();
-    for (i, mut x) in senders.into_iter().enumerate() {
-        let pad = "x".repeat(a.size.saturating_sub(24));
-        let max = a.max_messages;
-        let offset =
-            Duration::from_secs_f64(pace.interval_secs() * i as f64 / a.pairs.max(1) as f64);
-        send_tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while n < max && pace.within(start, offset, n, deadline) {
-                let stamp = pace.slot(base, start, offset, n).await;
-                x.send(&format!(
-                    "<message to='r{i}x{run}@{DOMAIN}' type='chat'><body>{stamp} {pad}</body></message>"
-                ))
-                .await?;
-                n += 1;
-            }
-            anyhow::Ok((n, x))
-        }));
-    }
-    let mut sent = 0;
-    let mut keep = Vec::new();
-    for t in send_tasks {
-        let (n, x) = t.await??;
-        sent += n;
-        keep.push(x);
-    }
-    let grace = Instant::now() + Duration::from_secs(30);
-    while received.load(Ordering::Relaxed) < sent && Instant::now() < grace {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let elapsed = start.elapsed();
-    let cpu_us = common::cpu_us(&p.pid())?.saturating_sub(cpu0);
-    let _ = stop_tx.send(true);
-    let mut latency = common::histogram()?;
-    for t in recv_tasks {
-        latency.add(t.await??)?;
-    }
-    let got = received.load(Ordering::Relaxed);
-    anyhow::ensure!(got == sent, "Prosody delivered {got} of {sent} messages");
-    drop(keep);
-    Ok(Outcome {
-        sent,
-        received: got,
-        elapsed,
-        latency,
-        cpu_us,
-    })
-}
-
-/// Prosody's memory per idle logged-in connection at `k`.
-async fn idle_kib(p: &Prosody, k: usize) -> anyhow::Result<f64> {
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss0 = common::rss_kib(&p.pid())?;
-    let mut held = Vec::with_capacity(k);
-    for i in 0..k {
-        held.push(login(p, &format!("idle{i}")).await?);
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss = common::rss_kib(&p.pid())?;
-    drop(held);
-    Ok(rss.saturating_sub(rss0) as f64 / k.max(1) as f64)
+    peer::drive(&p.pid(), "Prosody", base, pairs, a, pace).await
 }
 
 /// Runs the scenario: our server and Prosody, the same measurements.
@@ -442,39 +360,22 @@ pub async fn run(
         ..a.clone()
     };
     let theirs = drive(&prosody, &one_lane, Pace::at(None, &one_lane)?, 0).await?;
-    let theirs_open = drive(
-        &prosody,
-        &one_lane,
-        Pace::at(Some(xa.xmpp_rate), &one_lane)?,
-        1,
-    )
+    let open = Pace::at(Some(xa.xmpp_rate), &one_lane)?;
+    let theirs_open = drive(&prosody, &one_lane, open, 1).await?;
+    let their_kib = peer::idle_kib(&prosody.pid(), xa.xmpp_idle, |i| {
+        let server = &prosody;
+        async move { login(server, &format!("idle{i}")).await }
+    })
     .await?;
-    let their_kib = idle_kib(&prosody, xa.xmpp_idle).await?;
     drop(prosody);
-
-    let ours = delivery::sqlcipher(bin, core, a, None).await?;
-    let ours_open = delivery::sqlcipher(bin, core, a, Some(xa.xmpp_rate)).await?;
-    let idle = startup::idle_memory(
-        bin,
-        core,
-        &IdleArgs {
-            connections: xa.xmpp_idle,
-            idle_concurrency: 16,
-        },
-    )
-    .await?;
-    let our_kib = idle
-        .figures
-        .get("kib_per_connection")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| anyhow!("no idle memory figure"))?;
-    Ok(crate::irc::compare(
+    let ours = peer::ours(bin, core, a, xa.xmpp_rate, xa.xmpp_idle).await?;
+    Ok(peer::compare(
         "prosody",
         "Prosody 0.12 over direct TLS (relays online messages from memory)",
         a,
         xa.xmpp_rate,
         xa.xmpp_idle,
-        (ours.figures(), ours_open.figures(), our_kib),
+        ours,
         (theirs.figures(), theirs_open.figures(), their_kib),
     ))
 }
