@@ -320,23 +320,8 @@ impl Client {
     /// First half of [`Client::init_auth`]: a fresh server nonce and this
     /// connection's TLS exporter value.
     pub async fn auth_challenge(&self) -> Result<AuthChallenge, ClientError> {
-        self.call(|w| async move {
-            let mut req = w.svc.challenge_request();
-            req.get().set_wire_version(w.wire_version);
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            check!(r);
-            let nonce: [u8; NONCE_LEN] = r
-                .get_nonce()?
-                .try_into()
-                .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
-            let mut exporter = [0; auth::EXPORTER_LEN];
-            w.conn
-                .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
-                .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
-            Ok(AuthChallenge { nonce, exporter })
-        })
-        .await
+        self.call(|w| async move { challenge(&w.svc, &w.conn, w.wire_version).await })
+            .await
     }
 
     /// Second half of [`Client::init_auth`]: presents the token, the identity
@@ -347,18 +332,8 @@ impl Client {
         signature: Vec<u8>,
     ) -> Result<(), ClientError> {
         self.call(move |w| async move {
-            let mut req = w.svc.authenticate_request();
-            {
-                let mut a = req.get().init_request();
-                a.set_wire_version(w.wire_version);
-                a.set_access_token(&w.token);
-                a.set_identity_key(key.as_bytes());
-                a.set_signature(&signature);
-            }
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            check!(r);
-            *w.session.borrow_mut() = Some(r.get_session()?);
+            let session = authenticate(&w.svc, &w.token, w.wire_version, key, &signature).await?;
+            *w.session.borrow_mut() = Some(session);
             Ok(())
         })
         .await?;
@@ -773,33 +748,17 @@ impl IdleSession {
         let (conn, rpc, svc) = rpc_session(endpoint, config).await?;
         let rpc = tokio::task::spawn_local(rpc);
         let authenticated = async {
-            let mut req = svc.challenge_request();
-            req.get().set_wire_version(config.wire_version);
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            check!(r);
-            let nonce: [u8; NONCE_LEN] = r
-                .get_nonce()?
-                .try_into()
-                .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
-            let mut exporter = [0; auth::EXPORTER_LEN];
-            conn.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
-                .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
             let key = identity.public_key();
-            let challenge = AuthChallenge { nonce, exporter };
-            let signature = identity.sign(&challenge.transcript(&key))?;
-            let mut req = svc.authenticate_request();
-            {
-                let mut a = req.get().init_request();
-                a.set_wire_version(config.wire_version);
-                a.set_access_token(&config.access_token);
-                a.set_identity_key(key.as_bytes());
-                a.set_signature(&signature);
-            }
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            check!(r);
-            Ok::<_, ClientError>(r.get_session()?)
+            let c = challenge(&svc, &conn, config.wire_version).await?;
+            let signature = identity.sign(&c.transcript(&key))?;
+            authenticate(
+                &svc,
+                &config.access_token,
+                config.wire_version,
+                key,
+                &signature,
+            )
+            .await
         };
         match authenticated.await {
             Ok(session) => Ok(Self {
@@ -841,6 +800,51 @@ fn bind_addr(server: SocketAddr) -> SocketAddr {
 }
 
 type RpcSystem = capnp_rpc::RpcSystem<Side>;
+
+/// `Service.challenge`: a fresh nonce, with this connection's TLS exporter
+/// value.
+async fn challenge(
+    svc: &service::Client,
+    conn: &quinn::Connection,
+    wire_version: u16,
+) -> Result<AuthChallenge, ClientError> {
+    let mut req = svc.challenge_request();
+    req.get().set_wire_version(wire_version);
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    check!(r);
+    let nonce: [u8; NONCE_LEN] = r
+        .get_nonce()?
+        .try_into()
+        .map_err(|_| ClientError::InvalidResponse("nonce of the wrong length"))?;
+    let mut exporter = [0; auth::EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
+        .map_err(|_| ClientError::InvalidResponse("TLS exporter unavailable"))?;
+    Ok(AuthChallenge { nonce, exporter })
+}
+
+/// `Service.authenticate`: the token, the identity key and its signature
+/// over the challenge's transcript; the session on success.
+async fn authenticate(
+    svc: &service::Client,
+    token: &[u8],
+    wire_version: u16,
+    key: IdentityKey,
+    signature: &[u8],
+) -> Result<session::Client, ClientError> {
+    let mut req = svc.authenticate_request();
+    {
+        let mut a = req.get().init_request();
+        a.set_wire_version(wire_version);
+        a.set_access_token(token);
+        a.set_identity_key(key.as_bytes());
+        a.set_signature(signature);
+    }
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    check!(r);
+    Ok(r.get_session()?)
+}
 
 /// A client endpoint on `bind` for `config`'s server: its server
 /// authentication, ALPN and keep-alive.

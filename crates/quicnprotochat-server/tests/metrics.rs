@@ -117,6 +117,16 @@ impl Scrape {
             .sum()
     }
 
+    /// The labels of `quicnprotochat_build_info`.
+    fn build_info(&self) -> &BTreeMap<String, String> {
+        &self
+            .samples
+            .iter()
+            .find(|s| s.name == "quicnprotochat_build_info")
+            .expect("a build_info sample")
+            .labels
+    }
+
     /// Every sample name the scrape has.
     fn names(&self) -> BTreeSet<String> {
         self.samples.iter().map(|s| s.name.clone()).collect()
@@ -191,14 +201,10 @@ async fn a_scrape_after_real_traffic_counts_it_and_names_no_user() {
     );
     // Ready without any probe having asked: the scrape probes the store.
     assert_eq!(before.value("quicnprotochat_ready", &[]), 1.0);
-    let build = before
-        .samples
-        .iter()
-        .find(|s| s.name == "quicnprotochat_build_info")
-        .unwrap();
-    assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(build.labels["store"], "sqlite");
-    let revision = &build.labels["revision"];
+    let build = before.build_info();
+    assert_eq!(build["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(build["store"], "sqlite");
+    let revision = &build["revision"];
     assert!(
         revision == "unknown"
             || (revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())),
@@ -363,12 +369,7 @@ async fn the_probes_answer_as_kubernetes_expects_and_readiness_follows_postgresq
     assert_eq!(http(addr, "GET", "/readyz").await.0, 200);
     let before = scrape(addr).await;
     assert_eq!(before.value("quicnprotochat_ready", &[]), 1.0);
-    let build = before
-        .samples
-        .iter()
-        .find(|s| s.name == "quicnprotochat_build_info")
-        .unwrap();
-    assert_eq!(build.labels["store"], "postgres");
+    assert_eq!(before.build_info()["store"], "postgres");
 
     cluster.stop_server(true).unwrap();
     let body = wait_for_status(addr, "/readyz", 503, Duration::from_secs(20)).await;

@@ -18,11 +18,11 @@
 //! sent was delivered.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use clap::Args;
 use quicnprotochat_proto::rustls;
 use rustls::pki_types::ServerName;
@@ -103,35 +103,13 @@ impl Ircd {
                 key = key_path.display(),
             ),
         )?;
-        let mut child = peer::pinned(bin, core)
-            .args(["--nodaemon", "--config"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout of ngIRCd"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("ready.") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("ngIRCd did not report ready");
-        }
+        let child = peer::start_server(
+            bin,
+            core,
+            &["--nodaemon".as_ref(), "--config".as_ref(), conf.as_os_str()],
+            "ngIRCd",
+            port,
+        )?;
         Ok(Self {
             child,
             port,

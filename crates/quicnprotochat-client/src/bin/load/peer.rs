@@ -212,6 +212,57 @@ pub fn pinned(bin: &Path, core: Option<usize>) -> std::process::Command {
     }
 }
 
+/// Starts the peer server `bin` (pinned to `core`) with `args` and waits
+/// until it accepts connections on `port`; fails with its output if it
+/// does not within 60 s.  Its output is drained for its whole life.
+pub fn start_server(
+    bin: &Path,
+    core: Option<usize>,
+    args: &[&std::ffi::OsStr],
+    name: &str,
+    port: u16,
+) -> anyhow::Result<std::process::Child> {
+    use std::process::Stdio;
+    let mut child = pinned(bin, core)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow!("starting {}: {e}", bin.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no output of {name}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut log = Vec::new();
+    loop {
+        log.extend(rx.try_iter());
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "{name} did not listen on port {port}; its output:\n{}",
+                log.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// One peer's report: (as fast as possible, open loop at `rate`, KiB per
 /// idle connection) for us and for the peer, with the three ratios.
 pub fn compare(

@@ -18,11 +18,11 @@
 //! sent was delivered.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, bail};
 use clap::Args;
 use quicnprotochat_proto::rustls;
 use rustls::pki_types::ServerName;
@@ -125,49 +125,13 @@ impl Prosody {
                 key = key_path.display(),
             ),
         )?;
-        let mut child = peer::pinned(bin, core)
-            .args(["-F", "--config"])
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout of Prosody"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        // Ready once the TLS port accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut log = Vec::new();
-        loop {
-            while let Ok(line) = rx.try_recv() {
-                log.push(line);
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline || child.try_wait()?.is_some() {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "Prosody did not listen on port {port}; its log:\n{}",
-                    log.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let child = peer::start_server(
+            bin,
+            core,
+            &["-F".as_ref(), "--config".as_ref(), conf.as_os_str()],
+            "Prosody",
+            port,
+        )?;
         Ok(Self {
             child,
             port,
