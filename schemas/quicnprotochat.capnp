@@ -20,7 +20,7 @@
 #   have gone back: a client that sees it change reads its queue from the
 #   start (docs/protocol.md, "Store incarnation").
 
-const wireVersion :UInt16 = 2;
+const wireVersion :UInt16 = 3;
 # Minor wire version spoken by this schema.  The major version is in the ALPN.
 
 enum ErrorCode {
@@ -64,6 +64,23 @@ struct Envelope {
   payload @2 :Data;        # opaque ciphertext
   enqueuedAtMs @3 :UInt64; # server receive time, Unix milliseconds
   incarnation @4 :Data;    # since 2: the store incarnation `seq` belongs to
+}
+
+struct Outgoing {
+  # One message of `Session.enqueueBatch` (since 3): the arguments of one
+  # `enqueue`.
+  recipients @0 :List(Data);
+  messageId @1 :Data;
+  payload @2 :Data;
+  tokens @3 :List(Data);
+}
+
+struct EnqueueResult {
+  # The outcome of one message of `Session.enqueueBatch` (since 3): the
+  # results of one `enqueue`.
+  error @0 :Error;
+  duplicate @1 :Bool;
+  seqs @2 :List(UInt64);
 }
 
 interface Service {
@@ -137,6 +154,13 @@ interface Session {
   # Since 2.  Makes `token` (32 bytes) this identity's current delivery
   # token; the one it replaces stays valid as the previous one.  The server
   # keeps only their SHA-256 hashes.
+
+  enqueueBatch @10 (messages :List(Outgoing)) -> (error :Error, results :List(EnqueueResult));
+  # Since 3.  Several enqueues in one call: `results[i]` is what
+  # `enqueue(messages[i])` would have answered, each message stored (or
+  # refused) on its own, in order, and every stored one durable when the
+  # call returns.  At most 64 messages and 1024 recipients in all; more is
+  # `tooLarge` in `error`, and then nothing is stored.
 }
 
 interface Listener {

@@ -21,7 +21,7 @@
 //! results) are in `types.rs`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -34,14 +34,18 @@ use quicnprotochat_core::{Identity, IdentityKey};
 use quicnprotochat_proto::auth;
 use quicnprotochat_proto::capnp;
 use quicnprotochat_proto::capnp_rpc;
-use quicnprotochat_proto::limits::{DELIVERY_TOKEN_LEN, KEY_LEN, NONCE_LEN};
+use quicnprotochat_proto::limits::{
+    DELIVERY_TOKEN_LEN, KEY_LEN, MAX_BATCH_RECIPIENTS, MAX_ENQUEUE_BATCH, NONCE_LEN,
+};
 use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
 use quicnprotochat_proto::schema::{ErrorCode, error, listener, service, session, subscription};
 use quicnprotochat_proto::transport;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ClientError, ServerErrorCode};
-use crate::types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health};
+use crate::types::{
+    AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health, OutgoingMessage,
+};
 
 /// Pushed messages buffered per subscription before the server is slowed down.
 const SUBSCRIPTION_BUFFER: usize = 1024;
@@ -53,9 +57,27 @@ const COMMAND_QUEUE: usize = 1024;
 enum Cmd {
     /// One RPC: a job the worker runs as a task of its own.
     Call(Job),
+    /// One message to enqueue, sent with whatever else is waiting.
+    Send(PendingSend),
     /// Cancels the subscription with this id (sent by `Subscription::drop`).
     Unsubscribe(u64),
 }
+
+/// One message waiting to be enqueued, and where its outcome goes.
+struct PendingSend {
+    message: OutgoingMessage,
+    reply: oneshot::Sender<Result<EnqueueResult, ClientError>>,
+}
+
+/// Enqueue calls one connection keeps in flight (wire version 3 and up).
+/// While they are all out, new sends wait and leave together in the next
+/// `enqueueBatch`: a lone message goes at once, and under load each call
+/// carries more of them (and costs the server one commit for all).
+const SEND_WINDOW: usize = 2;
+
+/// Payload bytes gathered into one `enqueueBatch` before it is sent (a
+/// larger message travels alone): well inside the frame limit.
+const BATCH_PAYLOAD_BYTES: usize = 1024 * 1024;
 
 /// One RPC for the worker.  The closure is built on the caller's thread and
 /// captures only `Send` data (the arguments and the oneshot reply sender);
@@ -440,45 +462,49 @@ impl Client {
         message_id: [u8; 16],
         payload: Vec<u8>,
     ) -> Result<EnqueueResult, ClientError> {
-        let recipients = recipients.to_vec();
         // Sent only when there is one to present (saves 8 bytes a recipient).
         let tokens = if tokens.iter().any(Option::is_some) {
             tokens.to_vec()
         } else {
             Vec::new()
         };
-        self.call(move |w| async move {
-            let mut req = w.session()?.enqueue_request();
-            {
-                let mut p = req.get();
-                let mut list = p
-                    .reborrow()
-                    .init_recipients(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
-                for (i, r) in recipients.iter().enumerate() {
-                    list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
-                }
-                let mut list = p
-                    .reborrow()
-                    .init_tokens(u32::try_from(tokens.len()).unwrap_or(u32::MAX));
-                for (i, t) in tokens.iter().enumerate() {
-                    list.set(
-                        u32::try_from(i).unwrap_or(u32::MAX),
-                        t.as_ref().map(|t| &t[..]).unwrap_or_default(),
-                    );
-                }
-                p.set_message_id(&message_id);
-                p.set_payload(&payload);
-            }
-            drop(payload);
-            let resp = req.send().promise.await?;
-            let r = resp.get()?;
-            check!(r);
-            if r.get_duplicate() {
-                return Ok(EnqueueResult::Duplicate);
-            }
-            Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
-        })
-        .await
+        let (reply, rx) = oneshot::channel();
+        let send = PendingSend {
+            message: OutgoingMessage {
+                recipients: recipients.to_vec(),
+                tokens,
+                message_id,
+                payload,
+            },
+            reply,
+        };
+        let after = self.inner.config.call_timeout;
+        let answer = async {
+            self.inner
+                .tx
+                .send(Cmd::Send(send))
+                .await
+                .map_err(|_| ClientError::Disconnected)?;
+            rx.await.map_err(|_| ClientError::Disconnected)?
+        };
+        tokio::time::timeout(after, answer)
+            .await
+            .map_err(|_| ClientError::Timeout { after })?
+    }
+
+    /// Stores several messages in one call (`enqueueBatch`, wire version
+    /// 3): each as [`Client::enqueue_with_tokens`] would, with an outcome
+    /// of its own, in order.  The call fails as a whole only when the batch
+    /// breaks its caps (at most 64 messages and 1 024 recipients in all) or
+    /// the connection does.  [`Client::enqueue_with_tokens`] batches by
+    /// itself when several sends are waiting; this is for a caller that
+    /// has its batch in hand.
+    pub async fn enqueue_batch(
+        &self,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<Vec<Result<EnqueueResult, ClientError>>, ClientError> {
+        self.call(move |w| async move { enqueue_many(&w, &messages).await })
+            .await
     }
 
     /// Registers `token` as this identity's delivery token (protocol
@@ -651,6 +677,10 @@ struct Worker {
     subs: RefCell<HashMap<u64, subscription::Client>>,
     /// the next subscription id
     next_sub: Cell<u64>,
+    /// messages waiting for a place in the send window
+    sends: RefCell<VecDeque<PendingSend>>,
+    /// enqueue calls in flight
+    sending: Cell<usize>,
 }
 
 impl Worker {
@@ -898,6 +928,8 @@ async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSyst
         conn,
         subs: RefCell::new(HashMap::new()),
         next_sub: Cell::new(1),
+        sends: RefCell::new(VecDeque::new()),
+        sending: Cell::new(0),
     };
     Ok((endpoint, worker, rpc))
 }
@@ -909,10 +941,185 @@ async fn run_commands(worker: Rc<Worker>, mut rx: mpsc::Receiver<Cmd>) {
             Cmd::Call(job) => {
                 tokio::task::spawn_local(job(worker.clone()));
             }
+            Cmd::Send(send) => {
+                worker.sends.borrow_mut().push_back(send);
+                pump_sends(&worker);
+            }
             Cmd::Unsubscribe(id) => {
                 worker.subs.borrow_mut().remove(&id);
             }
         }
+    }
+}
+
+/// Sends waiting messages while the send window has room: each call
+/// takes as many as are waiting, within the batch caps.  A server of wire
+/// version 2 or less gets one `enqueue` per message, all at once.
+fn pump_sends(worker: &Rc<Worker>) {
+    loop {
+        let batched = worker.wire_version >= 3;
+        if batched && worker.sending.get() >= SEND_WINDOW {
+            return;
+        }
+        let batch = take_batch(&mut worker.sends.borrow_mut(), batched);
+        if batch.is_empty() {
+            return;
+        }
+        worker.sending.set(worker.sending.get() + 1);
+        let w = worker.clone();
+        tokio::task::spawn_local(async move {
+            send_batch(&w, batch).await;
+            w.sending.set(w.sending.get().saturating_sub(1));
+            pump_sends(&w);
+        });
+    }
+}
+
+/// The next call's messages from the front of `waiting`: one, or (when
+/// `batched`) up to the protocol's caps and [`BATCH_PAYLOAD_BYTES`].
+/// Messages whose caller stopped waiting are dropped unsent.
+fn take_batch(waiting: &mut VecDeque<PendingSend>, batched: bool) -> Vec<PendingSend> {
+    let (mut recipients, mut bytes) = (0, 0);
+    let mut batch = Vec::new();
+    while let Some(next) = waiting.front() {
+        if next.reply.is_closed() {
+            waiting.pop_front();
+            continue;
+        }
+        let m = &next.message;
+        let fits = batch.is_empty()
+            || (batched
+                && batch.len() < MAX_ENQUEUE_BATCH
+                && recipients + m.recipients.len() <= MAX_BATCH_RECIPIENTS
+                && bytes + m.payload.len() <= BATCH_PAYLOAD_BYTES);
+        if !fits {
+            break;
+        }
+        recipients += m.recipients.len();
+        bytes += m.payload.len();
+        if let Some(send) = waiting.pop_front() {
+            batch.push(send);
+        }
+    }
+    batch
+}
+
+/// Enqueues `batch` (one message: `enqueue`; more: `enqueueBatch`) and
+/// answers each caller.
+async fn send_batch(worker: &Worker, batch: Vec<PendingSend>) {
+    let (messages, replies): (Vec<_>, Vec<_>) =
+        batch.into_iter().map(|s| (s.message, s.reply)).unzip();
+    let outcomes = if let [m] = &messages[..] {
+        vec![enqueue_one(worker, m).await]
+    } else {
+        match enqueue_many(worker, &messages).await {
+            Ok(outcomes) => outcomes,
+            Err(e) => replies.iter().map(|_| Err(copy_error(&e))).collect(),
+        }
+    };
+    let mut outcomes = outcomes.into_iter();
+    for reply in replies {
+        let outcome = outcomes.next().unwrap_or(Err(ClientError::InvalidResponse(
+            "fewer results than messages in a batch",
+        )));
+        let _ = reply.send(outcome);
+    }
+}
+
+/// Fills one enqueue's parameters from `$m` (an `OutgoingMessage`): the
+/// parameters of `enqueue` or one `Outgoing` of `enqueueBatch`, which
+/// Cap'n Proto makes two types with the same setters.
+macro_rules! fill_enqueue {
+    ($p:expr, $m:expr) => {{
+        let m: &OutgoingMessage = $m;
+        let mut list = $p
+            .reborrow()
+            .init_recipients(u32::try_from(m.recipients.len()).unwrap_or(u32::MAX));
+        for (i, r) in m.recipients.iter().enumerate() {
+            list.set(u32::try_from(i).unwrap_or(u32::MAX), r.as_bytes());
+        }
+        let mut list = $p
+            .reborrow()
+            .init_tokens(u32::try_from(m.tokens.len()).unwrap_or(u32::MAX));
+        for (i, t) in m.tokens.iter().enumerate() {
+            list.set(
+                u32::try_from(i).unwrap_or(u32::MAX),
+                t.as_ref().map(|t| &t[..]).unwrap_or_default(),
+            );
+        }
+        $p.set_message_id(&m.message_id);
+        $p.set_payload(&m.payload);
+    }};
+}
+
+async fn enqueue_one(worker: &Worker, m: &OutgoingMessage) -> Result<EnqueueResult, ClientError> {
+    let mut req = worker.session()?.enqueue_request();
+    {
+        let mut p = req.get();
+        fill_enqueue!(p, m);
+    }
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    check!(r);
+    if r.get_duplicate() {
+        return Ok(EnqueueResult::Duplicate);
+    }
+    Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
+}
+
+async fn enqueue_many(
+    worker: &Worker,
+    messages: &[OutgoingMessage],
+) -> Result<Vec<Result<EnqueueResult, ClientError>>, ClientError> {
+    let mut req = worker.session()?.enqueue_batch_request();
+    {
+        let mut list = req
+            .get()
+            .init_messages(u32::try_from(messages.len()).unwrap_or(u32::MAX));
+        for (i, m) in messages.iter().enumerate() {
+            let mut p = list.reborrow().get(u32::try_from(i).unwrap_or(u32::MAX));
+            fill_enqueue!(p, m);
+        }
+    }
+    let resp = req.send().promise.await?;
+    let r = resp.get()?;
+    check!(r);
+    let results = r.get_results()?;
+    if results.len() as usize != messages.len() {
+        return Err(ClientError::InvalidResponse(
+            "a batch's results do not match its messages",
+        ));
+    }
+    Ok(results
+        .iter()
+        .map(|r| {
+            if r.has_error() {
+                return Err(server_error(r.get_error()?));
+            }
+            if r.get_duplicate() {
+                return Ok(EnqueueResult::Duplicate);
+            }
+            Ok(EnqueueResult::Stored(r.get_seqs()?.iter().collect()))
+        })
+        .collect())
+}
+
+/// The same failure for another caller of one batch.
+fn copy_error(e: &ClientError) -> ClientError {
+    match e {
+        ClientError::Server {
+            code,
+            message,
+            retry_after,
+        } => ClientError::Server {
+            code: *code,
+            message: message.clone(),
+            retry_after: *retry_after,
+        },
+        ClientError::NotAuthenticated => ClientError::NotAuthenticated,
+        ClientError::Disconnected => ClientError::Disconnected,
+        ClientError::InvalidResponse(m) => ClientError::InvalidResponse(m),
+        other => ClientError::Rpc(other.to_string()),
     }
 }
 

@@ -20,4 +20,6 @@ pub use error::{ClientError, ServerErrorCode};
 pub use messenger::{EventStream, Messenger, MessengerError, P2pOptions};
 pub use quicnprotochat_core::{Event, FileInfo, FileStatus, ProfileKey};
 pub use quicnprotochat_proto::transport::ServerAuth;
-pub use types::{AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health};
+pub use types::{
+    AuthChallenge, ClientConfig, EnqueueResult, Envelope, Fetched, Health, OutgoingMessage,
+};

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use quicnprotochat_core::IdentityKey;
-use quicnprotochat_proto::limits::NONCE_LEN;
+use quicnprotochat_proto::limits::{DELIVERY_TOKEN_LEN, NONCE_LEN};
 use quicnprotochat_proto::transport::ServerAuth;
 use quicnprotochat_proto::{ALPN, WIRE_VERSION, auth};
 
@@ -162,6 +162,20 @@ impl AuthChallenge {
     pub fn transcript(&self, key: &IdentityKey) -> Vec<u8> {
         auth::transcript(&self.nonce, &self.exporter, key.as_bytes())
     }
+}
+
+/// One message of [`crate::Client::enqueue_batch`]: what one
+/// [`crate::Client::enqueue_with_tokens`] takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// its recipients (no repeats)
+    pub recipients: Vec<IdentityKey>,
+    /// empty, or per recipient the delivery token it announced to us
+    pub tokens: Vec<Option<[u8; DELIVERY_TOKEN_LEN]>>,
+    /// the sender's id for it (retries keep it)
+    pub message_id: [u8; 16],
+    /// the ciphertext
+    pub payload: Vec<u8>,
 }
 
 /// Result of an enqueue.

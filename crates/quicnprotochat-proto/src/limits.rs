@@ -30,6 +30,16 @@ pub const MAX_PAYLOAD_BYTES: usize = 5 * 1024 * 1024;
 /// MLS groups of a few hundred members are the design target (RFC 9750 §8).
 pub const MAX_RECIPIENTS: usize = 1024;
 
+/// Most messages in one `enqueueBatch` (wire version 3): enough that a
+/// client's burst of sends (a typed paragraph, a file's chunks, a commit
+/// with its application messages) is one round trip and one durable
+/// commit on the server, few enough that one call's work stays small.
+pub const MAX_ENQUEUE_BATCH: usize = 64;
+
+/// Most recipients over all the messages of one `enqueueBatch`: a batch
+/// costs the server no more queue entries than one largest `enqueue`.
+pub const MAX_BATCH_RECIPIENTS: usize = MAX_RECIPIENTS;
+
 /// Largest single TLS-serialized key package.  A KeyPackage with a basic
 /// credential is about 300 bytes; 16 KiB leaves room for extensions and
 /// X.509 credentials.

@@ -23,9 +23,9 @@ use quicnprotochat_core::IdentityKey;
 use quicnprotochat_core::clock::SharedClock;
 use quicnprotochat_core::mls_header::{self, FrameKind};
 use quicnprotochat_proto::limits::{
-    DELIVERY_TOKEN_LEN, KEY_LEN, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES,
-    MAX_KEY_PACKAGES_PER_BATCH, MAX_RECIPIENTS, MAX_USERNAME_LEN, MESSAGE_ID_LEN, NONCE_LEN,
-    SIGNATURE_LEN,
+    DELIVERY_TOKEN_LEN, KEY_LEN, MAX_BATCH_RECIPIENTS, MAX_ENQUEUE_BATCH, MAX_FETCH_BYTES,
+    MAX_FETCH_MESSAGES, MAX_KEY_PACKAGE_BYTES, MAX_KEY_PACKAGES_PER_BATCH, MAX_RECIPIENTS,
+    MAX_USERNAME_LEN, MESSAGE_ID_LEN, NONCE_LEN, SIGNATURE_LEN,
 };
 use quicnprotochat_proto::{SOFTWARE_VERSION, WIRE_VERSION, auth};
 use ring::rand::SecureRandom;
@@ -263,6 +263,14 @@ fn check_wire_version(client: u16) -> Result<(), ApiError> {
     }
 }
 
+/// An enqueue ready for the store.
+struct PreparedEnqueue {
+    request: EnqueueRequest,
+    recipients: Vec<IdentityKey>,
+    /// what a push subscription of a recipient gets, if any has one
+    pushed: Option<Rc<Pushed>>,
+}
+
 /// An enqueue's arguments after validation.
 struct Checked<'a> {
     recipients: Vec<IdentityKey>,
@@ -464,19 +472,24 @@ impl Delivery {
         fut: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
     ) -> Result<T, ApiError> {
         match tokio::time::timeout(self.request_timeout(), fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.metrics.store_error(store_error_kind(&e));
-                if e.is_damage() {
-                    self.note_damage(e.to_string());
-                }
-                Err(e.into())
-            }
+            Ok(result) => self.store_result(result),
             Err(_) => {
                 self.metrics.store_error("timeout");
                 Err(ApiError::Internal("store operation timed out".into()))
             }
         }
+    }
+
+    /// A store operation's result as the caller sees it; a failure is
+    /// counted, and damage noted.
+    fn store_result<T>(&self, result: Result<T, crate::store::StoreError>) -> Result<T, ApiError> {
+        result.map_err(|e| {
+            self.metrics.store_error(store_error_kind(&e));
+            if e.is_damage() {
+                self.note_damage(e.to_string());
+            }
+            e.into()
+        })
     }
 
     /// Probes the store's health (the `ready` gauge) and reads the queue
@@ -770,12 +783,100 @@ impl Delivery {
     ) -> Result<EnqueueOutcome, ApiError> {
         self.limiters.enqueue_per_identity.check(&me)?;
         self.limiters.enqueue_per_ip.check(&peer.ip)?;
+        let prepared = self.prepare_enqueue(me, call()?)?;
+        let outcome = self
+            .store_call(self.store.enqueue(prepared.request.clone()))
+            .await;
+        self.enqueued(prepared, outcome)
+    }
+
+    /// `Session.enqueueBatch`: each message as `enqueue` would store it,
+    /// committed together; one outcome per message, in order.  The call
+    /// fails as a whole only when it is malformed or above the batch caps
+    /// (then nothing is stored).
+    pub(crate) async fn enqueue_batch<'a>(
+        &self,
+        me: IdentityKey,
+        peer: &Peer,
+        call: impl FnOnce() -> Decoded<Vec<Decoded<EnqueueCall<'a>>>>,
+    ) -> Result<Vec<Result<EnqueueOutcome, ApiError>>, ApiError> {
+        let messages = call()?;
+        if messages.is_empty() {
+            return Err(ApiError::InvalidArgument("no messages".into()));
+        }
+        if messages.len() > MAX_ENQUEUE_BATCH {
+            return Err(ApiError::TooLarge(format!(
+                "at most {MAX_ENQUEUE_BATCH} messages in one batch"
+            )));
+        }
+        let recipients: usize = messages
+            .iter()
+            .map(|m| m.as_ref().map_or(0, |m| m.recipients.len()))
+            .sum();
+        if recipients > MAX_BATCH_RECIPIENTS {
+            return Err(ApiError::TooLarge(format!(
+                "at most {MAX_BATCH_RECIPIENTS} recipients over a batch's messages"
+            )));
+        }
+        // Each message is checked (rate limits first, as for `enqueue`)
+        // and refused on its own; the rest go to the store together.
+        let mut outcomes: Vec<Option<Result<EnqueueOutcome, ApiError>>> =
+            Vec::with_capacity(messages.len());
+        let mut prepared = Vec::with_capacity(messages.len());
+        for message in messages {
+            let checked = self
+                .limiters
+                .enqueue_per_identity
+                .check(&me)
+                .and_then(|()| self.limiters.enqueue_per_ip.check(&peer.ip))
+                .and_then(|()| self.prepare_enqueue(me, message?));
+            match checked {
+                Ok(p) => {
+                    outcomes.push(None);
+                    prepared.push(p);
+                }
+                Err(e) => outcomes.push(Some(Err(e))),
+            }
+        }
+        let requests = prepared.iter().map(|p| p.request.clone()).collect();
+        let stored: Vec<Result<EnqueueOutcome, ApiError>> =
+            match self.store_call(self.store.enqueue_batch(requests)).await {
+                Ok(stored) if stored.len() == prepared.len() => {
+                    stored.into_iter().map(|r| self.store_result(r)).collect()
+                }
+                Ok(_) => {
+                    let lost = || Err(ApiError::Internal("the store lost a batch's answer".into()));
+                    prepared.iter().map(|_| lost()).collect()
+                }
+                Err(e) => prepared.iter().map(|_| Err(e.clone())).collect(),
+            };
+        let mut stored = prepared
+            .into_iter()
+            .zip(stored)
+            .map(|(p, outcome)| self.enqueued(p, outcome));
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o {
+                Some(refused) => refused,
+                None => stored.next().unwrap_or_else(|| {
+                    Err(ApiError::Internal("the store lost a batch's answer".into()))
+                }),
+            })
+            .collect())
+    }
+
+    /// Validates one enqueue and builds its store request.
+    fn prepare_enqueue(
+        &self,
+        me: IdentityKey,
+        call: EnqueueCall<'_>,
+    ) -> Result<PreparedEnqueue, ApiError> {
         let Checked {
             recipients,
             message_id,
             payload,
             token_hashes,
-        } = self.check_enqueue(call()?)?;
+        } = self.check_enqueue(call)?;
         let presented = recipients
             .iter()
             .zip(&token_hashes)
@@ -807,12 +908,26 @@ impl Delivery {
                 enqueued_at_ms: request.now_ms,
             })
         });
-        let outcome = self.store_call(self.store.enqueue(request)).await?;
+        Ok(PreparedEnqueue {
+            request,
+            recipients,
+            pushed,
+        })
+    }
+
+    /// Counts a stored enqueue and wakes its recipients' subscriptions;
+    /// turns a refusal into the caller's error.
+    fn enqueued(
+        &self,
+        prepared: PreparedEnqueue,
+        outcome: Result<EnqueueOutcome, ApiError>,
+    ) -> Result<EnqueueOutcome, ApiError> {
+        let outcome = outcome?;
         match &outcome {
             EnqueueOutcome::Stored { seqs } => {
                 self.metrics.messages_enqueued.inc_by(seqs.len() as u64);
-                for (r, seq) in recipients.iter().zip(seqs) {
-                    self.hub.notify(r, *seq, pushed.as_ref());
+                for (r, seq) in prepared.recipients.iter().zip(seqs) {
+                    self.hub.notify(r, *seq, prepared.pushed.as_ref());
                 }
             }
             EnqueueOutcome::Duplicate => {
@@ -820,7 +935,7 @@ impl Delivery {
             }
             _ => {}
         }
-        refusal(outcome, &recipients)
+        refusal(outcome, &prepared.recipients)
     }
 
     /// Validates an enqueue's arguments, in the documented order.

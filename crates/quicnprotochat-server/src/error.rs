@@ -13,7 +13,7 @@ use crate::config::ConfigError;
 use crate::store::StoreError;
 
 /// A failed request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum ApiError {
     Unauthenticated(&'static str),
     Forbidden(&'static str),

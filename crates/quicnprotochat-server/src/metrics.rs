@@ -37,7 +37,7 @@ pub type Labels2 = [(&'static str, &'static str); 2];
 type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
 
 /// The RPC methods, as the protocol names them.
-pub const METHODS: [&str; 13] = [
+pub const METHODS: [&str; 14] = [
     "health",
     "challenge",
     "authenticate",
@@ -47,6 +47,7 @@ pub const METHODS: [&str; 13] = [
     "fetchKeyPackage",
     "keyPackageCount",
     "enqueue",
+    "enqueueBatch",
     "setDeliveryToken",
     "fetch",
     "ack",
@@ -445,6 +446,14 @@ impl Metrics {
                 .get_or_create(&[("outcome", error.unwrap_or("ok"))])
                 .inc();
         }
+    }
+
+    /// Counts one message of a batch call refused with `code` (the call
+    /// itself is counted by [`Self::call`]).
+    pub(crate) fn item_refused(&self, method: &'static str, code: &'static str) {
+        self.rpc_errors
+            .get_or_create(&[("method", method), ("code", code)])
+            .inc();
     }
 
     /// Counts a refusal by the rate limit `bucket`.

@@ -212,6 +212,7 @@ error_slot!(
     session::AckResults,
     session::SubscribeResults,
     session::SetDeliveryTokenResults,
+    session::EnqueueBatchResults,
 );
 
 /// Answers one call: `ok` encodes a success; an error goes in the results'
@@ -228,6 +229,31 @@ fn answer<R: ErrorSlot, T>(
         Err(e) => e.write(results.error_slot(), method),
     }
     Ok(())
+}
+
+/// One enqueue's parameters, from `enqueue` or one message of
+/// `enqueueBatch`.
+fn enqueue_call<'a>(
+    recipients: capnp::data_list::Reader<'a>,
+    message_id: capnp::Result<&'a [u8]>,
+    payload: capnp::Result<&'a [u8]>,
+    tokens: capnp::data_list::Reader<'a>,
+) -> Decoded<EnqueueCall<'a>> {
+    Ok(EnqueueCall {
+        recipients: recipients
+            .iter()
+            .map(|r| r.map_err(ApiError::from))
+            .collect(),
+        message_id: message_id.map_err(ApiError::from),
+        payload: payload.map_err(ApiError::from),
+        tokens: tokens.iter().map(|t| t.map_err(ApiError::from)).collect(),
+    })
+}
+
+fn write_seqs(mut list: capnp::primitive_list::Builder<'_, u64>, seqs: &[u64]) {
+    for (i, s) in seqs.iter().enumerate() {
+        list.set(list_len(i), *s);
+    }
 }
 
 fn list_len(n: usize) -> u32 {
@@ -472,33 +498,71 @@ impl session::Server for SessionImpl {
         let call = begin(&self.calls, &self.delivery, "enqueue")?;
         let decode = || -> Decoded<EnqueueCall<'_>> {
             let p = params.get()?;
-            Ok(EnqueueCall {
-                recipients: p
-                    .get_recipients()?
-                    .iter()
-                    .map(|r| r.map_err(ApiError::from))
-                    .collect(),
-                message_id: p.get_message_id().map_err(ApiError::from),
-                payload: p.get_payload().map_err(ApiError::from),
-                tokens: p
-                    .get_tokens()?
-                    .iter()
-                    .map(|t| t.map_err(ApiError::from))
-                    .collect(),
-            })
+            enqueue_call(
+                p.get_recipients()?,
+                p.get_message_id(),
+                p.get_payload(),
+                p.get_tokens()?,
+            )
         };
         let outcome = self
             .delivery
             .enqueue(self.identity, &self.peer, decode)
             .await;
-        call.answer(&mut results, outcome, |r, outcome| match outcome {
-            EnqueueOutcome::Stored { seqs } => {
-                let mut list = r.get().init_seqs(list_len(seqs.len()));
-                for (i, s) in seqs.iter().enumerate() {
-                    list.set(list_len(i), *s);
+        call.answer(&mut results, outcome, |r, outcome| {
+            let r = r.get();
+            match outcome {
+                EnqueueOutcome::Stored { seqs } => {
+                    write_seqs(r.init_seqs(list_len(seqs.len())), &seqs)
+                }
+                _ => {
+                    let mut r = r;
+                    r.set_duplicate(true);
                 }
             }
-            _ => r.get().set_duplicate(true),
+        })
+    }
+
+    async fn enqueue_batch(
+        self: Rc<Self>,
+        params: session::EnqueueBatchParams,
+        mut results: session::EnqueueBatchResults,
+    ) -> Result<(), capnp::Error> {
+        let call = begin(&self.calls, &self.delivery, "enqueueBatch")?;
+        let decode = || -> Decoded<Vec<Decoded<EnqueueCall<'_>>>> {
+            let messages = params.get()?.get_messages()?;
+            Ok(messages
+                .iter()
+                .map(|m| {
+                    enqueue_call(
+                        m.get_recipients()?,
+                        m.get_message_id(),
+                        m.get_payload(),
+                        m.get_tokens()?,
+                    )
+                })
+                .collect())
+        };
+        let outcome = self
+            .delivery
+            .enqueue_batch(self.identity, &self.peer, decode)
+            .await;
+        let metrics = call.metrics.clone();
+        call.answer(&mut results, outcome, |r, outcomes| {
+            let mut list = r.get().init_results(list_len(outcomes.len()));
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                let mut slot = list.reborrow().get(list_len(i));
+                match outcome {
+                    Ok(EnqueueOutcome::Stored { seqs }) => {
+                        write_seqs(slot.init_seqs(list_len(seqs.len())), &seqs);
+                    }
+                    Ok(_) => slot.set_duplicate(true),
+                    Err(e) => {
+                        metrics.item_refused("enqueueBatch", e.code_name());
+                        e.write(slot.init_error(), "enqueueBatch");
+                    }
+                }
+            }
         })
     }
 

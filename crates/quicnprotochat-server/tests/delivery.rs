@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use quicnprotochat_client::harness::TestServer;
-use quicnprotochat_client::{EnqueueResult, ServerErrorCode};
-use quicnprotochat_core::Identity;
-use quicnprotochat_proto::limits::MAX_PAYLOAD_BYTES;
+use quicnprotochat_client::{EnqueueResult, OutgoingMessage, ServerErrorCode};
+use quicnprotochat_core::{Identity, IdentityKey};
+use quicnprotochat_proto::limits::{MAX_BATCH_RECIPIENTS, MAX_ENQUEUE_BATCH, MAX_PAYLOAD_BYTES};
 
 use crate::support::{assert_code, assert_still_serving, msg_id, raw_session, trio};
 
@@ -621,4 +621,228 @@ async fn a_damaged_page_in_the_middle_of_the_store_makes_the_server_not_ready() 
     // The store itself still takes writes and reads: the probe is not what
     // failed.
     assert!(health.store_reachable, "{health:?}");
+}
+
+fn outgoing(to: &[IdentityKey], id: u64, payload: &[u8]) -> OutgoingMessage {
+    OutgoingMessage {
+        recipients: to.to_vec(),
+        tokens: Vec::new(),
+        message_id: msg_id(id),
+        payload: payload.to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_stores_or_refuses_each_message_on_its_own_in_order() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let (b, c) = (bob.identity.public_key(), carol.identity.public_key());
+    let nobody = Identity::generate().unwrap().public_key();
+    let outcomes = alice
+        .client
+        .enqueue_batch(vec![
+            outgoing(&[b], 1, b"one"),
+            outgoing(&[b, c], 2, b"two"),
+            // the first message again: a retry inside the batch
+            outgoing(&[b], 1, b"one"),
+            outgoing(&[b, nobody], 3, b"to a stranger"),
+            outgoing(&[b], 4, b""),
+            outgoing(&[b, b], 5, b"twice"),
+            outgoing(&[b], 6, b"three"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 7);
+    let mut outcomes = outcomes.into_iter();
+    assert_eq!(
+        outcomes.next().unwrap().unwrap(),
+        EnqueueResult::Stored(vec![1])
+    );
+    assert_eq!(
+        outcomes.next().unwrap().unwrap(),
+        EnqueueResult::Stored(vec![2, 1])
+    );
+    assert_eq!(outcomes.next().unwrap().unwrap(), EnqueueResult::Duplicate);
+    assert_code(outcomes.next().unwrap(), ServerErrorCode::NotFound);
+    assert_code(outcomes.next().unwrap(), ServerErrorCode::InvalidArgument);
+    assert_code(outcomes.next().unwrap(), ServerErrorCode::InvalidArgument);
+    assert_eq!(
+        outcomes.next().unwrap().unwrap(),
+        EnqueueResult::Stored(vec![3])
+    );
+    // Each refused message stored nothing anywhere (the stranger's
+    // message not even for bob); the stored ones arrived in batch order.
+    let got = bob.client.fetch(1, 100).await.unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(),
+        [&b"one"[..], b"two", b"three"]
+    );
+    assert_eq!(
+        got.iter().map(|e| e.message_id.clone()).collect::<Vec<_>>(),
+        [msg_id(1), msg_id(2), msg_id(6)].map(|id| id.to_vec())
+    );
+    assert_eq!(carol.client.fetch(1, 100).await.unwrap().len(), 1);
+    // A batch retried whole after a lost answer stores nothing again.
+    let again = alice
+        .client
+        .enqueue_batch(vec![outgoing(&[b], 2, b"two"), outgoing(&[b], 6, b"three")])
+        .await
+        .unwrap();
+    assert!(
+        again
+            .iter()
+            .all(|r| matches!(r, Ok(EnqueueResult::Duplicate))),
+        "{again:?}"
+    );
+    assert_eq!(bob.client.fetch(1, 100).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_batch_above_its_caps_is_refused_whole_and_stores_nothing() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, _carol) = trio(&server).await;
+    let b = bob.identity.public_key();
+    let too_many = (0..=MAX_ENQUEUE_BATCH as u64)
+        .map(|i| outgoing(&[b], i, b"x"))
+        .collect();
+    assert_code(
+        alice.client.enqueue_batch(too_many).await,
+        ServerErrorCode::TooLarge,
+    );
+    // Recipients are counted over the whole batch: two messages of 600
+    // are refused before any key is looked at.
+    let crowd: Vec<IdentityKey> = (0..600)
+        .map(|_| Identity::generate().unwrap().public_key())
+        .collect();
+    let mut first = crowd.clone();
+    first[0] = b;
+    assert!(2 * crowd.len() > MAX_BATCH_RECIPIENTS);
+    assert_code(
+        alice
+            .client
+            .enqueue_batch(vec![
+                outgoing(&first, 100, b"x"),
+                outgoing(&crowd, 101, b"x"),
+            ])
+            .await,
+        ServerErrorCode::TooLarge,
+    );
+    assert_code(
+        alice.client.enqueue_batch(Vec::new()).await,
+        ServerErrorCode::InvalidArgument,
+    );
+    assert!(bob.client.fetch(1, 100).await.unwrap().is_empty());
+    // Exactly at the cap is fine.
+    let full: Vec<_> = (0..MAX_ENQUEUE_BATCH as u64)
+        .map(|i| outgoing(&[b], 1000 + i, b"x"))
+        .collect();
+    let outcomes = alice.client.enqueue_batch(full).await.unwrap();
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(
+        bob.client.fetch(1, 1000).await.unwrap().len(),
+        MAX_ENQUEUE_BATCH
+    );
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn a_batch_that_fills_a_queue_stores_up_to_the_cap_and_loses_nothing() {
+    let server = TestServer::start_with(|c| c.limits.queue_depth = 3).unwrap();
+    let (alice, bob, carol) = trio(&server).await;
+    let (b, c) = (bob.identity.public_key(), carol.identity.public_key());
+    let outcomes = alice
+        .client
+        .enqueue_batch(
+            (0..5u8)
+                .map(|i| outgoing(&[b], u64::from(i), &[i + 1]))
+                .chain([outgoing(&[c], 9, b"carol")])
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let stored: Vec<bool> = outcomes.iter().map(Result::is_ok).collect();
+    assert_eq!(stored, [true, true, true, false, false, true]);
+    assert_code(
+        outcomes.into_iter().nth(3).unwrap(),
+        ServerErrorCode::QueueFull,
+    );
+    assert_eq!(
+        bob.client
+            .fetch(0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.payload[0])
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(carol.client.fetch(0, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_counts_each_message_against_the_rate_limit() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.enqueue_per_identity.per_second = 1;
+        c.limits.rates.enqueue_per_identity.burst = 10;
+    })
+    .unwrap();
+    let (alice, bob, _carol) = trio(&server).await;
+    let b = bob.identity.public_key();
+    let outcomes = alice
+        .client
+        .enqueue_batch((0..30).map(|i| outgoing(&[b], i, b"x")).collect())
+        .await
+        .unwrap();
+    let stored = outcomes.iter().filter(|r| r.is_ok()).count();
+    assert!((10..30).contains(&stored), "stored {stored}");
+    let refused = outcomes.into_iter().find(Result::is_err).unwrap();
+    match refused {
+        Err(e) => assert!(e.rate_limited_for().is_some(), "{e}"),
+        Ok(_) => unreachable!(),
+    }
+    assert_eq!(bob.client.fetch(1, 100).await.unwrap().len(), stored);
+}
+
+#[tokio::test]
+async fn concurrent_sends_of_one_client_all_arrive_once_and_in_each_senders_order() {
+    let server = TestServer::start().unwrap();
+    let (alice, bob, _carol) = trio(&server).await;
+    let b = bob.identity.public_key();
+    // 8 tasks each send 25 messages one after the other, all at once: the
+    // client gathers what waits into batches.
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let client = alice.client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25u64 {
+                let id = t * 1000 + i;
+                let r = client
+                    .enqueue(&[b], msg_id(id), id.to_le_bytes().to_vec())
+                    .await
+                    .unwrap();
+                assert!(matches!(r, EnqueueResult::Stored(_)), "{r:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        let next = got.len() as u64 + 1;
+        let batch = bob.client.fetch(next, 256).await.unwrap();
+        assert!(!batch.is_empty(), "only {} of 200 arrived", got.len());
+        got.extend(batch);
+    }
+    assert_eq!(got.len(), 200);
+    let ids: Vec<u64> = got
+        .iter()
+        .map(|e| u64::from_le_bytes(e.payload[..8].try_into().unwrap()))
+        .collect();
+    let distinct: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), 200);
+    for t in 0..8u64 {
+        let mine: Vec<u64> = ids.iter().copied().filter(|id| id / 1000 == t).collect();
+        assert_eq!(mine, (0..25).map(|i| t * 1000 + i).collect::<Vec<_>>());
+    }
 }

@@ -441,6 +441,25 @@ pub trait Store: Send + Sync + 'static {
     /// Durably stores one payload for every recipient, or for none.
     fn enqueue(&self, request: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome>;
 
+    /// Several enqueues, each exactly as [`Store::enqueue`] would do it on
+    /// its own (atomic for its recipients, its fate independent of the
+    /// others'), in order, so that two of them to one recipient get
+    /// ascending sequence numbers in that order.  Every stored one is
+    /// durable when this returns.  The default runs them one after the
+    /// other; a store may commit them together.
+    fn enqueue_batch(
+        &self,
+        requests: Vec<EnqueueRequest>,
+    ) -> StoreFuture<'_, Vec<Result<EnqueueOutcome, StoreError>>> {
+        Box::pin(async move {
+            let mut outcomes = Vec::with_capacity(requests.len());
+            for request in requests {
+                outcomes.push(self.enqueue(request).await);
+            }
+            Ok(outcomes)
+        })
+    }
+
     /// Messages of `recipient` with `seq >= from_seq`, ascending, at most
     /// `limit` of them and about `max_bytes` of payload (always at least one).
     fn fetch(

@@ -411,6 +411,136 @@ fn in_savepoint<T>(
     result
 }
 
+/// One enqueue's statements (see [`Store::enqueue`]), inside the writer's
+/// transaction.
+fn enqueue_in(
+    c: &Connection,
+    req: &EnqueueRequest,
+    legacy_dedup_until: i64,
+) -> Result<EnqueueOutcome, StoreError> {
+    let now = to_i64(req.now_ms);
+    let key = dedup_key(req);
+    let mut live = c.prepare_cached("SELECT 1 FROM dedup WHERE key = ?1 AND expires_at > ?2")?;
+    // Keys stored before migration 3 are the bare hash.
+    if live.exists(params![key, now])?
+        || (now < legacy_dedup_until && live.exists(params![req.dedup_key, now])?)
+    {
+        return Ok(EnqueueOutcome::Duplicate);
+    }
+    if let Some((group_id, epoch)) = &req.commit {
+        let last: Option<i64> = c
+            .prepare_cached("SELECT last_commit_epoch FROM group_epochs WHERE group_id = ?1")?
+            .query_row([group_id], |r| r.get(0))
+            .optional()?;
+        if let Some(last) = last
+            && to_u64(last) >= *epoch
+        {
+            return Ok(EnqueueOutcome::StaleEpoch {
+                last_commit_epoch: to_u64(last),
+            });
+        }
+    }
+    let mut head = c.prepare_cached(
+        "SELECT next_seq, depth, strangers FROM queue_heads WHERE recipient = ?1",
+    )?;
+    let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
+    let mut tokens =
+        c.prepare_cached("SELECT current, previous FROM delivery_tokens WHERE identity = ?1")?;
+    let mut waiting =
+        c.prepare_cached("SELECT count(*) FROM queue WHERE recipient = ?1 AND stranger = ?2")?;
+    let mut heads = Vec::with_capacity(req.recipients.len());
+    for (index, r) in req.recipients.iter().enumerate() {
+        if !registered.exists([r.as_bytes()])? {
+            return Ok(EnqueueOutcome::UnknownRecipient { index });
+        }
+        let (next_seq, depth, strangers): (i64, i64, i64) = head
+            .query_row([r.as_bytes()], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?
+            .unwrap_or((1, 0, 0));
+        // A recipient without a delivery token has no stranger lane:
+        // every message counts alike (clients of wire version 1).
+        let presented = req
+            .presented
+            .get(index)
+            .copied()
+            .unwrap_or(Presented::Nothing);
+        let stranger = match presented {
+            Presented::Own => false,
+            Presented::Token(_) | Presented::Nothing => {
+                let known: Option<(Vec<u8>, Option<Vec<u8>>)> = tokens
+                    .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?;
+                presented.is_stranger(
+                    known
+                        .as_ref()
+                        .map(|(current, previous)| (current.as_slice(), previous.as_deref())),
+                )
+            }
+        };
+        if stranger {
+            let mine: i64 =
+                waiting.query_row(params![r.as_bytes(), &req.sender_tag[..]], |row| row.get(0))?;
+            if to_u64(strangers) >= req.stranger_depth || to_u64(mine) >= req.stranger_per_sender {
+                return Ok(EnqueueOutcome::QueueFull {
+                    index,
+                    stranger: true,
+                });
+            }
+        } else if to_u64(depth.saturating_sub(strangers)) >= req.max_depth {
+            return Ok(EnqueueOutcome::QueueFull {
+                index,
+                stranger: false,
+            });
+        }
+        heads.push((next_seq, stranger));
+    }
+    c.prepare_cached(
+        "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
+    )?
+    .execute(params![
+        key,
+        to_i64(req.now_ms.saturating_add(req.dedup_window_ms))
+    ])?;
+    if let Some((group_id, epoch)) = &req.commit {
+        c.prepare_cached(
+            "INSERT INTO group_epochs (group_id, last_commit_epoch) VALUES (?1, ?2)
+             ON CONFLICT (group_id) DO UPDATE SET last_commit_epoch = excluded.last_commit_epoch",
+        )?
+        .execute(params![group_id, to_i64(*epoch)])?;
+    }
+    let refs = i64::try_from(req.recipients.len()).unwrap_or(i64::MAX);
+    c.prepare_cached("INSERT INTO payloads (refs, data) VALUES (?1, ?2)")?
+        .execute(params![refs, &req.payload])?;
+    let payload_id = c.last_insert_rowid();
+    let mut insert = c.prepare_cached(
+        "INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at, stranger)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut bump = c.prepare_cached(
+        "INSERT INTO queue_heads (recipient, next_seq, depth, strangers) VALUES (?1, ?2 + 1, 1, ?3)
+         ON CONFLICT (recipient) DO UPDATE SET next_seq = ?2 + 1, depth = depth + 1,
+             strangers = strangers + ?3",
+    )?;
+    let mut seqs = Vec::with_capacity(heads.len());
+    for (r, (seq, stranger)) in req.recipients.iter().zip(heads) {
+        let tag = stranger.then_some(&req.sender_tag[..]);
+        insert.execute(params![
+            r.as_bytes(),
+            seq,
+            payload_id,
+            req.message_id,
+            now,
+            tag
+        ])?;
+        bump.execute(params![r.as_bytes(), seq, i64::from(stranger)])?;
+        seqs.push(to_u64(seq));
+    }
+    Ok(EnqueueOutcome::Stored { seqs })
+}
+
 fn writer_loop(
     conn: Connection,
     mut jobs: mpsc::Receiver<WriteJob>,
@@ -1055,113 +1185,21 @@ impl Store for SqliteStore {
 
     fn enqueue(&self, req: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome> {
         let legacy_dedup_until = self.legacy_dedup_until;
+        self.write(move |c| enqueue_in(c, &req, legacy_dedup_until))
+    }
+
+    fn enqueue_batch(
+        &self,
+        requests: Vec<EnqueueRequest>,
+    ) -> StoreFuture<'_, Vec<Result<EnqueueOutcome, StoreError>>> {
+        // One job: every request in a savepoint of its own inside the
+        // writer's transaction, all made durable by its one COMMIT.
+        let legacy_dedup_until = self.legacy_dedup_until;
         self.write(move |c| {
-            let now = to_i64(req.now_ms);
-            let key = dedup_key(&req);
-            let mut live =
-                c.prepare_cached("SELECT 1 FROM dedup WHERE key = ?1 AND expires_at > ?2")?;
-            // Keys stored before migration 3 are the bare hash.
-            if live.exists(params![key, now])?
-                || (now < legacy_dedup_until && live.exists(params![req.dedup_key, now])?)
-            {
-                return Ok(EnqueueOutcome::Duplicate);
-            }
-            if let Some((group_id, epoch)) = &req.commit {
-                let last: Option<i64> = c
-                    .prepare_cached("SELECT last_commit_epoch FROM group_epochs WHERE group_id = ?1")?
-                    .query_row([group_id], |r| r.get(0))
-                    .optional()?;
-                if let Some(last) = last
-                    && to_u64(last) >= *epoch
-                {
-                    return Ok(EnqueueOutcome::StaleEpoch { last_commit_epoch: to_u64(last) });
-                }
-            }
-            let mut head = c.prepare_cached(
-                "SELECT next_seq, depth, strangers FROM queue_heads WHERE recipient = ?1",
-            )?;
-            let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
-            let mut tokens =
-                c.prepare_cached("SELECT current, previous FROM delivery_tokens WHERE identity = ?1")?;
-            let mut waiting = c.prepare_cached(
-                "SELECT count(*) FROM queue WHERE recipient = ?1 AND stranger = ?2",
-            )?;
-            let mut heads = Vec::with_capacity(req.recipients.len());
-            for (index, r) in req.recipients.iter().enumerate() {
-                if !registered.exists([r.as_bytes()])? {
-                    return Ok(EnqueueOutcome::UnknownRecipient { index });
-                }
-                let (next_seq, depth, strangers): (i64, i64, i64) = head
-                    .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-                    .optional()?
-                    .unwrap_or((1, 0, 0));
-                // A recipient without a delivery token has no stranger lane:
-                // every message counts alike (clients of wire version 1).
-                let presented = req.presented.get(index).copied().unwrap_or(Presented::Nothing);
-                let stranger = match presented {
-                    Presented::Own => false,
-                    Presented::Token(_) | Presented::Nothing => {
-                        let known: Option<(Vec<u8>, Option<Vec<u8>>)> = tokens
-                            .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
-                            .optional()?;
-                        presented.is_stranger(
-                            known
-                                .as_ref()
-                                .map(|(current, previous)| (current.as_slice(), previous.as_deref())),
-                        )
-                    }
-                };
-                if stranger {
-                    let mine: i64 = waiting.query_row(
-                        params![r.as_bytes(), &req.sender_tag[..]],
-                        |row| row.get(0),
-                    )?;
-                    if to_u64(strangers) >= req.stranger_depth
-                        || to_u64(mine) >= req.stranger_per_sender
-                    {
-                        return Ok(EnqueueOutcome::QueueFull { index, stranger: true });
-                    }
-                } else if to_u64(depth.saturating_sub(strangers)) >= req.max_depth {
-                    return Ok(EnqueueOutcome::QueueFull { index, stranger: false });
-                }
-                heads.push((next_seq, stranger));
-            }
-            c.prepare_cached(
-                "INSERT INTO dedup (key, expires_at) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at",
-            )?
-            .execute(params![
-                key,
-                to_i64(req.now_ms.saturating_add(req.dedup_window_ms))
-            ])?;
-            if let Some((group_id, epoch)) = &req.commit {
-                c.prepare_cached(
-                    "INSERT INTO group_epochs (group_id, last_commit_epoch) VALUES (?1, ?2)
-                     ON CONFLICT (group_id) DO UPDATE SET last_commit_epoch = excluded.last_commit_epoch",
-                )?
-                .execute(params![group_id, to_i64(*epoch)])?;
-            }
-            let refs = i64::try_from(req.recipients.len()).unwrap_or(i64::MAX);
-            c.prepare_cached("INSERT INTO payloads (refs, data) VALUES (?1, ?2)")?
-                .execute(params![refs, req.payload])?;
-            let payload_id = c.last_insert_rowid();
-            let mut insert = c.prepare_cached(
-                "INSERT INTO queue (recipient, seq, payload_id, message_id, enqueued_at, stranger)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            let mut bump = c.prepare_cached(
-                "INSERT INTO queue_heads (recipient, next_seq, depth, strangers) VALUES (?1, ?2 + 1, 1, ?3)
-                 ON CONFLICT (recipient) DO UPDATE SET next_seq = ?2 + 1, depth = depth + 1,
-                     strangers = strangers + ?3",
-            )?;
-            let mut seqs = Vec::with_capacity(heads.len());
-            for (r, (seq, stranger)) in req.recipients.iter().zip(heads) {
-                let tag = stranger.then_some(&req.sender_tag[..]);
-                insert.execute(params![r.as_bytes(), seq, payload_id, req.message_id, now, tag])?;
-                bump.execute(params![r.as_bytes(), seq, i64::from(stranger)])?;
-                seqs.push(to_u64(seq));
-            }
-            Ok(EnqueueOutcome::Stored { seqs })
+            Ok(requests
+                .iter()
+                .map(|req| in_savepoint(c, |c| enqueue_in(c, req, legacy_dedup_until)))
+                .collect())
         })
     }
 

@@ -47,6 +47,11 @@ pub struct DeliveryArgs {
     /// Acknowledge after this many messages.
     #[arg(long, default_value_t = 128)]
     pub ack_every: u64,
+    /// Minor wire version the clients announce: from 3 on a client gathers
+    /// the sends that wait into `enqueueBatch` calls; 2 sends one `enqueue`
+    /// per message.
+    #[arg(long, default_value_t = quicnprotochat_proto::WIRE_VERSION)]
+    pub wire_version: u16,
 }
 
 /// What one side (server or relay) measured.
@@ -204,10 +209,19 @@ async fn join_histograms(
 
 /// An authenticated, registered client of the server process.
 pub async fn server_client(server: &Proc, name: &str) -> anyhow::Result<(Client, Identity)> {
+    server_client_of(server, name, quicnprotochat_proto::WIRE_VERSION).await
+}
+
+/// [`server_client`] announcing minor wire version `wire_version`.
+pub async fn server_client_of(
+    server: &Proc,
+    name: &str,
+    wire_version: u16,
+) -> anyhow::Result<(Client, Identity)> {
     let identity = Identity::generate()?;
-    let client = Client::connect(server.client_config())
-        .await
-        .context("connect")?;
+    let mut config = server.client_config();
+    config.wire_version = wire_version;
+    let client = Client::connect(config).await.context("connect")?;
     client.init_auth(&identity).await.context("auth")?;
     client.register(name).await.context("register")?;
     Ok((client, identity))
@@ -259,7 +273,9 @@ pub async fn drive(
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for i in 0..a.pairs {
-        senders.push(server_client(&nodes[i % n], &format!("sender{i}-{run}")).await?);
+        senders.push(
+            server_client_of(&nodes[i % n], &format!("sender{i}-{run}"), a.wire_version).await?,
+        );
         receivers.push(server_client(&nodes[(i + 1) % n], &format!("receiver{i}-{run}")).await?);
     }
     let base = Instant::now();
@@ -481,9 +497,17 @@ fn params(a: &DeliveryArgs, rate: Option<f64>) -> Value {
     json!({
         "pairs": a.pairs, "payload_bytes": a.size, "server_depth": a.depth,
         "duration_s": a.duration, "max_messages_per_sender": a.max_messages,
-        "ack_every": a.ack_every, "rate_per_sec": rate,
+        "ack_every": a.ack_every, "rate_per_sec": rate, "wire_version": a.wire_version,
         "store": "SQLCipher (durable, development key)",
     })
+}
+
+/// `a` with clients of wire version 2: one `enqueue` per message.
+fn one_per_call(a: &DeliveryArgs) -> DeliveryArgs {
+    DeliveryArgs {
+        wire_version: 2,
+        ..a.clone()
+    }
 }
 
 /// `throughput`: as fast as possible; ratio of delivered messages/s.
@@ -494,13 +518,16 @@ pub async fn throughput(
 ) -> anyhow::Result<Report> {
     let pace = Pace { interval: None };
     let ours = run_server(bin, core, a, pace, &[]).await?;
-    // Bracket: the same server with an unencrypted store (plain SQLite).
+    // Brackets: the same server with an unencrypted store (plain SQLite),
+    // and with clients that send one message per call.
     let plain = run_server(bin, core, a, pace, &["--db-key", ""]).await?;
+    let single = run_server(bin, core, &one_per_call(a), pace, &[]).await?;
     let peer = run_relay(core, a, pace).await?;
     let ratio = ours.per_sec() / peer.per_sec().max(1e-9);
     let mut figures = ours.figures();
     if let Some(o) = figures.as_object_mut() {
         o.insert("plain_sqlite_store".into(), plain.figures());
+        o.insert("one_message_per_call".into(), single.figures());
     }
     Ok(Report {
         scenario: "throughput".into(),
@@ -525,13 +552,18 @@ pub async fn latency(
 ) -> anyhow::Result<Report> {
     let pace = Pace::at(Some(rate), a)?;
     let ours = run_server(bin, core, a, pace, &[]).await?;
+    let single = run_server(bin, core, &one_per_call(a), pace, &[]).await?;
     let peer = run_relay(core, a, pace).await?;
     let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64;
     let ratio = p99(&ours.latency) / p99(&peer.latency).max(1.0);
+    let mut figures = ours.figures();
+    if let Some(o) = figures.as_object_mut() {
+        o.insert("one_message_per_call".into(), single.figures());
+    }
     Ok(Report {
         scenario: "latency".into(),
         params: params(a, Some(rate)),
-        figures: ours.figures(),
+        figures,
         peer: "raw quinn relay".into(),
         peer_figures: peer.figures(),
         ratio_of: "latency p99".into(),
