@@ -13,8 +13,9 @@
 //! - `sqlcipher_store`: the same store as the server runs it (SQLCipher).
 //!
 //! Scenarios: one enqueue at a time (latency bound: one commit each), 64
-//! enqueues in flight (group commit: one commit for many), and fetching 100
-//! queued messages.  Run: `cargo bench -p quicnprotochat-server --bench store`.
+//! enqueues in flight (group commit: one commit for many), the same 64 as
+//! one batch (`sqlcipher_store_batch`: one `enqueueBatch`, one job), and
+//! fetching 100 queued messages.  Run: `cargo bench -p quicnprotochat-server --bench store`.
 
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::Path;
@@ -124,6 +125,19 @@ impl Bench {
         ));
     }
 
+    /// `IN_FLIGHT` enqueues as one batch (`enqueueBatch`'s path).
+    fn batch(&self) {
+        let requests = (0..IN_FLIGHT).map(|_| self.request()).collect();
+        let outcomes = self.rt.block_on(self.store.enqueue_batch(requests)).must();
+        if outcomes.len() != IN_FLIGHT
+            || !outcomes
+                .iter()
+                .all(|o| matches!(o, Ok(EnqueueOutcome::Stored { .. })))
+        {
+            fail("a batch was not stored whole");
+        }
+    }
+
     /// Queues `FETCH` messages and returns the first sequence number.
     fn fill(&self) -> u64 {
         self.rt.block_on(async {
@@ -206,6 +220,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("raw_sqlite", |b| b.iter(|| raw_insert(&mut raw, IN_FLIGHT)));
     g.bench_function("plain_store", |b| b.iter(|| plain.many()));
     g.bench_function("sqlcipher_store", |b| b.iter(|| sqlcipher.many()));
+    g.bench_function("sqlcipher_store_batch", |b| b.iter(|| sqlcipher.batch()));
     g.finish();
 
     let mut g = c.benchmark_group("store_fetch_100");

@@ -8,7 +8,8 @@
 //!   its queue, then drains whatever else is waiting (up to
 //!   [`SqliteOptions::max_batch`]) and runs the whole batch in one
 //!   `BEGIN IMMEDIATE` transaction, each job inside its own `SAVEPOINT` so a
-//!   failing job rolls back alone.  One `COMMIT` (one fsync with
+//!   failing job rolls back alone (enqueues excepted: see [`Undo`]).  One
+//!   `COMMIT` (one fsync with
 //!   `synchronous = FULL`) then makes the whole batch durable, and only after
 //!   it does any caller get its answer: group commit.  A single writer also
 //!   serialises the read-modify-write steps (sequence numbers, handing each key
@@ -212,8 +213,31 @@ impl SqliteOptions {
 
 /// Called once after the batch's COMMIT with its outcome.
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-/// Runs a write inside the batch transaction (or is told it cannot run).
-type RunWrite = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
+/// Runs a write inside the batch transaction (or is told it cannot run);
+/// `Spoiled` when it failed halfway without a savepoint, so that the whole
+/// transaction must be rolled back.
+type RunWrite = Box<dyn FnOnce(Option<&Connection>) -> (Reply, Spoiled) + Send>;
+
+/// Whether a job left the batch transaction unfit to commit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Spoiled {
+    No,
+    Yes,
+}
+
+/// How a failing job is undone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    /// In a savepoint of its own: a failure rolls back this job alone.
+    Savepoint,
+    /// Without one (a savepoint copies every page the job touches into its
+    /// journal, which the enqueue path cannot afford): a failure rolls back
+    /// the whole batch, whose callers all get an error and retry.  Only for
+    /// jobs that check everything before they write, so that their only
+    /// failures are the store's own (I/O, damage), which SQLite may answer
+    /// by rolling the whole transaction back anyway.
+    Batch,
+}
 /// A write job and how it may be batched.
 struct WriteJob {
     run: RunWrite,
@@ -331,7 +355,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.write_as(Solo::Batched, op)
+        self.write_as(Solo::Batched, Undo::Savepoint, op)
     }
 
     /// Like [`Self::write`], in a transaction of its own.
@@ -340,27 +364,34 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.write_as(Solo::Alone, op)
+        self.write_as(Solo::Alone, Undo::Savepoint, op)
     }
 
-    fn write_as<T, F>(&self, solo: Solo, op: F) -> StoreFuture<'_, T>
+    fn write_as<T, F>(&self, solo: Solo, undo: Undo, op: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let run: RunWrite = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => in_savepoint(conn, op),
-                None => Err(StoreError::Commit("could not begin a transaction".into())),
+            let result = match (conn, undo) {
+                (Some(conn), Undo::Savepoint) => in_savepoint(conn, op),
+                (Some(conn), Undo::Batch) => op(conn),
+                (None, _) => Err(StoreError::Commit("could not begin a transaction".into())),
             };
-            Box::new(move |commit: Result<(), String>| {
+            let spoiled = if undo == Undo::Batch && result.is_err() {
+                Spoiled::Yes
+            } else {
+                Spoiled::No
+            };
+            let reply: Reply = Box::new(move |commit: Result<(), String>| {
                 let answer = match commit {
                     Ok(()) => result,
                     Err(e) => Err(StoreError::Commit(e)),
                 };
                 let _ = tx.send(answer);
-            })
+            });
+            (reply, spoiled)
         });
         let job = WriteJob { run, solo };
         let sender = self.writer.clone();
@@ -440,25 +471,45 @@ fn enqueue_in(
             });
         }
     }
-    let mut head = c.prepare_cached(
-        "SELECT next_seq, depth, strangers FROM queue_heads WHERE recipient = ?1",
+    // One look-up per recipient: registered, its queue head (none yet for
+    // an empty queue never written) and its delivery tokens.
+    let mut lookup = c.prepare_cached(
+        "SELECT h.next_seq, h.depth, h.strangers, t.current, t.previous
+         FROM users u
+         LEFT JOIN queue_heads h ON h.recipient = u.identity
+         LEFT JOIN delivery_tokens t ON t.identity = u.identity
+         WHERE u.identity = ?1",
     )?;
-    let mut registered = c.prepare_cached("SELECT 1 FROM users WHERE identity = ?1")?;
-    let mut tokens =
-        c.prepare_cached("SELECT current, previous FROM delivery_tokens WHERE identity = ?1")?;
     let mut waiting =
         c.prepare_cached("SELECT count(*) FROM queue WHERE recipient = ?1 AND stranger = ?2")?;
     let mut heads = Vec::with_capacity(req.recipients.len());
     for (index, r) in req.recipients.iter().enumerate() {
-        if !registered.exists([r.as_bytes()])? {
-            return Ok(EnqueueOutcome::UnknownRecipient { index });
-        }
-        let (next_seq, depth, strangers): (i64, i64, i64) = head
+        type Found = (
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        );
+        let found: Option<Found> = lookup
             .query_row([r.as_bytes()], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
             })
-            .optional()?
-            .unwrap_or((1, 0, 0));
+            .optional()?;
+        let Some((next_seq, depth, strangers, current, previous)) = found else {
+            return Ok(EnqueueOutcome::UnknownRecipient { index });
+        };
+        let (next_seq, depth, strangers) = (
+            next_seq.unwrap_or(1),
+            depth.unwrap_or(0),
+            strangers.unwrap_or(0),
+        );
         // A recipient without a delivery token has no stranger lane:
         // every message counts alike (clients of wire version 1).
         let presented = req
@@ -469,14 +520,7 @@ fn enqueue_in(
         let stranger = match presented {
             Presented::Own => false,
             Presented::Token(_) | Presented::Nothing => {
-                let known: Option<(Vec<u8>, Option<Vec<u8>>)> = tokens
-                    .query_row([r.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
-                    .optional()?;
-                presented.is_stranger(
-                    known
-                        .as_ref()
-                        .map(|(current, previous)| (current.as_slice(), previous.as_deref())),
-                )
+                presented.is_stranger(current.as_deref().map(|c| (c, previous.as_deref())))
             }
         };
         if stranger {
@@ -570,12 +614,27 @@ fn writer_loop(
         let jobs_in_batch = batch.len();
         let started = Instant::now();
         let began = conn.execute_batch("BEGIN IMMEDIATE");
-        let ready = began.is_ok().then_some(&conn);
-        let replies: Vec<Reply> = batch.drain(..).map(|job| (job.run)(ready)).collect();
+        let mut ready = began.is_ok().then_some(&conn);
+        let mut spoiled = Spoiled::No;
+        let replies: Vec<Reply> = batch
+            .drain(..)
+            .map(|job| {
+                let (reply, s) = (job.run)(ready);
+                if s == Spoiled::Yes {
+                    // The rest of the batch would be rolled back with it.
+                    spoiled = Spoiled::Yes;
+                    ready = None;
+                }
+                reply
+            })
+            .collect();
         let committing = Instant::now();
-        let commit = match began {
-            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let commit = match (began, spoiled) {
+            (Ok(()), Spoiled::No) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+            (Ok(()), Spoiled::Yes) => {
+                Err("a write failed halfway; the batch was rolled back".to_string())
+            }
+            (Err(e), _) => Err(e.to_string()),
         };
         if let Err(e) = &commit {
             tracing::error!(error = %e, "store batch failed to commit");
@@ -1185,21 +1244,25 @@ impl Store for SqliteStore {
 
     fn enqueue(&self, req: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome> {
         let legacy_dedup_until = self.legacy_dedup_until;
-        self.write(move |c| enqueue_in(c, &req, legacy_dedup_until))
+        self.write_as(Solo::Batched, Undo::Batch, move |c| {
+            enqueue_in(c, &req, legacy_dedup_until)
+        })
     }
 
     fn enqueue_batch(
         &self,
         requests: Vec<EnqueueRequest>,
     ) -> StoreFuture<'_, Vec<Result<EnqueueOutcome, StoreError>>> {
-        // One job: every request in a savepoint of its own inside the
-        // writer's transaction, all made durable by its one COMMIT.
+        // One job in the writer's transaction, made durable by its one
+        // COMMIT.  Each enqueue checks everything before it writes, so a
+        // refusal leaves nothing to undo and needs no savepoint; a failure
+        // of the store itself rolls the whole batch back (see `Undo`).
         let legacy_dedup_until = self.legacy_dedup_until;
-        self.write(move |c| {
-            Ok(requests
+        self.write_as(Solo::Batched, Undo::Batch, move |c| {
+            requests
                 .iter()
-                .map(|req| in_savepoint(c, |c| enqueue_in(c, req, legacy_dedup_until)))
-                .collect())
+                .map(|req| enqueue_in(c, req, legacy_dedup_until).map(Ok))
+                .collect()
         })
     }
 
