@@ -1548,6 +1548,103 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_stores_each_request_in_order_and_a_failure_halfway_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_key = DbKey::Raw([7; 32]);
+        let s = open(dir.path(), db_key.clone()).unwrap();
+        register_all(&s, &[1, 2]).await;
+        // Refusals in between store nothing and keep the order of the rest.
+        let outcomes = s
+            .enqueue_batch(vec![
+                enqueue_req(&[key(1)], 1, b"a", 10),
+                enqueue_req(&[key(1), key(9)], 2, b"to nobody", 10),
+                enqueue_req(&[key(1)], 1, b"a again", 10),
+                enqueue_req(&[key(1), key(2)], 3, b"b", 10),
+            ])
+            .await
+            .unwrap();
+        let outcomes: Vec<EnqueueOutcome> = outcomes.into_iter().map(|o| o.unwrap()).collect();
+        assert_eq!(
+            outcomes,
+            [
+                EnqueueOutcome::Stored { seqs: vec![1] },
+                EnqueueOutcome::UnknownRecipient { index: 1 },
+                EnqueueOutcome::Duplicate,
+                EnqueueOutcome::Stored { seqs: vec![2, 1] },
+            ]
+        );
+        // A write that fails after others of the same enqueue (a trigger
+        // stands in for an I/O error): the whole batch is rolled back,
+        // every caller hears of it, and nothing half-written remains.
+        let (raw, _) = open_connection(
+            &dir.path().join(DB_FILE_NAME),
+            &db_key,
+            Synchronous::Full,
+            None,
+        )
+        .unwrap();
+        raw.execute_batch(&format!(
+            "CREATE TRIGGER fail_for_two BEFORE INSERT ON queue WHEN NEW.recipient = x'{}'
+             BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            hex::encode(key(2).as_bytes())
+        ))
+        .unwrap();
+        let count = |table: &str| -> i64 {
+            raw.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        let before: Vec<i64> = ["queue", "payloads", "dedup", "queue_heads"]
+            .iter()
+            .map(|t| count(t))
+            .collect();
+        let (alone, batch) = tokio::join!(
+            s.enqueue(enqueue_req(&[key(1)], 4, b"c", 10)),
+            s.enqueue_batch(vec![
+                enqueue_req(&[key(1)], 5, b"d", 10),
+                enqueue_req(&[key(1), key(2)], 6, b"e", 10),
+            ])
+        );
+        assert!(batch.is_err(), "{batch:?}");
+        let after: Vec<i64> = ["queue", "payloads", "dedup", "queue_heads"]
+            .iter()
+            .map(|t| count(t))
+            .collect();
+        // The lone enqueue either shared the failed transaction (and failed
+        // too) or ran in one of its own.
+        let extra = i64::from(alone.is_ok());
+        assert_eq!(
+            after,
+            [
+                before[0] + extra,
+                before[1] + extra,
+                before[2] + extra,
+                before[3]
+            ]
+        );
+        raw.execute_batch("DROP TRIGGER fail_for_two").unwrap();
+        // Retried, everything is stored once, in order.
+        for (id, payload) in [(4u8, &b"c"[..]), (5, b"d"), (6, b"e")] {
+            s.enqueue(enqueue_req(
+                &[key(1), key(2)][..if id == 6 { 2 } else { 1 }],
+                id,
+                payload,
+                10,
+            ))
+            .await
+            .unwrap();
+        }
+        let got = s.fetch(key(1), 1, 100, usize::MAX).await.unwrap();
+        assert_eq!(
+            got.iter().map(|m| m.payload.as_slice()).collect::<Vec<_>>(),
+            [&b"a"[..], b"b", b"c", b"d", b"e"]
+        );
+        assert_eq!(
+            got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+    }
+
+    #[tokio::test]
     async fn a_cleanly_closed_store_is_one_file() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), DbKey::Raw([7; 32])).unwrap();
