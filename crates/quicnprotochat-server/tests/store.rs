@@ -171,7 +171,84 @@ conformance!(
     fetch_honours_its_limits_and_both_nodes_agree,
     queue_depth_counts_every_waiting_message_and_the_fullest_queue,
     the_operator_views_count_exactly_and_unregister_frees_a_username,
+    batches_store_each_request_on_its_own_in_order_and_race_without_gaps,
 );
+
+async fn batches_store_each_request_on_its_own_in_order_and_race_without_gaps(s: Backend) {
+    register_all(&*s.a, &[1, 2, 3]).await;
+    // Refusals in between store nothing and keep the order of the rest.
+    let outcomes: Vec<EnqueueOutcome> =
+        s.a.enqueue_batch(vec![
+            enqueue_req(&[key(1)], 1, b"a", 10_000),
+            enqueue_req(&[key(1), key(9)], 2, b"to nobody", 10_000),
+            enqueue_req(&[key(1)], 1, b"a again", 10_000),
+            enqueue_req(&[key(1), key(2)], 3, b"b", 10_000),
+        ])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            EnqueueOutcome::Stored { seqs: vec![1] },
+            EnqueueOutcome::UnknownRecipient { index: 1 },
+            EnqueueOutcome::Duplicate,
+            EnqueueOutcome::Stored { seqs: vec![2, 1] },
+        ]
+    );
+    // The refused message left no idempotency key: it can be sent again.
+    assert!(stored(
+        &s.b.enqueue(enqueue_req(&[key(1)], 2, b"c", 10_000))
+            .await
+            .unwrap()
+    ));
+    // Batches racing through both nodes, to recipients in changing orders:
+    // every queue numbered without gaps, each batch's messages to one
+    // recipient in batch order.
+    let sets: [&[u8]; 3] = [&[1, 2, 3], &[3, 2, 1], &[2, 3]];
+    let mut tasks = Vec::new();
+    for t in 0..12u16 {
+        let node = if t % 2 == 0 { s.a.clone() } else { s.b.clone() };
+        let batch: Vec<(Vec<IdentityKey>, EnqueueRequest)> = (0..8u16)
+            .map(|i| {
+                let set: Vec<IdentityKey> = sets[usize::from(t + i) % sets.len()]
+                    .iter()
+                    .map(|k| key(*k))
+                    .collect();
+                let req = numbered(&set, 1000 + t * 100 + i, 10_000);
+                (set, req)
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let requests = batch.iter().map(|(_, r)| r.clone()).collect();
+            let outcomes = node.enqueue_batch(requests).await.unwrap();
+            (batch, outcomes)
+        }));
+    }
+    let mut per_recipient: std::collections::HashMap<IdentityKey, Vec<u64>> = Default::default();
+    for t in tasks {
+        let (batch, outcomes) = t.await.unwrap();
+        let mut last: std::collections::HashMap<IdentityKey, u64> = Default::default();
+        for ((set, _), out) in batch.iter().zip(outcomes) {
+            let EnqueueOutcome::Stored { seqs } = out.unwrap() else {
+                panic!("a batch message was not stored")
+            };
+            for (r, seq) in set.iter().zip(seqs) {
+                let before = last.insert(*r, seq).unwrap_or(0);
+                assert!(seq > before, "batch order broken for {r:?}");
+                per_recipient.entry(*r).or_default().push(seq);
+            }
+        }
+    }
+    for (r, mut seqs) in per_recipient {
+        seqs.sort_unstable();
+        let first = seqs[0];
+        let expected: Vec<u64> = (first..first + seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "sequence numbers of {r:?}");
+    }
+}
 
 async fn queue_depth_counts_every_waiting_message_and_the_fullest_queue(s: Backend) {
     let (a, b) = (&*s.a, &*s.b);

@@ -273,13 +273,23 @@ enum Done<T> {
 /// again when the database aborted it as a deadlock victim or for a
 /// serialization failure.
 macro_rules! in_transaction {
-    ($store:expr, |$tx:ident| $body:expr) => {{
+    ($store:expr, |$tx:ident| $body:expr) => {
+        in_transaction!($store, |$tx| $body, 1)
+    };
+    // `$jobs`: the writes the transaction carries (for the metrics).
+    ($store:expr, |$tx:ident| $body:expr, $jobs:expr) => {{
         let mut attempt = 0_u32;
         loop {
             let mut client = $store.client().await?;
             let started = tokio::time::Instant::now();
-            let $tx = client.transaction().await?;
-            let outcome: Result<Done<_>, StoreError> = $body;
+            let mut transaction = client.transaction().await?;
+            // `$tx` is `&mut` (savepoints need it; everything else reads
+            // through it as `&`).
+            let outcome: Result<Done<_>, StoreError> = {
+                let $tx = &mut transaction;
+                $body
+            };
+            let $tx = transaction;
             let result = match outcome {
                 Ok(Done::Commit(v)) => {
                     let committing = tokio::time::Instant::now();
@@ -287,7 +297,7 @@ macro_rules! in_transaction {
                     if committed.is_ok() {
                         $store
                             .metrics
-                            .transaction(1, started.elapsed(), committing.elapsed());
+                            .transaction($jobs, started.elapsed(), committing.elapsed());
                     }
                     committed.map(|()| v).map_err(StoreError::from)
                 }
@@ -616,7 +626,7 @@ impl Store for PgStore {
     ) -> StoreFuture<'_, PublishOutcome> {
         Box::pin(async move {
             in_transaction!(self, |tx| publish_tx(
-                &tx,
+                tx,
                 &identity,
                 &packages,
                 max_per_identity
@@ -702,7 +712,45 @@ impl Store for PgStore {
     }
 
     fn enqueue(&self, req: EnqueueRequest) -> StoreFuture<'_, EnqueueOutcome> {
-        Box::pin(async move { in_transaction!(self, |tx| enqueue_tx(&tx, &req).await) })
+        Box::pin(async move { in_transaction!(self, |tx| enqueue_tx(tx, &req).await) })
+    }
+
+    fn enqueue_batch(
+        &self,
+        requests: Vec<EnqueueRequest>,
+    ) -> StoreFuture<'_, Vec<Result<EnqueueOutcome, StoreError>>> {
+        // One transaction (one WAL flush) for the batch, each request in a
+        // savepoint: a refusal rolls back only its own claim.  A deadlock
+        // or serialization failure runs the whole batch again.
+        Box::pin(async move {
+            in_transaction!(
+                self,
+                |tx| {
+                    lock_heads(tx, &requests).await?;
+                    let mut outcomes = Vec::with_capacity(requests.len());
+                    for req in &requests {
+                        let savepoint = tx.savepoint("enqueue").await?;
+                        match enqueue_tx(&savepoint, req).await {
+                            Ok(Done::Commit(v)) => {
+                                savepoint.commit().await?;
+                                outcomes.push(Ok(v));
+                            }
+                            Ok(Done::Rollback(v)) => {
+                                savepoint.rollback().await?;
+                                outcomes.push(Ok(v));
+                            }
+                            Err(e) if e.is_transient() => return Err(e),
+                            Err(e) => {
+                                savepoint.rollback().await?;
+                                outcomes.push(Err(e));
+                            }
+                        }
+                    }
+                    Ok(Done::Commit(outcomes))
+                },
+                requests.len()
+            )
+        })
     }
 
     fn fetch(
@@ -772,7 +820,7 @@ impl Store for PgStore {
     }
 
     fn ack(&self, recipient: IdentityKey, up_to: u64) -> StoreFuture<'_, u32> {
-        Box::pin(async move { in_transaction!(self, |tx| ack_tx(&tx, &recipient, up_to).await) })
+        Box::pin(async move { in_transaction!(self, |tx| ack_tx(tx, &recipient, up_to).await) })
     }
 
     fn sweep(&self, now_secs: u64, now_ms: u64) -> StoreFuture<'_, SweepStats> {
@@ -1164,6 +1212,43 @@ struct Head {
     next_seq: i64,
     depth: i64,
     strangers: i64,
+}
+
+/// Locks the queue heads of every registered recipient of `requests` up
+/// front, in one order (sorted), creating missing ones: each enqueue locks
+/// its own recipients' heads sorted, but a batch's enqueues one after the
+/// other would lock the union in no particular order, and batches racing
+/// on other nodes would deadlock.
+async fn lock_heads(
+    tx: &deadpool_postgres::Transaction<'_>,
+    requests: &[EnqueueRequest],
+) -> Result<(), StoreError> {
+    let mut all: Vec<&[u8]> = requests
+        .iter()
+        .flat_map(|r| r.recipients.iter().map(|k| k.as_bytes().as_slice()))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO queue_heads (recipient, next_seq, depth, strangers)
+         SELECT r, 1, 0, 0 FROM unnest($1::bytea[]) AS t (r)
+         WHERE EXISTS (SELECT 1 FROM users WHERE identity = r) ORDER BY r
+         ON CONFLICT (recipient) DO NOTHING",
+        )
+        .await?,
+        &[&all],
+    )
+    .await?;
+    tx.execute(
+        &tx.prepare_cached(
+            "SELECT 1 FROM queue_heads WHERE recipient = ANY($1) ORDER BY recipient FOR UPDATE",
+        )
+        .await?,
+        &[&all],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn enqueue_tx(
