@@ -7,6 +7,10 @@
 //! and a self-update by bob; carol's message "sent before the upgrade" not
 //! delivered yet (`carol-msg.id`, `carol-msg.bin`), and one key package of
 //! bob's not used yet (`bob.kp`).  The tests work on copies.
+//!
+//! Schema 10 keeps keys as they were, writes values compactly and message
+//! secrets stores in pieces; the migration rewrites the group state in one
+//! transaction (`profile/db.rs` tests a migration that fails half-way).
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +73,72 @@ fn user_version(dir: &Path, name: &str) -> i64 {
     raw_db(dir, name)
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap()
+}
+
+/// Every key column of openmls's tables, as earlier releases encoded keys:
+/// JSON.
+const KEY_COLUMNS: [(&str, &str); 8] = [
+    ("openmls_group_data", "group_id"),
+    ("openmls_own_leaf_nodes", "group_id"),
+    ("openmls_proposals", "group_id"),
+    ("openmls_proposals", "proposal_ref"),
+    ("openmls_signature_keys", "public_key"),
+    ("openmls_encryption_keys", "public_key"),
+    ("openmls_key_packages", "key_package_ref"),
+    ("openmls_epoch_keys_pairs", "group_id"),
+];
+
+/// How a profile's MLS state is stored after the migration: schema 10;
+/// keys still JSON (so rows of earlier releases are found); the group
+/// state in the compact encoding (first byte 0xC0) but the join
+/// configuration (JSON); message secrets stores in pieces only.
+fn assert_migrated(dir: &Path, name: &str) {
+    let db = raw_db(dir, name);
+    let version: i64 = db
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 10, "{name}");
+    for (table, column) in KEY_COLUMNS {
+        let keys: Vec<Vec<u8>> = db
+            .prepare(&format!("SELECT {column} FROM {table}"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for k in keys {
+            serde_json::from_slice::<serde_json::Value>(&k)
+                .unwrap_or_else(|e| panic!("{name}: {table}.{column} not JSON: {e}"));
+        }
+    }
+    let rows: Vec<(String, Vec<u8>)> = db
+        .prepare("SELECT data_type, group_data FROM openmls_group_data")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(rows.len() >= 9, "{name}: {} rows", rows.len());
+    for (data_type, value) in rows {
+        assert_ne!(
+            data_type, "message_secrets",
+            "{name}: left in openmls's table"
+        );
+        if data_type == "join_group_config" {
+            assert_eq!(value[0], b'{', "{name}: {data_type}");
+        } else {
+            assert_eq!(value[0], 0xC0, "{name}: {data_type} not compact");
+        }
+    }
+    let (groups, first): (i64, Vec<u8>) = db
+        .query_row(
+            "SELECT count(DISTINCT group_id), (SELECT bytes FROM mls_message_secrets WHERE chunk = 0 LIMIT 1) FROM mls_message_secrets",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(groups >= 1, "{name}");
+    assert_eq!(first[0], 0xC0, "{name}");
 }
 
 /// Delivers `out` to the profiles among `to` it is for; the texts each
@@ -166,6 +236,9 @@ fn a_profile_of_the_previous_release_migrates_and_its_groups_keep_working() {
         assert_eq!(user_version(d, name), 9, "{name}: the fixture's schema");
     }
     let (mut alice, mut bob, mut carol) = (open(d, "alice"), open(d, "bob"), open(d, "carol"));
+    for name in NAMES {
+        assert_migrated(d, name);
+    }
 
     // What was encrypted before the upgrade decrypts after it.
     let mut pending = carol_pending(d);
@@ -210,6 +283,9 @@ fn a_profile_of_the_previous_release_migrates_and_its_groups_keep_working() {
     // Migrated once, the profiles open again as they are.
     drop((alice, bob, carol));
     let (mut alice, mut bob, mut carol) = (open(d, "alice"), open(d, "bob"), open(d, "carol"));
+    for name in NAMES {
+        assert_migrated(d, name);
+    }
     let out = alice.send_text("g", "after a restart").unwrap();
     assert_eq!(
         deliver(&out, &mut [&mut bob, &mut carol]),
