@@ -1187,6 +1187,22 @@ mod tests {
         assert_eq!(process(&pa, &mut ga, &out).unwrap(), b"back");
         let out = ga.create_message(&pa, &alice.signer, b"again").unwrap();
         assert_eq!(process(&pb, &mut gb, &out).unwrap(), b"again");
+
+        // A pending commit (the group state between a commit and its
+        // confirmation) loads and merges.
+        let bundle = gb
+            .self_update(&pb, &bob.signer, LeafNodeParameters::default())
+            .unwrap();
+        let mut gb = MlsGroup::load(pb.storage(), gb.group_id())
+            .unwrap()
+            .unwrap();
+        assert!(gb.pending_commit().is_some());
+        gb.merge_pending_commit(&pb).unwrap();
+        process(&pa, &mut ga, bundle.commit());
+        assert_eq!(
+            ga.epoch_authenticator().as_slice(),
+            gb.epoch_authenticator().as_slice()
+        );
     }
 
     #[test]
