@@ -16,6 +16,9 @@ use super::storage::MlsStorage;
 use crate::error::StateError;
 use crate::sqlcipher::Opened;
 
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 128;
+
 /// File name of the profile database.
 pub const STATE_FILE: &str = "state.db";
 
@@ -192,6 +195,9 @@ pub(super) fn open_db(path: &Path, key: &ProfileKey) -> Result<Connection, State
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "secure_delete", "ON")?;
+    // Every statement of the profile and of its MLS storage stays prepared
+    // (rusqlite keeps 16 by default; an operation uses more than that).
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 
