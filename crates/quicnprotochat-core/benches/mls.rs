@@ -1,6 +1,11 @@
 //! MLS operation costs: quicnprotochat's profile (SQLCipher persistence, one
-//! transaction per operation, validation) beside raw openmls with in-memory
-//! storage doing the same operations, in the same run.
+//! transaction per operation, validation) beside raw openmls doing the same
+//! operations in the same run, twice: on openmls's SQLite storage provider
+//! (`openmls_sqlite`: a plain, unencrypted SQLite file per member in WAL mode
+//! with `synchronous=FULL`, JSON as openmls's own SQLite setup encodes it,
+//! one transaction per operation where ours commits one: the like-for-like
+//! peer, with the same durability) and on openmls's in-memory storage
+//! (`openmls`: the limit, no persistence at all).
 //!
 //! The `mls_size` group repeats the per-message and per-commit operations
 //! in groups of N members (N from `QUICNPROTOCHAT_BENCH_SIZES`, default
@@ -19,13 +24,19 @@
 //!
 //! `cargo bench -p quicnprotochat-core --bench mls`
 
+use std::path::Path;
+use std::rc::Rc;
+
 use criterion::{BatchSize, BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_rust_crypto::{OpenMlsRustCrypto, RustCrypto};
+use openmls_sqlite_storage::{Codec, SqliteStorageProvider};
+use openmls_traits::OpenMlsProvider;
 use quicnprotochat_core::group::MAX_PAST_EPOCHS;
 use quicnprotochat_core::{CIPHERSUITE, Delivered, Profile, ProfileKey};
+use rusqlite::Connection;
 
 /// Ends the benchmark run with a message: a failed step means the figures
 /// would be meaningless.
@@ -59,33 +70,120 @@ fn profile(dir: &std::path::Path, name: &str) -> Profile {
     Profile::create(&dir.join(name), &KEY, name).must()
 }
 
-struct Raw {
-    provider: OpenMlsRustCrypto,
-    signer: SignatureKeyPair,
-    credential: CredentialWithKey,
+/// JSON for openmls's SQLite storage, as openmls's own SQLite setup has it
+/// (the crate ships no codec).
+#[derive(Default)]
+struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
 }
 
-fn raw(name: &str) -> Raw {
-    let provider = OpenMlsRustCrypto::default();
+/// Raw openmls on its SQLite storage provider over a plain SQLite file.
+struct SqliteProvider {
+    crypto: RustCrypto,
+    storage: SqliteStorageProvider<JsonCodec, Rc<Connection>>,
+}
+
+impl OpenMlsProvider for SqliteProvider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, Rc<Connection>>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        &self.crypto
+    }
+}
+
+/// A raw openmls member: its provider, keys, and for the SQLite peer its
+/// connection (each operation in one transaction on it).
+struct Raw<P> {
+    provider: P,
+    signer: SignatureKeyPair,
+    credential: CredentialWithKey,
+    conn: Option<Rc<Connection>>,
+}
+
+impl<P> Raw<P> {
+    /// Runs `f` in one transaction when the member persists (`BEGIN
+    /// IMMEDIATE` ... `COMMIT`, as ours does), else just runs it.
+    fn tx<T>(&self, f: impl FnOnce() -> T) -> T {
+        let Some(conn) = &self.conn else {
+            return f();
+        };
+        conn.execute_batch("BEGIN IMMEDIATE").must();
+        let out = f();
+        conn.execute_batch("COMMIT").must();
+        out
+    }
+}
+
+fn member<P: OpenMlsProvider>(provider: P, conn: Option<Rc<Connection>>, name: &str) -> Raw<P> {
     let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).must();
-    signer.store(provider.storage()).must();
     let credential = CredentialWithKey {
         credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
         signature_key: signer.public().into(),
     };
-    Raw {
+    let r = Raw {
         provider,
         signer,
         credential,
-    }
+        conn,
+    };
+    r.tx(|| r.signer.store(r.provider.storage()).must());
+    r
 }
 
-fn raw_kp(r: &Raw) -> KeyPackage {
-    KeyPackage::builder()
-        .build(CIPHERSUITE, &r.provider, &r.signer, r.credential.clone())
-        .must()
-        .key_package()
-        .clone()
+/// Raw openmls on in-memory storage.
+fn raw(name: &str) -> Raw<OpenMlsRustCrypto> {
+    member(OpenMlsRustCrypto::default(), None, name)
+}
+
+/// Raw openmls on SQLite: a fresh plain database file in `dir`, WAL,
+/// `synchronous=FULL`, openmls's migrations.
+fn raw_sqlite(dir: &Path, name: &str) -> Raw<SqliteProvider> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Connection::open(dir.join(format!("raw-{name}-{n}.db"))).must();
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+        .must();
+    conn.pragma_update(None, "synchronous", "FULL").must();
+    SqliteStorageProvider::<JsonCodec, &mut Connection>::new(&mut conn)
+        .run_migrations()
+        .must();
+    let conn = Rc::new(conn);
+    let provider = SqliteProvider {
+        crypto: RustCrypto::default(),
+        storage: SqliteStorageProvider::new(Rc::clone(&conn)),
+    };
+    member(provider, Some(conn), name)
+}
+
+fn raw_kp<P: OpenMlsProvider>(r: &Raw<P>) -> KeyPackage {
+    r.tx(|| {
+        KeyPackage::builder()
+            .build(CIPHERSUITE, &r.provider, &r.signer, r.credential.clone())
+            .must()
+            .key_package()
+            .clone()
+    })
 }
 
 /// The same group configuration as ours (ratchet tree in the Welcome, the
@@ -102,14 +200,16 @@ fn raw_config() -> MlsGroupCreateConfig {
 
 /// `r` creates a group, adds the owner of `kp` and merges: the group and the
 /// Welcome.
-fn raw_create_add(r: &Raw, kp: KeyPackage) -> (MlsGroup, MlsMessageOut) {
-    let mut grp = MlsGroup::new(&r.provider, &r.signer, &raw_config(), r.credential.clone()).must();
-    let (_c, w, _gi) = grp.add_members(&r.provider, &r.signer, &[kp]).must();
-    grp.merge_pending_commit(&r.provider).must();
+/// Three transactions on SQLite, as ours: create, add, merge.
+fn raw_create_add<P: OpenMlsProvider>(r: &Raw<P>, kp: KeyPackage) -> (MlsGroup, MlsMessageOut) {
+    let mut grp =
+        r.tx(|| MlsGroup::new(&r.provider, &r.signer, &raw_config(), r.credential.clone()).must());
+    let (_c, w, _gi) = r.tx(|| grp.add_members(&r.provider, &r.signer, &[kp]).must());
+    r.tx(|| grp.merge_pending_commit(&r.provider).must());
     (grp, w)
 }
 
-fn raw_join(r: &Raw, welcome: MlsMessageOut) -> MlsGroup {
+fn raw_join<P: OpenMlsProvider>(r: &Raw<P>, welcome: MlsMessageOut) -> MlsGroup {
     let bytes = welcome.tls_serialize_detached().must();
     let MlsMessageBodyIn::Welcome(w) = MlsMessageIn::tls_deserialize_exact(&bytes).must().extract()
     else {
@@ -119,10 +219,12 @@ fn raw_join(r: &Raw, welcome: MlsMessageOut) -> MlsGroup {
         .use_ratchet_tree_extension(true)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .build();
-    StagedWelcome::new_from_welcome(&r.provider, &cfg, w, None)
-        .must()
-        .into_group(&r.provider)
-        .must()
+    r.tx(|| {
+        StagedWelcome::new_from_welcome(&r.provider, &cfg, w, None)
+            .must()
+            .into_group(&r.provider)
+            .must()
+    })
 }
 
 fn bench(c: &mut Criterion) {
@@ -137,6 +239,8 @@ fn bench(c: &mut Criterion) {
     });
     let ra = raw("alice");
     g.bench_function("key_package/openmls", |b| b.iter(|| raw_kp(&ra)));
+    let sa = raw_sqlite(dir.path(), "alice");
+    g.bench_function("key_package/openmls_sqlite", |b| b.iter(|| raw_kp(&sa)));
 
     // Create a group and add one member (commit + Welcome), merge.
     let bob = profile(dir.path(), "add-bob");
@@ -165,6 +269,14 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || raw_kp(&rb),
             |kp| raw_create_add(&ra, kp).1,
+            BatchSize::PerIteration,
+        )
+    });
+    let sb = raw_sqlite(dir.path(), "bob");
+    g.bench_function("create_add_merge/openmls_sqlite", |b| {
+        b.iter_batched(
+            || raw_kp(&sb),
+            |kp| raw_create_add(&sa, kp).1,
             BatchSize::PerIteration,
         )
     });
@@ -212,6 +324,22 @@ fn bench(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    g.bench_function("join/openmls_sqlite", |b| {
+        b.iter_batched(
+            || {
+                let r = raw_sqlite(dir.path(), "joiner");
+                let kp = raw_kp(&r);
+                (r, raw_create_add(&sa, kp).1)
+            },
+            // As for ours, the member (and its connection) is dropped after
+            // the timing.
+            |(r, w)| {
+                let group = raw_join(&r, w);
+                (r, group)
+            },
+            BatchSize::PerIteration,
+        )
+    });
 
     // Encrypt 256 bytes, decrypt at the other member.
     let text = "x".repeat(200);
@@ -232,17 +360,28 @@ fn bench(c: &mut Criterion) {
     let mut gb = raw_join(&rb, w);
     let payload = vec![b'x'; 256];
     g.bench_function("encrypt_decrypt_256B/openmls", |b| {
-        b.iter(|| {
-            let out = ga.create_message(&ra.provider, &ra.signer, &payload).must();
-            let bytes = out.tls_serialize_detached().must();
-            let pm = MlsMessageIn::tls_deserialize_exact(&bytes)
-                .must()
-                .try_into_protocol_message()
-                .must();
-            gb.process_message(&rb.provider, pm).must()
-        })
+        b.iter(|| raw_encrypt_decrypt(&ra, &rb, &mut ga, &mut gb, &payload))
+    });
+    let (mut sga, w) = raw_create_add(&sa, raw_kp(&sb));
+    let mut sgb = raw_join(&sb, w);
+    g.bench_function("encrypt_decrypt_256B/openmls_sqlite", |b| {
+        b.iter(|| raw_encrypt_decrypt(&sa, &sb, &mut sga, &mut sgb, &payload))
     });
     g.finish();
+}
+
+/// `ra`'s member encrypts `payload` (one transaction), `rb`'s decrypts it
+/// (another).
+fn raw_encrypt_decrypt<P: OpenMlsProvider>(
+    ra: &Raw<P>,
+    rb: &Raw<P>,
+    ga: &mut MlsGroup,
+    gb: &mut MlsGroup,
+    payload: &[u8],
+) -> ProcessedMessage {
+    let out = ra.tx(|| ga.create_message(&ra.provider, &ra.signer, payload).must());
+    let pm = to_protocol(&out);
+    rb.tx(|| gb.process_message(&rb.provider, pm).must())
 }
 
 /// Group sizes of `mls_size`.
@@ -281,20 +420,22 @@ fn our_group(dir: &std::path::Path, n: usize) -> (Profile, Profile) {
 }
 
 /// A raw openmls group of `n` members: ra's group and rb's copy.
-fn raw_group(ra: &Raw, rb: &Raw, n: usize) -> (MlsGroup, MlsGroup) {
-    let mut ga = MlsGroup::new(
-        &ra.provider,
-        &ra.signer,
-        &raw_config(),
-        ra.credential.clone(),
-    )
-    .must();
+fn raw_group<P: OpenMlsProvider>(ra: &Raw<P>, rb: &Raw<P>, n: usize) -> (MlsGroup, MlsGroup) {
+    let mut ga = ra.tx(|| {
+        MlsGroup::new(
+            &ra.provider,
+            &ra.signer,
+            &raw_config(),
+            ra.credential.clone(),
+        )
+        .must()
+    });
     let mut kps = vec![raw_kp(rb)];
     for i in 2..n {
         kps.push(raw_kp(&raw(&format!("m{i}"))));
     }
-    let (_c, w, _gi) = ga.add_members(&ra.provider, &ra.signer, &kps).must();
-    ga.merge_pending_commit(&ra.provider).must();
+    let (_c, w, _gi) = ra.tx(|| ga.add_members(&ra.provider, &ra.signer, &kps).must());
+    ra.tx(|| ga.merge_pending_commit(&ra.provider).must());
     let mut gb = raw_join(rb, w);
     // Fill the window of past epochs with N-member epochs, as in our_group.
     for _ in 0..MAX_PAST_EPOCHS {
@@ -303,19 +444,44 @@ fn raw_group(ra: &Raw, rb: &Raw, n: usize) -> (MlsGroup, MlsGroup) {
     (ga, gb)
 }
 
-/// ra's member commits a self-update and merges it; rb processes and merges it.
-fn raw_self_update(ra: &Raw, rb: &Raw, ga: &mut MlsGroup, gb: &mut MlsGroup) {
-    let bundle = ga
-        .self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
-        .must();
-    ga.merge_pending_commit(&ra.provider).must();
+/// ra's member commits a self-update and merges it (two transactions, as
+/// ours: the commit, then its confirmation); rb processes and merges it (one).
+fn raw_self_update<P: OpenMlsProvider>(
+    ra: &Raw<P>,
+    rb: &Raw<P>,
+    ga: &mut MlsGroup,
+    gb: &mut MlsGroup,
+) {
+    let bundle = ra.tx(|| {
+        ga.self_update(&ra.provider, &ra.signer, LeafNodeParameters::default())
+            .must()
+    });
+    ra.tx(|| ga.merge_pending_commit(&ra.provider).must());
     let (commit, _w, _gi) = bundle.into_contents();
-    let pm = gb
-        .process_message(&rb.provider, to_protocol(&commit))
-        .must();
-    if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
-        gb.merge_staged_commit(&rb.provider, *sc).must();
-    }
+    rb.tx(|| {
+        let pm = gb
+            .process_message(&rb.provider, to_protocol(&commit))
+            .must();
+        if let ProcessedMessageContent::StagedCommitMessage(sc) = pm.into_content() {
+            gb.merge_staged_commit(&rb.provider, *sc).must();
+        }
+    });
+}
+
+/// Adds one member and merges, then removes it and merges: four
+/// transactions, as ours (each commit, each confirmation).
+fn raw_add_remove<P: OpenMlsProvider>(
+    ra: &Raw<P>,
+    ga: &mut MlsGroup,
+    kp: KeyPackage,
+) -> MlsMessageOut {
+    let sig = kp.leaf_node().signature_key().as_slice().to_vec();
+    let (_c, w, _gi) = ra.tx(|| ga.add_members(&ra.provider, &ra.signer, &[kp]).must());
+    ra.tx(|| ga.merge_pending_commit(&ra.provider).must());
+    let idx = ga.members().find(|m| m.signature_key == sig).must().index;
+    ra.tx(|| ga.remove_members(&ra.provider, &ra.signer, &[idx]).must());
+    ra.tx(|| ga.merge_pending_commit(&ra.provider).must());
+    w
 }
 
 /// alice commits a self-update (accepted); bob processes it.
@@ -351,6 +517,9 @@ fn bench_sizes(c: &mut Criterion) {
         let ra = raw(&format!("alice{n}"));
         let rb = raw(&format!("bob{n}"));
         let (mut ga, mut gb) = raw_group(&ra, &rb, n);
+        let sa = raw_sqlite(dir.path(), &format!("alice{n}"));
+        let sb = raw_sqlite(dir.path(), &format!("bob{n}"));
+        let (mut sga, mut sgb) = raw_group(&sa, &sb, n);
 
         g.bench_function(BenchmarkId::new("self_update_process/ours", n), |b| {
             b.iter(|| our_self_update(&mut alice, &mut bob))
@@ -358,6 +527,10 @@ fn bench_sizes(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("self_update_process/openmls", n), |b| {
             b.iter(|| raw_self_update(&ra, &rb, &mut ga, &mut gb))
         });
+        g.bench_function(
+            BenchmarkId::new("self_update_process/openmls_sqlite", n),
+            |b| b.iter(|| raw_self_update(&sa, &sb, &mut sga, &mut sgb)),
+        );
 
         g.bench_function(BenchmarkId::new("encrypt_decrypt_256B/ours", n), |b| {
             b.iter(|| {
@@ -366,11 +539,12 @@ fn bench_sizes(c: &mut Criterion) {
             })
         });
         g.bench_function(BenchmarkId::new("encrypt_decrypt_256B/openmls", n), |b| {
-            b.iter(|| {
-                let out = ga.create_message(&ra.provider, &ra.signer, &payload).must();
-                gb.process_message(&rb.provider, to_protocol(&out)).must()
-            })
+            b.iter(|| raw_encrypt_decrypt(&ra, &rb, &mut ga, &mut gb, &payload))
         });
+        g.bench_function(
+            BenchmarkId::new("encrypt_decrypt_256B/openmls_sqlite", n),
+            |b| b.iter(|| raw_encrypt_decrypt(&sa, &sb, &mut sga, &mut sgb, &payload)),
+        );
 
         // Add one member (commit + Welcome) and merge, then remove it and
         // merge: the group stays at N members across iterations.
@@ -397,15 +571,14 @@ fn bench_sizes(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("add_remove/openmls", n), |b| {
             b.iter_batched(
                 || raw_kp(&raw("added")),
-                |kp| {
-                    let sig = kp.leaf_node().signature_key().as_slice().to_vec();
-                    let (_c, w, _gi) = ga.add_members(&ra.provider, &ra.signer, &[kp]).must();
-                    ga.merge_pending_commit(&ra.provider).must();
-                    let idx = ga.members().find(|m| m.signature_key == sig).must().index;
-                    ga.remove_members(&ra.provider, &ra.signer, &[idx]).must();
-                    ga.merge_pending_commit(&ra.provider).must();
-                    w
-                },
+                |kp| raw_add_remove(&ra, &mut ga, kp),
+                BatchSize::PerIteration,
+            )
+        });
+        g.bench_function(BenchmarkId::new("add_remove/openmls_sqlite", n), |b| {
+            b.iter_batched(
+                || raw_kp(&raw("added")),
+                |kp| raw_add_remove(&sa, &mut sga, kp),
                 BatchSize::PerIteration,
             )
         });
@@ -490,6 +663,36 @@ fn bench_receive(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // The batch in one transaction, as ours.
+    let sa = raw_sqlite(dir.path(), "alice-recv");
+    let sb = raw_sqlite(dir.path(), "bob-recv");
+    let (mut sga, mut sgb) = raw_group(&sa, &sb, 2);
+    g.bench_function(
+        BenchmarkId::new("process_batch/openmls_sqlite", BATCH),
+        |b| {
+            b.iter_batched(
+                || {
+                    (0..BATCH)
+                        .map(|_| {
+                            let out = sa.tx(|| {
+                                sga.create_message(&sa.provider, &sa.signer, &payload)
+                                    .must()
+                            });
+                            to_protocol(&out)
+                        })
+                        .collect::<Vec<_>>()
+                },
+                |msgs| {
+                    sb.tx(|| {
+                        for pm in msgs {
+                            sgb.process_message(&sb.provider, pm).must();
+                        }
+                    })
+                },
+                BatchSize::PerIteration,
+            )
+        },
+    );
     g.finish();
 }
 

@@ -3,4 +3,6 @@
 #[cfg(test)]
 mod groups;
 #[cfg(test)]
+mod migration;
+#[cfg(test)]
 mod weak_keys;

@@ -24,6 +24,8 @@
 //!
 //! - this module: opening and creating a profile, settings, key packages;
 //! - `db.rs`: the database file, schema migrations, the openmls provider;
+//! - `storage.rs`: openmls's state in the database (compact values, message
+//!   secrets written piece by piece);
 //! - `transaction.rs`: write transactions and the group cache;
 //! - `groups.rs`: create, invite, remove, self-update, commit proposals,
 //!   confirm or abort a commit, leave, send;
@@ -65,6 +67,7 @@ mod outbox;
 mod peers;
 mod pending;
 mod process;
+mod storage;
 mod tokens;
 mod transaction;
 mod verified;
@@ -75,6 +78,7 @@ pub use verified::{Contact, Verification};
 pub use db::{JsonCodec, Provider, STATE_FILE};
 use db::{migrate, open_db};
 pub use held::{HELD_MAX_AGE_MS, MAX_HELD};
+pub use storage::{MlsStorage, StorageError};
 use transaction::GroupCache;
 
 /// The secret that opens a profile.
