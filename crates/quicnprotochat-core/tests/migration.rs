@@ -6,7 +6,7 @@
 //! code: alice, bob and carol in group "g" after a few messages each way
 //! and a self-update by bob; carol's message "sent before the upgrade" not
 //! delivered yet (`carol-msg.id`, `carol-msg.bin`), and one key package of
-//! bob's not used yet (`bob.kp`).  The tests work on copies.
+//! bob's not used yet (kept in his profile).  The tests work on copies.
 //!
 //! Schema 10 keeps keys as they were, writes values compactly and message
 //! secrets stores in pieces; the migration rewrites the group state in one
