@@ -21,8 +21,10 @@
 //! `backup` and `rekey` subcommands on a store of queued messages beside a
 //! plain file copy; not part of `all`), `ngircd` (the IRC server ngIRCd
 //! over TLS beside ours: msgs/s, p99 at one rate, CPU per message, memory
-//! per idle connection), `prosody` (the same beside the XMPP server
-//! Prosody over direct TLS), `connections` (idle authenticated
+//! per idle connection), `prosody` and `ejabberd` (the same beside the
+//! XMPP servers Prosody and ejabberd over direct TLS, plus the offline
+//! path: messages stored for logged-out users, then fetched at login),
+//! `connections` (idle authenticated
 //! connections in steps up to 100 000, beside a raw quinn server; not part
 //! of `all`), `all`.
 
@@ -169,8 +171,17 @@ enum Cmd {
         irc: irc::IrcArgs,
     },
     /// The XMPP server Prosody over direct TLS beside ours: msgs/s, p99 at
-    /// one rate, CPU per message, memory per idle connection.
+    /// one rate, CPU per message, memory per idle connection, and the
+    /// offline path (stored, then fetched at login).
     Prosody {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        xmpp: xmpp::XmppArgs,
+    },
+    /// The XMPP server ejabberd over direct TLS beside ours: the same
+    /// measurements as `prosody`.
+    Ejabberd {
         #[command(flatten)]
         args: DeliveryArgs,
         #[command(flatten)]
@@ -185,8 +196,8 @@ enum Cmd {
         metrics: metrics::MetricsArgs,
     },
     /// throughput, latency at 50% of the measured maximum, p2p, fanout,
-    /// coldstart, idle-memory, metrics, ngircd and prosody (each skipped
-    /// when not installed), postgres (skipped when PostgreSQL is not
+    /// coldstart, idle-memory, metrics, ngircd, prosody and ejabberd (each
+    /// skipped when not installed), postgres (skipped when PostgreSQL is not
     /// installed).
     All(Box<AllArgs>),
     /// Writes the results table of the benchmarks page from report lines.
@@ -298,12 +309,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(e) if irc::not_installed(&e) => eprintln!("ngircd: skipped: {e:#}"),
                 Err(e) => return Err(e),
             }
-            match xmpp::run(&bin, core, &args, &xa).await {
-                Ok(r) => {
-                    r.emit();
+            for (kind, name) in [
+                (xmpp::Kind::Prosody, "prosody"),
+                (xmpp::Kind::Ejabberd, "ejabberd"),
+            ] {
+                match xmpp::run(&bin, core, &args, &xa, kind).await {
+                    Ok(r) => {
+                        r.emit();
+                    }
+                    Err(e) if xmpp::not_installed(&e) => eprintln!("{name}: skipped: {e:#}"),
+                    Err(e) => return Err(e),
                 }
-                Err(e) if xmpp::not_installed(&e) => eprintln!("prosody: skipped: {e:#}"),
-                Err(e) => return Err(e),
             }
             match postgres::run(&bin, core, &args, &pg).await {
                 Ok((p, push)) => {
@@ -328,7 +344,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Prosody { args, xmpp } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
-            xmpp::run(&bin, core, &args, &xmpp).await?.emit();
+            xmpp::run(&bin, core, &args, &xmpp, xmpp::Kind::Prosody)
+                .await?
+                .emit();
+        }
+        Cmd::Ejabberd { args, xmpp } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            xmpp::run(&bin, core, &args, &xmpp, xmpp::Kind::Ejabberd)
+                .await?
+                .emit();
         }
         Cmd::Connections(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
