@@ -24,6 +24,8 @@
 //! per idle connection), `prosody` and `ejabberd` (the same beside the
 //! XMPP servers Prosody and ejabberd over direct TLS, plus the offline
 //! path: messages stored for logged-out users, then fetched at login),
+//! `synapse` (the same first four beside the Matrix homeserver Synapse:
+//! room messages through the client-server API, received by `/sync`),
 //! `connections` (idle authenticated
 //! connections in steps up to 100 000, beside a raw quinn server; not part
 //! of `all`), `all`.
@@ -54,6 +56,8 @@ mod postgres;
 mod relay;
 #[path = "load/startup.rs"]
 mod startup;
+#[path = "load/synapse.rs"]
+mod synapse;
 #[path = "load/table.rs"]
 mod table;
 #[path = "load/xmpp.rs"]
@@ -103,6 +107,8 @@ struct AllArgs {
     irc: irc::IrcArgs,
     #[command(flatten)]
     xmpp: xmpp::XmppArgs,
+    #[command(flatten)]
+    synapse: synapse::SynapseArgs,
 }
 
 /// Options of every scenario.
@@ -187,6 +193,15 @@ enum Cmd {
         #[command(flatten)]
         xmpp: xmpp::XmppArgs,
     },
+    /// The Matrix homeserver Synapse beside ours: room messages through
+    /// the client-server API, received by `/sync` long polls; msgs/s, p99
+    /// at one rate, CPU per message, memory per idle logged-in client.
+    Synapse {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        synapse: synapse::SynapseArgs,
+    },
     /// The operator endpoint's cost: throughput with `--metrics-listen`
     /// scraped throughout, beside the same server without it.
     Metrics {
@@ -196,8 +211,8 @@ enum Cmd {
         metrics: metrics::MetricsArgs,
     },
     /// throughput, latency at 50% of the measured maximum, p2p, fanout,
-    /// coldstart, idle-memory, metrics, ngircd, prosody and ejabberd (each
-    /// skipped when not installed), postgres (skipped when PostgreSQL is not
+    /// coldstart, idle-memory, metrics, ngircd, prosody, ejabberd and
+    /// synapse (each skipped when not installed), postgres (skipped when PostgreSQL is not
     /// installed).
     All(Box<AllArgs>),
     /// Writes the results table of the benchmarks page from report lines.
@@ -291,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: ma,
                 irc: ia,
                 xmpp: xa,
+                synapse: sa,
             } = *all;
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -320,6 +336,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Err(e) if xmpp::not_installed(&e) => eprintln!("{name}: skipped: {e:#}"),
                     Err(e) => return Err(e),
                 }
+            }
+            match synapse::run(&bin, core, &args, &sa).await {
+                Ok(r) => {
+                    r.emit();
+                }
+                Err(e) if synapse::not_installed(&e) => eprintln!("synapse: skipped: {e:#}"),
+                Err(e) => return Err(e),
             }
             match postgres::run(&bin, core, &args, &pg).await {
                 Ok((p, push)) => {
@@ -353,6 +376,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             xmpp::run(&bin, core, &args, &xmpp, xmpp::Kind::Ejabberd)
                 .await?
                 .emit();
+        }
+        Cmd::Synapse { args, synapse } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            synapse::run(&bin, core, &args, &synapse).await?.emit();
         }
         Cmd::Connections(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
