@@ -109,6 +109,10 @@ struct AllArgs {
     xmpp: xmpp::XmppArgs,
     #[command(flatten)]
     synapse: synapse::SynapseArgs,
+    /// Leave out the chat-server peers (ngircd, prosody, ejabberd,
+    /// synapse): scripts/bench runs them in its first run only.
+    #[arg(long)]
+    no_chat_peers: bool,
 }
 
 /// Options of every scenario.
@@ -307,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 irc: ia,
                 xmpp: xa,
                 synapse: sa,
+                no_chat_peers,
             } = *all;
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -318,31 +323,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             startup::coldstart(&bin, core, &cold).await?.emit();
             startup::idle_memory(&bin, core, &idle).await?.emit();
             metrics::run(&bin, core, &args, &ma).await?.emit();
-            match irc::run(&bin, core, &args, &ia).await {
-                Ok(r) => {
-                    r.emit();
-                }
-                Err(e) if irc::not_installed(&e) => eprintln!("ngircd: skipped: {e:#}"),
-                Err(e) => return Err(e),
-            }
-            for (kind, name) in [
-                (xmpp::Kind::Prosody, "prosody"),
-                (xmpp::Kind::Ejabberd, "ejabberd"),
-            ] {
-                match xmpp::run(&bin, core, &args, &xa, kind).await {
+            if !no_chat_peers {
+                match irc::run(&bin, core, &args, &ia).await {
                     Ok(r) => {
                         r.emit();
                     }
-                    Err(e) if xmpp::not_installed(&e) => eprintln!("{name}: skipped: {e:#}"),
+                    Err(e) if irc::not_installed(&e) => eprintln!("ngircd: skipped: {e:#}"),
                     Err(e) => return Err(e),
                 }
-            }
-            match synapse::run(&bin, core, &args, &sa).await {
-                Ok(r) => {
-                    r.emit();
+                for (kind, name) in [
+                    (xmpp::Kind::Prosody, "prosody"),
+                    (xmpp::Kind::Ejabberd, "ejabberd"),
+                ] {
+                    match xmpp::run(&bin, core, &args, &xa, kind).await {
+                        Ok(r) => {
+                            r.emit();
+                        }
+                        Err(e) if xmpp::not_installed(&e) => eprintln!("{name}: skipped: {e:#}"),
+                        Err(e) => return Err(e),
+                    }
                 }
-                Err(e) if synapse::not_installed(&e) => eprintln!("synapse: skipped: {e:#}"),
-                Err(e) => return Err(e),
+                match synapse::run(&bin, core, &args, &sa).await {
+                    Ok(r) => {
+                        r.emit();
+                    }
+                    Err(e) if synapse::not_installed(&e) => eprintln!("synapse: skipped: {e:#}"),
+                    Err(e) => return Err(e),
+                }
             }
             match postgres::run(&bin, core, &args, &pg).await {
                 Ok((p, push)) => {
