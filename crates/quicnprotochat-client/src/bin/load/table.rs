@@ -394,15 +394,23 @@ fn results(a: &TableArgs, runs: &[(String, Value)]) -> String {
             ));
         }
     }
+    let counts: Vec<usize> = order.iter().map(|s| sorted_runs(runs, s).len()).collect();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let fewest = counts.iter().copied().min().unwrap_or(0);
     let date = runs
         .first()
         .and_then(|r| r.1.get("unix_time"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
     format!(
-        "{BEGIN}\nRevision `{rev}`, unix time {date}{}, {} run(s) per scenario.\n\n{rows}{END}",
+        "{BEGIN}\nRevision `{rev}`, unix time {date}{}, {} run(s) per scenario{}.\n\n{rows}{END}",
         machine(a),
-        runs.len() / order.len().max(1),
+        most,
+        if fewest < most {
+            format!(" ({fewest} for some)")
+        } else {
+            String::new()
+        },
     )
 }
 
