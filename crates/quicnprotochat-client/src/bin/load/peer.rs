@@ -162,6 +162,14 @@ pub async fn ours(
 ) -> anyhow::Result<(Value, Value, f64)> {
     let max = delivery::sqlcipher(bin, core, a, None).await?;
     let open = delivery::sqlcipher(bin, core, a, Some(rate)).await?;
+    for o in [&max, &open] {
+        anyhow::ensure!(
+            o.complete(),
+            "our server delivered {} of {} messages",
+            o.received(),
+            o.sent()
+        );
+    }
     let memory = startup::idle_memory(
         bin,
         core,

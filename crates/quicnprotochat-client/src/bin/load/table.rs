@@ -148,6 +148,12 @@ fn describe(r: &Value) -> (String, String, String) {
             &fig,
             &peer,
         ),
+        "synapse" => peer_row(
+            "Synapse (Matrix over plain HTTP, SQLite: persists each message before answering)",
+            r,
+            &fig,
+            &peer,
+        ),
         "metrics" => (
             format!(
                 "delivered msgs/s with the metrics endpoint scraped every {} s",
