@@ -530,3 +530,17 @@ pub async fn run(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_ids_and_filters_are_percent_encoded() {
+        assert_eq!(enc("!abc-_.~:localhost"), "%21abc-_.~%3Alocalhost");
+        assert_eq!(enc("s9_1 x"), "s9_1%20x");
+        let f = room_filter("!r:localhost");
+        assert!(!f.contains(['{', '"', '!', ':', ' ']), "{f}");
+        assert!(f.contains("%21r%3Alocalhost"), "{f}");
+    }
+}
