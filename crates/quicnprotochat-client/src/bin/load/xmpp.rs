@@ -130,8 +130,9 @@ impl Server {
     }
 }
 
-/// A fresh self-signed certificate for `DOMAIN` in `dir`: (cert, key) paths
-/// and the client configuration that trusts it.
+/// A fresh self-signed certificate for `DOMAIN` written into `dir`: the
+/// certificate's and the key's paths, both in one PEM text, and the client
+/// configuration that trusts it.
 fn certificate(
     dir: &Path,
 ) -> anyhow::Result<(PathBuf, PathBuf, String, Arc<rustls::ClientConfig>)> {
