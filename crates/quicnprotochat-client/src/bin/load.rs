@@ -21,8 +21,12 @@
 //! `backup` and `rekey` subcommands on a store of queued messages beside a
 //! plain file copy; not part of `all`), `ngircd` (the IRC server ngIRCd
 //! over TLS beside ours: msgs/s, p99 at one rate, CPU per message, memory
-//! per idle connection), `prosody` (the same beside the XMPP server
-//! Prosody over direct TLS), `connections` (idle authenticated
+//! per idle connection), `prosody` and `ejabberd` (the same beside the
+//! XMPP servers Prosody and ejabberd over direct TLS, plus the offline
+//! path: messages stored for logged-out users, then fetched at login),
+//! `synapse` (the same first four beside the Matrix homeserver Synapse:
+//! room messages through the client-server API, received by `/sync`),
+//! `connections` (idle authenticated
 //! connections in steps up to 100 000, beside a raw quinn server; not part
 //! of `all`), `all`.
 
@@ -52,6 +56,8 @@ mod postgres;
 mod relay;
 #[path = "load/startup.rs"]
 mod startup;
+#[path = "load/synapse.rs"]
+mod synapse;
 #[path = "load/table.rs"]
 mod table;
 #[path = "load/xmpp.rs"]
@@ -101,6 +107,12 @@ struct AllArgs {
     irc: irc::IrcArgs,
     #[command(flatten)]
     xmpp: xmpp::XmppArgs,
+    #[command(flatten)]
+    synapse: synapse::SynapseArgs,
+    /// Leave out the chat-server peers (ngircd, prosody, ejabberd,
+    /// synapse): scripts/bench runs them in its first run only.
+    #[arg(long)]
+    no_chat_peers: bool,
 }
 
 /// Options of every scenario.
@@ -169,12 +181,30 @@ enum Cmd {
         irc: irc::IrcArgs,
     },
     /// The XMPP server Prosody over direct TLS beside ours: msgs/s, p99 at
-    /// one rate, CPU per message, memory per idle connection.
+    /// one rate, CPU per message, memory per idle connection, and the
+    /// offline path (stored, then fetched at login).
     Prosody {
         #[command(flatten)]
         args: DeliveryArgs,
         #[command(flatten)]
         xmpp: xmpp::XmppArgs,
+    },
+    /// The XMPP server ejabberd over direct TLS beside ours: the same
+    /// measurements as `prosody`.
+    Ejabberd {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        xmpp: xmpp::XmppArgs,
+    },
+    /// The Matrix homeserver Synapse beside ours: room messages through
+    /// the client-server API, received by `/sync` long polls; msgs/s, p99
+    /// at one rate, CPU per message, memory per idle logged-in client.
+    Synapse {
+        #[command(flatten)]
+        args: DeliveryArgs,
+        #[command(flatten)]
+        synapse: synapse::SynapseArgs,
     },
     /// The operator endpoint's cost: throughput with `--metrics-listen`
     /// scraped throughout, beside the same server without it.
@@ -185,8 +215,8 @@ enum Cmd {
         metrics: metrics::MetricsArgs,
     },
     /// throughput, latency at 50% of the measured maximum, p2p, fanout,
-    /// coldstart, idle-memory, metrics, ngircd and prosody (each skipped
-    /// when not installed), postgres (skipped when PostgreSQL is not
+    /// coldstart, idle-memory, metrics, ngircd, prosody, ejabberd and
+    /// synapse (each skipped when not installed), postgres (skipped when PostgreSQL is not
     /// installed).
     All(Box<AllArgs>),
     /// Writes the results table of the benchmarks page from report lines.
@@ -280,6 +310,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: ma,
                 irc: ia,
                 xmpp: xa,
+                synapse: sa,
+                no_chat_peers,
             } = *all;
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -291,19 +323,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             startup::coldstart(&bin, core, &cold).await?.emit();
             startup::idle_memory(&bin, core, &idle).await?.emit();
             metrics::run(&bin, core, &args, &ma).await?.emit();
-            match irc::run(&bin, core, &args, &ia).await {
-                Ok(r) => {
-                    r.emit();
+            if !no_chat_peers {
+                match irc::run(&bin, core, &args, &ia).await {
+                    Ok(r) => {
+                        r.emit();
+                    }
+                    Err(e) if irc::not_installed(&e) => eprintln!("ngircd: skipped: {e:#}"),
+                    Err(e) => return Err(e),
                 }
-                Err(e) if irc::not_installed(&e) => eprintln!("ngircd: skipped: {e:#}"),
-                Err(e) => return Err(e),
-            }
-            match xmpp::run(&bin, core, &args, &xa).await {
-                Ok(r) => {
-                    r.emit();
+                for (kind, name) in [
+                    (xmpp::Kind::Prosody, "prosody"),
+                    (xmpp::Kind::Ejabberd, "ejabberd"),
+                ] {
+                    match xmpp::run(&bin, core, &args, &xa, kind).await {
+                        Ok(r) => {
+                            r.emit();
+                        }
+                        Err(e) if xmpp::not_installed(&e) => eprintln!("{name}: skipped: {e:#}"),
+                        Err(e) => return Err(e),
+                    }
                 }
-                Err(e) if xmpp::not_installed(&e) => eprintln!("prosody: skipped: {e:#}"),
-                Err(e) => return Err(e),
+                match synapse::run(&bin, core, &args, &sa).await {
+                    Ok(r) => {
+                        r.emit();
+                    }
+                    Err(e) if synapse::not_installed(&e) => eprintln!("synapse: skipped: {e:#}"),
+                    Err(e) => return Err(e),
+                }
             }
             match postgres::run(&bin, core, &args, &pg).await {
                 Ok((p, push)) => {
@@ -328,7 +374,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Prosody { args, xmpp } => {
             let bin = common::server_bin(g.server_bin.as_deref())?;
-            xmpp::run(&bin, core, &args, &xmpp).await?.emit();
+            xmpp::run(&bin, core, &args, &xmpp, xmpp::Kind::Prosody)
+                .await?
+                .emit();
+        }
+        Cmd::Ejabberd { args, xmpp } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            xmpp::run(&bin, core, &args, &xmpp, xmpp::Kind::Ejabberd)
+                .await?
+                .emit();
+        }
+        Cmd::Synapse { args, synapse } => {
+            let bin = common::server_bin(g.server_bin.as_deref())?;
+            synapse::run(&bin, core, &args, &synapse).await?.emit();
         }
         Cmd::Connections(a) => {
             let bin = common::server_bin(g.server_bin.as_deref())?;

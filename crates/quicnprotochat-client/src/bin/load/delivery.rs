@@ -573,3 +573,111 @@ pub async fn latency(
         cpu_us_per_op: json!({"server": ours.cpu_per_msg(), "peer": peer.cpu_per_msg()}),
     })
 }
+
+/// Bound on each phase of the offline path.
+const OFFLINE_PHASE: Duration = Duration::from_secs(120);
+
+/// The offline path through the server (durable SQLCipher store): `total`
+/// messages (numbered, spread over `a.pairs` recipients, `a.depth`
+/// enqueues in flight per sender) enqueued for recipients that registered
+/// and disconnected, each acknowledged once committed; then the
+/// recipients connect, authenticate and subscribe from the start of their
+/// queue, and each must receive exactly its sender's numbers.
+pub async fn offline(
+    bin: &Path,
+    core: Option<usize>,
+    a: &DeliveryArgs,
+    total: u64,
+) -> anyhow::Result<Value> {
+    let server = common::start_server_with(bin, core, None, &[])?;
+    let pairs = a.pairs.max(1);
+    let lanes = a.depth.max(1) as u64;
+    let per = total / pairs as u64;
+    let mut recipients = Vec::new();
+    for i in 0..pairs {
+        let (client, identity) = server_client(&server, &format!("offline-r{i}")).await?;
+        drop(client);
+        recipients.push(identity);
+    }
+    let mut senders = Vec::new();
+    for i in 0..pairs {
+        senders.push(server_client(&server, &format!("offline-s{i}")).await?.0);
+    }
+    let cpu0 = server.cpu_us()?;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (client, to) in senders.iter().zip(&recipients) {
+        let to = to.public_key();
+        for lane in 0..lanes {
+            let client = client.clone();
+            let size = a.size;
+            tasks.push(tokio::spawn(async move {
+                let mut n = lane;
+                while n < per {
+                    let id = quicnprotochat_core::new_message_id(
+                        &quicnprotochat_core::clock::SystemClock::new(),
+                    )?;
+                    client
+                        .enqueue(&[to], id, payload(size, n))
+                        .await
+                        .context("enqueue")?;
+                    n += lanes;
+                }
+                anyhow::Ok(())
+            }));
+        }
+    }
+    for t in tasks {
+        tokio::time::timeout(OFFLINE_PHASE, t)
+            .await
+            .context("offline send phase")???;
+    }
+    let stored = start.elapsed();
+    let cpu1 = server.cpu_us()?;
+    let fetch_start = Instant::now();
+    let mut tasks = Vec::new();
+    for identity in recipients {
+        let config = server.client_config();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(config).await.context("connect")?;
+            client.init_auth(&identity).await.context("auth")?;
+            let mut sub = client.subscribe(1).await?;
+            let mut got = Vec::new();
+            let mut last = 0;
+            while (got.len() as u64) < per {
+                let Some(e) = sub.next().await else { break };
+                if let Some(n) = stamp_of(&e.payload) {
+                    got.push(n);
+                }
+                last = e.seq;
+            }
+            client.ack(last).await?;
+            anyhow::Ok(got)
+        }));
+    }
+    let mut received = 0u64;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let mut got = tokio::time::timeout(OFFLINE_PHASE, t)
+            .await
+            .with_context(|| format!("offline fetch of offline-r{i}"))???;
+        got.sort_unstable();
+        anyhow::ensure!(
+            got.iter().copied().eq(0..per),
+            "the server delivered {} of {per} offline messages to offline-r{i} (or out of number)",
+            got.len()
+        );
+        received += got.len() as u64;
+    }
+    let fetched = fetch_start.elapsed();
+    let cpu2 = server.cpu_us()?;
+    drop(senders);
+    drop(server);
+    Ok(crate::xmpp::offline_figures(
+        per * pairs as u64,
+        received,
+        stored,
+        fetched,
+        cpu1.saturating_sub(cpu0),
+        cpu2.saturating_sub(cpu1),
+    ))
+}

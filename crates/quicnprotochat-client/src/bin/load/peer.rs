@@ -162,6 +162,14 @@ pub async fn ours(
 ) -> anyhow::Result<(Value, Value, f64)> {
     let max = delivery::sqlcipher(bin, core, a, None).await?;
     let open = delivery::sqlcipher(bin, core, a, Some(rate)).await?;
+    for o in [&max, &open] {
+        anyhow::ensure!(
+            o.complete(),
+            "our server delivered {} of {} messages",
+            o.received(),
+            o.sent()
+        );
+    }
     let memory = startup::idle_memory(
         bin,
         core,
@@ -222,14 +230,26 @@ pub fn start_server(
     name: &str,
     port: u16,
 ) -> anyhow::Result<std::process::Child> {
+    let mut cmd = pinned(bin, core);
+    cmd.args(args);
+    start_command(cmd, &bin.display().to_string(), name, port)
+}
+
+/// Starts the peer server command `cmd` (`what` in errors) and waits until
+/// it accepts connections on `port`, as [`start_server`] does.
+pub fn start_command(
+    mut cmd: std::process::Command,
+    what: &str,
+    name: &str,
+    port: u16,
+) -> anyhow::Result<std::process::Child> {
     use std::process::Stdio;
-    let mut child = pinned(bin, core)
-        .args(args)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| anyhow!("starting {}: {e}", bin.display()))?;
+        .map_err(|e| anyhow!("starting {what}: {e}"))?;
     let stdout = child
         .stdout
         .take()
@@ -317,5 +337,19 @@ pub fn compare(
             "ahead on msgs/s (>= 1), p99 at equal rate (<= 1) and memory per idle connection (<= 1)"
                 .into(),
         pass: Some(throughput_ratio >= 1.0 && p99_ratio <= 1.0 && memory_ratio <= 1.0),
+    }
+}
+
+/// Adds the offline path's figures (`messages` sent to logged-out
+/// recipients, then fetched at login) to a peer's report, ours and theirs.
+pub fn add_offline(report: &mut Report, messages: u64, ours: Value, theirs: Value) {
+    if let Some(p) = report.params.as_object_mut() {
+        p.insert("offline_messages".into(), json!(messages));
+    }
+    if let Some(f) = report.figures.as_object_mut() {
+        f.insert("offline".into(), ours);
+    }
+    if let Some(f) = report.peer_figures.as_object_mut() {
+        f.insert("offline".into(), theirs);
     }
 }

@@ -153,6 +153,18 @@ fn describe(r: &Value) -> (String, String, String) {
             &fig,
             &peer,
         ),
+        "ejabberd" => peer_row(
+            "ejabberd (XMPP over TLS, relays online messages from memory)",
+            r,
+            &fig,
+            &peer,
+        ),
+        "synapse" => peer_row(
+            "Synapse (Matrix over plain HTTP, SQLite: persists each message before answering)",
+            r,
+            &fig,
+            &peer,
+        ),
         "metrics" => (
             format!(
                 "delivered msgs/s with the metrics endpoint scraped every {} s",
@@ -187,6 +199,42 @@ fn peer_row(name: &str, r: &Value, fig: &Value, peer: &Value) -> (String, String
         side(fig),
         side(peer),
     )
+}
+
+/// The offline-path row of an XMPP peer's report line, when it has one:
+/// (what, ours, peer's, ratios).
+fn offline_row(r: &Value) -> Option<(String, String, String, String)> {
+    let ours = r.get("figures")?.get("offline")?;
+    let theirs = r.get("peer_figures")?.get("offline")?;
+    let name = match r.get("scenario").and_then(Value::as_str)? {
+        "prosody" => "Prosody",
+        "ejabberd" => "ejabberd",
+        _ => return None,
+    };
+    let side = |v: &Value| {
+        format!(
+            "{}; {}",
+            n(f(v, &["stored_per_sec"]), "msg/s"),
+            n(f(v, &["fetched_per_sec"]), "msg/s")
+        )
+    };
+    let ratio = |k: &str| match (f(ours, &[k]), f(theirs, &[k])) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
+        _ => "n/a".into(),
+    };
+    Some((
+        format!(
+            "{name} offline path: {} messages to logged-out users, stored msgs/s; fetched msgs/s (login to last)",
+            num(f(r, &["params", "offline_messages"]))
+        ),
+        side(ours),
+        side(theirs),
+        format!(
+            "{} stored, {} fetched",
+            ratio("stored_per_sec"),
+            ratio("fetched_per_sec")
+        ),
+    ))
 }
 
 /// A number without a unit.
@@ -357,16 +405,29 @@ fn results(a: &TableArgs, runs: &[(String, Value)]) -> String {
             f(mid, &["ratio"]).map_or("n/a".into(), |x| format!("{x:.3}")),
             mid.get("target").and_then(Value::as_str).unwrap_or(""),
         ));
+        if let Some((what, ours, peer, ratios)) = offline_row(mid) {
+            rows.push_str(&format!(
+                "| {what} | {ours} | {peer} | {ratios} | measured, no target | n/a |\n"
+            ));
+        }
     }
+    let counts: Vec<usize> = order.iter().map(|s| sorted_runs(runs, s).len()).collect();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let fewest = counts.iter().copied().min().unwrap_or(0);
     let date = runs
         .first()
         .and_then(|r| r.1.get("unix_time"))
         .and_then(Value::as_u64)
         .unwrap_or(0);
     format!(
-        "{BEGIN}\nRevision `{rev}`, unix time {date}{}, {} run(s) per scenario.\n\n{rows}{END}",
+        "{BEGIN}\nRevision `{rev}`, unix time {date}{}, {} run(s) per scenario{}.\n\n{rows}{END}",
         machine(a),
-        runs.len() / order.len().max(1),
+        most,
+        if fewest < most {
+            format!(" ({fewest} for some)")
+        } else {
+            String::new()
+        },
     )
 }
 
@@ -574,5 +635,42 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("at 300 msg/s"), "{out}");
+    }
+
+    #[test]
+    fn an_xmpp_peer_gets_its_row_and_its_offline_row() {
+        let side = |rate: f64, stored: f64, fetched: f64| {
+            json!({
+                "throughput": {"delivered_per_sec": rate},
+                "open_loop": {"latency": {"p99_ms": 3.0}},
+                "kib_per_idle_connection": 50.0,
+                "offline": {"stored_per_sec": stored, "fetched_per_sec": fetched},
+            })
+        };
+        let line = json!({
+            "scenario": "ejabberd", "rev": "abc1234", "unix_time": 1,
+            "params": {"rate_per_sec": 2000.0, "offline_messages": 10000},
+            "figures": side(18000.0, 4000.0, 30000.0),
+            "peer_figures": side(20000.0, 8000.0, 10000.0),
+            "ratio": 0.9, "target": "t", "pass": false,
+        });
+        let out = results(
+            &TableArgs {
+                input: None,
+                criterion: None,
+                rev: "unknown".into(),
+                page: "unused".into(),
+                machine: String::new(),
+            },
+            &[("ejabberd".into(), line)],
+        );
+        assert!(
+            out.contains("| ejabberd (XMPP over TLS, relays online messages from memory): msgs/s; p99 at 2000 msg/s; KiB per idle connection | 18000 msg/s; 3.00 ms; 50.0 KiB | 20000 msg/s; 3.00 ms; 50.0 KiB | 0.900 (0.900) | t | **no** |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| ejabberd offline path: 10000 messages to logged-out users, stored msgs/s; fetched msgs/s (login to last) | 4000 msg/s; 30000 msg/s | 8000 msg/s; 10000 msg/s | 0.500 stored, 3.000 fetched | measured, no target | n/a |"),
+            "{out}"
+        );
     }
 }
