@@ -282,11 +282,22 @@ impl Client {
                 let _ = reply.send(rpc(worker).await);
             })
         });
+        self.submit(Cmd::Call(job), rx).await
+    }
+
+    /// Queues `cmd` for the worker and waits for its answer on `rx`, within
+    /// the call deadline: a full queue makes the caller wait; a worker that
+    /// is gone (or drops the reply) is [`ClientError::Disconnected`].
+    async fn submit<T>(
+        &self,
+        cmd: Cmd,
+        rx: oneshot::Receiver<Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
         let after = self.inner.config.call_timeout;
         let answer = async {
             self.inner
                 .tx
-                .send(Cmd::Call(job))
+                .send(cmd)
                 .await
                 .map_err(|_| ClientError::Disconnected)?;
             rx.await.map_err(|_| ClientError::Disconnected)?
@@ -478,18 +489,7 @@ impl Client {
             },
             reply,
         };
-        let after = self.inner.config.call_timeout;
-        let answer = async {
-            self.inner
-                .tx
-                .send(Cmd::Send(send))
-                .await
-                .map_err(|_| ClientError::Disconnected)?;
-            rx.await.map_err(|_| ClientError::Disconnected)?
-        };
-        tokio::time::timeout(after, answer)
-            .await
-            .map_err(|_| ClientError::Timeout { after })?
+        self.submit(Cmd::Send(send), rx).await
     }
 
     /// Stores several messages in one call (`enqueueBatch`, wire version
