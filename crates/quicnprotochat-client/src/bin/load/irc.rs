@@ -18,7 +18,6 @@
 //! sent was delivered.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,22 +54,14 @@ pub fn not_installed(e: &anyhow::Error) -> bool {
 
 /// A running ngIRCd, killed on drop.
 struct Ircd {
-    child: Child,
+    proc: peer::Running,
     port: u16,
     tls: Arc<rustls::ClientConfig>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Ircd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Ircd {
     fn pid(&self) -> String {
-        self.child.id().to_string()
+        self.proc.pid()
     }
 
     fn start(bin: &Path, core: Option<usize>) -> anyhow::Result<Self> {
@@ -111,10 +102,9 @@ impl Ircd {
             port,
         )?;
         Ok(Self {
-            child,
+            proc: peer::Running::new(child, dir),
             port,
             tls: peer::trusting(cert.cert.der())?,
-            _dir: dir,
         })
     }
 }

@@ -31,6 +31,32 @@ pub trait Receive: std::marker::Send + 'static {
     fn next(&mut self) -> impl Future<Output = anyhow::Result<Option<u64>>> + std::marker::Send;
 }
 
+/// A peer server's process and its directory: killed, waited for and
+/// removed on drop.
+pub struct Running {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// Owns `child`, which runs in `dir`.
+    pub fn new(child: std::process::Child, dir: tempfile::TempDir) -> Self {
+        Self { child, _dir: dir }
+    }
+
+    /// Its pid, as the CPU and memory readings take it.
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What one run through a peer measured.
 pub struct Outcome {
     sent: u64,

@@ -28,7 +28,6 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -91,22 +90,14 @@ fn venv(sa: &SynapseArgs) -> anyhow::Result<PathBuf> {
 
 /// A running Synapse, killed on drop.
 struct Synapse {
-    child: Child,
+    proc: peer::Running,
     port: u16,
     version: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Synapse {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Synapse {
     fn pid(&self) -> String {
-        self.child.id().to_string()
+        self.proc.pid()
     }
 
     fn start(sa: &SynapseArgs, core: Option<usize>) -> anyhow::Result<Self> {
@@ -178,10 +169,9 @@ impl Synapse {
             .unwrap_or_default();
         let child = peer::start_command(cmd, "Synapse", "Synapse", port)?;
         Ok(Self {
-            child,
+            proc: peer::Running::new(child, dir),
             port,
             version,
-            _dir: dir,
         })
     }
 }

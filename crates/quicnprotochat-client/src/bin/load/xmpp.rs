@@ -32,7 +32,6 @@
 //! delivered.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,22 +92,14 @@ const PASSWORD: &str = "bench";
 /// A running XMPP server, killed on drop.
 struct Server {
     name: &'static str,
-    child: Child,
+    proc: peer::Running,
     port: u16,
     tls: Arc<rustls::ClientConfig>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
     fn pid(&self) -> String {
-        self.child.id().to_string()
+        self.proc.pid()
     }
 
     async fn start(
@@ -212,10 +203,9 @@ fn start_prosody(bin: &Path, core: Option<usize>, users: &[String]) -> anyhow::R
     )?;
     Ok(Server {
         name: "Prosody",
-        child,
+        proc: peer::Running::new(child, dir),
         port,
         tls,
-        _dir: dir,
     })
 }
 
@@ -280,10 +270,9 @@ fn start_ejabberd(xa: &XmppArgs, core: Option<usize>) -> anyhow::Result<Server> 
     let child = peer::start_command(cmd, "ejabberd", "ejabberd", port)?;
     Ok(Server {
         name: "ejabberd",
-        child,
+        proc: peer::Running::new(child, dir),
         port,
         tls,
-        _dir: dir,
     })
 }
 
