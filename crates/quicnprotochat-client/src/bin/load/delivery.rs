@@ -71,6 +71,26 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// What a run through one server process measured (a chat-server
+    /// peer's, say): `cpu_us` of that process, no database.
+    pub fn of_one_process(
+        sent: u64,
+        received: u64,
+        elapsed: Duration,
+        latency: Histogram<u64>,
+        cpu_us: u64,
+    ) -> Self {
+        Self {
+            sent,
+            received,
+            elapsed,
+            latency,
+            cpu_us,
+            nodes: 1,
+            db_cpu_us: None,
+        }
+    }
+
     /// Messages whose enqueue the server acknowledged.
     pub fn sent(&self) -> u64 {
         self.sent

@@ -194,7 +194,7 @@ async fn drive(
     a: &DeliveryArgs,
     pace: Pace,
     run: usize,
-) -> anyhow::Result<peer::Outcome> {
+) -> anyhow::Result<crate::delivery::Outcome> {
     let base = Instant::now();
     let mut pairs = Vec::new();
     for i in 0..a.pairs {

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use hdrhistogram::Histogram;
 use quicnprotochat_proto::rustls;
 use rustls::pki_types::CertificateDer;
 use serde_json::{Value, json};
@@ -57,29 +56,6 @@ impl Drop for Running {
     }
 }
 
-/// What one run through a peer measured.
-pub struct Outcome {
-    sent: u64,
-    received: u64,
-    elapsed: Duration,
-    latency: Histogram<u64>,
-    cpu_us: u64,
-}
-
-impl Outcome {
-    /// The figures, in the form of our server's.
-    pub fn figures(&self) -> Value {
-        json!({
-            "sent": self.sent,
-            "received": self.received,
-            "seconds": self.elapsed.as_secs_f64(),
-            "delivered_per_sec": self.received as f64 / self.elapsed.as_secs_f64().max(1e-9),
-            "latency": common::summary(&self.latency),
-            "server_cpu_us_per_msg": self.cpu_us as f64 / self.received.max(1) as f64,
-        })
-    }
-}
-
 /// Drives `pairs` through the peer process `pid` (`name` in errors) for
 /// `a.duration`, as fast as possible or open loop (`pace`), then waits up
 /// to 30 s for every message sent to arrive: a message lost fails the run.
@@ -90,7 +66,7 @@ pub async fn drive<S: Send, R: Receive>(
     pairs: Vec<(S, R)>,
     a: &DeliveryArgs,
     pace: Pace,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<delivery::Outcome> {
     let received = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (senders, receivers): (Vec<S>, Vec<R>) = pairs.into_iter().unzip();
@@ -149,13 +125,9 @@ pub async fn drive<S: Send, R: Receive>(
     let got = received.load(Ordering::Relaxed);
     anyhow::ensure!(got == sent, "{name} delivered {got} of {sent} messages");
     drop(keep);
-    Ok(Outcome {
-        sent,
-        received: got,
-        elapsed,
-        latency,
-        cpu_us,
-    })
+    Ok(delivery::Outcome::of_one_process(
+        sent, got, elapsed, latency, cpu_us,
+    ))
 }
 
 /// The peer process `pid`'s memory per connection after `login` opened

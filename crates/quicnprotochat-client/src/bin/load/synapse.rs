@@ -394,7 +394,7 @@ async fn drive(
     a: &DeliveryArgs,
     pace: Pace,
     run: usize,
-) -> anyhow::Result<peer::Outcome> {
+) -> anyhow::Result<crate::delivery::Outcome> {
     let mut reg = Http::connect(s.port, None).await?;
     let mut pairs = Vec::new();
     for i in 0..a.pairs {
