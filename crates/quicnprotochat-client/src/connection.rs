@@ -313,17 +313,13 @@ impl Client {
 
     /// `Service.health`: needs no authentication.
     pub async fn health(&self) -> Result<Health, ClientError> {
-        self.call(|w| async move {
-            let resp = w.svc.health_request().send().promise.await?;
-            let h = resp.get()?.get_health()?;
-            Ok(Health {
-                ok: h.get_ok(),
-                server_version: h.get_server_version()?.to_string().unwrap_or_default(),
-                wire_version: h.get_wire_version(),
-                store_reachable: h.get_store_reachable(),
-            })
-        })
-        .await
+        self.call(|w| async move { health(&w.svc).await }).await
+    }
+
+    /// The minor wire version this connection speaks: the configured one,
+    /// or the server's older one once `challenge` has fallen back to it.
+    pub async fn wire_version(&self) -> Result<u16, ClientError> {
+        self.call(|w| async move { Ok(w.wire_version.get()) }).await
     }
 
     /// Authenticates `identity`: fetches a nonce, signs the transcript bound
@@ -353,7 +349,7 @@ impl Client {
     /// First half of [`Client::init_auth`]: a fresh server nonce and this
     /// connection's TLS exporter value.
     pub async fn auth_challenge(&self) -> Result<AuthChallenge, ClientError> {
-        self.call(|w| async move { challenge(&w.svc, &w.conn, w.wire_version).await })
+        self.call(|w| async move { challenge(&w.svc, &w.conn, &w.wire_version).await })
             .await
     }
 
@@ -365,7 +361,8 @@ impl Client {
         signature: Vec<u8>,
     ) -> Result<(), ClientError> {
         self.call(move |w| async move {
-            let session = authenticate(&w.svc, &w.token, w.wire_version, key, &signature).await?;
+            let session =
+                authenticate(&w.svc, &w.token, w.wire_version.get(), key, &signature).await?;
             *w.session.borrow_mut() = Some(session);
             Ok(())
         })
@@ -669,8 +666,9 @@ struct Worker {
     session: RefCell<Option<session::Client>>,
     /// the access token presented on `authenticate`
     token: Vec<u8>,
-    /// the wire version announced
-    wire_version: u16,
+    /// the wire version announced: the configured one, lowered to the
+    /// server's by `challenge` when the server is older
+    wire_version: Cell<u16>,
     /// the QUIC connection (for the TLS exporter)
     conn: quinn::Connection,
     /// live subscriptions by id: dropping one cancels it on the server
@@ -779,16 +777,10 @@ impl IdleSession {
         let rpc = tokio::task::spawn_local(rpc);
         let authenticated = async {
             let key = identity.public_key();
-            let c = challenge(&svc, &conn, config.wire_version).await?;
+            let version = Cell::new(config.wire_version);
+            let c = challenge(&svc, &conn, &version).await?;
             let signature = identity.sign(&c.transcript(&key))?;
-            authenticate(
-                &svc,
-                &config.access_token,
-                config.wire_version,
-                key,
-                &signature,
-            )
-            .await
+            authenticate(&svc, &config.access_token, version.get(), key, &signature).await
         };
         match authenticated.await {
             Ok(session) => Ok(Self {
@@ -831,9 +823,53 @@ fn bind_addr(server: SocketAddr) -> SocketAddr {
 
 type RpcSystem = capnp_rpc::RpcSystem<Side>;
 
+/// `Service.health`.
+async fn health(svc: &service::Client) -> Result<Health, ClientError> {
+    let resp = svc.health_request().send().promise.await?;
+    let h = resp.get()?.get_health()?;
+    Ok(Health {
+        ok: h.get_ok(),
+        server_version: h.get_server_version()?.to_string().unwrap_or_default(),
+        wire_version: h.get_wire_version(),
+        store_reachable: h.get_store_reachable(),
+    })
+}
+
+/// `Service.challenge` at `wire_version`.  A server of an older minor
+/// version refuses it with `versionMismatch`; then the client asks
+/// `health` for the server's version and, when it is one this client
+/// speaks too (any from 1 up), challenges again at it and keeps it in
+/// `wire_version` for `authenticate` and the calls that follow (protocol
+/// section 5.4).  A server that announces a version as new as ours, or 0,
+/// gets the refusal reported.
+async fn challenge(
+    svc: &service::Client,
+    conn: &quinn::Connection,
+    wire_version: &Cell<u16>,
+) -> Result<AuthChallenge, ClientError> {
+    let ours = wire_version.get();
+    match challenge_at(svc, conn, ours).await {
+        Err(e) if e.server_code() == Some(ServerErrorCode::VersionMismatch) => {
+            let theirs = health(svc).await?.wire_version;
+            if !(1..ours).contains(&theirs) {
+                return Err(e);
+            }
+            tracing::info!(
+                ours,
+                theirs,
+                "the server speaks an older minor wire version; using it"
+            );
+            let c = challenge_at(svc, conn, theirs).await?;
+            wire_version.set(theirs);
+            Ok(c)
+        }
+        r => r,
+    }
+}
+
 /// `Service.challenge`: a fresh nonce, with this connection's TLS exporter
 /// value.
-async fn challenge(
+async fn challenge_at(
     svc: &service::Client,
     conn: &quinn::Connection,
     wire_version: u16,
@@ -924,7 +960,7 @@ async fn open(config: &ClientConfig) -> Result<(quinn::Endpoint, Worker, RpcSyst
         svc,
         session: RefCell::new(None),
         token: config.access_token.clone(),
-        wire_version: config.wire_version,
+        wire_version: Cell::new(config.wire_version),
         conn,
         subs: RefCell::new(HashMap::new()),
         next_sub: Cell::new(1),
@@ -957,7 +993,7 @@ async fn run_commands(worker: Rc<Worker>, mut rx: mpsc::Receiver<Cmd>) {
 /// version 2 or less gets one `enqueue` per message, all at once.
 fn pump_sends(worker: &Rc<Worker>) {
     loop {
-        let batched = worker.wire_version >= 3;
+        let batched = worker.wire_version.get() >= 3;
         if batched && worker.sending.get() >= SEND_WINDOW {
             return;
         }

@@ -9,7 +9,7 @@ use quicnprotochat_client::{Client, ClientError, ServerErrorCode};
 use quicnprotochat_core::Identity;
 use quicnprotochat_core::clock::ManualClock;
 
-use crate::support::{anonymous, assert_code, assert_still_serving};
+use crate::support::{anonymous, assert_code, assert_still_serving, msg_id, raw_connection};
 
 #[tokio::test]
 async fn health_needs_no_authentication() {
@@ -119,11 +119,72 @@ async fn a_captured_proof_is_useless_on_another_connection_and_single_use_on_its
     );
 }
 
-#[tokio::test]
-async fn wire_version_mismatch_is_a_typed_error() {
+#[tokio::test(flavor = "current_thread")]
+async fn a_minor_version_outside_the_servers_range_is_refused_with_a_typed_error() {
+    use quicnprotochat_proto::capnp_rpc::RpcSystem;
+    use quicnprotochat_proto::rpc::{Side, default_frame_limits, rpc_system};
+    use quicnprotochat_proto::schema::{ErrorCode, service};
+
     let server = TestServer::start().unwrap();
+    tokio::task::LocalSet::new()
+        .run_until(async {
+            let (_ep, conn) = raw_connection(&server).await;
+            let (send, recv) = conn.open_bi().await.unwrap();
+            let mut rpc: RpcSystem<Side> =
+                rpc_system(recv, send, Side::Client, None, default_frame_limits());
+            let svc: service::Client = rpc.bootstrap(Side::Server);
+            tokio::task::spawn_local(rpc);
+            for version in [0, quicnprotochat_proto::WIRE_VERSION + 1, u16::MAX] {
+                let mut req = svc.challenge_request();
+                req.get().set_wire_version(version);
+                let resp = req.send().promise.await.unwrap();
+                let r = resp.get().unwrap();
+                assert!(r.has_error(), "version {version} must be refused");
+                let e = r.get_error().unwrap();
+                assert_eq!(e.get_code().unwrap(), ErrorCode::VersionMismatch);
+                let message = e.get_message().unwrap().to_string().unwrap();
+                assert!(message.contains("wire version"), "{message}");
+                assert!(r.get_nonce().unwrap().is_empty());
+            }
+        })
+        .await;
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn a_client_newer_than_the_server_logs_in_at_the_servers_minor_version() {
+    let server = TestServer::start().unwrap();
+    let bob = server.client("bob").await.unwrap();
     let mut cfg = server.client_config();
     cfg.wire_version = quicnprotochat_proto::WIRE_VERSION + 1;
+    let newer = Client::connect(cfg).await.unwrap();
+    let id = Identity::generate().unwrap();
+    newer.init_auth(&id).await.unwrap();
+    assert_eq!(
+        newer.wire_version().await.unwrap(),
+        quicnprotochat_proto::WIRE_VERSION
+    );
+    newer.register("newer").await.unwrap();
+    // Sends, single and batched, reach bob.
+    let bob_key = [bob.identity.public_key()];
+    newer
+        .enqueue(&bob_key, msg_id(1), b"one".to_vec())
+        .await
+        .unwrap();
+    let sends = (2..=5).map(|n| newer.enqueue(&bob_key, msg_id(n), vec![b'x'; n as usize]));
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    let got = bob.client.fetch(0, 10).await.unwrap();
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[0].payload, b"one");
+}
+
+#[tokio::test]
+async fn a_client_below_every_minor_version_gets_the_typed_refusal() {
+    let server = TestServer::start().unwrap();
+    let mut cfg = server.client_config();
+    cfg.wire_version = 0;
     let c = Client::connect(cfg).await.unwrap();
     let id = Identity::generate().unwrap();
     match c.init_auth(&id).await {
@@ -136,6 +197,8 @@ async fn wire_version_mismatch_is_a_typed_error() {
         }
         other => panic!("expected VersionMismatch, got {other:?}"),
     }
+    assert_eq!(c.wire_version().await.unwrap(), 0);
+    assert_still_serving(&server).await;
 }
 
 #[tokio::test]
