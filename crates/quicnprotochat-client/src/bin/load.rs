@@ -113,6 +113,9 @@ struct AllArgs {
     /// synapse): scripts/bench runs them in its first run only.
     #[arg(long)]
     no_chat_peers: bool,
+    /// Leave out `postgres`: scripts/bench runs it in its first run only.
+    #[arg(long)]
+    no_postgres: bool,
 }
 
 /// Options of every scenario.
@@ -216,8 +219,8 @@ enum Cmd {
     },
     /// throughput, latency at 50% of the measured maximum, p2p, fanout,
     /// coldstart, idle-memory, metrics, ngircd, prosody, ejabberd and
-    /// synapse (each skipped when not installed), postgres (skipped when PostgreSQL is not
-    /// installed).
+    /// synapse (each skipped when not installed), postgres (skipped when
+    /// PostgreSQL is not installed).
     All(Box<AllArgs>),
     /// Writes the results table of the benchmarks page from report lines.
     Table(TableArgs),
@@ -312,6 +315,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 xmpp: xa,
                 synapse: sa,
                 no_chat_peers,
+                no_postgres,
             } = *all;
             let bin = common::server_bin(g.server_bin.as_deref())?;
             let t = delivery::throughput(&bin, core, &args).await?;
@@ -351,15 +355,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
-            match postgres::run(&bin, core, &args, &pg).await {
-                Ok((p, push)) => {
-                    p.emit();
-                    push.emit();
+            if !no_postgres {
+                match postgres::run(&bin, core, &args, &pg).await {
+                    Ok((p, push)) => {
+                        p.emit();
+                        push.emit();
+                    }
+                    Err(e) if postgres::not_installed(&e) => {
+                        eprintln!("postgres: skipped: {e:#}");
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) if postgres::not_installed(&e) => {
-                    eprintln!("postgres: skipped: {e:#}");
-                }
-                Err(e) => return Err(e),
             }
         }
         Cmd::Postgres { args, pg } => {
