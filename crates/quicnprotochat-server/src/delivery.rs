@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::hub::{Hub, Pushed};
+use crate::hub::{Announced, Hub, Pushed};
 use crate::metrics::{Metrics, gauge_value};
 use crate::ratelimit::Limiters;
 use crate::store::{
@@ -161,7 +161,13 @@ pub(crate) struct Subscription {
     peer: Rc<Peer>,
     recipient: IdentityKey,
     next: u64,
-    rx: watch::Receiver<u64>,
+    rx: watch::Receiver<Announced>,
+    /// read the store on the next call, whatever was announced: at the
+    /// start, after a wake to resynchronise, and after a read that
+    /// returned messages (it may have stopped at its limits)
+    read_store: bool,
+    /// the resynchronisations seen (`Announced::resyncs`)
+    resyncs: u64,
 }
 
 impl Drop for Subscription {
@@ -185,8 +191,23 @@ impl Subscription {
     /// when the queue holds nothing new yet.  Marks the current notification
     /// seen *before* reading, so a message committed after the read still
     /// wakes [`Subscription::changed`]: no lost wake-ups.
+    ///
+    /// When everything announced has been pushed, nothing is read: every
+    /// commit to the queue is announced once it is visible (by this node
+    /// after its commit, by the store's notifications for other nodes' and
+    /// with a resynchronisation when those may have been lost), so the
+    /// store holds nothing past the newest announced sequence number that
+    /// a read would find.  The store is read until it has nothing more
+    /// whenever the hub's buffer lacks the next message.
     pub(crate) async fn next_batch(&mut self) -> Result<Vec<QueuedMessage>, ApiError> {
-        self.rx.borrow_and_update();
+        let announced = *self.rx.borrow_and_update();
+        if announced.resyncs != self.resyncs {
+            self.resyncs = announced.resyncs;
+            self.read_store = true;
+        }
+        if !self.read_store && self.next > announced.newest {
+            return Ok(Vec::new());
+        }
         let buffered = self.delivery.hub.buffered(
             &self.recipient,
             self.next,
@@ -197,13 +218,17 @@ impl Subscription {
             Some(b) => b,
             None => {
                 let d = &self.delivery;
-                d.store_call(d.store.fetch(
-                    self.recipient,
-                    self.next,
-                    MAX_FETCH_MESSAGES,
-                    MAX_FETCH_BYTES,
-                ))
-                .await?
+                d.metrics.push_store_reads.inc();
+                let read = d
+                    .store_call(d.store.fetch(
+                        self.recipient,
+                        self.next,
+                        MAX_FETCH_MESSAGES,
+                        MAX_FETCH_BYTES,
+                    ))
+                    .await?;
+                self.read_store = !read.is_empty();
+                read
             }
         };
         if let Some(last) = batch.last() {
@@ -1062,12 +1087,16 @@ impl Delivery {
         }
         peer.subscriptions.set(peer.subscriptions.get() + 1);
         self.metrics.subscriptions.inc();
+        let rx = self.hub.watch(me);
+        let resyncs = rx.borrow().resyncs;
         let sub = Subscription {
-            rx: self.hub.watch(me),
+            rx,
             delivery: self.clone(),
             peer: peer.clone(),
             recipient: me,
             next: from_seq.max(1),
+            read_store: true,
+            resyncs,
         };
         Ok((sub, listener))
     }

@@ -9,10 +9,12 @@
 //! wakes the subscription tasks.  A subscription delivers from the buffer
 //! when the buffer holds its next sequence number and reads the store only
 //! to catch up (a resume from an older position, a gap after an eviction or
-//! a skipped insert, a message too large for the budget).  Without the
-//! buffer every pushed message was read back from the store on a reader
-//! connection, whose page cache SQLite drops after every commit by the
-//! writer, so its pages were decrypted again.
+//! a skipped insert, a message too large for the budget), and not at all
+//! once it has pushed the newest sequence number announced ([`Announced`]).
+//! Without the buffer every pushed message was read back from the store on
+//! a reader connection, whose page cache SQLite drops after every commit by
+//! the writer, so its pages were decrypted again; without the announced
+//! number every push was followed by a read that found nothing.
 //!
 //! Memory is bounded three ways: per recipient (messages and bytes), for all
 //! buffers together, and by having buffers only for recipients with a live
@@ -39,6 +41,16 @@ pub(crate) const BUFFER_BYTES: usize = 256 * 1024;
 /// Payload bytes kept for all recipients together.
 pub(crate) const TOTAL_BYTES: usize = 64 * 1024 * 1024;
 
+/// What a recipient's subscriptions are told: the newest sequence number
+/// committed to its queue that this node has heard of, and how many times
+/// every subscription was told to read its queue from the store (after
+/// announcements may have been missed).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Announced {
+    pub(crate) newest: u64,
+    pub(crate) resyncs: u64,
+}
+
 /// A committed message, as pushed.
 #[derive(Debug)]
 pub(crate) struct Pushed {
@@ -48,7 +60,7 @@ pub(crate) struct Pushed {
 }
 
 struct Entry {
-    tx: watch::Sender<u64>,
+    tx: watch::Sender<Announced>,
     /// (sequence number, message), ascending by sequence number
     recent: VecDeque<(u64, Rc<Pushed>)>,
     bytes: usize,
@@ -62,13 +74,14 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    /// A receiver woken with the newest committed sequence number of `key`.
-    pub(crate) fn watch(&self, key: IdentityKey) -> watch::Receiver<u64> {
+    /// A receiver woken with the newest committed sequence number of `key`
+    /// (and when every subscription must read the store).
+    pub(crate) fn watch(&self, key: IdentityKey) -> watch::Receiver<Announced> {
         self.queues
             .borrow_mut()
             .entry(key)
             .or_insert_with(|| Entry {
-                tx: watch::channel(0).0,
+                tx: watch::channel(Announced::default()).0,
                 recent: VecDeque::new(),
                 bytes: 0,
             })
@@ -106,10 +119,10 @@ impl Hub {
         // later commit already went out and its reader sees `seq` too.
         // (Another node's notification of a message this node enqueued
         // itself then costs no read.)
-        entry.tx.send_if_modified(|newest| {
-            let news = seq > *newest;
+        entry.tx.send_if_modified(|announced| {
+            let news = seq > announced.newest;
             if news {
-                *newest = seq;
+                announced.newest = seq;
             }
             news
         });
@@ -120,7 +133,9 @@ impl Hub {
     /// nodes' notifications was lost and is back).
     pub(crate) fn wake_all(&self) {
         for entry in self.queues.borrow().values() {
-            entry.tx.send_modify(|_| {});
+            entry
+                .tx
+                .send_modify(|a| a.resyncs = a.resyncs.wrapping_add(1));
         }
     }
 
@@ -244,7 +259,7 @@ mod tests {
         let mut rx = hub.watch(key(1));
         hub.notify(&key(1), 5, None);
         assert!(rx.has_changed().unwrap());
-        assert_eq!(*rx.borrow_and_update(), 5);
+        assert_eq!(rx.borrow_and_update().newest, 5);
         assert!(
             hub.buffered(&key(1), 5, 10, 1 << 20).is_none(),
             "read the store"
@@ -256,7 +271,13 @@ mod tests {
         let hub = Hub::default();
         let mut rx = hub.watch(key(1));
         hub.notify(&key(1), 5, Some(&msg(10)));
-        assert_eq!(*rx.borrow_and_update(), 5);
+        assert_eq!(
+            *rx.borrow_and_update(),
+            Announced {
+                newest: 5,
+                resyncs: 0
+            }
+        );
         // The same commit announced again (by the store's notification
         // channel), or an older one: nothing to read.
         hub.notify(&key(1), 5, None);
@@ -264,7 +285,13 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
         hub.wake_all();
         assert!(rx.has_changed().unwrap());
-        assert_eq!(*rx.borrow_and_update(), 5);
+        assert_eq!(
+            *rx.borrow_and_update(),
+            Announced {
+                newest: 5,
+                resyncs: 1
+            }
+        );
     }
 
     #[test]

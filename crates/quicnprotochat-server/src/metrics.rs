@@ -180,6 +180,9 @@ pub struct Metrics {
     pub(crate) messages_pushed: Counter,
     /// enqueue to push written
     pub(crate) push_lag_seconds: Histogram,
+    /// reads of the store by push subscriptions (what the hub's buffer
+    /// did not hold)
+    pub(crate) push_store_reads: Counter,
     /// live push subscriptions
     pub(crate) subscriptions: Gauge,
     /// messages waiting in all queues (read from the store at a scrape)
@@ -224,6 +227,7 @@ impl Metrics {
             messages_acknowledged: Counter::default(),
             messages_pushed: Counter::default(),
             push_lag_seconds: lag_buckets(),
+            push_store_reads: Counter::default(),
             subscriptions: Gauge::default(),
             queued_messages: Gauge::default(),
             largest_queue: Gauge::default(),
@@ -321,6 +325,11 @@ impl Metrics {
             "Time from a message's enqueue to its push being written to a subscriber",
             Unit::Seconds,
             m.push_lag_seconds.clone(),
+        );
+        r.register(
+            "push_store_reads",
+            "Reads of the store by push subscriptions, for what the in-memory push buffer did not hold (a subscription's first read, a resume, a gap after an eviction, another node's commit)",
+            m.push_store_reads.clone(),
         );
         r.register(
             "subscriptions",

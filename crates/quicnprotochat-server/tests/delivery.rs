@@ -313,6 +313,61 @@ async fn subscriptions_push_in_order_and_resume_without_gaps() {
 }
 
 #[tokio::test]
+async fn a_subscription_to_a_backlog_larger_than_one_read_pushes_all_of_it() {
+    // More than two reads' worth (256 messages each) waits before the
+    // subscription starts, and nothing is sent after it: the subscription
+    // must keep reading the store until it has nothing more, not wait for
+    // a commit that never comes.
+    let server = TestServer::start_with(|c| {
+        c.limits.rates.enqueue_per_identity.burst = 10_000;
+        c.limits.rates.enqueue_per_ip.burst = 10_000;
+    })
+    .unwrap();
+    let (alice, bob, _) = trio(&server).await;
+    let b = bob.identity.public_key();
+    const QUEUED: u64 = 600;
+    for chunk in (1..=QUEUED).collect::<Vec<_>>().chunks(64) {
+        let batch = chunk
+            .iter()
+            .map(|&i| OutgoingMessage {
+                recipients: vec![b],
+                tokens: Vec::new(),
+                message_id: msg_id(i),
+                payload: format!("m{i}").into_bytes(),
+            })
+            .collect();
+        for r in alice.client.enqueue_batch(batch).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    let mut sub = bob.client.subscribe(1).await.unwrap();
+    for i in 1..=QUEUED {
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("message {i} of {QUEUED} never pushed"))
+            .unwrap();
+        assert_eq!(e.seq, i);
+        assert_eq!(e.payload, format!("m{i}").into_bytes());
+    }
+    let more = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    assert!(more.is_err(), "nothing after the backlog, got {more:?}");
+    // And what is committed afterwards still arrives.
+    alice
+        .client
+        .enqueue(&[b], msg_id(QUEUED + 1), b"after".to_vec())
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.seq, e.payload.as_slice()),
+        (QUEUED + 1, b"after".as_slice())
+    );
+}
+
+#[tokio::test]
 async fn restart_keeps_queued_messages_and_key_packages() {
     let mut server = TestServer::start().unwrap();
     let (alice, bob, _) = trio(&server).await;

@@ -349,6 +349,71 @@ async fn a_scrape_after_real_traffic_counts_it_and_names_no_user() {
     assert_eq!(message_texts(bob.sync().await.unwrap()).len(), 3);
 }
 
+/// A registered client of `server` as `name`.
+async fn registered(server: &ServerProcess, name: &str) -> (Client, Identity) {
+    let id = Identity::generate().unwrap();
+    let c = Client::connect(server.client_config().unwrap())
+        .await
+        .unwrap();
+    c.init_auth(&id).await.unwrap();
+    c.register(name).await.unwrap();
+    (c, id)
+}
+
+#[tokio::test]
+async fn a_push_of_what_was_just_committed_reads_nothing_from_the_store() {
+    let (server, addr) = start(&[]);
+    let (alice, _) = registered(&server, "alice").await;
+    let (bob, bob_id) = registered(&server, "bob").await;
+    let b = [bob_id.public_key()];
+    let reads = |s: &Scrape| s.value("quicnprotochat_push_store_reads_total", &[]);
+    assert_eq!(reads(&scrape(addr).await), 0.0);
+    // The subscription's first read of the queue is the one read.
+    let mut sub = bob.subscribe(1).await.unwrap();
+    let mut id = 0u128;
+    let mut next_id = || {
+        id += 1;
+        (id << 64 | u128::from(std::process::id())).to_le_bytes()
+    };
+    // One message at a time, each pushed before the next is sent: every
+    // push comes from memory, and nothing is read after it.
+    for i in 1..=40u64 {
+        alice
+            .enqueue(&b, next_id(), format!("m{i}").into_bytes())
+            .await
+            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.seq, i);
+    }
+    let after_one_by_one = scrape(addr).await;
+    assert_eq!(
+        after_one_by_one.value("quicnprotochat_messages_pushed_total", &[]),
+        40.0
+    );
+    assert_eq!(reads(&after_one_by_one), 1.0, "one read: the first");
+    // A burst of concurrent sends: completions may be announced out of
+    // order, which costs a read to fill the gap, but not one per push.
+    let sends = (0..64).map(|i| alice.enqueue(&b, next_id(), format!("burst {i}").into_bytes()));
+    for r in futures::future::join_all(sends).await {
+        r.unwrap();
+    }
+    for i in 41..=104u64 {
+        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.seq, i);
+    }
+    let burst_reads = reads(&scrape(addr).await) - 1.0;
+    assert!(
+        burst_reads <= 6.0,
+        "{burst_reads} store reads for 64 pushed messages"
+    );
+}
+
 #[tokio::test]
 async fn the_probes_answer_as_kubernetes_expects_and_readiness_follows_postgresql() {
     // The embedded store: live and ready; only GET on the three paths.
