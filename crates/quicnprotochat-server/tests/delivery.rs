@@ -7,7 +7,7 @@ use quicnprotochat_client::{EnqueueResult, OutgoingMessage, ServerErrorCode};
 use quicnprotochat_core::{Identity, IdentityKey};
 use quicnprotochat_proto::limits::{MAX_BATCH_RECIPIENTS, MAX_ENQUEUE_BATCH, MAX_PAYLOAD_BYTES};
 
-use crate::support::{assert_code, assert_still_serving, msg_id, raw_session, trio};
+use crate::support::{assert_code, assert_still_serving, msg_id, pushed, raw_session, trio};
 
 #[tokio::test]
 async fn enqueue_fetch_ack_round_trip_with_fan_out() {
@@ -266,10 +266,7 @@ async fn subscriptions_push_in_order_and_resume_without_gaps() {
         .await
         .unwrap();
     let mut sub = bob.client.subscribe(1).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = pushed(&mut sub).await;
     assert_eq!((first.seq, first.payload.as_slice()), (1, b"m1".as_slice()));
     for i in 2..=20u64 {
         alice
@@ -279,10 +276,7 @@ async fn subscriptions_push_in_order_and_resume_without_gaps() {
             .unwrap();
     }
     for i in 2..=10u64 {
-        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let e = pushed(&mut sub).await;
         assert_eq!(e.seq, i);
         assert_eq!(e.payload, format!("m{i}").into_bytes());
     }
@@ -299,10 +293,7 @@ async fn subscriptions_push_in_order_and_resume_without_gaps() {
     let bob2 = server.connect_as(&bob.identity).await.unwrap();
     let mut sub = bob2.subscribe(11).await.unwrap();
     for i in 11..=30u64 {
-        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let e = pushed(&mut sub).await;
         assert_eq!(e.seq, i, "gap or reorder after resume");
     }
     let more = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
@@ -342,10 +333,7 @@ async fn a_subscription_to_a_backlog_larger_than_one_read_pushes_all_of_it() {
     }
     let mut sub = bob.client.subscribe(1).await.unwrap();
     for i in 1..=QUEUED {
-        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("message {i} of {QUEUED} never pushed"))
-            .unwrap();
+        let e = pushed(&mut sub).await;
         assert_eq!(e.seq, i);
         assert_eq!(e.payload, format!("m{i}").into_bytes());
     }
@@ -357,10 +345,7 @@ async fn a_subscription_to_a_backlog_larger_than_one_read_pushes_all_of_it() {
         .enqueue(&[b], msg_id(QUEUED + 1), b"after".to_vec())
         .await
         .unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let e = pushed(&mut sub).await;
     assert_eq!(
         (e.seq, e.payload.as_slice()),
         (QUEUED + 1, b"after".as_slice())
@@ -568,10 +553,7 @@ async fn concurrent_senders_are_pushed_once_in_order_beyond_the_push_buffer() {
         .enqueue(&[b], msg_id(99_999), b"after the ack".to_vec())
         .await
         .unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let e = pushed(&mut sub).await;
     assert_eq!(
         (e.seq, e.payload.as_slice()),
         (2 * per_sender + 1, b"after the ack".as_slice())

@@ -15,7 +15,7 @@ use quicnprotochat_client::{Client, ServerErrorCode};
 use quicnprotochat_core::Identity;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::support::assert_code;
+use crate::support::{assert_code, pushed};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quicnprotochat-server");
 
@@ -382,10 +382,7 @@ async fn a_push_of_what_was_just_committed_reads_nothing_from_the_store() {
             .enqueue(&b, next_id(), format!("m{i}").into_bytes())
             .await
             .unwrap();
-        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let e = pushed(&mut sub).await;
         assert_eq!(e.seq, i);
     }
     let after_one_by_one = scrape(addr).await;
@@ -401,10 +398,7 @@ async fn a_push_of_what_was_just_committed_reads_nothing_from_the_store() {
         r.unwrap();
     }
     for i in 41..=104u64 {
-        let e = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let e = pushed(&mut sub).await;
         assert_eq!(e.seq, i);
     }
     let burst_reads = reads(&scrape(addr).await) - 1.0;

@@ -138,3 +138,13 @@ pub fn msg_id(n: u64) -> [u8; 16] {
 pub async fn anonymous(server: &TestServer) -> Client {
     server.connect().await.unwrap()
 }
+
+/// The next message pushed on `sub`, within 5 s; fails the test otherwise.
+pub async fn pushed(
+    sub: &mut quicnprotochat_client::Subscription,
+) -> quicnprotochat_client::Envelope {
+    tokio::time::timeout(std::time::Duration::from_secs(5), sub.next())
+        .await
+        .expect("a message pushed within 5 s")
+        .expect("the subscription still open")
+}
